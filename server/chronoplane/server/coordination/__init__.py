@@ -1,0 +1,1 @@
+"""Coordination: what differs between one server process and several."""

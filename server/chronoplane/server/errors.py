@@ -1,0 +1,123 @@
+"""Domain exceptions. No gRPC here: transport/errors.py maps them to status codes.
+
+ChronoplaneError
+├── InvalidArgument (ValueError)        one or more bad fields, each named
+├── NotFound (LookupError)
+│   ├── JobNotFound
+│   └── ExecutionNotFound
+├── AlreadyExists
+│   └── JobAlreadyExists
+├── EtagMismatch                        optimistic concurrency lost
+├── FailedPrecondition                  the state of things forbids the call
+│   └── TaskNotRegistered
+├── StorageUnavailable (ConnectionError) the database cannot be reached
+└── InstanceConflict                    another server already uses this database
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "AlreadyExists",
+    "ChronoplaneError",
+    "EtagMismatch",
+    "ExecutionNotFound",
+    "FailedPrecondition",
+    "FieldViolation",
+    "InstanceConflict",
+    "InvalidArgument",
+    "JobAlreadyExists",
+    "JobNotFound",
+    "NotFound",
+    "StorageUnavailable",
+    "TaskNotRegistered",
+]
+
+
+class ChronoplaneError(Exception):
+    """Root of every error the server raises on purpose."""
+
+    reason = "CHRONOPLANE_ERROR"
+
+
+@dataclass(frozen=True, kw_only=True)
+class FieldViolation:
+    """One bad field: its path in the request (``job.trigger.cron.expression``) and why."""
+
+    field: str
+    description: str
+
+
+class InvalidArgument(ChronoplaneError, ValueError):
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        self.violations = list(violations)
+        super().__init__("; ".join(f"{v.field}: {v.description}" for v in self.violations))
+
+    @classmethod
+    def field(cls, field: str, description: str) -> InvalidArgument:
+        return cls([FieldViolation(field=field, description=description)])
+
+
+class NotFound(ChronoplaneError, LookupError):
+    reason = "NOT_FOUND"
+
+
+class JobNotFound(NotFound):
+    reason = "JOB_NOT_FOUND"
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"job {job_id!r} not found")
+
+
+class ExecutionNotFound(NotFound):
+    reason = "EXECUTION_NOT_FOUND"
+
+    def __init__(self, execution_id: str) -> None:
+        self.execution_id = execution_id
+        super().__init__(f"execution {execution_id!r} not found")
+
+
+class AlreadyExists(ChronoplaneError):
+    reason = "ALREADY_EXISTS"
+
+
+class JobAlreadyExists(AlreadyExists):
+    reason = "JOB_ALREADY_EXISTS"
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"job {job_id!r} already exists")
+
+
+class EtagMismatch(ChronoplaneError):
+    reason = "ETAG_MISMATCH"
+
+    def __init__(self, job_id: str, given: str, current: str) -> None:
+        self.job_id = job_id
+        super().__init__(
+            f"job {job_id!r} has etag {current!r}, not {given!r}: it changed since it was read"
+        )
+
+
+class FailedPrecondition(ChronoplaneError):
+    reason = "FAILED_PRECONDITION"
+
+
+class TaskNotRegistered(FailedPrecondition):
+    reason = "TASK_NOT_REGISTERED"
+
+    def __init__(self, task: str) -> None:
+        self.task = task
+        super().__init__(f"task {task!r} is not registered on this server")
+
+
+class StorageUnavailable(ChronoplaneError, ConnectionError):
+    reason = "STORAGE_UNAVAILABLE"
+
+
+class InstanceConflict(ChronoplaneError):
+    reason = "INSTANCE_CONFLICT"

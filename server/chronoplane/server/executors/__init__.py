@@ -1,0 +1,1 @@
+"""Executors: where a task's code runs once an execution is recorded."""

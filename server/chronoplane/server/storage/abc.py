@@ -1,0 +1,143 @@
+"""The storage contract. One implementation per database technology; one test suite for all."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from chronoplane.server.models import (
+    Execution,
+    ExecutionPage,
+    ExecutionQuery,
+    ExecutionState,
+    Job,
+    JobPage,
+)
+
+__all__ = ["ExecutionFinish", "ExecutionStart", "NextRun", "Store"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExecutionStart:
+    """A PENDING execution began running."""
+
+    id: str
+    start_time: datetime
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExecutionFinish:
+    """A PENDING or RUNNING execution reached a final state."""
+
+    id: str
+    state: ExecutionState
+    start_time: datetime | None
+    end_time: datetime
+    result: Any = None
+    error_message: str = ""
+    error_traceback: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class NextRun:
+    """The engine moved a job's next fire time; applies only if the job is still at version."""
+
+    job_id: str
+    version: int
+    next_run_time: datetime | None
+
+
+class Store(ABC):
+    """Jobs and executions. Every method is one transaction: it happens whole or not at all.
+
+    Errors: ``StorageUnavailable`` when the database cannot be reached, besides those each
+    method names.
+    """
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Releases every connection."""
+
+    # -- jobs ---------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def create_job(self, job: Job, *, request_id: str | None) -> Job:
+        """Inserts ``job`` at version 1 and returns it as stored.
+
+        Raises ``JobAlreadyExists`` if the id or the request_id is taken.
+        """
+
+    @abstractmethod
+    async def get_job(self, job_id: str) -> Job:
+        """Returns the job with its last execution summary. Raises ``JobNotFound``."""
+
+    @abstractmethod
+    async def get_job_by_request_id(self, request_id: str) -> Job | None:
+        """Returns the job a CreateJob with this request_id made, if any."""
+
+    @abstractmethod
+    async def list_jobs(self, *, after: str | None, limit: int) -> JobPage:
+        """Jobs ordered by id, those with an id greater than ``after``."""
+
+    @abstractmethod
+    async def list_schedulable_jobs(self) -> list[Job]:
+        """Every job that is not paused, without execution summaries (for the engine)."""
+
+    @abstractmethod
+    async def update_job(self, job: Job, *, expected_version: int) -> Job:
+        """Replaces the job's fields, bumps its version and returns it.
+
+        Raises ``JobNotFound``, or ``EtagMismatch`` if the stored version is not
+        ``expected_version``.
+        """
+
+    @abstractmethod
+    async def delete_job(self, job_id: str, *, expected_version: int | None) -> None:
+        """Deletes the job and its executions. Raises ``JobNotFound`` or ``EtagMismatch``."""
+
+    # -- executions ---------------------------------------------------------------------------
+
+    @abstractmethod
+    async def insert_executions(
+        self, executions: Sequence[Execution], next_runs: Sequence[NextRun] = ()
+    ) -> set[str]:
+        """Inserts executions and moves next run times, in one transaction.
+
+        An execution whose (job, scheduled fire) or (job, request_id) already has one is not
+        inserted; neither is one whose job no longer exists. Returns the ids inserted.
+        """
+
+    @abstractmethod
+    async def record_progress(
+        self, starts: Sequence[ExecutionStart], finishes: Sequence[ExecutionFinish]
+    ) -> None:
+        """Applies state changes in one transaction. A change to an execution that is already
+        in a final state (or gone) is ignored: the first final state wins."""
+
+    @abstractmethod
+    async def get_execution(self, execution_id: str) -> Execution:
+        """Raises ``ExecutionNotFound``."""
+
+    @abstractmethod
+    async def get_execution_by_request_id(self, job_id: str, request_id: str) -> Execution | None:
+        """The execution a TriggerJob with this request_id made for this job, if any."""
+
+    @abstractmethod
+    async def list_executions(
+        self, query: ExecutionQuery, *, before: str | None, limit: int
+    ) -> ExecutionPage:
+        """Executions matching ``query``, newest first, those with an id less than ``before``."""
+
+    @abstractmethod
+    async def interrupt_unfinished(self, *, message: str, now: datetime) -> int:
+        """Marks every PENDING or RUNNING execution INTERRUPTED; returns how many."""
+
+    # -- server -------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def get_or_create_secret(self, name: str, value: bytes) -> bytes:
+        """Returns the secret stored under ``name``, storing ``value`` first if there is none.
+        Every instance sharing the database gets the same bytes."""

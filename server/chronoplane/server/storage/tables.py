@@ -1,0 +1,104 @@
+"""The schema, as SQLAlchemy Core tables. Alembic migrations must match it (tests check)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+
+__all__ = ["UtcDateTime", "executions", "jobs", "metadata", "secrets"]
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+    }
+)
+
+
+class UtcDateTime(sa.TypeDecorator[datetime]):
+    """Aware UTC datetimes in, aware UTC datetimes out, on SQLite (naive text) and Postgres."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", sa.String(128), primary_key=True),
+    sa.Column("display_name", sa.String(256), nullable=False),
+    sa.Column("description", sa.Text, nullable=False),
+    sa.Column("task", sa.String(256), nullable=False),
+    sa.Column("args", sa.JSON, nullable=False),
+    sa.Column("trigger", sa.JSON, nullable=False),
+    sa.Column("paused", sa.Boolean, nullable=False),
+    sa.Column("misfire_grace_seconds", sa.Float, nullable=False),
+    sa.Column("coalesce", sa.Boolean, nullable=False),
+    sa.Column("max_concurrent", sa.Integer, nullable=False),
+    sa.Column("labels", sa.JSON, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("request_id", sa.String(128), nullable=True, unique=True),
+    sa.Column("create_time", UtcDateTime, nullable=False),
+    sa.Column("update_time", UtcDateTime, nullable=False),
+    sa.Column("next_run_time", UtcDateTime, nullable=True),
+)
+
+executions = sa.Table(
+    "executions",
+    metadata,
+    # Time-ordered ids (see ids.py): ordering by id is ordering by creation.
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column(
+        "job_id",
+        sa.String(128),
+        sa.ForeignKey("jobs.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("source", sa.String(16), nullable=False),
+    # One execution per (job, scheduled fire) and per (job, TriggerJob request_id): the
+    # database refuses the second, whoever tries. NULL for manual runs without a request_id.
+    sa.Column("dedupe_key", sa.String(160), nullable=True),
+    sa.Column("scheduled_time", UtcDateTime, nullable=False),
+    sa.Column("create_time", UtcDateTime, nullable=False),
+    sa.Column("start_time", UtcDateTime, nullable=True),
+    sa.Column("end_time", UtcDateTime, nullable=True),
+    sa.Column("task", sa.String(256), nullable=False),
+    sa.Column("args", sa.JSON, nullable=False),
+    sa.Column("result", sa.JSON(none_as_null=True), nullable=True),
+    sa.Column("error_message", sa.Text, nullable=False),
+    sa.Column("error_traceback", sa.Text, nullable=False),
+    sa.Column("instance_id", sa.String(128), nullable=False),
+    sa.Column("request_id", sa.String(128), nullable=True),
+    sa.UniqueConstraint("job_id", "dedupe_key"),
+    sa.Index(None, "job_id", "id"),
+    sa.Index(None, "state"),
+)
+
+# Server-wide secrets (the page-token signing key), shared by every instance.
+secrets = sa.Table(
+    "secrets",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.LargeBinary, nullable=False),
+)

@@ -1,0 +1,1 @@
+"""Transport: gRPC in, domain calls, gRPC out. The only package that imports grpc."""

@@ -1,0 +1,128 @@
+"""The one table from domain errors to gRPC status, applied by one server interceptor.
+
+Unexpected exceptions become INTERNAL with an error id; the traceback goes to the log under
+that id, never onto the wire.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from chronoplane.server.errors import (
+    AlreadyExists,
+    ChronoplaneError,
+    EtagMismatch,
+    FailedPrecondition,
+    InstanceConflict,
+    InvalidArgument,
+    NotFound,
+    StorageUnavailable,
+)
+
+__all__ = ["DOMAIN", "ErrorInterceptor", "status_for"]
+
+log = logging.getLogger(__name__)
+
+DOMAIN = "chronoplane.dev"
+
+_TABLE: list[tuple[type[ChronoplaneError], grpc.StatusCode]] = [
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (EtagMismatch, grpc.StatusCode.ABORTED),
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (InstanceConflict, grpc.StatusCode.FAILED_PRECONDITION),
+    (StorageUnavailable, grpc.StatusCode.UNAVAILABLE),
+]
+
+
+def _pack(message: Any) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def status_for(error: ChronoplaneError) -> grpc.Status:
+    code = next(
+        (code for kind, code in _TABLE if isinstance(error, kind)), grpc.StatusCode.INTERNAL
+    )
+    details = [_pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN))]
+    if isinstance(error, InvalidArgument):
+        details.insert(
+            0,
+            _pack(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(
+                            field=v.field, description=v.description
+                        )
+                        for v in error.violations
+                    ]
+                )
+            ),
+        )
+    status = status_pb2.Status(code=code.value[0], message=str(error), details=details)
+    return rpc_status.to_status(status)
+
+
+def _internal(error_id: str) -> grpc.Status:
+    status = status_pb2.Status(
+        code=code_pb2.INTERNAL,
+        message=f"internal error {error_id}; the server log has the details",
+        details=[
+            _pack(
+                error_details_pb2.ErrorInfo(
+                    reason="INTERNAL", domain=DOMAIN, metadata={"error_id": error_id}
+                )
+            )
+        ],
+    )
+    return rpc_status.to_status(status)
+
+
+async def _abort_for(error: Exception, context: Any) -> None:
+    if isinstance(error, ChronoplaneError):
+        await context.abort_with_status(status_for(error))
+    error_id = secrets.token_hex(8)
+    log.error("internal error %s", error_id, exc_info=error)
+    await context.abort_with_status(_internal(error_id))
+
+
+Behaviour = Callable[[Any, Any], Awaitable[Any]]
+
+
+def _guard_unary(behaviour: Behaviour) -> Behaviour:
+    async def guarded(request: Any, context: Any) -> Any:
+        try:
+            return await behaviour(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:
+            await _abort_for(error, context)
+
+    return guarded
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Applies the table to every Chronoplane RPC."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[Any], Awaitable[Any]],
+        handler_call_details: Any,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or not method.startswith("/chronoplane."):
+            return handler
+        if handler.request_streaming or handler.response_streaming:
+            raise NotImplementedError("streaming Chronoplane RPCs need a generator guard")
+        return grpc.experimental.wrap_server_method_handler(_guard_unary, handler)

@@ -1,0 +1,98 @@
+"""The grpc.aio server: SchedulerService, health checking and reflection."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.descriptor import FileDescriptor
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from chronoplane.server.service import SchedulerService
+from chronoplane.server.transport.errors import ErrorInterceptor
+from chronoplane.server.transport.servicer import SchedulerServicer
+from chronoplane.v1 import scheduler_service_pb2, scheduler_service_pb2_grpc
+
+__all__ = ["SERVICE_NAME", "GrpcServer"]
+
+SERVICE_NAME = scheduler_service_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+def _json_name(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def _fill_json_names(messages: Iterable[descriptor_pb2.DescriptorProto]) -> None:
+    for message in messages:
+        for field in message.field:
+            field.json_name = field.json_name or _json_name(field.name)
+        _fill_json_names(message.nested_type)
+
+
+def reflection_pool(files: Iterable[FileDescriptor]) -> descriptor_pool.DescriptorPool:
+    """The descriptors served by reflection, with json_name set on every field.
+
+    Python's generated code drops json_name from its descriptors, and grpcurl then prints
+    proto field names (job_id) instead of the proto3 JSON names (jobId) every other client
+    uses; serving the names restores the standard mapping.
+    """
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file: FileDescriptor) -> None:
+        if file.name in added:
+            return
+        for dependency in file.dependencies:
+            add(dependency)
+        proto = descriptor_pb2.FileDescriptorProto()
+        file.CopyToProto(proto)
+        _fill_json_names(proto.message_type)
+        pool.Add(proto)
+        added.add(file.name)
+
+    for file in files:
+        add(file)
+    return pool
+
+
+class GrpcServer:
+    """Owns the grpc.aio server and its health status."""
+
+    def __init__(self, service: SchedulerService, address: str) -> None:
+        self._server = grpc.aio.server(
+            interceptors=[ErrorInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        scheduler_service_pb2_grpc.add_SchedulerServiceServicer_to_server(
+            SchedulerServicer(service), self._server
+        )
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME],
+            self._server,
+            pool=reflection_pool(
+                [scheduler_service_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR]
+            ),
+        )
+        self.port = self._server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {address}")
+        self.address = f"{address.rpartition(':')[0]}:{self.port}"
+
+    async def start(self) -> None:
+        await self._server.start()
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float) -> None:
+        """Health says NOT_SERVING, new RPCs are refused, in-flight ones get ``grace``."""
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace)

@@ -1,0 +1,131 @@
+"""The SchedulerService RPCs: decode, call one service method, encode."""
+
+from __future__ import annotations
+
+from typing import Any, TypeAlias
+
+from chronoplane.server.models import ExecutionQuery
+from chronoplane.server.service import UPDATABLE_FIELDS, SchedulerService
+from chronoplane.server.transport.convert import (
+    execution_to_proto,
+    job_fields_from_proto,
+    job_from_proto,
+    job_to_proto,
+    state_from_proto,
+    struct_from_proto,
+    task_to_proto,
+    timestamp_from_proto,
+    timestamp_to_proto,
+    trigger_from_proto,
+)
+from chronoplane.v1 import scheduler_service_pb2 as pb
+from chronoplane.v1 import scheduler_service_pb2_grpc as pb_grpc
+
+__all__ = ["SchedulerServicer"]
+
+# grpc ships no type information; the context is a grpc.aio.ServicerContext.
+Context: TypeAlias = Any
+
+
+class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
+    def __init__(self, service: SchedulerService) -> None:
+        self._service = service
+
+    async def CreateJob(
+        self, request: pb.CreateJobRequest, context: Context
+    ) -> pb.CreateJobResponse:
+        job = await self._service.create_job(
+            job_from_proto(request.job), request_id=request.request_id
+        )
+        return pb.CreateJobResponse(job=job_to_proto(job))
+
+    async def GetJob(self, request: pb.GetJobRequest, context: Context) -> pb.GetJobResponse:
+        return pb.GetJobResponse(job=job_to_proto(await self._service.get_job(request.id)))
+
+    async def ListJobs(self, request: pb.ListJobsRequest, context: Context) -> pb.ListJobsResponse:
+        page = await self._service.list_jobs(size=request.page_size, token=request.page_token)
+        return pb.ListJobsResponse(
+            jobs=[job_to_proto(job) for job in page.items], next_page_token=page.next_page_token
+        )
+
+    async def UpdateJob(
+        self, request: pb.UpdateJobRequest, context: Context
+    ) -> pb.UpdateJobResponse:
+        paths = set(request.update_mask.paths)
+        if "*" in paths:
+            paths = set(UPDATABLE_FIELDS)
+        changes = job_fields_from_proto(request.job, paths)
+        job = await self._service.update_job(request.job.id, changes, etag=request.job.etag)
+        return pb.UpdateJobResponse(job=job_to_proto(job))
+
+    async def DeleteJob(
+        self, request: pb.DeleteJobRequest, context: Context
+    ) -> pb.DeleteJobResponse:
+        await self._service.delete_job(request.id, etag=request.etag)
+        return pb.DeleteJobResponse()
+
+    async def PauseJob(self, request: pb.PauseJobRequest, context: Context) -> pb.PauseJobResponse:
+        job = await self._service.pause_job(request.id, etag=request.etag)
+        return pb.PauseJobResponse(job=job_to_proto(job))
+
+    async def ResumeJob(
+        self, request: pb.ResumeJobRequest, context: Context
+    ) -> pb.ResumeJobResponse:
+        job = await self._service.resume_job(request.id, etag=request.etag)
+        return pb.ResumeJobResponse(job=job_to_proto(job))
+
+    async def TriggerJob(
+        self, request: pb.TriggerJobRequest, context: Context
+    ) -> pb.TriggerJobResponse:
+        args = struct_from_proto(request.args, "args") if request.HasField("args") else None
+        execution = await self._service.trigger_job(
+            request.id, args=args, request_id=request.request_id
+        )
+        return pb.TriggerJobResponse(execution=execution_to_proto(execution))
+
+    async def GetExecution(
+        self, request: pb.GetExecutionRequest, context: Context
+    ) -> pb.GetExecutionResponse:
+        execution = await self._service.get_execution(request.id)
+        return pb.GetExecutionResponse(execution=execution_to_proto(execution))
+
+    async def ListExecutions(
+        self, request: pb.ListExecutionsRequest, context: Context
+    ) -> pb.ListExecutionsResponse:
+        query = ExecutionQuery(
+            job_id=request.job_id or None,
+            states=frozenset(state_from_proto(s, "states") for s in request.states),
+            scheduled_after=timestamp_from_proto(request.scheduled_after, "scheduled_after")
+            if request.HasField("scheduled_after")
+            else None,
+            scheduled_before=timestamp_from_proto(request.scheduled_before, "scheduled_before")
+            if request.HasField("scheduled_before")
+            else None,
+        )
+        page = await self._service.list_executions(
+            query, size=request.page_size, token=request.page_token
+        )
+        return pb.ListExecutionsResponse(
+            executions=[execution_to_proto(e) for e in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    async def ListTasks(
+        self, request: pb.ListTasksRequest, context: Context
+    ) -> pb.ListTasksResponse:
+        return pb.ListTasksResponse(tasks=[task_to_proto(t) for t in self._service.list_tasks()])
+
+    async def PreviewTrigger(
+        self, request: pb.PreviewTriggerRequest, context: Context
+    ) -> pb.PreviewTriggerResponse:
+        start = (
+            timestamp_from_proto(request.start_time, "start_time")
+            if request.HasField("start_time")
+            else None
+        )
+        fires = self._service.preview_trigger(
+            trigger_from_proto(request.trigger, "trigger"), count=request.count, start=start
+        )
+        return pb.PreviewTriggerResponse(
+            fire_times=list(filter(None, map(timestamp_to_proto, fires)))
+        )

@@ -1,0 +1,116 @@
+"""Checks on what clients send, collecting every violation with its field path."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+from chronoplane.server.errors import FieldViolation, InvalidArgument
+from chronoplane.server.models import Job
+
+__all__ = ["MAX_ARGS_BYTES", "Violations", "check_job", "check_text"]
+
+JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+LABEL_KEY = re.compile(r"^[a-z0-9]([a-z0-9_./-]{0,61}[a-z0-9])?$")
+MAX_DISPLAY_NAME = 256
+MAX_DESCRIPTION = 4_096
+MAX_TASK_NAME = 256
+MAX_REQUEST_ID = 128
+MAX_LABELS = 64
+MAX_LABEL_VALUE = 255
+MAX_ARGS_BYTES = 64 * 1024
+MAX_ARGS_DEPTH = 32
+MAX_MISFIRE_GRACE = timedelta(days=7)
+MAX_CONCURRENT = 1_000
+
+
+class Violations:
+    """Collects field violations; ``raise_if_any`` turns them into one InvalidArgument."""
+
+    def __init__(self) -> None:
+        self.items: list[FieldViolation] = []
+
+    def add(self, field: str, description: str) -> None:
+        self.items.append(FieldViolation(field=field, description=description))
+
+    def extend(self, error: InvalidArgument, prefix: str) -> None:
+        for v in error.violations:
+            self.add(f"{prefix}.{v.field}" if prefix else v.field, v.description)
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise InvalidArgument(self.items)
+
+
+def check_text(
+    violations: Violations, field: str, value: str, *, limit: int, required: bool = False
+) -> None:
+    if required and not value:
+        violations.add(field, "is required")
+    elif len(value) > limit:
+        violations.add(field, f"is {len(value)} characters long; at most {limit} are allowed")
+    elif "\x00" in value:
+        violations.add(field, "contains a NUL character")
+
+
+def _strings(value: Any, depth: int = 0) -> Iterator[tuple[str, int]]:
+    """Every string (keys included) in a JSON value, with its nesting depth."""
+    if isinstance(value, str):
+        yield value, depth
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield key, depth + 1
+            yield from _strings(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item, depth + 1)
+    else:
+        yield "", depth
+
+
+def check_args(violations: Violations, field: str, args: dict[str, Any]) -> None:
+    size = len(json.dumps(args))
+    if size > MAX_ARGS_BYTES:
+        violations.add(field, f"is {size} bytes of JSON; at most {MAX_ARGS_BYTES} are allowed")
+        return
+    for text, depth in _strings(args):
+        if depth > MAX_ARGS_DEPTH:
+            violations.add(field, f"nests deeper than {MAX_ARGS_DEPTH} levels")
+            return
+        if "\x00" in text:
+            violations.add(field, "contains a NUL character")
+            return
+
+
+def check_job(violations: Violations, job: Job, prefix: str) -> None:
+    """The checks that need nothing but the job itself (not the task registry or engine)."""
+    if not JOB_ID.match(job.id):
+        violations.add(
+            f"{prefix}.id",
+            "must be 1 to 128 characters from [A-Za-z0-9._-], starting with a letter or digit",
+        )
+    check_text(violations, f"{prefix}.display_name", job.display_name, limit=MAX_DISPLAY_NAME)
+    check_text(violations, f"{prefix}.description", job.description, limit=MAX_DESCRIPTION)
+    check_text(violations, f"{prefix}.task", job.task, limit=MAX_TASK_NAME, required=True)
+    check_args(violations, f"{prefix}.args", job.args)
+    if job.misfire_grace <= timedelta(0) or job.misfire_grace > MAX_MISFIRE_GRACE:
+        violations.add(f"{prefix}.misfire_grace", "must be more than 0 and at most 7 days")
+    if not 1 <= job.max_concurrent <= MAX_CONCURRENT:
+        violations.add(f"{prefix}.max_concurrent", f"must be between 0 and {MAX_CONCURRENT}")
+    if len(job.labels) > MAX_LABELS:
+        violations.add(f"{prefix}.labels", f"has {len(job.labels)} labels; at most {MAX_LABELS}")
+    for key, value in job.labels.items():
+        if not LABEL_KEY.match(key):
+            violations.add(
+                f"{prefix}.labels",
+                f"key {key[:70]!r} must be 1 to 63 characters from [a-z0-9_./-], "
+                "starting and ending with a letter or digit",
+            )
+        elif len(value) > MAX_LABEL_VALUE or "\x00" in value:
+            violations.add(
+                f"{prefix}.labels",
+                f"value of {key!r} must be at most {MAX_LABEL_VALUE} characters, without NUL",
+            )
