@@ -90,24 +90,25 @@ def start_server(
     port = port or free_port()
     log_path = workdir / f"server-{port}-{time.monotonic_ns()}.log"
     env = dict(os.environ, PYTHONPATH=str(ROOT / "tests"))
-    process = subprocess.Popen(
-        [
-            str(BIN / "chronoplane"),
-            "serve",
-            "--address",
-            f"127.0.0.1:{port}",
-            "--database-url",
-            database_url,
-            "--tasks",
-            "testtasks",
-            *extra,
-        ],
-        cwd=workdir,
-        env=env,
-        stdout=log_path.open("w"),
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    with log_path.open("w") as log_file:
+        process = subprocess.Popen(
+            [
+                str(BIN / "chronoplane"),
+                "serve",
+                "--address",
+                f"127.0.0.1:{port}",
+                "--database-url",
+                database_url,
+                "--tasks",
+                "testtasks",
+                *extra,
+            ],
+            cwd=workdir,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     server = ServerProcess(process, f"127.0.0.1:{port}", log_path)
     if wait:
         wait_serving(server)

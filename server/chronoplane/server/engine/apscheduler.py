@@ -31,7 +31,7 @@ from chronoplane.server.engine.cron import parse_crontab
 from chronoplane.server.errors import InvalidArgument
 from chronoplane.server.models import CronTrigger, IntervalTrigger, Job, Trigger
 
-__all__ = ["ApschedulerEngine"]
+__all__ = ["ApschedulerEngine", "build_trigger"]
 
 log = logging.getLogger(__name__)
 

@@ -182,7 +182,7 @@ def _execution_from_row(row: sa.Row[Any]) -> Execution:
     )
 
 
-def dedupe_key(execution: Execution) -> str | None:
+def _dedupe_key(execution: Execution) -> str | None:
     """What makes an execution unique within its job (see tables.executions)."""
     if execution.source is ExecutionSource.SCHEDULE:
         return "s:" + execution.scheduled_time.astimezone(UTC).isoformat()
@@ -197,7 +197,7 @@ def _execution_values(execution: Execution) -> dict[str, Any]:
         "job_id": execution.job_id,
         "state": execution.state.value,
         "source": execution.source.value,
-        "dedupe_key": dedupe_key(execution),
+        "dedupe_key": _dedupe_key(execution),
         "scheduled_time": execution.scheduled_time,
         "create_time": execution.create_time,
         "start_time": execution.start_time,

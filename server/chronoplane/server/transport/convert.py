@@ -31,6 +31,7 @@ from chronoplane.v1 import execution_pb2, job_pb2
 
 __all__ = [
     "execution_to_proto",
+    "job_fields_from_proto",
     "job_from_proto",
     "job_to_proto",
     "state_from_proto",

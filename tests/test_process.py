@@ -1,0 +1,309 @@
+"""Real `chronoplane serve` processes: grpcurl through reflection, restarts, signals, crashes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
+from harness import BIN, ServerProcess, running_server, start_server
+
+from chronoplane.v1 import execution_pb2 as epb
+from chronoplane.v1 import job_pb2 as jpb
+from chronoplane.v1 import scheduler_service_pb2 as pb
+
+SERVICE = "chronoplane.v1.SchedulerService"
+
+
+def grpcurl(address: str, *args: str, data: dict[str, Any] | None = None) -> Any:
+    command = [str(BIN / "grpcurl"), "-plaintext"]
+    if data is not None:
+        command += ["-d", json.dumps(data)]
+    result = subprocess.run(
+        [*command, address, *args], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def wait_for(stub: Any, job_id: str, predicate: Any, within: float = 20) -> list[epb.Execution]:
+    deadline = time.monotonic() + within
+    while True:
+        executions = list(
+            stub.ListExecutions(pb.ListExecutionsRequest(job_id=job_id), timeout=5).executions
+        )
+        if predicate(executions):
+            return executions
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met; executions: {executions}")
+        time.sleep(0.1)
+
+
+def final(executions: list[epb.Execution]) -> list[epb.Execution]:
+    return [
+        e
+        for e in executions
+        if e.state not in (epb.EXECUTION_STATE_PENDING, epb.EXECUTION_STATE_RUNNING)
+    ]
+
+
+def stamp(when: datetime) -> timestamp_pb2.Timestamp:
+    message = timestamp_pb2.Timestamp()
+    message.FromDatetime(when)
+    return message
+
+
+def test_grpcurl_lists_services_creates_from_json_and_reads_camel_case(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    with running_server(sqlite_url, tmp_path) as server:
+        services = grpcurl(server.address, "list").split()
+        assert SERVICE in services and "grpc.health.v1.Health" in services
+        health = json.loads(grpcurl(server.address, "grpc.health.v1.Health/Check"))
+        assert health == {"status": "SERVING"}
+
+        created = json.loads(
+            grpcurl(
+                server.address,
+                f"{SERVICE}/CreateJob",
+                data={
+                    "job": {
+                        "id": "hello",
+                        "displayName": "Hello",
+                        "task": "chronoplane.echo",
+                        "args": {"greeting": "hi"},
+                        "trigger": {"interval": {"every": "3600s"}},
+                        "maxConcurrent": 2,
+                    }
+                },
+            )
+        )["job"]
+        got = json.loads(grpcurl(server.address, f"{SERVICE}/GetJob", data={"id": "hello"}))
+        assert got["job"] == created
+        for camel in ("displayName", "maxConcurrent", "misfireGrace", "createTime", "nextRunTime"):
+            assert camel in got["job"], got
+        assert "display_name" not in json.dumps(got)
+        assert got["job"]["trigger"]["interval"]["every"] == "3600s"
+
+        triggered = json.loads(
+            grpcurl(server.address, f"{SERVICE}/TriggerJob", data={"id": "hello"})
+        )["execution"]
+        assert triggered["jobId"] == "hello" and triggered["source"] == "EXECUTION_SOURCE_MANUAL"
+
+        described = grpcurl(server.address, "describe", SERVICE)
+        assert "rpc CreateJob" in described
+
+
+def test_jobs_keep_firing_across_a_restart(database_url: str, tmp_path: Path) -> None:
+    server = start_server(database_url, tmp_path)
+    try:
+        stub = server.stub()
+        start = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=2)
+        trigger = jpb.Trigger(
+            interval=jpb.IntervalTrigger(
+                every=duration_pb2.Duration(seconds=1), start_time=stamp(start)
+            )
+        )
+        stub.CreateJob(
+            pb.CreateJobRequest(job=jpb.Job(id="tick", task="chronoplane.echo", trigger=trigger))
+        )
+        wait_for(stub, "tick", lambda ex: len(final(ex)) >= 2)
+        assert server.stop() == 0
+        stopped_at = datetime.now(UTC)
+        before = (
+            {e.id for e in stub.ListExecutions(pb.ListExecutionsRequest()).executions}
+            if False
+            else None
+        )
+        del before
+
+        server = start_server(database_url, tmp_path)
+        stub = server.stub()
+        job = stub.GetJob(pb.GetJobRequest(id="tick")).job
+        assert job.trigger.interval.start_time == stamp(start)
+        executions = wait_for(
+            stub,
+            "tick",
+            lambda ex: any(
+                e.scheduled_time.ToDatetime(tzinfo=UTC) > stopped_at + timedelta(seconds=1)
+                and e.state == epb.EXECUTION_STATE_SUCCEEDED
+                for e in ex
+            ),
+        )
+        # Every fire stays on the phase of the first one, and none is recorded twice.
+        scheduled = [e.scheduled_time.ToDatetime(tzinfo=UTC) for e in executions]
+        assert len(scheduled) == len(set(scheduled))
+        assert all((t - start).total_seconds() % 1 == 0 for t in scheduled)
+    finally:
+        server.stop()
+
+
+def test_a_fire_missed_while_down_is_recorded_and_one_within_grace_runs(
+    database_url: str, tmp_path: Path
+) -> None:
+    server = start_server(database_url, tmp_path)
+    try:
+        stub = server.stub()
+        due = datetime.now(UTC) + timedelta(seconds=3)
+        for job_id, grace in (("strict", 1), ("lenient", 600)):
+            stub.CreateJob(
+                pb.CreateJobRequest(
+                    job=jpb.Job(
+                        id=job_id,
+                        task="chronoplane.echo",
+                        trigger=jpb.Trigger(date=jpb.DateTrigger(run_time=stamp(due))),
+                        misfire_grace=duration_pb2.Duration(seconds=grace),
+                    )
+                )
+            )
+        assert server.stop() == 0
+        time.sleep(max(0.0, (due - datetime.now(UTC)).total_seconds()) + 2)
+
+        server = start_server(database_url, tmp_path)
+        stub = server.stub()
+        [missed] = wait_for(stub, "strict", lambda ex: len(final(ex)) == 1)
+        assert missed.state == epb.EXECUTION_STATE_MISSED
+        assert missed.scheduled_time == stamp(due)
+        [ran] = wait_for(stub, "lenient", lambda ex: len(final(ex)) == 1)
+        assert ran.state == epb.EXECUTION_STATE_SUCCEEDED
+        assert ran.start_time.ToDatetime(tzinfo=UTC) - due > timedelta(seconds=1)
+    finally:
+        server.stop()
+
+
+def test_sigterm_lets_short_runs_finish_and_interrupts_long_ones(
+    database_url: str, tmp_path: Path
+) -> None:
+    server = start_server(database_url, tmp_path, "--shutdown-grace", "1.5")
+    stub = server.stub()
+    args = struct_pb2.Struct()
+    args.update({"seconds": 0.5})
+    stub.CreateJob(
+        pb.CreateJobRequest(
+            job=jpb.Job(
+                id="short",
+                task="chronoplane.sleep",
+                args=args,
+                trigger=jpb.Trigger(cron=jpb.CronTrigger(expression="0 0 1 1 *")),
+            )
+        )
+    )
+    stub.CreateJob(
+        pb.CreateJobRequest(
+            job=jpb.Job(
+                id="long",
+                task="test.block",
+                trigger=jpb.Trigger(cron=jpb.CronTrigger(expression="0 0 1 1 *")),
+            )
+        )
+    )
+    short = stub.TriggerJob(pb.TriggerJobRequest(id="short")).execution
+    long = stub.TriggerJob(pb.TriggerJobRequest(id="long")).execution
+    wait_for(stub, "long", lambda ex: ex and ex[0].state == epb.EXECUTION_STATE_RUNNING)
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(30) == 0
+    assert "shutting down" in server.log
+
+    server = start_server(database_url, tmp_path)
+    try:
+        stub = server.stub()
+        got_short = stub.GetExecution(pb.GetExecutionRequest(id=short.id)).execution
+        got_long = stub.GetExecution(pb.GetExecutionRequest(id=long.id)).execution
+        assert got_short.state == epb.EXECUTION_STATE_SUCCEEDED
+        assert got_long.state == epb.EXECUTION_STATE_INTERRUPTED
+        assert "shut down" in got_long.error_message
+    finally:
+        server.stop()
+
+
+def test_a_crash_leaves_running_executions_interrupted_after_restart(
+    database_url: str, tmp_path: Path
+) -> None:
+    server = start_server(database_url, tmp_path)
+    stub = server.stub()
+    stub.CreateJob(
+        pb.CreateJobRequest(
+            job=jpb.Job(
+                id="long",
+                task="test.block",
+                trigger=jpb.Trigger(cron=jpb.CronTrigger(expression="0 0 1 1 *")),
+            )
+        )
+    )
+    execution = stub.TriggerJob(pb.TriggerJobRequest(id="long")).execution
+    wait_for(stub, "long", lambda ex: ex and ex[0].state == epb.EXECUTION_STATE_RUNNING)
+    server.process.kill()
+    server.process.wait(10)
+
+    server = start_server(database_url, tmp_path)
+    try:
+        got = server.stub().GetExecution(pb.GetExecutionRequest(id=execution.id)).execution
+        assert got.state == epb.EXECUTION_STATE_INTERRUPTED
+        assert got.HasField("end_time")
+    finally:
+        server.stop()
+
+
+def test_a_second_server_on_the_same_database_refuses_to_start(
+    database_url: str, tmp_path: Path
+) -> None:
+    with running_server(database_url, tmp_path) as first:
+        second: ServerProcess = start_server(database_url, tmp_path, wait=False)
+        assert second.process.wait(30) == 1
+        assert "another chronoplane server" in second.log
+        # The first one is unharmed.
+        assert first.stub().ListTasks(pb.ListTasksRequest()).tasks
+
+
+def test_listening_beyond_loopback_needs_an_explicit_opt_out(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [str(BIN / "chronoplane"), "serve", "--address", "0.0.0.0:0"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "refusing to listen on 0.0.0.0:0" in result.stderr
+    assert not (tmp_path / "chronoplane.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--address", "nonsense"], "is not HOST:PORT"),
+        (["--database-url", "mysql://x"], "database_url must start with"),
+    ],
+)
+def test_bad_settings_fail_fast_with_a_message(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    result = subprocess.run(
+        [str(BIN / "chronoplane"), "serve", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2 and message in result.stderr
+
+
+def test_migrate_command_creates_the_schema(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'fresh.db'}"
+    result = subprocess.run(
+        [str(BIN / "chronoplane"), "migrate", "--database-url", url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "database is up to date" in result.stderr
