@@ -99,6 +99,24 @@ def test_grpcurl_lists_services_creates_from_json_and_reads_camel_case(
         described = grpcurl(server.address, "describe", SERVICE)
         assert "rpc CreateJob" in described
 
+        bad = subprocess.run(
+            [
+                str(BIN / "grpcurl"),
+                "-plaintext",
+                "-d",
+                json.dumps({"job": {"task": "nope"}}),
+                server.address,
+                f"{SERVICE}/CreateJob",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert "Code: InvalidArgument" in bad.stderr
+        # The google.rpc details decode through reflection: fields are named.
+        assert '"fieldViolations":[{"field":"job.task"' in bad.stderr.replace(" ", "")
+
 
 def test_jobs_keep_firing_across_a_restart(database_url: str, tmp_path: Path) -> None:
     server = start_server(database_url, tmp_path)

@@ -15,6 +15,7 @@ from chronoplane.server.engine.abc import Engine
 from chronoplane.server.errors import EtagMismatch, InvalidArgument, JobAlreadyExists
 from chronoplane.server.ids import new_job_id
 from chronoplane.server.models import (
+    DateTrigger,
     Execution,
     ExecutionQuery,
     IntervalTrigger,
@@ -66,6 +67,10 @@ class Page(Generic[T]):
     next_page_token: str
 
 
+# Stands in for a missing trigger while the rest of a job is checked; never stored.
+_NO_TRIGGER: Trigger = DateTrigger(run_time=datetime.max.replace(tzinfo=UTC))
+
+
 def _utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -105,7 +110,10 @@ class SchedulerService:
 
     # -- jobs ---------------------------------------------------------------------------------
 
-    async def create_job(self, draft: Job, *, request_id: str = "") -> Job:
+    async def create_job(
+        self, values: Mapping[str, Any], *, job_id: str, paused: bool, request_id: str = ""
+    ) -> Job:
+        """Creates a job from the client's ``values`` (Job fields; a None trigger is missing)."""
         violations = Violations()
         check_text(violations, "request_id", request_id, limit=MAX_REQUEST_ID)
         if request_id:
@@ -114,7 +122,10 @@ class SchedulerService:
             if earlier is not None:
                 return earlier
         now = self._clock()
-        job = self._prepare(replace(draft, id=draft.id or new_job_id()), "job", violations, now)
+        fields = dict(values)
+        trigger = fields.pop("trigger", None)
+        draft = Job(id=job_id or new_job_id(), paused=paused, trigger=_NO_TRIGGER, **fields)
+        job = self._prepare(draft, trigger, violations, now)
         job = replace(job, create_time=now, next_run_time=self._first_run(job, now))
         try:
             stored = await self._store.create_job(job, request_id=request_id or None)
@@ -151,7 +162,9 @@ class SchedulerService:
             current = await self._store.get_job(job_id)
             expected = _expected_version(job_id, etag, current)
             now = self._clock()
-            changed = self._prepare(replace(current, **changes), "job", Violations(), now)
+            fields = dict(changes)
+            trigger = fields.pop("trigger") if "trigger" in fields else current.trigger
+            changed = self._prepare(replace(current, **fields), trigger, Violations(), now)
             if "trigger" in changes:
                 changed = replace(changed, next_run_time=self._first_run(changed, now))
             try:
@@ -189,24 +202,28 @@ class SchedulerService:
         self._engine.schedule(stored, reschedule=True)
         return stored
 
-    def _prepare(self, job: Job, prefix: str, violations: Violations, now: datetime) -> Job:
-        """Checks the job whole; fills defaults that depend on the time of creation."""
+    def _prepare(
+        self, job: Job, trigger: Trigger | None, violations: Violations, now: datetime
+    ) -> Job:
+        """Checks the job whole, with ``trigger`` as its trigger; fills defaults that depend
+        on the time of creation."""
+        prefix = "job"
         check_job(violations, job, prefix)
         if job.task and job.task not in self._tasks and len(job.task) <= 256:
             violations.add(
                 f"{prefix}.task",
                 f"{job.task!r} is not a registered task (see ListTasks)",
             )
-        trigger = self._check_trigger(job.trigger, f"{prefix}.trigger", violations, now)
+        checked = self._check_trigger(trigger, f"{prefix}.trigger", violations, now)
         violations.raise_if_any()
-        return replace(job, trigger=trigger)
+        return replace(job, trigger=checked)
 
     def _check_trigger(
         self, trigger: Trigger | None, field: str, violations: Violations, now: datetime
     ) -> Trigger:
         if trigger is None:
             violations.add(field, "is required: set cron, interval or date")
-            return IntervalTrigger(every=now - now)
+            return _NO_TRIGGER
         try:
             self._engine.check(trigger, now=now)
         except InvalidArgument as error:

@@ -28,7 +28,7 @@ from apscheduler.triggers.interval import IntervalTrigger as ApsIntervalTrigger
 
 from chronoplane.server.engine.abc import Engine, Fire, FireHandler
 from chronoplane.server.engine.cron import parse_crontab
-from chronoplane.server.errors import InvalidArgument
+from chronoplane.server.errors import FieldViolation, InvalidArgument
 from chronoplane.server.models import CronTrigger, IntervalTrigger, Job, Trigger
 
 __all__ = ["ApschedulerEngine", "build_trigger"]
@@ -53,25 +53,39 @@ def _time_zone(name: str) -> zoneinfo.ZoneInfo:
         ) from None
 
 
+def _cron_trigger(trigger: CronTrigger) -> BaseTrigger:
+    """Reports a bad expression and a bad time zone together."""
+    violations: list[FieldViolation] = []
+    zone = None
+    try:
+        zone = _time_zone(trigger.time_zone)
+    except InvalidArgument as error:
+        violations += error.violations
+    try:
+        fields = parse_crontab(trigger.expression)
+        built = ApsCronTrigger(
+            second=fields.second,
+            minute=fields.minute,
+            hour=fields.hour,
+            day=fields.day,
+            month=fields.month,
+            day_of_week=fields.day_of_week,
+            timezone=zone or UTC,
+        )
+    except ValueError as error:
+        violations.insert(
+            0,
+            FieldViolation(field="cron.expression", description=f"{trigger.expression!r}: {error}"),
+        )
+    if violations:
+        raise InvalidArgument(violations)
+    return built
+
+
 def build_trigger(trigger: Trigger) -> BaseTrigger:
     """The APScheduler trigger for ours; raises ``InvalidArgument`` when malformed."""
     if isinstance(trigger, CronTrigger):
-        zone = _time_zone(trigger.time_zone)
-        try:
-            fields = parse_crontab(trigger.expression)
-            return ApsCronTrigger(
-                second=fields.second,
-                minute=fields.minute,
-                hour=fields.hour,
-                day=fields.day,
-                month=fields.month,
-                day_of_week=fields.day_of_week,
-                timezone=zone,
-            )
-        except ValueError as error:
-            raise InvalidArgument.field(
-                "cron.expression", f"{trigger.expression!r}: {error}"
-            ) from None
+        return _cron_trigger(trigger)
     if isinstance(trigger, IntervalTrigger):
         if not MIN_INTERVAL <= trigger.every <= MAX_INTERVAL:
             raise InvalidArgument.field("interval.every", "must be between 1 second and 3650 days")

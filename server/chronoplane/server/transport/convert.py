@@ -32,7 +32,6 @@ from chronoplane.v1 import execution_pb2, job_pb2
 __all__ = [
     "execution_to_proto",
     "job_fields_from_proto",
-    "job_from_proto",
     "job_to_proto",
     "state_from_proto",
     "struct_from_proto",
@@ -213,27 +212,6 @@ def job_fields_from_proto(message: job_pb2.Job, names: set[str]) -> dict[str, An
             violations.extend(error, "")
     violations.raise_if_any()
     return values
-
-
-def job_from_proto(message: job_pb2.Job) -> Job:
-    """A job to create. Output-only fields are ignored."""
-    values = job_fields_from_proto(
-        message,
-        {
-            "display_name",
-            "description",
-            "task",
-            "args",
-            "trigger",
-            "misfire_grace",
-            "coalesce",
-            "max_concurrent",
-            "labels",
-        },
-    )
-    if values["trigger"] is None:
-        raise InvalidArgument.field("job.trigger", "is required: set cron, interval or date")
-    return Job(id=message.id, paused=message.paused, **values)
 
 
 def _summary_to_proto(summary: ExecutionSummary) -> execution_pb2.ExecutionSummary:

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.descriptor import FileDescriptor
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
@@ -79,7 +80,13 @@ class GrpcServer:
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME],
             self._server,
             pool=reflection_pool(
-                [scheduler_service_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR]
+                [
+                    scheduler_service_pb2.DESCRIPTOR,
+                    health_pb2.DESCRIPTOR,
+                    reflection_pb2.DESCRIPTOR,
+                    # So that grpcurl can print the google.rpc details of errors.
+                    error_details_pb2.DESCRIPTOR,
+                ]
             ),
         )
         self.port = self._server.add_insecure_port(address)

@@ -9,7 +9,6 @@ from chronoplane.server.service import UPDATABLE_FIELDS, SchedulerService
 from chronoplane.server.transport.convert import (
     execution_to_proto,
     job_fields_from_proto,
-    job_from_proto,
     job_to_proto,
     state_from_proto,
     struct_from_proto,
@@ -35,7 +34,10 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         self, request: pb.CreateJobRequest, context: Context
     ) -> pb.CreateJobResponse:
         job = await self._service.create_job(
-            job_from_proto(request.job), request_id=request.request_id
+            job_fields_from_proto(request.job, set(UPDATABLE_FIELDS)),
+            job_id=request.job.id,
+            paused=request.job.paused,
+            request_id=request.request_id,
         )
         return pb.CreateJobResponse(job=job_to_proto(job))
 
