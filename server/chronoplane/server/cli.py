@@ -35,6 +35,7 @@ def _configure_logging(level: str) -> None:
     )
     # APScheduler narrates every wake-up at INFO; its warnings still show.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
 def _check_exposure(settings: Settings) -> None:
