@@ -82,9 +82,9 @@ class Application:
                 tasks=default_registry,
                 page_tokens=PageTokens(key),
             )
+            scheduled = await service.load_schedule()
             await engine.start(runner.on_fires)
             stack.push_async_callback(engine.shutdown)
-            scheduled = await service.load_schedule()
 
             server = GrpcServer(service, settings.address)
             await server.start()

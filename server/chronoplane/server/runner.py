@@ -152,7 +152,11 @@ class Runner:
         async with self._fire_lock:
             while self._fires:
                 batch, self._fires = self._fires[:MAX_BATCH], self._fires[MAX_BATCH:]
-                await self._write_fire_batch(batch)
+                try:
+                    await self._write_fire_batch(batch)
+                except Exception:
+                    # A bug must not stop every later fire from being recorded.
+                    log.exception("could not record %d fires; they are lost", len(batch))
 
     async def _write_fire_batch(self, fires: list[Fire]) -> None:
         now = self._clock()
@@ -351,7 +355,10 @@ class Runner:
         while True:
             await self._progress_ready.wait()
             self._progress_ready.clear()
-            await self._flush_progress()
+            try:
+                await self._flush_progress()
+            except Exception:
+                log.exception("could not record execution progress")
 
     async def _flush_progress(self) -> None:
         async with self._progress_lock:

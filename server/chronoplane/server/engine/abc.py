@@ -58,7 +58,8 @@ class Engine(ABC):
 
     @abstractmethod
     async def start(self, handler: FireHandler) -> None:
-        """Starts the timer on the running loop; due fires go to ``handler``."""
+        """Starts the timer on the running loop; due fires go to ``handler``. Jobs may be
+        scheduled before (the fast way to load many) and after."""
 
     @abstractmethod
     def schedule(self, job: Job, *, reschedule: bool) -> None:

@@ -120,7 +120,8 @@ def _never_called() -> None:
 
 class ApschedulerEngine(Engine):
     def __init__(self) -> None:
-        self._scheduler: AsyncIOScheduler | None = None
+        self._scheduler = AsyncIOScheduler(timezone=UTC)
+        self._scheduler.add_executor(_FireExecutor(self), alias="fire")
         self._handler: FireHandler | None = None
         self._jobs: dict[str, Job] = {}
 
@@ -151,13 +152,12 @@ class ApschedulerEngine(Engine):
     # -- the timer ----------------------------------------------------------------------------
 
     async def start(self, handler: FireHandler) -> None:
+        # Jobs scheduled before this are added in one go, without a wake-up each.
         self._handler = handler
-        self._scheduler = AsyncIOScheduler(timezone=UTC)
-        self._scheduler.add_executor(_FireExecutor(self), alias="fire")
         self._scheduler.start()
 
     def schedule(self, job: Job, *, reschedule: bool) -> None:
-        scheduler = self._require_started()
+        scheduler = self._scheduler
         if job.paused or job.next_run_time is None:
             self.unschedule(job.id)
             return
@@ -181,19 +181,14 @@ class ApschedulerEngine(Engine):
         self._jobs[job.id] = job
 
     def unschedule(self, job_id: str) -> None:
-        if self._jobs.pop(job_id, None) is not None and self._scheduler is not None:
+        if self._jobs.pop(job_id, None) is not None:
             with contextlib.suppress(JobLookupError):  # a date job APScheduler already dropped
                 self._scheduler.remove_job(job_id)
 
     async def shutdown(self) -> None:
-        if self._scheduler is not None and self._scheduler.state != STATE_STOPPED:
+        if self._scheduler.state != STATE_STOPPED:
             self._scheduler.shutdown(wait=False)
         self._jobs.clear()
-
-    def _require_started(self) -> AsyncIOScheduler:
-        if self._scheduler is None:
-            raise RuntimeError("the engine is not started")
-        return self._scheduler
 
     def _due(self, aps_job: Any, run_times: Sequence[datetime]) -> None:
         job = self._jobs.get(aps_job.id)

@@ -368,6 +368,18 @@ class SqlAlchemyStore(Store):
     async def insert_executions(
         self, executions_: Sequence[Execution], next_runs: Sequence[NextRun] = ()
     ) -> set[str]:
+        for attempt in range(3):
+            try:
+                return await self._insert_executions(executions_, next_runs)
+            except exc.IntegrityError:
+                # A job deleted between our check and our insert (foreign key): check again.
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _insert_executions(
+        self, executions_: Sequence[Execution], next_runs: Sequence[NextRun]
+    ) -> set[str]:
         inserted: set[str] = set()
         async with self._begin() as conn:
             if executions_:
