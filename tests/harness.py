@@ -85,7 +85,12 @@ class ServerProcess:
 
 
 def start_server(
-    database_url: str, workdir: Path, *extra: str, port: int | None = None, wait: bool = True
+    database_url: str,
+    workdir: Path,
+    *extra: str,
+    port: int | None = None,
+    wait: bool = True,
+    tasks: tuple[str, ...] = ("testtasks",),
 ) -> ServerProcess:
     port = port or free_port()
     log_path = workdir / f"server-{port}-{time.monotonic_ns()}.log"
@@ -99,8 +104,7 @@ def start_server(
                 f"127.0.0.1:{port}",
                 "--database-url",
                 database_url,
-                "--tasks",
-                "testtasks",
+                *(f"--tasks={module}" for module in tasks),
                 *extra,
             ],
             cwd=workdir,

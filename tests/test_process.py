@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 from harness import BIN, ServerProcess, running_server, start_server
@@ -264,6 +265,36 @@ def test_a_crash_leaves_running_executions_interrupted_after_restart(
         got = server.stub().GetExecution(pb.GetExecutionRequest(id=execution.id)).execution
         assert got.state == epb.EXECUTION_STATE_INTERRUPTED
         assert got.HasField("end_time")
+    finally:
+        server.stop()
+
+
+def test_a_job_whose_task_is_gone_fails_clearly(database_url: str, tmp_path: Path) -> None:
+    """A server started without the module that registered a job's task."""
+    server = start_server(database_url, tmp_path)
+    stub = server.stub()
+    soon = datetime.now(UTC) + timedelta(seconds=3)
+    stub.CreateJob(
+        pb.CreateJobRequest(
+            job=jpb.Job(
+                id="orphan",
+                task="test.add",
+                trigger=jpb.Trigger(date=jpb.DateTrigger(run_time=stamp(soon))),
+            )
+        )
+    )
+    assert server.stop() == 0
+
+    server = start_server(database_url, tmp_path, tasks=())
+    try:
+        stub = server.stub()
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.TriggerJob(pb.TriggerJobRequest(id="orphan"))
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "'test.add' is not registered" in caught.value.details()
+        [fired] = wait_for(stub, "orphan", lambda ex: len(ex) == 1)
+        assert fired.state == epb.EXECUTION_STATE_FAILED
+        assert "not registered" in fired.error_message
     finally:
         server.stop()
 
