@@ -1,0 +1,467 @@
+"""chronoctl: create, inspect, trigger and pause the jobs of a Chronoplane server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import sys
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from chronoplane.client._client import AsyncClient
+from chronoplane.client._convert import at, cron, every, from_timestamp, timestamp
+from chronoplane.client.errors import ChronoplaneError, InvalidArgument
+from chronoplane.v1 import execution_pb2, job_pb2
+from chronoplane.v1 import scheduler_service_pb2 as pb
+
+__all__ = ["main"]
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+_Run = Callable[[AsyncClient, argparse.Namespace], Awaitable[Message]]
+
+# -- argument types -------------------------------------------------------------------------------
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_STATES = {
+    name.removeprefix("EXECUTION_STATE_").lower(): value
+    for name, value in execution_pb2.ExecutionState.items()
+    if value != execution_pb2.EXECUTION_STATE_UNSPECIFIED
+}
+
+
+def _duration(text: str) -> timedelta:
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(number + unit for number, unit in parts) != text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30s, 10m or 1h30m")
+    return timedelta(seconds=sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts))
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError('not a JSON object like {"region": "eu"}')
+    return value
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, equals, value = text.partition("=")
+    if not key or not equals:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, value
+
+
+def _instant(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO 8601 time like 2030-01-31T09:00:00+01:00"
+        ) from None
+    return value if value.tzinfo else value.astimezone()  # no zone given: local time
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+
+def _trigger(args: argparse.Namespace) -> job_pb2.Trigger:
+    if args.cron is not None:
+        return cron(args.cron, args.tz or "")
+    if args.every is not None:
+        return every(args.every)
+    return at(args.at)
+
+
+async def _tasks(client: AsyncClient, args: argparse.Namespace) -> Message:
+    return pb.ListTasksResponse(tasks=await client.list_tasks())
+
+
+async def _jobs_list(client: AsyncClient, args: argparse.Namespace) -> Message:
+    return pb.ListJobsResponse(jobs=await client.list_jobs())
+
+
+async def _jobs_get(client: AsyncClient, args: argparse.Namespace) -> Message:
+    return await client.get_job(args.id)
+
+
+async def _jobs_create(client: AsyncClient, args: argparse.Namespace) -> Message:
+    return await client.create_job(
+        args.id,
+        task=args.task,
+        trigger=_trigger(args),
+        args=args.args,
+        description=args.description,
+        paused=args.paused,
+        misfire_grace=args.misfire_grace,
+        max_concurrent=args.max_concurrent,
+        labels=dict(args.label),
+    )
+
+
+async def _jobs_pause(client: AsyncClient, args: argparse.Namespace) -> Message:
+    return await client.pause_job(args.id)
+
+
+async def _jobs_resume(client: AsyncClient, args: argparse.Namespace) -> Message:
+    return await client.resume_job(args.id)
+
+
+async def _jobs_delete(client: AsyncClient, args: argparse.Namespace) -> Message:
+    await client.delete_job(args.id)
+    return pb.DeleteJobResponse()
+
+
+async def _jobs_trigger(client: AsyncClient, args: argparse.Namespace) -> Message:
+    return await client.trigger_job(args.id, args=args.args, request_id=args.request_id)
+
+
+async def _executions_list(client: AsyncClient, args: argparse.Namespace) -> Message:
+    executions = await client.list_executions(
+        job_id=args.job, states=[_STATES[name] for name in args.state], limit=args.limit
+    )
+    return pb.ListExecutionsResponse(executions=executions)
+
+
+async def _executions_get(client: AsyncClient, args: argparse.Namespace) -> Message:
+    return await client.get_execution(args.id)
+
+
+async def _preview(client: AsyncClient, args: argparse.Namespace) -> Message:
+    times = await client.preview_trigger(_trigger(args), count=args.count)
+    return pb.PreviewTriggerResponse(fire_times=[timestamp(t) for t in times])
+
+
+# -- text output ----------------------------------------------------------------------------------
+
+
+def _time(message: Message, field: str) -> str:
+    """A Timestamp field in ISO 8601 UTC, or "" when unset."""
+    if not message.HasField(field):
+        return ""
+    value = from_timestamp(getattr(message, field))
+    return value.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _span(value: timedelta) -> str:
+    """5s, 1h30m, 1.25s, 3.2ms, 0.041ms."""
+    seconds = value.total_seconds()
+    if seconds < 1:
+        return f"{seconds * 1000:.3g}ms"
+    if seconds < 60 or not seconds.is_integer():
+        return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
+    text, rest = "", int(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        count, rest = divmod(rest, size)
+        text += f"{count}{unit}" if count else ""
+    return text
+
+
+def _integral(value: Any) -> Any:
+    """JSON numbers travel as doubles; show 1.0 as the 1 it was given as."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _integral(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_integral(item) for item in value]
+    return value
+
+
+def _json_field(message: Message, field: str) -> str:
+    """A Struct or Value field as compact JSON, or "" when unset."""
+    if not message.HasField(field):
+        return ""
+    return json.dumps(_integral(json_format.MessageToDict(getattr(message, field))))
+
+
+def _state(state: execution_pb2.ExecutionState.ValueType) -> str:
+    return execution_pb2.ExecutionState.Name(state).removeprefix("EXECUTION_STATE_")
+
+
+def _source(source: execution_pb2.ExecutionSource.ValueType) -> str:
+    return execution_pb2.ExecutionSource.Name(source).removeprefix("EXECUTION_SOURCE_")
+
+
+def _trigger_text(trigger: job_pb2.Trigger) -> str:
+    kind = trigger.WhichOneof("kind")
+    if kind == "cron":
+        return f"cron {trigger.cron.expression} ({trigger.cron.time_zone or 'UTC'})"
+    if kind == "interval":
+        return f"every {_span(trigger.interval.every.ToTimedelta())}"
+    if kind == "date":
+        return f"at {_time(trigger.date, 'run_time')}"
+    return ""
+
+
+def _fields(pairs: Iterable[tuple[str, str]]) -> str:
+    """``key: value`` lines, aligned, leaving out empty values."""
+    shown = [(key + ":", value) for key, value in pairs if value]
+    width = max(len(key) for key, _ in shown)
+    indent = "\n" + " " * (width + 1)  # continuation lines of a multi-line value
+    return "\n".join(f"{key:<{width}} " + value.replace("\n", indent) for key, value in shown)
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """Columns aligned on the widest cell, two spaces apart."""
+    lines = [list(headers), *(list(row) for row in rows)]
+    widths = [max(len(line[column]) for line in lines) for column in range(len(headers))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )
+
+
+def _job_text(job: job_pb2.Job) -> str:
+    last = job.last_execution
+    return _fields(
+        [
+            ("id", job.id),
+            ("display name", job.display_name),
+            ("description", job.description),
+            ("task", job.task),
+            ("args", _json_field(job, "args")),
+            ("trigger", _trigger_text(job.trigger)),
+            ("paused", "yes" if job.paused else "no"),
+            ("next run", _time(job, "next_run_time")),
+            ("last execution", f"{last.id} {_state(last.state)}" if last.id else ""),
+            ("misfire grace", _span(job.misfire_grace.ToTimedelta())),
+            ("coalesce", "yes" if job.coalesce else "no"),
+            ("max concurrent", str(job.max_concurrent)),
+            ("labels", ", ".join(f"{k}={v}" for k, v in sorted(job.labels.items()))),
+            ("created", _time(job, "create_time")),
+            ("updated", _time(job, "update_time")),
+            ("etag", job.etag),
+        ]
+    )
+
+
+def _execution_text(execution: execution_pb2.Execution) -> str:
+    return _fields(
+        [
+            ("id", execution.id),
+            ("job", execution.job_id),
+            ("task", execution.task),
+            ("args", _json_field(execution, "args")),
+            ("state", _state(execution.state)),
+            ("source", _source(execution.source)),
+            ("request id", execution.request_id),
+            ("scheduled", _time(execution, "scheduled_time")),
+            ("started", _time(execution, "start_time")),
+            ("ended", _time(execution, "end_time")),
+            ("duration", _duration_of(execution)),
+            ("result", _json_field(execution, "result")),
+            ("error", execution.error_message),
+            ("instance", execution.instance_id),
+            ("traceback", execution.error_traceback.rstrip()),
+        ]
+    )
+
+
+def _duration_of(execution: execution_pb2.Execution) -> str:
+    return _span(execution.duration.ToTimedelta()) if execution.HasField("duration") else ""
+
+
+def _job_row(job: job_pb2.Job) -> list[str]:
+    next_run = "paused" if job.paused else _time(job, "next_run_time") or "-"
+    last = _state(job.last_execution.state) if job.last_execution.id else "-"
+    return [job.id, job.task, _trigger_text(job.trigger), next_run, last]
+
+
+def _execution_row(execution: execution_pb2.Execution) -> list[str]:
+    error = execution.error_message
+    return [
+        execution.id,
+        execution.job_id,
+        _state(execution.state),
+        _source(execution.source),
+        _time(execution, "scheduled_time"),
+        _duration_of(execution) or "-",
+        error if len(error) <= 60 else error[:57] + "...",
+    ]
+
+
+def _tasks_table(response: pb.ListTasksResponse) -> str:
+    return _table(["NAME", "DESCRIPTION"], ([t.name, t.description] for t in response.tasks))
+
+
+def _jobs_table(response: pb.ListJobsResponse) -> str:
+    return _table(["ID", "TASK", "TRIGGER", "NEXT RUN", "LAST"], map(_job_row, response.jobs))
+
+
+def _executions_table(response: pb.ListExecutionsResponse) -> str:
+    headers = ["ID", "JOB", "STATE", "SOURCE", "SCHEDULED", "DURATION", "ERROR"]
+    return _table(headers, map(_execution_row, response.executions))
+
+
+def _fire_times(response: pb.PreviewTriggerResponse) -> str:
+    times = (from_timestamp(t) for t in response.fire_times)
+    return "\n".join(t.isoformat().replace("+00:00", "Z") for t in times)
+
+
+def _nothing(response: Message) -> str:
+    return ""
+
+
+_RENDERERS: dict[type[Message], Callable[[Any], str]] = {
+    job_pb2.Job: _job_text,
+    execution_pb2.Execution: _execution_text,
+    pb.ListTasksResponse: _tasks_table,
+    pb.ListJobsResponse: _jobs_table,
+    pb.ListExecutionsResponse: _executions_table,
+    pb.PreviewTriggerResponse: _fire_times,
+    pb.DeleteJobResponse: _nothing,
+}
+
+
+# -- the parser -----------------------------------------------------------------------------------
+
+
+def _add_globals(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """--address and --json, accepted before the command and after it.
+
+    On the commands their default is SUPPRESS, so that leaving them out there keeps what was
+    given (or defaulted) before the command.
+    """
+    address = os.environ.get("CHRONOPLANE_ADDRESS", DEFAULT_ADDRESS)
+    parser.add_argument(
+        "--address",
+        default=address if top else argparse.SUPPRESS,
+        metavar="HOST:PORT",
+        help=f"the server (env CHRONOPLANE_ADDRESS; now {address})",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=False if top else argparse.SUPPRESS,
+        help="print proto3 JSON instead of text",
+    )
+
+
+def _command(group: Any, name: str, run: _Run, summary: str) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = group.add_parser(name, help=summary, description=summary)
+    _add_globals(parser, top=False)
+    parser.set_defaults(run=run)
+    return parser
+
+
+def _add_trigger_options(parser: argparse.ArgumentParser, *, date: bool) -> None:
+    kinds = parser.add_mutually_exclusive_group(required=True)
+    kinds.add_argument("--cron", metavar="EXPR", help='a cron expression, e.g. "30 2 * * *"')
+    kinds.add_argument("--every", type=_duration, metavar="DURATION", help="e.g. 5s, 10m, 1h")
+    if date:
+        kinds.add_argument(
+            "--at", type=_instant, metavar="ISO8601", help="once, at this time (local if no zone)"
+        )
+    parser.add_argument("--tz", metavar="ZONE", help="IANA time zone of --cron (default UTC)")
+
+
+def _add_job_commands(group: Any) -> None:
+    _command(group, "list", _jobs_list, "list every job")
+    _command(group, "get", _jobs_get, "show one job").add_argument("id", metavar="ID")
+    create = _command(group, "create", _jobs_create, "create a job")
+    create.add_argument("id", metavar="ID")
+    create.add_argument("--task", required=True, help="a registered task (see: chronoctl tasks)")
+    _add_trigger_options(create, date=True)
+    create.add_argument("--args", type=_json_object, metavar="JSON", help="the task's arguments")
+    create.add_argument("--paused", action="store_true", help="create it paused")
+    create.add_argument("--max-concurrent", type=int, default=0, metavar="N", help="default 1")
+    create.add_argument(
+        "--misfire-grace", type=_duration, metavar="DURATION", help="how late a fire may start"
+    )
+    create.add_argument(
+        "--label", type=_label, action="append", default=[], metavar="KEY=VALUE", help="repeatable"
+    )
+    create.add_argument("--description", default="")
+    for name, run, summary in [
+        ("pause", _jobs_pause, "stop a job from firing"),
+        ("resume", _jobs_resume, "let a paused job fire again"),
+        ("delete", _jobs_delete, "delete a job and its execution history"),
+    ]:
+        _command(group, name, run, summary).add_argument("id", metavar="ID")
+    trigger = _command(group, "trigger", _jobs_trigger, "run a job now")
+    trigger.add_argument("id", metavar="ID")
+    trigger.add_argument("--args", type=_json_object, metavar="JSON", help="instead of the job's")
+    trigger.add_argument("--request-id", default="", help="an idempotency key")
+
+
+def _add_execution_commands(group: Any) -> None:
+    listing = _command(group, "list", _executions_list, "list executions, newest first")
+    listing.add_argument("--job", default="", metavar="ID", help="only this job's")
+    listing.add_argument(
+        "--state",
+        nargs="+",
+        action="extend",
+        default=[],
+        choices=sorted(_STATES),
+        metavar="STATE",
+        help="only executions in these states: " + ", ".join(sorted(_STATES)),
+    )
+    listing.add_argument("--limit", type=int, default=20, metavar="N", help="default 20")
+    _command(group, "get", _executions_get, "show one execution").add_argument("id", metavar="ID")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chronoctl", description=__doc__)
+    _add_globals(parser, top=True)
+    commands = parser.add_subparsers(metavar="COMMAND", required=True)
+    _command(commands, "tasks", _tasks, "list the tasks registered on the server")
+    jobs = commands.add_parser("jobs", help="create, inspect, trigger and pause jobs")
+    _add_job_commands(jobs.add_subparsers(metavar="COMMAND", required=True))
+    executions = commands.add_parser("executions", help="inspect executions")
+    _add_execution_commands(executions.add_subparsers(metavar="COMMAND", required=True))
+    preview = _command(commands, "preview", _preview, "show when a trigger would fire")
+    _add_trigger_options(preview, date=False)
+    preview.add_argument("--count", type=int, default=10, metavar="N", help="default 10")
+    return parser
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+
+async def _run(args: argparse.Namespace) -> Message:
+    async with AsyncClient(args.address) as client:
+        message: Message = await args.run(client, args)
+        return message
+
+
+def _report(error: ChronoplaneError) -> None:
+    if isinstance(error, InvalidArgument) and error.field_violations:
+        # The message repeats the violations; one line per field reads better.
+        lines = [f"chronoctl: {error.code.name}:"]
+        lines += [f"  {field}: {why}" for field, why in error.field_violations.items()]
+    else:
+        lines = [f"chronoctl: {error.code.name}: {error.message}"]
+    sys.stderr.write("\n".join(lines) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "tz", None) is not None and args.cron is None:
+        parser.error("--tz goes with --cron")
+    try:
+        message = asyncio.run(_run(args))
+    except ChronoplaneError as error:
+        _report(error)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    text = json_format.MessageToJson(message) if args.json else _RENDERERS[type(message)](message)
+    if text:
+        sys.stdout.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
