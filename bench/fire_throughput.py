@@ -227,7 +227,12 @@ class Server:
     def failure(self) -> str | None:
         """Why the server cannot make progress any more (it exited, or logged CRITICAL)."""
         if self.process.returncode is not None:
-            return f"the server exited with {self.process.returncode}"
+            stopping = [line for line in self.log.splitlines() if "shutting down" in line]
+            return (
+                f"the server exited with {self.process.returncode} without the bench asking it "
+                f"to ({stopping[-1][:120] if stopping else 'no shutdown line in its log'}); "
+                "did something else signal it?"
+            )
         appended, self._log_offset = _read_from(self.log_path, self._log_offset)
         for line in appended.splitlines():
             if " CRITICAL " in line:
@@ -767,6 +772,14 @@ async def run_scenario(
             try:
                 stub: Any = scheduler_service_pb2_grpc.SchedulerServiceStub(channel)
                 result, create_rate = await SCENARIOS[scenario](stub, server, options)
+            except Exception as error:
+                await asyncio.sleep(0.5)  # let a dying server's exit be noticed
+                if server.process.returncode is not None:
+                    first = error.exceptions[0] if isinstance(error, ExceptionGroup) else error
+                    raise RuntimeError(
+                        f"{server.failure()}\n(the bench's call failed with {first!r:.300})"
+                    ) from None
+                raise
             finally:
                 await channel.close()
             rss_mb = _peak_rss_mb(server.process.pid)
@@ -811,6 +824,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _describe(error: BaseException) -> str:
+    """The traceback of an error; of a group (concurrent calls), its first member's and a count."""
+    if isinstance(error, BaseExceptionGroup) and error.exceptions:
+        first = error.exceptions[0]
+        return f"{len(error.exceptions)} concurrent calls failed; the first:\n" + _describe(first)
+    return "".join(traceback.format_exception(error))
+
+
 def _tidy_workdir(workdir: Path) -> None:
     """Keeps the server logs (and says where); removes the directory if there are none."""
     if any(workdir.glob("*.log")):
@@ -842,9 +863,9 @@ async def _main(args: argparse.Namespace) -> int:
             for scenario in scenarios:
                 try:
                     await run_scenario(backend, scenario, workdir, options, maintenance_dsn)
-                except Exception:
+                except Exception as error:
                     failures += 1
-                    note(f"{backend}/{scenario} failed:\n{traceback.format_exc()}")
+                    note(f"{backend}/{scenario} failed:\n{_describe(error)}")
     finally:
         _tidy_workdir(workdir)
     return 1 if failures else 0

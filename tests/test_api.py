@@ -559,3 +559,14 @@ async def test_preview_rejects_bad_input(server: InProcessServer) -> None:
     ]:
         error = await fails(server.stub.PreviewTrigger(request), grpc.StatusCode.INVALID_ARGUMENT)
         assert field in violations(error)
+
+
+async def test_many_runs_at_once_are_all_recorded_to_the_end(server: InProcessServer) -> None:
+    """Starts and ends of many executions are written in shared batches."""
+    await create(server.stub, "crowd", max_concurrent=100)
+    await asyncio.gather(
+        *(server.stub.TriggerJob(pb.TriggerJobRequest(id="crowd")) for _ in range(60))
+    )
+    executions = await wait_executions(server.stub, "crowd", 60)
+    assert len(executions) == 60
+    assert {e.state for e in executions} == {epb.EXECUTION_STATE_SUCCEEDED}

@@ -270,3 +270,24 @@ async def test_the_secret_is_created_once(store: SqlAlchemyStore) -> None:
     first = await store.get_or_create_secret("k", b"one")
     second = await store.get_or_create_secret("k", b"two")
     assert first == second == b"one"
+
+
+async def test_progress_of_many_executions_is_written_in_one_call(
+    store: SqlAlchemyStore,
+) -> None:
+    await store.create_job(a_job(), request_id=None)
+    rows = [an_execution(scheduled_time=T0 + timedelta(seconds=n)) for n in range(50)]
+    await store.insert_executions(rows)
+    now = datetime.now(UTC)
+    await store.record_progress(
+        [ExecutionStart(id=r.id, start_time=now) for r in rows[:25]],
+        [
+            ExecutionFinish(
+                id=r.id, state=ExecutionState.SUCCEEDED, start_time=now, end_time=now, result=n
+            )
+            for n, r in enumerate(rows[25:])
+        ],
+    )
+    states = [(await store.get_execution(r.id)).state for r in rows]
+    assert states == [ExecutionState.RUNNING] * 25 + [ExecutionState.SUCCEEDED] * 25
+    assert (await store.get_execution(rows[-1].id)).result == 24

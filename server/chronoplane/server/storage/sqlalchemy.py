@@ -440,7 +440,8 @@ class SqlAlchemyStore(Store):
                     executions.update()
                     .where(
                         executions.c.id == sa.bindparam("b_id"),
-                        executions.c.state.in_(_UNFINISHED),
+                        # Not IN (...): expanding parameters cannot go into an executemany.
+                        sa.or_(*(executions.c.state == state for state in _UNFINISHED)),
                     )
                     .values(
                         state=sa.bindparam("b_state"),
