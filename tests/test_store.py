@@ -158,10 +158,10 @@ async def test_next_run_applies_only_to_the_version_it_was_computed_for(
 ) -> None:
     await store.create_job(a_job(), request_id=None)
     later = T0 + timedelta(days=1)
-    await store.insert_executions([], [NextRun(job_id="j1", version=1, next_run_time=later)])
+    await store.record_progress([], [], [NextRun(job_id="j1", version=1, next_run_time=later)])
     assert (await store.get_job("j1")).next_run_time == later
     await store.update_job(a_job(next_run_time=T0), expected_version=1)
-    await store.insert_executions([], [NextRun(job_id="j1", version=1, next_run_time=None)])
+    await store.record_progress([], [], [NextRun(job_id="j1", version=1, next_run_time=None)])
     assert (await store.get_job("j1")).next_run_time == T0
 
 

@@ -86,6 +86,7 @@ class Runner:
         self._progress_lock = asyncio.Lock()
         self._starts: dict[str, ExecutionStart] = {}
         self._finishes: dict[str, ExecutionFinish] = {}
+        self._next_runs: dict[str, NextRun] = {}
         self._progress_ready = asyncio.Event()
         self._active: dict[str, int] = defaultdict(int)
         self._runs: dict[str, asyncio.Task[None]] = {}
@@ -161,13 +162,14 @@ class Runner:
     async def _write_fire_batch(self, fires: list[Fire]) -> None:
         now = self._clock()
         executions = [self._execution_for(fire, now) for fire in fires]
-        next_runs = {
-            fire.job.id: NextRun(
+        inserted = await self._insert_with_retry(executions)
+        # Next run times are written after, with progress: a task need not wait for them,
+        # and a fire re-fired from a stale one after a crash finds its execution exists.
+        for fire in fires:
+            self._next_runs[fire.job.id] = NextRun(
                 job_id=fire.job.id, version=fire.job.version, next_run_time=fire.next_run_time
             )
-            for fire in fires
-        }
-        inserted = await self._insert_with_retry(executions, list(next_runs.values()))
+        self._progress_ready.set()
         for execution, fire in zip(executions, fires, strict=True):
             if execution.state is not ExecutionState.PENDING:
                 continue
@@ -220,14 +222,12 @@ class Runner:
         self._active[job.id] += 1
         return execution
 
-    async def _insert_with_retry(
-        self, executions: list[Execution], next_runs: list[NextRun]
-    ) -> set[str]:
+    async def _insert_with_retry(self, executions: list[Execution]) -> set[str]:
         delay = 0.1
         deadline = asyncio.get_running_loop().time() + WRITE_RETRY_SECONDS
         while True:
             try:
-                return await self._store.insert_executions(executions, next_runs)
+                return await self._store.insert_executions(executions)
             except ChronoplaneError as error:
                 if asyncio.get_running_loop().time() > deadline:
                     log.error(
@@ -366,15 +366,19 @@ class Runner:
 
     async def _flush_progress_locked(self) -> None:
         delay = 0.1
-        while self._starts or self._finishes:
+        while self._starts or self._finishes or self._next_runs:
             starts, self._starts = self._starts, {}
             finishes, self._finishes = self._finishes, {}
+            next_runs, self._next_runs = self._next_runs, {}
             try:
-                await self._store.record_progress(list(starts.values()), list(finishes.values()))
+                await self._store.record_progress(
+                    list(starts.values()), list(finishes.values()), list(next_runs.values())
+                )
             except ChronoplaneError as error:
                 log.warning("recording execution progress failed, retrying: %s", error)
                 # Put them back under anything newer, then wait before trying again.
                 self._starts = starts | self._starts
                 self._finishes = finishes | self._finishes
+                self._next_runs = next_runs | self._next_runs
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)

@@ -101,10 +101,8 @@ class Store(ABC):
     # -- executions ---------------------------------------------------------------------------
 
     @abstractmethod
-    async def insert_executions(
-        self, executions: Sequence[Execution], next_runs: Sequence[NextRun] = ()
-    ) -> set[str]:
-        """Inserts executions and moves next run times, in one transaction.
+    async def insert_executions(self, executions: Sequence[Execution]) -> set[str]:
+        """Inserts executions in one transaction.
 
         An execution whose (job, scheduled fire) or (job, request_id) already has one is not
         inserted; neither is one whose job no longer exists. Returns the ids inserted.
@@ -112,10 +110,14 @@ class Store(ABC):
 
     @abstractmethod
     async def record_progress(
-        self, starts: Sequence[ExecutionStart], finishes: Sequence[ExecutionFinish]
+        self,
+        starts: Sequence[ExecutionStart],
+        finishes: Sequence[ExecutionFinish],
+        next_runs: Sequence[NextRun] = (),
     ) -> None:
-        """Applies state changes in one transaction. A change to an execution that is already
-        in a final state (or gone) is ignored: the first final state wins."""
+        """Applies state changes and moves next run times, in one transaction. A change to an
+        execution that is already in a final state (or gone) is ignored: the first final
+        state wins."""
 
     @abstractmethod
     async def get_execution(self, execution_id: str) -> Execution:

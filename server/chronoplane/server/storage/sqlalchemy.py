@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -212,6 +213,24 @@ def _execution_values(execution: Execution) -> dict[str, Any]:
     }
 
 
+_EXECUTION_COLUMNS = [column.name for column in executions.columns]
+_PG_ARRAY_TYPES = {
+    "scheduled_time": "timestamptz",
+    "create_time": "timestamptz",
+    "start_time": "timestamptz",
+    "end_time": "timestamptz",
+    "args": "json",
+    "result": "json",
+}
+_PG_INSERT_EXECUTIONS = sa.text(
+    f"INSERT INTO executions ({', '.join(_EXECUTION_COLUMNS)}) "
+    "SELECT * FROM unnest("
+    + ", ".join(
+        f"CAST(:{name} AS {_PG_ARRAY_TYPES.get(name, 'varchar')}[])" for name in _EXECUTION_COLUMNS
+    )
+    + ") ON CONFLICT (job_id, dedupe_key) DO NOTHING RETURNING id"
+)
+
 _last_execution = (
     sa.select(executions.c.id)
     .where(executions.c.job_id == jobs.c.id)
@@ -365,12 +384,13 @@ class SqlAlchemyStore(Store):
     # -- executions ---------------------------------------------------------------------------
 
     @_translate_errors
-    async def insert_executions(
-        self, executions_: Sequence[Execution], next_runs: Sequence[NextRun] = ()
-    ) -> set[str]:
+    async def insert_executions(self, executions_: Sequence[Execution]) -> set[str]:
+        if not executions_:
+            return set()
         for attempt in range(3):
             try:
-                return await self._insert_executions(executions_, next_runs)
+                async with self._begin() as conn:
+                    return await self._insert_executions(conn, executions_)
             except exc.IntegrityError:
                 # A job deleted between our check and our insert (foreign key): check again.
                 if attempt == 2:
@@ -378,26 +398,37 @@ class SqlAlchemyStore(Store):
         raise AssertionError("unreachable")
 
     async def _insert_executions(
-        self, executions_: Sequence[Execution], next_runs: Sequence[NextRun]
+        self, conn: AsyncConnection, executions_: Sequence[Execution]
     ) -> set[str]:
-        inserted: set[str] = set()
+        job_ids = {e.job_id for e in executions_}
+        query = sa.select(jobs.c.id).where(jobs.c.id.in_(job_ids))
+        existing = set((await conn.execute(query)).scalars())
+        rows = [_execution_values(e) for e in executions_ if e.job_id in existing]
+        if not rows:
+            return set()
+        if self._dialect == "postgresql":
+            # One statement over arrays: a tenth of the CPU of a many-row VALUES list.
+            columns = {name: [row[name] for row in rows] for name in _EXECUTION_COLUMNS}
+            for name in ("args", "result"):
+                columns[name] = [None if v is None else json.dumps(v) for v in columns[name]]
+            result = await conn.execute(_PG_INSERT_EXECUTIONS, columns)
+        else:
+            statement = (
+                self._insert(executions)
+                .on_conflict_do_nothing(index_elements=["job_id", "dedupe_key"])
+                .returning(executions.c.id)
+            )
+            result = await conn.execute(statement, rows)
+        return set(result.scalars())
+
+    @_translate_errors
+    async def record_progress(
+        self,
+        starts: Sequence[ExecutionStart],
+        finishes: Sequence[ExecutionFinish],
+        next_runs: Sequence[NextRun] = (),
+    ) -> None:
         async with self._begin() as conn:
-            if executions_:
-                job_ids = {e.job_id for e in executions_}
-                existing = set(
-                    (
-                        await conn.execute(sa.select(jobs.c.id).where(jobs.c.id.in_(job_ids)))
-                    ).scalars()
-                )
-                rows = [_execution_values(e) for e in executions_ if e.job_id in existing]
-                if rows:
-                    statement = (
-                        self._insert(executions)
-                        .on_conflict_do_nothing(index_elements=["job_id", "dedupe_key"])
-                        .returning(executions.c.id)
-                    )
-                    result = await conn.execute(statement, rows)
-                    inserted = set(result.scalars())
             if next_runs:
                 await conn.execute(
                     jobs.update()
@@ -415,13 +446,6 @@ class SqlAlchemyStore(Store):
                         for n in next_runs
                     ],
                 )
-        return inserted
-
-    @_translate_errors
-    async def record_progress(
-        self, starts: Sequence[ExecutionStart], finishes: Sequence[ExecutionFinish]
-    ) -> None:
-        async with self._begin() as conn:
             if starts:
                 await conn.execute(
                     executions.update()
