@@ -32,6 +32,14 @@ async def _differences(url: str) -> list[object]:
         await engine.dispose()
 
 
+async def _admin(server: PostgresServer, statement: str) -> None:
+    conn = await asyncpg.connect(server.dsn)
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> object:
     if request.param == "sqlite":
@@ -40,17 +48,10 @@ def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> object:
     server: PostgresServer = request.getfixturevalue("postgres")
     name = f"chronoplane_migrations_{tmp_path.name[-8:].replace('-', '_')}"
 
-    async def admin(statement: str) -> None:
-        conn = await asyncpg.connect(server.dsn)
-        try:
-            await conn.execute(statement)
-        finally:
-            await conn.close()
-
-    run_sync(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-    run_sync(admin(f"CREATE DATABASE {name}"))
+    run_sync(_admin(server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    run_sync(_admin(server, f"CREATE DATABASE {name}"))
     yield server.url_for(name)
-    run_sync(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    run_sync(_admin(server, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
 def test_upgrade_from_empty_matches_the_models(empty_url: str) -> None:
@@ -73,15 +74,8 @@ def test_concurrent_migrations_on_postgres_serialize(
     """Several servers starting at once all migrate; the advisory lock makes it safe."""
     name = f"chronoplane_concurrent_{tmp_path.name[-8:].replace('-', '_')}"
 
-    async def admin(statement: str) -> None:
-        conn = await asyncpg.connect(postgres.dsn)
-        try:
-            await conn.execute(statement)
-        finally:
-            await conn.close()
-
-    run_sync(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-    run_sync(admin(f"CREATE DATABASE {name}"))
+    run_sync(_admin(postgres, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    run_sync(_admin(postgres, f"CREATE DATABASE {name}"))
     try:
         url = postgres.url_for(name)
         processes = [
@@ -98,4 +92,4 @@ def test_concurrent_migrations_on_postgres_serialize(
             assert process.returncode == 0, errors
         assert run_sync(_differences(url)) == []
     finally:
-        run_sync(admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        run_sync(_admin(postgres, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
