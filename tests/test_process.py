@@ -60,6 +60,24 @@ def stamp(when: datetime) -> timestamp_pb2.Timestamp:
     return message
 
 
+def create_idle_job(stub: Any, job_id: str, task: str, **args: Any) -> None:
+    """A job that only runs when triggered (its cron fires on 1 January)."""
+    values = struct_pb2.Struct()
+    values.update(args)
+    never = jpb.Trigger(cron=jpb.CronTrigger(expression="0 0 1 1 *"))
+    stub.CreateJob(
+        pb.CreateJobRequest(job=jpb.Job(id=job_id, task=task, args=values, trigger=never))
+    )
+
+
+def start_long_run(stub: Any) -> epb.Execution:
+    """Triggers a job that blocks for 30 s and waits until it is RUNNING."""
+    create_idle_job(stub, "long", "test.block")
+    execution: epb.Execution = stub.TriggerJob(pb.TriggerJobRequest(id="long")).execution
+    wait_for(stub, "long", lambda ex: ex and ex[0].state == epb.EXECUTION_STATE_RUNNING)
+    return execution
+
+
 def test_grpcurl_lists_services_creates_from_json_and_reads_camel_case(
     sqlite_url: str, tmp_path: Path
 ) -> None:
@@ -201,30 +219,9 @@ def test_sigterm_lets_short_runs_finish_and_interrupts_long_ones(
 ) -> None:
     server = start_server(database_url, tmp_path, "--shutdown-grace", "1.5")
     stub = server.stub()
-    args = struct_pb2.Struct()
-    args.update({"seconds": 0.5})
-    stub.CreateJob(
-        pb.CreateJobRequest(
-            job=jpb.Job(
-                id="short",
-                task="chronoplane.sleep",
-                args=args,
-                trigger=jpb.Trigger(cron=jpb.CronTrigger(expression="0 0 1 1 *")),
-            )
-        )
-    )
-    stub.CreateJob(
-        pb.CreateJobRequest(
-            job=jpb.Job(
-                id="long",
-                task="test.block",
-                trigger=jpb.Trigger(cron=jpb.CronTrigger(expression="0 0 1 1 *")),
-            )
-        )
-    )
+    create_idle_job(stub, "short", "chronoplane.sleep", seconds=0.5)
     short = stub.TriggerJob(pb.TriggerJobRequest(id="short")).execution
-    long = stub.TriggerJob(pb.TriggerJobRequest(id="long")).execution
-    wait_for(stub, "long", lambda ex: ex and ex[0].state == epb.EXECUTION_STATE_RUNNING)
+    long = start_long_run(stub)
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(30) == 0
     assert "shutting down" in server.log
@@ -246,17 +243,7 @@ def test_a_crash_leaves_running_executions_interrupted_after_restart(
 ) -> None:
     server = start_server(database_url, tmp_path)
     stub = server.stub()
-    stub.CreateJob(
-        pb.CreateJobRequest(
-            job=jpb.Job(
-                id="long",
-                task="test.block",
-                trigger=jpb.Trigger(cron=jpb.CronTrigger(expression="0 0 1 1 *")),
-            )
-        )
-    )
-    execution = stub.TriggerJob(pb.TriggerJobRequest(id="long")).execution
-    wait_for(stub, "long", lambda ex: ex and ex[0].state == epb.EXECUTION_STATE_RUNNING)
+    execution = start_long_run(stub)
     server.process.kill()
     server.process.wait(10)
 

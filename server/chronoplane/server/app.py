@@ -10,6 +10,8 @@ from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from chronoplane.server.config import Settings
 from chronoplane.server.coordination.abc import Coordinator
 from chronoplane.server.coordination.local import FileLockCoordinator
@@ -104,10 +106,7 @@ class Application:
         log.info("stopped")
 
     @staticmethod
-    def _coordinator(settings: Settings, engine: object) -> Coordinator:
-        from sqlalchemy.ext.asyncio import AsyncEngine
-
-        assert isinstance(engine, AsyncEngine)
+    def _coordinator(settings: Settings, engine: AsyncEngine) -> Coordinator:
         path = settings.sqlite_path()
         if path is not None:
             return FileLockCoordinator(Path(path))
