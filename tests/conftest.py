@@ -109,6 +109,8 @@ async def server(database_url: str) -> AsyncIterator[InProcessServer]:
         database_url=database_url,
         tasks=["testtasks"],
         shutdown_grace=1.0,
+        # Often, so that tests see history limits applied.
+        purge_interval=0.5,
     ).normalized()
     app = Application(settings)
     running = asyncio.create_task(app.run())

@@ -72,6 +72,8 @@ async def wait_executions(
         epb.EXECUTION_STATE_MISSED,
         epb.EXECUTION_STATE_SKIPPED,
         epb.EXECUTION_STATE_INTERRUPTED,
+        epb.EXECUTION_STATE_CANCELLED,
+        epb.EXECUTION_STATE_TIMED_OUT,
     }
     deadline = asyncio.get_running_loop().time() + within
     while True:
@@ -419,13 +421,17 @@ async def test_a_fire_later_than_the_misfire_grace_is_recorded_missed(
 ) -> None:
     past = datetime.now(UTC) - timedelta(minutes=5)
     await create(
-        server.stub, "late", trigger=at(past), misfire_grace=duration_pb2.Duration(seconds=10)
+        server.stub,
+        "late",
+        trigger=at(past),
+        misfire_grace=duration_pb2.Duration(seconds=10),
+        misfire_policy=jpb.MISFIRE_POLICY_SKIP,
     )
     [execution] = await wait_executions(server.stub, "late", 1)
     assert execution.state == epb.EXECUTION_STATE_MISSED
-    assert execution.scheduled_time.ToDatetime(tzinfo=UTC) == past.replace(
-        microsecond=past.microsecond
-    )
+    assert execution.scheduled_time.ToDatetime(tzinfo=UTC) == past
+    assert execution.missed.count == 1
+    assert execution.missed.first_time.ToDatetime(tzinfo=UTC) == past
     assert "misfire grace" in execution.error_message
     job_now = (await server.stub.GetJob(pb.GetJobRequest(id="late"))).job
     assert not job_now.HasField("next_run_time")

@@ -1,5 +1,5 @@
 """Crontab translation: where APScheduler 3's from_crontab differs from crontab, we follow
-crontab."""
+crontab, and APScheduler only ever sees the canonical form we write."""
 
 from __future__ import annotations
 
@@ -34,7 +34,32 @@ def test_day_of_week_counts_zero_as_sunday(field: str, names: str) -> None:
 
 def test_six_fields_put_seconds_first() -> None:
     fields = parse_crontab("30 */5 * * * *")
-    assert (fields.second, fields.minute, fields.hour) == ("30", "*/5", "*")
+    # Steps are expanded here, so that APScheduler's own grammar never decides anything.
+    assert (fields.second, fields.minute, fields.hour) == (
+        "30",
+        ",".join(map(str, range(0, 60, 5))),
+        "*",
+    )
+
+
+@pytest.mark.parametrize(
+    ("expression", "day", "month"),
+    [
+        ("0 0 1-3,last * *", "1,2,3,last", "*"),
+        ("0 0 */10 jan-mar/2 *", "1,11,21,31", "1,3"),
+        ("0 0 1-31 1-12 *", "*", "*"),
+        ("0 0 31 2,3 *", "31", "2,3"),
+    ],
+)
+def test_days_and_months_are_canonical(expression: str, day: str, month: str) -> None:
+    fields = parse_crontab(expression)
+    assert (fields.day, fields.month) == (day, month)
+
+
+def test_last_day_of_february() -> None:
+    engine = ApschedulerEngine()
+    fires = engine.preview(CronTrigger(expression="0 0 last 2 *"), start=MONDAY, count=2)
+    assert fires == [datetime(2027, 2, 28, tzinfo=UTC), datetime(2028, 2, 29, tzinfo=UTC)]
 
 
 def test_weekday_one_fires_on_mondays() -> None:

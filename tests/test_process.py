@@ -196,6 +196,7 @@ def test_a_fire_missed_while_down_is_recorded_and_one_within_grace_runs(
                         task="chronoplane.echo",
                         trigger=jpb.Trigger(date=jpb.DateTrigger(run_time=stamp(due))),
                         misfire_grace=duration_pb2.Duration(seconds=grace),
+                        misfire_policy=jpb.MISFIRE_POLICY_SKIP,
                     )
                 )
             )
@@ -207,9 +208,97 @@ def test_a_fire_missed_while_down_is_recorded_and_one_within_grace_runs(
         [missed] = wait_for(stub, "strict", lambda ex: len(final(ex)) == 1)
         assert missed.state == epb.EXECUTION_STATE_MISSED
         assert missed.scheduled_time == stamp(due)
+        assert missed.missed.count == 1
         [ran] = wait_for(stub, "lenient", lambda ex: len(final(ex)) == 1)
         assert ran.state == epb.EXECUTION_STATE_SUCCEEDED
         assert ran.start_time.ToDatetime(tzinfo=UTC) - due > timedelta(seconds=1)
+    finally:
+        server.stop()
+
+
+def test_after_downtime_each_misfire_policy_runs_what_it_promises(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Jobs firing every second; the server is down for about 8 fires, then starts again."""
+    server = start_server(database_url, tmp_path)
+    try:
+        stub = server.stub()
+        start = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=2)
+        every_second = jpb.Trigger(
+            interval=jpb.IntervalTrigger(
+                every=duration_pb2.Duration(seconds=1), start_time=stamp(start)
+            )
+        )
+        policies: dict[str, dict[str, Any]] = {
+            "skip": {"misfire_policy": jpb.MISFIRE_POLICY_SKIP},
+            "once": {"misfire_policy": jpb.MISFIRE_POLICY_RUN_ONCE},
+            "all3": {"misfire_policy": jpb.MISFIRE_POLICY_RUN_ALL, "catchup_limit": 3},
+            "window": {
+                "misfire_policy": jpb.MISFIRE_POLICY_RUN_ALL,
+                "catchup_limit": 100,
+                "catchup_window": duration_pb2.Duration(seconds=4),
+            },
+        }
+        for job_id, fields in policies.items():
+            stub.CreateJob(
+                pb.CreateJobRequest(
+                    job=jpb.Job(
+                        id=job_id,
+                        task="chronoplane.echo",
+                        trigger=every_second,
+                        misfire_grace=duration_pb2.Duration(seconds=1),
+                        **fields,
+                    )
+                )
+            )
+        wait_for(stub, "skip", lambda ex: len(final(ex)) >= 1)
+        assert server.stop() == 0
+        stopped_at = datetime.now(UTC)
+        time.sleep(8)
+
+        server = start_server(database_url, tmp_path)
+        restarted_at = datetime.now(UTC)
+        stub = server.stub()
+
+        def outage(job_id: str) -> tuple[list[datetime], epb.Execution]:
+            """The runs of fires scheduled while the server was down (or at its start, on
+            time), and the one MISSED record."""
+            wait_for(
+                stub, job_id, lambda ex: any(e.state == epb.EXECUTION_STATE_MISSED for e in ex)
+            )
+            executions = wait_for(stub, job_id, lambda ex: len(final(ex)) == len(ex))
+            during = [
+                e
+                for e in executions
+                if stopped_at < e.scheduled_time.ToDatetime(tzinfo=UTC) <= restarted_at
+            ]
+            records = [e for e in during if e.state == epb.EXECUTION_STATE_MISSED]
+            assert len(records) == 1, "one bounded record per outage, not a row per fire"
+            runs = [
+                e.scheduled_time.ToDatetime(tzinfo=UTC)
+                for e in during
+                if e.state == epb.EXECUTION_STATE_SUCCEEDED
+            ]
+            assert len(runs) + records[0].missed.count >= 6, "every fire is run or counted"
+            return runs, records[0]
+
+        runs, record = outage("skip")
+        # Nothing missed runs; only a fire that was on time at the start may have.
+        assert len(runs) <= 1
+        assert all(restarted_at - t < timedelta(seconds=1.5) for t in runs)
+        assert record.missed.first_time.ToDatetime(tzinfo=UTC) - stopped_at < timedelta(seconds=1.5)
+        runs, record = outage("once")
+        assert len(runs) == 1, "the latest missed fire, or the one on time at the start"
+        runs, record = outage("all3")
+        # The latest three missed fires ran (plus, perhaps, one on time at the start), one
+        # after another; the earlier ones were counted.
+        assert 3 <= len(runs) <= 4, runs
+        assert sorted(runs) == [min(runs) + timedelta(seconds=i) for i in range(len(runs))]
+        assert record.missed.last_time.ToDatetime(tzinfo=UTC) == min(runs) - timedelta(seconds=1)
+        runs, record = outage("window")
+        assert 3 <= len(runs) <= 6
+        assert all(restarted_at - t <= timedelta(seconds=5) for t in runs)
+        assert record.missed.last_time.ToDatetime(tzinfo=UTC) == min(runs) - timedelta(seconds=1)
     finally:
         server.stop()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import os
 import threading
 import time
@@ -40,3 +41,16 @@ def ledger(path: str, tag: str = "") -> None:
 @task("test.not_json")
 async def not_json() -> object:
     return object()
+
+
+_attempts: dict[str, int] = {}
+
+
+@task("test.flaky")
+async def flaky(key: str, failures: int, error: str = "ConnectionError") -> int:
+    """Raises ``error`` (a builtin exception name) the first ``failures`` times it runs for
+    ``key``, then returns how many times it ran."""
+    _attempts[key] = _attempts.get(key, 0) + 1
+    if _attempts[key] <= failures:
+        raise getattr(builtins, error)(f"attempt {_attempts[key]} of {key} fails")
+    return _attempts[key]

@@ -37,12 +37,26 @@ class _ExecutionStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Execut
     EXECUTION_STATE_FAILED: _ExecutionState.ValueType  # 4
     """The task raised; `error_message` and `error_traceback` say what."""
     EXECUTION_STATE_MISSED: _ExecutionState.ValueType  # 5
-    """A scheduled fire that was found later than the job's misfire grace and did not run."""
+    """Scheduled fires that were found later than the job's misfire grace and did not run,
+    by the job's misfire policy; `missed` holds how many and when.
+    """
     EXECUTION_STATE_SKIPPED: _ExecutionState.ValueType  # 6
-    """A fire that did not run because the job already had max_concurrent executions running."""
+    """A fire that did not run because the job already had max_concurrent executions running
+    (overlap policy SKIP, or BUFFER_ONE with a run already waiting).
+    """
     EXECUTION_STATE_INTERRUPTED: _ExecutionState.ValueType  # 7
     """The server stopped (shut down past its grace period, or crashed) while the execution was
     pending or running; whether the task finished is unknown.
+    """
+    EXECUTION_STATE_CANCELLED: _ExecutionState.ValueType  # 8
+    """Stopped by CancelExecution or by the CANCEL_RUNNING overlap policy. An async task is
+    cancelled at once. A synchronous task running in a worker thread cannot be interrupted:
+    it keeps its concurrency slot until it returns, and what it returned or raised is kept in
+    `note`, not as a success or a failure.
+    """
+    EXECUTION_STATE_TIMED_OUT: _ExecutionState.ValueType  # 9
+    """Ran longer than the job's timeout and was stopped, like CANCELLED (same rule for
+    synchronous tasks).
     """
 
 class ExecutionState(_ExecutionState, metaclass=_ExecutionStateEnumTypeWrapper):
@@ -59,12 +73,26 @@ EXECUTION_STATE_SUCCEEDED: ExecutionState.ValueType  # 3
 EXECUTION_STATE_FAILED: ExecutionState.ValueType  # 4
 """The task raised; `error_message` and `error_traceback` say what."""
 EXECUTION_STATE_MISSED: ExecutionState.ValueType  # 5
-"""A scheduled fire that was found later than the job's misfire grace and did not run."""
+"""Scheduled fires that were found later than the job's misfire grace and did not run,
+by the job's misfire policy; `missed` holds how many and when.
+"""
 EXECUTION_STATE_SKIPPED: ExecutionState.ValueType  # 6
-"""A fire that did not run because the job already had max_concurrent executions running."""
+"""A fire that did not run because the job already had max_concurrent executions running
+(overlap policy SKIP, or BUFFER_ONE with a run already waiting).
+"""
 EXECUTION_STATE_INTERRUPTED: ExecutionState.ValueType  # 7
 """The server stopped (shut down past its grace period, or crashed) while the execution was
 pending or running; whether the task finished is unknown.
+"""
+EXECUTION_STATE_CANCELLED: ExecutionState.ValueType  # 8
+"""Stopped by CancelExecution or by the CANCEL_RUNNING overlap policy. An async task is
+cancelled at once. A synchronous task running in a worker thread cannot be interrupted:
+it keeps its concurrency slot until it returns, and what it returned or raised is kept in
+`note`, not as a success or a failure.
+"""
+EXECUTION_STATE_TIMED_OUT: ExecutionState.ValueType  # 9
+"""Ran longer than the job's timeout and was stopped, like CANCELLED (same rule for
+synchronous tasks).
 """
 Global___ExecutionState: _TypeAlias = ExecutionState  # noqa: Y015
 
@@ -80,6 +108,10 @@ class _ExecutionSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Execu
     """The job's trigger fired."""
     EXECUTION_SOURCE_MANUAL: _ExecutionSource.ValueType  # 2
     """Someone called TriggerJob."""
+    EXECUTION_SOURCE_RETRY: _ExecutionSource.ValueType  # 3
+    """A retry of a failed or timed-out execution (see first_execution_id and attempt)."""
+    EXECUTION_SOURCE_BACKFILL: _ExecutionSource.ValueType  # 4
+    """Someone called BackfillJob for a past time range."""
 
 class ExecutionSource(_ExecutionSource, metaclass=_ExecutionSourceEnumTypeWrapper):
     """Why an execution exists."""
@@ -90,7 +122,49 @@ EXECUTION_SOURCE_SCHEDULE: ExecutionSource.ValueType  # 1
 """The job's trigger fired."""
 EXECUTION_SOURCE_MANUAL: ExecutionSource.ValueType  # 2
 """Someone called TriggerJob."""
+EXECUTION_SOURCE_RETRY: ExecutionSource.ValueType  # 3
+"""A retry of a failed or timed-out execution (see first_execution_id and attempt)."""
+EXECUTION_SOURCE_BACKFILL: ExecutionSource.ValueType  # 4
+"""Someone called BackfillJob for a past time range."""
 Global___ExecutionSource: _TypeAlias = ExecutionSource  # noqa: Y015
+
+@_typing.final
+class MissedFires(_message.Message):
+    """Scheduled fires that did not run, summarised in one MISSED execution."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    COUNT_IS_LOWER_BOUND_FIELD_NUMBER: _builtins.int
+    FIRST_TIME_FIELD_NUMBER: _builtins.int
+    LAST_TIME_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    """How many fires."""
+    count_is_lower_bound: _builtins.bool
+    """True when there were more than could be counted cheaply; count is then a lower bound."""
+    @_builtins.property
+    def first_time(self) -> _timestamp_pb2.Timestamp:
+        """The first of them."""
+
+    @_builtins.property
+    def last_time(self) -> _timestamp_pb2.Timestamp:
+        """The last of them."""
+
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+        count_is_lower_bound: _builtins.bool = ...,
+        first_time: _timestamp_pb2.Timestamp | None = ...,
+        last_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["first_time", b"first_time", "last_time", b"last_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "count_is_lower_bound", b"count_is_lower_bound", "first_time", b"first_time", "last_time", b"last_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MissedFires: _TypeAlias = MissedFires  # noqa: Y015
 
 @_typing.final
 class Execution(_message.Message):
@@ -114,6 +188,11 @@ class Execution(_message.Message):
     TASK_FIELD_NUMBER: _builtins.int
     ARGS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    FIRST_EXECUTION_ID_FIELD_NUMBER: _builtins.int
+    ERROR_TYPE_FIELD_NUMBER: _builtins.int
+    MISSED_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Identifier, unique in the server; sorts by creation time."""
     job_id: _builtins.str
@@ -132,6 +211,16 @@ class Execution(_message.Message):
     """The task that ran."""
     request_id: _builtins.str
     """The request_id of the TriggerJob call that created it, if any."""
+    attempt: _builtins.int
+    """1 for a first attempt; 2 for its first retry, and so on."""
+    first_execution_id: _builtins.str
+    """For a retry: the id of the first attempt. Empty for a first attempt."""
+    error_type: _builtins.str
+    """For a failure: the qualified name of the exception class, like "builtins.ValueError"."""
+    note: _builtins.str
+    """What happened after the final state was recorded, for example what a synchronous task
+    returned after it had been cancelled or had timed out.
+    """
     @_builtins.property
     def scheduled_time(self) -> _timestamp_pb2.Timestamp:
         """When the trigger wanted it to run (for manual runs: when it was requested)."""
@@ -160,6 +249,10 @@ class Execution(_message.Message):
     def args(self) -> _struct_pb2.Struct:
         """The arguments the task was called with."""
 
+    @_builtins.property
+    def missed(self) -> Global___MissedFires:
+        """For a MISSED execution: which fires it stands for."""
+
     def __init__(
         self,
         *,
@@ -179,10 +272,15 @@ class Execution(_message.Message):
         task: _builtins.str = ...,
         args: _struct_pb2.Struct | None = ...,
         request_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        first_execution_id: _builtins.str = ...,
+        error_type: _builtins.str = ...,
+        missed: Global___MissedFires | None = ...,
+        note: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "create_time", b"create_time", "duration", b"duration", "end_time", b"end_time", "result", b"result", "scheduled_time", b"scheduled_time", "start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "create_time", b"create_time", "duration", b"duration", "end_time", b"end_time", "missed", b"missed", "result", b"result", "scheduled_time", b"scheduled_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "create_time", b"create_time", "duration", b"duration", "end_time", b"end_time", "error_message", b"error_message", "error_traceback", b"error_traceback", "id", b"id", "instance_id", b"instance_id", "job_id", b"job_id", "request_id", b"request_id", "result", b"result", "scheduled_time", b"scheduled_time", "source", b"source", "start_time", b"start_time", "state", b"state", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "attempt", b"attempt", "create_time", b"create_time", "duration", b"duration", "end_time", b"end_time", "error_message", b"error_message", "error_traceback", b"error_traceback", "error_type", b"error_type", "first_execution_id", b"first_execution_id", "id", b"id", "instance_id", b"instance_id", "job_id", b"job_id", "missed", b"missed", "note", b"note", "request_id", b"request_id", "result", b"result", "scheduled_time", b"scheduled_time", "source", b"source", "start_time", b"start_time", "state", b"state", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -200,12 +298,15 @@ class ExecutionSummary(_message.Message):
     SCHEDULED_TIME_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The execution's id."""
     state: Global___ExecutionState.ValueType
     """Its state."""
     source: Global___ExecutionSource.ValueType
     """Why it exists."""
+    attempt: _builtins.int
+    """Its attempt number (1 for a first attempt)."""
     @_builtins.property
     def scheduled_time(self) -> _timestamp_pb2.Timestamp:
         """When the trigger wanted it to run."""
@@ -227,10 +328,11 @@ class ExecutionSummary(_message.Message):
         scheduled_time: _timestamp_pb2.Timestamp | None = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        attempt: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "scheduled_time", b"scheduled_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "id", b"id", "scheduled_time", b"scheduled_time", "source", b"source", "start_time", b"start_time", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "end_time", b"end_time", "id", b"id", "scheduled_time", b"scheduled_time", "source", b"source", "start_time", b"start_time", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

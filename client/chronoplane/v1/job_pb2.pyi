@@ -11,6 +11,7 @@ from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -20,7 +21,88 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _MisfirePolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MisfirePolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MisfirePolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MISFIRE_POLICY_UNSPECIFIED: _MisfirePolicy.ValueType  # 0
+    """Means MISFIRE_POLICY_RUN_ONCE."""
+    MISFIRE_POLICY_SKIP: _MisfirePolicy.ValueType  # 1
+    """Run none of the missed fires; record them."""
+    MISFIRE_POLICY_RUN_ONCE: _MisfirePolicy.ValueType  # 2
+    """Run the latest missed fire inside the catch-up window once; record the others."""
+    MISFIRE_POLICY_RUN_ALL: _MisfirePolicy.ValueType  # 3
+    """Run every missed fire inside the catch-up window, oldest first, at most catchup_limit of
+    them (the latest); record the others.
+    """
+
+class MisfirePolicy(_MisfirePolicy, metaclass=_MisfirePolicyEnumTypeWrapper):
+    """What happens to scheduled fires found later than the job's misfire grace."""
+
+MISFIRE_POLICY_UNSPECIFIED: MisfirePolicy.ValueType  # 0
+"""Means MISFIRE_POLICY_RUN_ONCE."""
+MISFIRE_POLICY_SKIP: MisfirePolicy.ValueType  # 1
+"""Run none of the missed fires; record them."""
+MISFIRE_POLICY_RUN_ONCE: MisfirePolicy.ValueType  # 2
+"""Run the latest missed fire inside the catch-up window once; record the others."""
+MISFIRE_POLICY_RUN_ALL: MisfirePolicy.ValueType  # 3
+"""Run every missed fire inside the catch-up window, oldest first, at most catchup_limit of
+them (the latest); record the others.
+"""
+Global___MisfirePolicy: _TypeAlias = MisfirePolicy  # noqa: Y015
+
+class _OverlapPolicy:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OverlapPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OverlapPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OVERLAP_POLICY_UNSPECIFIED: _OverlapPolicy.ValueType  # 0
+    """Means OVERLAP_POLICY_SKIP."""
+    OVERLAP_POLICY_SKIP: _OverlapPolicy.ValueType  # 1
+    """Do not run it; record an execution in state SKIPPED."""
+    OVERLAP_POLICY_ALLOW: _OverlapPolicy.ValueType  # 2
+    """Run it anyway: runs overlap freely. max_concurrent, if set, still caps them (a fire
+    beyond it is SKIPPED).
+    """
+    OVERLAP_POLICY_BUFFER_ONE: _OverlapPolicy.ValueType  # 3
+    """Keep it PENDING and start it when a run ends; while one fire is waiting, further fires
+    are SKIPPED.
+    """
+    OVERLAP_POLICY_BUFFER_ALL: _OverlapPolicy.ValueType  # 4
+    """Keep every such fire PENDING and start them in order as runs end."""
+    OVERLAP_POLICY_CANCEL_RUNNING: _OverlapPolicy.ValueType  # 5
+    """Cancel the oldest running execution (it ends CANCELLED) and start this one."""
+
+class OverlapPolicy(_OverlapPolicy, metaclass=_OverlapPolicyEnumTypeWrapper):
+    """What a fire does when the job already has max_concurrent executions running."""
+
+OVERLAP_POLICY_UNSPECIFIED: OverlapPolicy.ValueType  # 0
+"""Means OVERLAP_POLICY_SKIP."""
+OVERLAP_POLICY_SKIP: OverlapPolicy.ValueType  # 1
+"""Do not run it; record an execution in state SKIPPED."""
+OVERLAP_POLICY_ALLOW: OverlapPolicy.ValueType  # 2
+"""Run it anyway: runs overlap freely. max_concurrent, if set, still caps them (a fire
+beyond it is SKIPPED).
+"""
+OVERLAP_POLICY_BUFFER_ONE: OverlapPolicy.ValueType  # 3
+"""Keep it PENDING and start it when a run ends; while one fire is waiting, further fires
+are SKIPPED.
+"""
+OVERLAP_POLICY_BUFFER_ALL: OverlapPolicy.ValueType  # 4
+"""Keep every such fire PENDING and start them in order as runs end."""
+OVERLAP_POLICY_CANCEL_RUNNING: OverlapPolicy.ValueType  # 5
+"""Cancel the oldest running execution (it ends CANCELLED) and start this one."""
+Global___OverlapPolicy: _TypeAlias = OverlapPolicy  # noqa: Y015
 
 @_typing.final
 class Job(_message.Message):
@@ -64,6 +146,13 @@ class Job(_message.Message):
     ETAG_FIELD_NUMBER: _builtins.int
     NEXT_RUN_TIME_FIELD_NUMBER: _builtins.int
     LAST_EXECUTION_FIELD_NUMBER: _builtins.int
+    MISFIRE_POLICY_FIELD_NUMBER: _builtins.int
+    CATCHUP_WINDOW_FIELD_NUMBER: _builtins.int
+    CATCHUP_LIMIT_FIELD_NUMBER: _builtins.int
+    OVERLAP_POLICY_FIELD_NUMBER: _builtins.int
+    RETRY_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    HISTORY_LIMIT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Identifier, unique in the server. 1 to 128 characters from [A-Za-z0-9._-], starting with a
     letter or a digit. Chosen by the client on create, or generated ("job-" and 12 hex digits)
@@ -77,17 +166,48 @@ class Job(_message.Message):
     """Name of a task registered on the server (see ListTasks), for example "chronoplane.echo"."""
     paused: _builtins.bool
     """A paused job does not fire; it can still be triggered manually."""
-    coalesce: _builtins.bool
-    """When several fires of this job are due at once (after downtime), run only the latest.
-    Unset means true.
-    """
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def coalesce(self) -> _builtins.bool:
+        """Deprecated: use misfire_policy. On create and update, false with misfire_policy unset
+        means MISFIRE_POLICY_RUN_ALL. Reads show false exactly when misfire_policy is RUN_ALL.
+        """
+
+    @coalesce.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def coalesce(self, value: _builtins.bool) -> None:
+        """Deprecated: use misfire_policy. On create and update, false with misfire_policy unset
+        means MISFIRE_POLICY_RUN_ALL. Reads show false exactly when misfire_policy is RUN_ALL.
+        """
+
     max_concurrent: _builtins.int
-    """How many executions of this job may run at the same time in this server. A fire that
-    finds this many running is recorded as SKIPPED. Unset (0) means 1; at most 1,000.
+    """How many executions of this job may run at the same time. A fire that finds this many
+    running is handled by overlap_policy. Unset (0) means 1, except under
+    OVERLAP_POLICY_ALLOW, where it means no limit; at most 1,000.
     """
     etag: _builtins.str
     """Output only on reads; on UpdateJob, DeleteJob, PauseJob and ResumeJob a non-empty etag
     must match the stored one or the call fails with ABORTED.
+    """
+    misfire_policy: Global___MisfirePolicy.ValueType
+    """What happens to scheduled fires that were missed (see misfire_grace), for example while
+    every server was down. Unset means MISFIRE_POLICY_RUN_ONCE. Missed fires that do not run
+    are recorded in one execution in state MISSED per job and outage, with their count and
+    time range (Execution.missed), never one row per fire.
+    """
+    catchup_limit: _builtins.int
+    """Under MISFIRE_POLICY_RUN_ALL, at most this many missed fires run (the latest ones); the
+    rest are counted. Catch-up runs do not follow overlap_policy: they wait for each other
+    and for running executions, within max_concurrent. Unset (0) means 10; at most 1,000.
+    """
+    overlap_policy: Global___OverlapPolicy.ValueType
+    """What a fire (scheduled, manual or backfill) does when max_concurrent executions of the
+    job are running. Unset means OVERLAP_POLICY_SKIP.
+    """
+    history_limit: _builtins.int
+    """Keep at most this many executions of this job, the newest; older ones in a final state
+    are purged periodically. Unset (0) means no count limit (the server-wide maximum age
+    still applies); at most 1,000,000.
     """
     @_builtins.property
     def args(self) -> _struct_pb2.Struct:
@@ -99,9 +219,9 @@ class Job(_message.Message):
 
     @_builtins.property
     def misfire_grace(self) -> _duration_pb2.Duration:
-        """How late a scheduled fire may start and still run. A fire found later than this (for
-        example after the server was down) is recorded as an execution in state MISSED instead
-        of running. Unset means 60 seconds; at most 7 days.
+        """How late a scheduled fire may be noticed and still count as on time. A fire noticed
+        later than this (the server was busy, or down) is "missed", and misfire_policy decides
+        what happens to it. Unset means 60 seconds; at most 7 days.
         """
 
     @_builtins.property
@@ -120,13 +240,30 @@ class Job(_message.Message):
 
     @_builtins.property
     def next_run_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only. The next time the job fires; empty when paused or when the trigger will not
-        fire again.
+        """Output only. The next time the job fires (before jitter); empty when paused or when the
+        trigger will not fire again (a date trigger that fired, a bound that has passed).
         """
 
     @_builtins.property
     def last_execution(self) -> _execution_pb2.ExecutionSummary:
         """Output only. The most recently created execution of this job, if any."""
+
+    @_builtins.property
+    def catchup_window(self) -> _duration_pb2.Duration:
+        """Missed fires scheduled longer ago than this are never run, whatever the misfire policy;
+        they are only counted. Unset means no limit. At most 366 days.
+        """
+
+    @_builtins.property
+    def retry(self) -> Global___RetryPolicy:
+        """How failed and timed-out executions are tried again. Unset means no retries."""
+
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """A run still going after this long is stopped and recorded TIMED_OUT (see
+        ExecutionState.EXECUTION_STATE_TIMED_OUT for tasks that cannot be stopped). Unset means
+        no timeout; at most 7 days.
+        """
 
     def __init__(
         self,
@@ -147,16 +284,74 @@ class Job(_message.Message):
         etag: _builtins.str = ...,
         next_run_time: _timestamp_pb2.Timestamp | None = ...,
         last_execution: _execution_pb2.ExecutionSummary | None = ...,
+        misfire_policy: Global___MisfirePolicy.ValueType = ...,
+        catchup_window: _duration_pb2.Duration | None = ...,
+        catchup_limit: _builtins.int = ...,
+        overlap_policy: Global___OverlapPolicy.ValueType = ...,
+        retry: Global___RetryPolicy | None = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+        history_limit: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_coalesce", b"_coalesce", "args", b"args", "coalesce", b"coalesce", "create_time", b"create_time", "last_execution", b"last_execution", "misfire_grace", b"misfire_grace", "next_run_time", b"next_run_time", "trigger", b"trigger", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_coalesce", b"_coalesce", "args", b"args", "catchup_window", b"catchup_window", "coalesce", b"coalesce", "create_time", b"create_time", "last_execution", b"last_execution", "misfire_grace", b"misfire_grace", "next_run_time", b"next_run_time", "retry", b"retry", "timeout", b"timeout", "trigger", b"trigger", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_coalesce", b"_coalesce", "args", b"args", "coalesce", b"coalesce", "create_time", b"create_time", "description", b"description", "display_name", b"display_name", "etag", b"etag", "id", b"id", "labels", b"labels", "last_execution", b"last_execution", "max_concurrent", b"max_concurrent", "misfire_grace", b"misfire_grace", "next_run_time", b"next_run_time", "paused", b"paused", "task", b"task", "trigger", b"trigger", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_coalesce", b"_coalesce", "args", b"args", "catchup_limit", b"catchup_limit", "catchup_window", b"catchup_window", "coalesce", b"coalesce", "create_time", b"create_time", "description", b"description", "display_name", b"display_name", "etag", b"etag", "history_limit", b"history_limit", "id", b"id", "labels", b"labels", "last_execution", b"last_execution", "max_concurrent", b"max_concurrent", "misfire_grace", b"misfire_grace", "misfire_policy", b"misfire_policy", "next_run_time", b"next_run_time", "overlap_policy", b"overlap_policy", "paused", b"paused", "retry", b"retry", "task", b"task", "timeout", b"timeout", "trigger", b"trigger", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__coalesce: _TypeAlias = _typing.Literal["coalesce"]  # noqa: Y015
     _WhichOneofArgType__coalesce: _TypeAlias = _typing.Literal["_coalesce", b"_coalesce"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__coalesce) -> _WhichOneofReturnType__coalesce | None: ...
 
 Global___Job: _TypeAlias = Job  # noqa: Y015
+
+@_typing.final
+class RetryPolicy(_message.Message):
+    """How an execution that FAILED or TIMED_OUT is tried again. Each attempt is its own
+    execution with source RETRY, its attempt number, and the id of the first attempt; it waits
+    PENDING until its backoff has passed. A CANCELLED or INTERRUPTED execution is not retried.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    INITIAL_BACKOFF_FIELD_NUMBER: _builtins.int
+    BACKOFF_MULTIPLIER_FIELD_NUMBER: _builtins.int
+    MAX_BACKOFF_FIELD_NUMBER: _builtins.int
+    RETRY_ON_FIELD_NUMBER: _builtins.int
+    max_attempts: _builtins.int
+    """Attempts in all, the first included: 0 or 1 means no retries; at most 100."""
+    backoff_multiplier: _builtins.float
+    """Each further wait is the previous one times this, at least 1. Unset (0) means 2."""
+    @_builtins.property
+    def initial_backoff(self) -> _duration_pb2.Duration:
+        """The wait before the second attempt. Unset means 1 second."""
+
+    @_builtins.property
+    def max_backoff(self) -> _duration_pb2.Duration:
+        """No wait is longer than this. Unset means 10 minutes; at most 1 day."""
+
+    @_builtins.property
+    def retry_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only failures raising one of these exception classes are retried, by simple
+        ("ConnectionError") or qualified ("builtins.ConnectionError") name; subclasses match. A
+        timed-out run counts as "TimeoutError". Empty means every failure and timeout. At most 32
+        names.
+        """
+
+    def __init__(
+        self,
+        *,
+        max_attempts: _builtins.int = ...,
+        initial_backoff: _duration_pb2.Duration | None = ...,
+        backoff_multiplier: _builtins.float = ...,
+        max_backoff: _duration_pb2.Duration | None = ...,
+        retry_on: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["initial_backoff", b"initial_backoff", "max_backoff", b"max_backoff"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_multiplier", b"backoff_multiplier", "initial_backoff", b"initial_backoff", "max_attempts", b"max_attempts", "max_backoff", b"max_backoff", "retry_on", b"retry_on"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryPolicy: _TypeAlias = RetryPolicy  # noqa: Y015
 
 @_typing.final
 class Trigger(_message.Message):
@@ -167,6 +362,7 @@ class Trigger(_message.Message):
     CRON_FIELD_NUMBER: _builtins.int
     INTERVAL_FIELD_NUMBER: _builtins.int
     DATE_FIELD_NUMBER: _builtins.int
+    JITTER_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def cron(self) -> Global___CronTrigger:
         """Fires at the times a cron expression matches, in a time zone."""
@@ -179,16 +375,25 @@ class Trigger(_message.Message):
     def date(self) -> Global___DateTrigger:
         """Fires once."""
 
+    @_builtins.property
+    def jitter(self) -> _duration_pb2.Duration:
+        """Each scheduled run starts a random delay between 0 and this after its fire time, to
+        spread load. The delay is derived from the job id and the fire time, so every instance
+        agrees on it; scheduled_time keeps the exact fire time. Unset means none; at most 1 day,
+        and less than an interval trigger's period.
+        """
+
     def __init__(
         self,
         *,
         cron: Global___CronTrigger | None = ...,
         interval: Global___IntervalTrigger | None = ...,
         date: Global___DateTrigger | None = ...,
+        jitter: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cron", b"cron", "date", b"date", "interval", b"interval", "kind", b"kind"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cron", b"cron", "date", b"date", "interval", b"interval", "jitter", b"jitter", "kind", b"kind"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cron", b"cron", "date", b"date", "interval", b"interval", "kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cron", b"cron", "date", b"date", "interval", b"interval", "jitter", b"jitter", "kind", b"kind"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["cron", "interval", "date"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
@@ -204,23 +409,45 @@ class CronTrigger(_message.Message):
 
     EXPRESSION_FIELD_NUMBER: _builtins.int
     TIME_ZONE_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
     expression: _builtins.str
     """Five fields (minute hour day-of-month month day-of-week) or six, with seconds first
     (second minute hour day-of-month month day-of-week). Day of week counts 0 or 7 as Sunday,
     as crontab does; names (sun, mon, ...) and month names (jan, ...) are accepted. When both
-    day of month and day of week are restricted, a fire needs both to match.
+    day of month and day of week are restricted, a fire needs both to match. An expression
+    that is malformed or never matches a date within 100 years is rejected.
     """
     time_zone: _builtins.str
-    """IANA time zone name, for example "Europe/Berlin". Empty means "UTC"."""
+    """IANA time zone name, for example "Europe/Berlin". Empty means "UTC". The expression
+    matches wall-clock time in this zone. Daylight saving time:
+    - a wall time that does not exist (skipped by a spring-forward gap, like 02:30 on
+      2026-03-08 in America/New_York) fires once, at the end of the gap (03:00 EDT); several
+      such times fire once together;
+    - a wall time that happens twice (a fall-back overlap, like 01:30 on 2026-11-01 in
+      America/New_York) fires once, at its first occurrence. The repeated hour fires nothing
+      it already fired, so an every-minute expression is quiet for that hour: use an interval
+      trigger for a period of elapsed time.
+    """
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """No fire before this time. Optional."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """No fire after this time. Optional; a trigger whose bounds leave no fire is rejected."""
+
     def __init__(
         self,
         *,
         expression: _builtins.str = ...,
         time_zone: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expression", b"expression", "time_zone", b"time_zone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "expression", b"expression", "start_time", b"start_time", "time_zone", b"time_zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -29,7 +29,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&chronoplane/v1/scheduler_service.proto\x12\x0e\x63hronoplane.v1\x1a\x1e\x63hronoplane/v1/execution.proto\x1a\x18\x63hronoplane/v1/job.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"H\n\x10\x43reateJobRequest\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.chronoplane.v1.Job\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"5\n\x11\x43reateJobResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.chronoplane.v1.Job\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"2\n\x0eGetJobResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.chronoplane.v1.Job\"8\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"N\n\x10ListJobsResponse\x12!\n\x04jobs\x18\x01 \x03(\x0b\x32\x13.chronoplane.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"e\n\x10UpdateJobRequest\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.chronoplane.v1.Job\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"5\n\x11UpdateJobResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.chronoplane.v1.Job\",\n\x10\x44\x65leteJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"\x13\n\x11\x44\x65leteJobResponse\"+\n\x0fPauseJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"4\n\x10PauseJobResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.chronoplane.v1.Job\",\n\x10ResumeJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"5\n\x11ResumeJobResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.chronoplane.v1.Job\"Z\n\x11TriggerJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12%\n\x04\x61rgs\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"B\n\x12TriggerJobResponse\x12,\n\texecution\x18\x01 \x01(\x0b\x32\x19.chronoplane.v1.Execution\"!\n\x13GetExecutionRequest\x12\n\n\x02id\x18\x01 \x01(\t\"D\n\x14GetExecutionResponse\x12,\n\texecution\x18\x01 \x01(\x0b\x32\x19.chronoplane.v1.Execution\"\xe9\x01\n\x15ListExecutionsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12.\n\x06states\x18\x02 \x03(\x0e\x32\x1e.chronoplane.v1.ExecutionState\x12\x33\n\x0fscheduled_after\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10scheduled_before\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\"`\n\x16ListExecutionsResponse\x12-\n\nexecutions\x18\x01 \x03(\x0b\x32\x19.chronoplane.v1.Execution\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x12\n\x10ListTasksRequest\"8\n\x11ListTasksResponse\x12#\n\x05tasks\x18\x01 \x03(\x0b\x32\x14.chronoplane.v1.Task\"\x80\x01\n\x15PreviewTriggerRequest\x12(\n\x07trigger\x18\x01 \x01(\x0b\x32\x17.chronoplane.v1.Trigger\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"H\n\x16PreviewTriggerResponse\x12.\n\nfire_times\x18\x01 \x03(\x0b\x32\x1a.google.protobuf.Timestamp2\x85\x08\n\x10SchedulerService\x12P\n\tCreateJob\x12 .chronoplane.v1.CreateJobRequest\x1a!.chronoplane.v1.CreateJobResponse\x12G\n\x06GetJob\x12\x1d.chronoplane.v1.GetJobRequest\x1a\x1e.chronoplane.v1.GetJobResponse\x12M\n\x08ListJobs\x12\x1f.chronoplane.v1.ListJobsRequest\x1a .chronoplane.v1.ListJobsResponse\x12P\n\tUpdateJob\x12 .chronoplane.v1.UpdateJobRequest\x1a!.chronoplane.v1.UpdateJobResponse\x12P\n\tDeleteJob\x12 .chronoplane.v1.DeleteJobRequest\x1a!.chronoplane.v1.DeleteJobResponse\x12M\n\x08PauseJob\x12\x1f.chronoplane.v1.PauseJobRequest\x1a .chronoplane.v1.PauseJobResponse\x12P\n\tResumeJob\x12 .chronoplane.v1.ResumeJobRequest\x1a!.chronoplane.v1.ResumeJobResponse\x12S\n\nTriggerJob\x12!.chronoplane.v1.TriggerJobRequest\x1a\".chronoplane.v1.TriggerJobResponse\x12Y\n\x0cGetExecution\x12#.chronoplane.v1.GetExecutionRequest\x1a$.chronoplane.v1.GetExecutionResponse\x12_\n\x0eListExecutions\x12%.chronoplane.v1.ListExecutionsRequest\x1a&.chronoplane.v1.ListExecutionsResponse\x12P\n\tListTasks\x12 .chronoplane.v1.ListTasksRequest\x1a!.chronoplane.v1.ListTasksResponse\x12_\n\x0ePreviewTrigger\x12%.chronoplane.v1.PreviewTriggerRequest\x1a&.chronoplane.v1.PreviewTriggerResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&chronoplane/v1/scheduler_service.proto\x12\x0e\x63hronoplane.v1\x1a\x1e\x63hronoplane/v1/execution.proto\x1a\x18\x63hronoplane/v1/job.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"H\n\x10\x43reateJobRequest\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.chronoplane.v1.Job\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"5\n\x11\x43reateJobResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.chronoplane.v1.Job\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"2\n\x0eGetJobResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.chronoplane.v1.Job\"8\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"N\n\x10ListJobsResponse\x12!\n\x04jobs\x18\x01 \x03(\x0b\x32\x13.chronoplane.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"e\n\x10UpdateJobRequest\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.chronoplane.v1.Job\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"5\n\x11UpdateJobResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.chronoplane.v1.Job\",\n\x10\x44\x65leteJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"\x13\n\x11\x44\x65leteJobResponse\"+\n\x0fPauseJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"4\n\x10PauseJobResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.chronoplane.v1.Job\",\n\x10ResumeJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"5\n\x11ResumeJobResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.chronoplane.v1.Job\"\x91\x01\n\x11TriggerJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12%\n\x04\x61rgs\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x35\n\x0eoverlap_policy\x18\x04 \x01(\x0e\x32\x1d.chronoplane.v1.OverlapPolicy\"\xb5\x01\n\x12\x42\x61\x63kfillJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x0eoverlap_policy\x18\x04 \x01(\x0e\x32\x1d.chronoplane.v1.OverlapPolicy\"`\n\x13\x42\x61\x63kfillJobResponse\x12-\n\nexecutions\x18\x01 \x03(\x0b\x32\x19.chronoplane.v1.Execution\x12\x1a\n\x12\x61lready_backfilled\x18\x02 \x01(\x05\"4\n\x16\x43\x61ncelExecutionRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"G\n\x17\x43\x61ncelExecutionResponse\x12,\n\texecution\x18\x01 \x01(\x0b\x32\x19.chronoplane.v1.Execution\"k\n\x16PurgeExecutionsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12.\n\nolder_than\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tkeep_last\x18\x03 \x01(\x05\"/\n\x17PurgeExecutionsResponse\x12\x14\n\x0cpurged_count\x18\x01 \x01(\x03\"B\n\x12TriggerJobResponse\x12,\n\texecution\x18\x01 \x01(\x0b\x32\x19.chronoplane.v1.Execution\"!\n\x13GetExecutionRequest\x12\n\n\x02id\x18\x01 \x01(\t\"D\n\x14GetExecutionResponse\x12,\n\texecution\x18\x01 \x01(\x0b\x32\x19.chronoplane.v1.Execution\"\xe9\x01\n\x15ListExecutionsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12.\n\x06states\x18\x02 \x03(\x0e\x32\x1e.chronoplane.v1.ExecutionState\x12\x33\n\x0fscheduled_after\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10scheduled_before\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\"`\n\x16ListExecutionsResponse\x12-\n\nexecutions\x18\x01 \x03(\x0b\x32\x19.chronoplane.v1.Execution\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x12\n\x10ListTasksRequest\"8\n\x11ListTasksResponse\x12#\n\x05tasks\x18\x01 \x03(\x0b\x32\x14.chronoplane.v1.Task\"\x80\x01\n\x15PreviewTriggerRequest\x12(\n\x07trigger\x18\x01 \x01(\x0b\x32\x17.chronoplane.v1.Trigger\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"H\n\x16PreviewTriggerResponse\x12.\n\nfire_times\x18\x01 \x03(\x0b\x32\x1a.google.protobuf.Timestamp2\xa5\n\n\x10SchedulerService\x12P\n\tCreateJob\x12 .chronoplane.v1.CreateJobRequest\x1a!.chronoplane.v1.CreateJobResponse\x12G\n\x06GetJob\x12\x1d.chronoplane.v1.GetJobRequest\x1a\x1e.chronoplane.v1.GetJobResponse\x12M\n\x08ListJobs\x12\x1f.chronoplane.v1.ListJobsRequest\x1a .chronoplane.v1.ListJobsResponse\x12P\n\tUpdateJob\x12 .chronoplane.v1.UpdateJobRequest\x1a!.chronoplane.v1.UpdateJobResponse\x12P\n\tDeleteJob\x12 .chronoplane.v1.DeleteJobRequest\x1a!.chronoplane.v1.DeleteJobResponse\x12M\n\x08PauseJob\x12\x1f.chronoplane.v1.PauseJobRequest\x1a .chronoplane.v1.PauseJobResponse\x12P\n\tResumeJob\x12 .chronoplane.v1.ResumeJobRequest\x1a!.chronoplane.v1.ResumeJobResponse\x12S\n\nTriggerJob\x12!.chronoplane.v1.TriggerJobRequest\x1a\".chronoplane.v1.TriggerJobResponse\x12V\n\x0b\x42\x61\x63kfillJob\x12\".chronoplane.v1.BackfillJobRequest\x1a#.chronoplane.v1.BackfillJobResponse\x12\x62\n\x0f\x43\x61ncelExecution\x12&.chronoplane.v1.CancelExecutionRequest\x1a\'.chronoplane.v1.CancelExecutionResponse\x12\x62\n\x0fPurgeExecutions\x12&.chronoplane.v1.PurgeExecutionsRequest\x1a\'.chronoplane.v1.PurgeExecutionsResponse\x12Y\n\x0cGetExecution\x12#.chronoplane.v1.GetExecutionRequest\x1a$.chronoplane.v1.GetExecutionResponse\x12_\n\x0eListExecutions\x12%.chronoplane.v1.ListExecutionsRequest\x1a&.chronoplane.v1.ListExecutionsResponse\x12P\n\tListTasks\x12 .chronoplane.v1.ListTasksRequest\x1a!.chronoplane.v1.ListTasksResponse\x12_\n\x0ePreviewTrigger\x12%.chronoplane.v1.PreviewTriggerRequest\x1a&.chronoplane.v1.PreviewTriggerResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -64,26 +64,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESUMEJOBREQUEST']._serialized_end=929
   _globals['_RESUMEJOBRESPONSE']._serialized_start=931
   _globals['_RESUMEJOBRESPONSE']._serialized_end=984
-  _globals['_TRIGGERJOBREQUEST']._serialized_start=986
-  _globals['_TRIGGERJOBREQUEST']._serialized_end=1076
-  _globals['_TRIGGERJOBRESPONSE']._serialized_start=1078
-  _globals['_TRIGGERJOBRESPONSE']._serialized_end=1144
-  _globals['_GETEXECUTIONREQUEST']._serialized_start=1146
-  _globals['_GETEXECUTIONREQUEST']._serialized_end=1179
-  _globals['_GETEXECUTIONRESPONSE']._serialized_start=1181
-  _globals['_GETEXECUTIONRESPONSE']._serialized_end=1249
-  _globals['_LISTEXECUTIONSREQUEST']._serialized_start=1252
-  _globals['_LISTEXECUTIONSREQUEST']._serialized_end=1485
-  _globals['_LISTEXECUTIONSRESPONSE']._serialized_start=1487
-  _globals['_LISTEXECUTIONSRESPONSE']._serialized_end=1583
-  _globals['_LISTTASKSREQUEST']._serialized_start=1585
-  _globals['_LISTTASKSREQUEST']._serialized_end=1603
-  _globals['_LISTTASKSRESPONSE']._serialized_start=1605
-  _globals['_LISTTASKSRESPONSE']._serialized_end=1661
-  _globals['_PREVIEWTRIGGERREQUEST']._serialized_start=1664
-  _globals['_PREVIEWTRIGGERREQUEST']._serialized_end=1792
-  _globals['_PREVIEWTRIGGERRESPONSE']._serialized_start=1794
-  _globals['_PREVIEWTRIGGERRESPONSE']._serialized_end=1866
-  _globals['_SCHEDULERSERVICE']._serialized_start=1869
-  _globals['_SCHEDULERSERVICE']._serialized_end=2898
+  _globals['_TRIGGERJOBREQUEST']._serialized_start=987
+  _globals['_TRIGGERJOBREQUEST']._serialized_end=1132
+  _globals['_BACKFILLJOBREQUEST']._serialized_start=1135
+  _globals['_BACKFILLJOBREQUEST']._serialized_end=1316
+  _globals['_BACKFILLJOBRESPONSE']._serialized_start=1318
+  _globals['_BACKFILLJOBRESPONSE']._serialized_end=1414
+  _globals['_CANCELEXECUTIONREQUEST']._serialized_start=1416
+  _globals['_CANCELEXECUTIONREQUEST']._serialized_end=1468
+  _globals['_CANCELEXECUTIONRESPONSE']._serialized_start=1470
+  _globals['_CANCELEXECUTIONRESPONSE']._serialized_end=1541
+  _globals['_PURGEEXECUTIONSREQUEST']._serialized_start=1543
+  _globals['_PURGEEXECUTIONSREQUEST']._serialized_end=1650
+  _globals['_PURGEEXECUTIONSRESPONSE']._serialized_start=1652
+  _globals['_PURGEEXECUTIONSRESPONSE']._serialized_end=1699
+  _globals['_TRIGGERJOBRESPONSE']._serialized_start=1701
+  _globals['_TRIGGERJOBRESPONSE']._serialized_end=1767
+  _globals['_GETEXECUTIONREQUEST']._serialized_start=1769
+  _globals['_GETEXECUTIONREQUEST']._serialized_end=1802
+  _globals['_GETEXECUTIONRESPONSE']._serialized_start=1804
+  _globals['_GETEXECUTIONRESPONSE']._serialized_end=1872
+  _globals['_LISTEXECUTIONSREQUEST']._serialized_start=1875
+  _globals['_LISTEXECUTIONSREQUEST']._serialized_end=2108
+  _globals['_LISTEXECUTIONSRESPONSE']._serialized_start=2110
+  _globals['_LISTEXECUTIONSRESPONSE']._serialized_end=2206
+  _globals['_LISTTASKSREQUEST']._serialized_start=2208
+  _globals['_LISTTASKSREQUEST']._serialized_end=2226
+  _globals['_LISTTASKSRESPONSE']._serialized_start=2228
+  _globals['_LISTTASKSRESPONSE']._serialized_end=2284
+  _globals['_PREVIEWTRIGGERREQUEST']._serialized_start=2287
+  _globals['_PREVIEWTRIGGERREQUEST']._serialized_end=2415
+  _globals['_PREVIEWTRIGGERRESPONSE']._serialized_start=2417
+  _globals['_PREVIEWTRIGGERRESPONSE']._serialized_end=2489
+  _globals['_SCHEDULERSERVICE']._serialized_start=2492
+  _globals['_SCHEDULERSERVICE']._serialized_end=3809
 # @@protoc_insertion_point(module_scope)

@@ -388,10 +388,15 @@ class TriggerJobRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     ARGS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    OVERLAP_POLICY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The job's id."""
     request_id: _builtins.str
     """Optional idempotency key (at most 128 characters), scoped to the job."""
+    overlap_policy: _job_pb2.OverlapPolicy.ValueType
+    """What to do if max_concurrent executions are running; unset means the job's policy.
+    OVERLAP_POLICY_ALLOW here starts the run even beyond max_concurrent.
+    """
     @_builtins.property
     def args(self) -> _struct_pb2.Struct:
         """If set, the task runs with these arguments instead of the job's."""
@@ -402,14 +407,189 @@ class TriggerJobRequest(_message.Message):
         id: _builtins.str = ...,
         args: _struct_pb2.Struct | None = ...,
         request_id: _builtins.str = ...,
+        overlap_policy: _job_pb2.OverlapPolicy.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["args", b"args"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "id", b"id", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "id", b"id", "overlap_policy", b"overlap_policy", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TriggerJobRequest: _TypeAlias = TriggerJobRequest  # noqa: Y015
+
+@_typing.final
+class BackfillJobRequest(_message.Message):
+    """Request of BackfillJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    OVERLAP_POLICY_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The job's id."""
+    overlap_policy: _job_pb2.OverlapPolicy.ValueType
+    """What a backfill fire does when max_concurrent executions are running; unset means
+    OVERLAP_POLICY_BUFFER_ALL.
+    """
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """The first fire time to consider (inclusive). Required."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """The last fire time to consider (exclusive). Required; not after now."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        overlap_policy: _job_pb2.OverlapPolicy.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "id", b"id", "overlap_policy", b"overlap_policy", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BackfillJobRequest: _TypeAlias = BackfillJobRequest  # noqa: Y015
+
+@_typing.final
+class BackfillJobResponse(_message.Message):
+    """Response of BackfillJob."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTIONS_FIELD_NUMBER: _builtins.int
+    ALREADY_BACKFILLED_FIELD_NUMBER: _builtins.int
+    already_backfilled: _builtins.int
+    """Fires of the range that had already been backfilled, and were not run again."""
+    @_builtins.property
+    def executions(self) -> _containers.RepeatedCompositeFieldContainer[_execution_pb2.Execution]:
+        """The executions created, oldest fire first."""
+
+    def __init__(
+        self,
+        *,
+        executions: _abc.Iterable[_execution_pb2.Execution] | None = ...,
+        already_backfilled: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_backfilled", b"already_backfilled", "executions", b"executions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BackfillJobResponse: _TypeAlias = BackfillJobResponse  # noqa: Y015
+
+@_typing.final
+class CancelExecutionRequest(_message.Message):
+    """Request of CancelExecution."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The execution's id."""
+    reason: _builtins.str
+    """Why, kept in the execution's error_message; at most 1,024 characters."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelExecutionRequest: _TypeAlias = CancelExecutionRequest  # noqa: Y015
+
+@_typing.final
+class CancelExecutionResponse(_message.Message):
+    """Response of CancelExecution."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def execution(self) -> _execution_pb2.Execution:
+        """The execution as it is after the call."""
+
+    def __init__(
+        self,
+        *,
+        execution: _execution_pb2.Execution | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["execution", b"execution"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution", b"execution"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelExecutionResponse: _TypeAlias = CancelExecutionResponse  # noqa: Y015
+
+@_typing.final
+class PurgeExecutionsRequest(_message.Message):
+    """Request of PurgeExecutions. At least one of older_than and keep_last is required."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    OLDER_THAN_FIELD_NUMBER: _builtins.int
+    KEEP_LAST_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    """Only this job's executions; empty means every job's."""
+    keep_last: _builtins.int
+    """Keep each job's newest this many executions; delete the older ones. 0 means no count
+    limit.
+    """
+    @_builtins.property
+    def older_than(self) -> _timestamp_pb2.Timestamp:
+        """Delete executions that ended before this time."""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        older_than: _timestamp_pb2.Timestamp | None = ...,
+        keep_last: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["older_than", b"older_than"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "keep_last", b"keep_last", "older_than", b"older_than"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PurgeExecutionsRequest: _TypeAlias = PurgeExecutionsRequest  # noqa: Y015
+
+@_typing.final
+class PurgeExecutionsResponse(_message.Message):
+    """Response of PurgeExecutions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PURGED_COUNT_FIELD_NUMBER: _builtins.int
+    purged_count: _builtins.int
+    """How many executions were deleted."""
+    def __init__(
+        self,
+        *,
+        purged_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["purged_count", b"purged_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PurgeExecutionsResponse: _TypeAlias = PurgeExecutionsResponse  # noqa: Y015
 
 @_typing.final
 class TriggerJobResponse(_message.Message):

@@ -80,6 +80,21 @@ class SchedulerServiceStub:
                 request_serializer=chronoplane_dot_v1_dot_scheduler__service__pb2.TriggerJobRequest.SerializeToString,
                 response_deserializer=chronoplane_dot_v1_dot_scheduler__service__pb2.TriggerJobResponse.FromString,
                 _registered_method=True)
+        self.BackfillJob = channel.unary_unary(
+                '/chronoplane.v1.SchedulerService/BackfillJob',
+                request_serializer=chronoplane_dot_v1_dot_scheduler__service__pb2.BackfillJobRequest.SerializeToString,
+                response_deserializer=chronoplane_dot_v1_dot_scheduler__service__pb2.BackfillJobResponse.FromString,
+                _registered_method=True)
+        self.CancelExecution = channel.unary_unary(
+                '/chronoplane.v1.SchedulerService/CancelExecution',
+                request_serializer=chronoplane_dot_v1_dot_scheduler__service__pb2.CancelExecutionRequest.SerializeToString,
+                response_deserializer=chronoplane_dot_v1_dot_scheduler__service__pb2.CancelExecutionResponse.FromString,
+                _registered_method=True)
+        self.PurgeExecutions = channel.unary_unary(
+                '/chronoplane.v1.SchedulerService/PurgeExecutions',
+                request_serializer=chronoplane_dot_v1_dot_scheduler__service__pb2.PurgeExecutionsRequest.SerializeToString,
+                response_deserializer=chronoplane_dot_v1_dot_scheduler__service__pb2.PurgeExecutionsResponse.FromString,
+                _registered_method=True)
         self.GetExecution = channel.unary_unary(
                 '/chronoplane.v1.SchedulerService/GetExecution',
                 request_serializer=chronoplane_dot_v1_dot_scheduler__service__pb2.GetExecutionRequest.SerializeToString,
@@ -167,11 +182,42 @@ class SchedulerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def TriggerJob(self, request, context):
-        """Runs a job now, paused or not, and returns the new execution (usually PENDING or RUNNING;
-        SKIPPED when max_concurrent executions are running). The same request_id for the same job
-        returns the execution the first call created.
+        """Runs a job now, paused or not, and returns the new execution. When max_concurrent
+        executions are running, the job's overlap policy (or the request's) decides: SKIPPED,
+        PENDING until a run ends, or the oldest run CANCELLED. The same request_id for the same
+        job returns the execution the first call created.
         Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION (the job's task is not registered
         on this server).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BackfillJob(self, request, context):
+        """Runs the fires a job's trigger had in a past time range, as executions with source
+        BACKFILL, oldest first, under the request's overlap policy (unset: BUFFER_ALL, one after
+        another as max_concurrent allows). A fire already backfilled is not run again.
+        Errors: INVALID_ARGUMENT (range not in the past, more than 1,000 fires), NOT_FOUND,
+        FAILED_PRECONDITION (task not registered).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelExecution(self, request, context):
+        """Stops an execution and returns it: a PENDING one never starts, a RUNNING one is cancelled
+        (see EXECUTION_STATE_CANCELLED for synchronous tasks). Both end CANCELLED.
+        Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION (already in a final state).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PurgeExecutions(self, request, context):
+        """Deletes executions in a final state: of one job or all, older than a time, or all but a
+        job's newest. PENDING and RUNNING executions are never deleted. The server also purges on
+        its own (each job's history_limit, and the server's history max age).
+        Errors: INVALID_ARGUMENT, NOT_FOUND (job_id names no job).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -248,6 +294,21 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.TriggerJob,
                     request_deserializer=chronoplane_dot_v1_dot_scheduler__service__pb2.TriggerJobRequest.FromString,
                     response_serializer=chronoplane_dot_v1_dot_scheduler__service__pb2.TriggerJobResponse.SerializeToString,
+            ),
+            'BackfillJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.BackfillJob,
+                    request_deserializer=chronoplane_dot_v1_dot_scheduler__service__pb2.BackfillJobRequest.FromString,
+                    response_serializer=chronoplane_dot_v1_dot_scheduler__service__pb2.BackfillJobResponse.SerializeToString,
+            ),
+            'CancelExecution': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelExecution,
+                    request_deserializer=chronoplane_dot_v1_dot_scheduler__service__pb2.CancelExecutionRequest.FromString,
+                    response_serializer=chronoplane_dot_v1_dot_scheduler__service__pb2.CancelExecutionResponse.SerializeToString,
+            ),
+            'PurgeExecutions': grpc.unary_unary_rpc_method_handler(
+                    servicer.PurgeExecutions,
+                    request_deserializer=chronoplane_dot_v1_dot_scheduler__service__pb2.PurgeExecutionsRequest.FromString,
+                    response_serializer=chronoplane_dot_v1_dot_scheduler__service__pb2.PurgeExecutionsResponse.SerializeToString,
             ),
             'GetExecution': grpc.unary_unary_rpc_method_handler(
                     servicer.GetExecution,
@@ -492,6 +553,87 @@ class SchedulerService:
             '/chronoplane.v1.SchedulerService/TriggerJob',
             chronoplane_dot_v1_dot_scheduler__service__pb2.TriggerJobRequest.SerializeToString,
             chronoplane_dot_v1_dot_scheduler__service__pb2.TriggerJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BackfillJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chronoplane.v1.SchedulerService/BackfillJob',
+            chronoplane_dot_v1_dot_scheduler__service__pb2.BackfillJobRequest.SerializeToString,
+            chronoplane_dot_v1_dot_scheduler__service__pb2.BackfillJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelExecution(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chronoplane.v1.SchedulerService/CancelExecution',
+            chronoplane_dot_v1_dot_scheduler__service__pb2.CancelExecutionRequest.SerializeToString,
+            chronoplane_dot_v1_dot_scheduler__service__pb2.CancelExecutionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PurgeExecutions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chronoplane.v1.SchedulerService/PurgeExecutions',
+            chronoplane_dot_v1_dot_scheduler__service__pb2.PurgeExecutionsRequest.SerializeToString,
+            chronoplane_dot_v1_dot_scheduler__service__pb2.PurgeExecutionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

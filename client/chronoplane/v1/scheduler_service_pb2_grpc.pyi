@@ -65,11 +65,30 @@ class SchedulerServiceStub:
     Errors: INVALID_ARGUMENT, NOT_FOUND, ABORTED (etag mismatch).
     """
     TriggerJob: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.TriggerJobRequest, _scheduler_service_pb2.TriggerJobResponse]
-    """Runs a job now, paused or not, and returns the new execution (usually PENDING or RUNNING;
-    SKIPPED when max_concurrent executions are running). The same request_id for the same job
-    returns the execution the first call created.
+    """Runs a job now, paused or not, and returns the new execution. When max_concurrent
+    executions are running, the job's overlap policy (or the request's) decides: SKIPPED,
+    PENDING until a run ends, or the oldest run CANCELLED. The same request_id for the same
+    job returns the execution the first call created.
     Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION (the job's task is not registered
     on this server).
+    """
+    BackfillJob: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.BackfillJobRequest, _scheduler_service_pb2.BackfillJobResponse]
+    """Runs the fires a job's trigger had in a past time range, as executions with source
+    BACKFILL, oldest first, under the request's overlap policy (unset: BUFFER_ALL, one after
+    another as max_concurrent allows). A fire already backfilled is not run again.
+    Errors: INVALID_ARGUMENT (range not in the past, more than 1,000 fires), NOT_FOUND,
+    FAILED_PRECONDITION (task not registered).
+    """
+    CancelExecution: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.CancelExecutionRequest, _scheduler_service_pb2.CancelExecutionResponse]
+    """Stops an execution and returns it: a PENDING one never starts, a RUNNING one is cancelled
+    (see EXECUTION_STATE_CANCELLED for synchronous tasks). Both end CANCELLED.
+    Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION (already in a final state).
+    """
+    PurgeExecutions: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.PurgeExecutionsRequest, _scheduler_service_pb2.PurgeExecutionsResponse]
+    """Deletes executions in a final state: of one job or all, older than a time, or all but a
+    job's newest. PENDING and RUNNING executions are never deleted. The server also purges on
+    its own (each job's history_limit, and the server's history max age).
+    Errors: INVALID_ARGUMENT, NOT_FOUND (job_id names no job).
     """
     GetExecution: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.GetExecutionRequest, _scheduler_service_pb2.GetExecutionResponse]
     """Returns one execution. Errors: INVALID_ARGUMENT, NOT_FOUND."""
@@ -119,11 +138,30 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     Errors: INVALID_ARGUMENT, NOT_FOUND, ABORTED (etag mismatch).
     """
     TriggerJob: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.TriggerJobRequest, _scheduler_service_pb2.TriggerJobResponse]  # type: ignore[assignment]
-    """Runs a job now, paused or not, and returns the new execution (usually PENDING or RUNNING;
-    SKIPPED when max_concurrent executions are running). The same request_id for the same job
-    returns the execution the first call created.
+    """Runs a job now, paused or not, and returns the new execution. When max_concurrent
+    executions are running, the job's overlap policy (or the request's) decides: SKIPPED,
+    PENDING until a run ends, or the oldest run CANCELLED. The same request_id for the same
+    job returns the execution the first call created.
     Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION (the job's task is not registered
     on this server).
+    """
+    BackfillJob: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.BackfillJobRequest, _scheduler_service_pb2.BackfillJobResponse]  # type: ignore[assignment]
+    """Runs the fires a job's trigger had in a past time range, as executions with source
+    BACKFILL, oldest first, under the request's overlap policy (unset: BUFFER_ALL, one after
+    another as max_concurrent allows). A fire already backfilled is not run again.
+    Errors: INVALID_ARGUMENT (range not in the past, more than 1,000 fires), NOT_FOUND,
+    FAILED_PRECONDITION (task not registered).
+    """
+    CancelExecution: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.CancelExecutionRequest, _scheduler_service_pb2.CancelExecutionResponse]  # type: ignore[assignment]
+    """Stops an execution and returns it: a PENDING one never starts, a RUNNING one is cancelled
+    (see EXECUTION_STATE_CANCELLED for synchronous tasks). Both end CANCELLED.
+    Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION (already in a final state).
+    """
+    PurgeExecutions: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.PurgeExecutionsRequest, _scheduler_service_pb2.PurgeExecutionsResponse]  # type: ignore[assignment]
+    """Deletes executions in a final state: of one job or all, older than a time, or all but a
+    job's newest. PENDING and RUNNING executions are never deleted. The server also purges on
+    its own (each job's history_limit, and the server's history max age).
+    Errors: INVALID_ARGUMENT, NOT_FOUND (job_id names no job).
     """
     GetExecution: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.GetExecutionRequest, _scheduler_service_pb2.GetExecutionResponse]  # type: ignore[assignment]
     """Returns one execution. Errors: INVALID_ARGUMENT, NOT_FOUND."""
@@ -218,11 +256,48 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _scheduler_service_pb2.TriggerJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_service_pb2.TriggerJobResponse, _abc.Awaitable[_scheduler_service_pb2.TriggerJobResponse]]:
-        """Runs a job now, paused or not, and returns the new execution (usually PENDING or RUNNING;
-        SKIPPED when max_concurrent executions are running). The same request_id for the same job
-        returns the execution the first call created.
+        """Runs a job now, paused or not, and returns the new execution. When max_concurrent
+        executions are running, the job's overlap policy (or the request's) decides: SKIPPED,
+        PENDING until a run ends, or the oldest run CANCELLED. The same request_id for the same
+        job returns the execution the first call created.
         Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION (the job's task is not registered
         on this server).
+        """
+
+    @_abc_1.abstractmethod
+    def BackfillJob(
+        self,
+        request: _scheduler_service_pb2.BackfillJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_service_pb2.BackfillJobResponse, _abc.Awaitable[_scheduler_service_pb2.BackfillJobResponse]]:
+        """Runs the fires a job's trigger had in a past time range, as executions with source
+        BACKFILL, oldest first, under the request's overlap policy (unset: BUFFER_ALL, one after
+        another as max_concurrent allows). A fire already backfilled is not run again.
+        Errors: INVALID_ARGUMENT (range not in the past, more than 1,000 fires), NOT_FOUND,
+        FAILED_PRECONDITION (task not registered).
+        """
+
+    @_abc_1.abstractmethod
+    def CancelExecution(
+        self,
+        request: _scheduler_service_pb2.CancelExecutionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_service_pb2.CancelExecutionResponse, _abc.Awaitable[_scheduler_service_pb2.CancelExecutionResponse]]:
+        """Stops an execution and returns it: a PENDING one never starts, a RUNNING one is cancelled
+        (see EXECUTION_STATE_CANCELLED for synchronous tasks). Both end CANCELLED.
+        Errors: INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION (already in a final state).
+        """
+
+    @_abc_1.abstractmethod
+    def PurgeExecutions(
+        self,
+        request: _scheduler_service_pb2.PurgeExecutionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_service_pb2.PurgeExecutionsResponse, _abc.Awaitable[_scheduler_service_pb2.PurgeExecutionsResponse]]:
+        """Deletes executions in a final state: of one job or all, older than a time, or all but a
+        job's newest. PENDING and RUNNING executions are never deleted. The server also purges on
+        its own (each job's history_limit, and the server's history max age).
+        Errors: INVALID_ARGUMENT, NOT_FOUND (job_id names no job).
         """
 
     @_abc_1.abstractmethod

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import signal
 from contextlib import AsyncExitStack
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -85,8 +86,13 @@ class Application:
                 page_tokens=PageTokens(key),
             )
             scheduled = await service.load_schedule()
+            resumed = await service.resume_waiting()
+            if resumed:
+                log.info("took back %d waiting retries and backfill fires", resumed)
             await engine.start(runner.on_fires)
             stack.push_async_callback(engine.shutdown)
+            purger = asyncio.create_task(self._purge_forever(service), name="purge")
+            stack.push_async_callback(_cancelled, purger)
 
             server = GrpcServer(service, settings.address)
             await server.start()
@@ -105,12 +111,32 @@ class Application:
             log.info("shutting down: no new RPCs, %d executions running", runner.running)
         log.info("stopped")
 
+    async def _purge_forever(self, service: SchedulerService) -> None:
+        days = self.settings.history_max_age_days
+        max_age = timedelta(days=days) if days > 0 else None
+        while True:
+            try:
+                purged = await service.purge_history(max_age=max_age)
+            except Exception:
+                log.exception("purging execution history failed; trying again later")
+            else:
+                if purged:
+                    log.info("purged %d executions from the history", purged)
+            await asyncio.sleep(self.settings.purge_interval)
+
     @staticmethod
     def _coordinator(settings: Settings, engine: AsyncEngine) -> Coordinator:
         path = settings.sqlite_path()
         if path is not None:
             return FileLockCoordinator(Path(path))
         return AdvisoryLockCoordinator(engine)
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    """Cancels the task and waits until it has let go of what it held."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def _version() -> str:

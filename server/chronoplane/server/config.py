@@ -28,6 +28,10 @@ class Settings:
     worker_threads: int = 8
     log_level: str = "INFO"
     insecure: bool = False
+    history_max_age_days: float = 30.0
+    """Executions that ended longer ago are purged; 0 keeps them forever."""
+    purge_interval: float = 3600.0
+    """Seconds between purges of execution history."""
 
     @property
     def host(self) -> str:
@@ -59,6 +63,8 @@ class Settings:
             )
         if self.shutdown_grace < 0 or self.worker_threads < 1:
             raise ConfigError("shutdown_grace must be >= 0 and worker_threads >= 1")
+        if self.history_max_age_days < 0 or self.purge_interval <= 0:
+            raise ConfigError("history_max_age_days must be >= 0 and purge_interval > 0")
         path = self.sqlite_path()
         if path is not None:
             return replace(self, database_url=f"sqlite+aiosqlite:///{path}")
@@ -107,6 +113,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--worker-threads", type=int, help="threads for synchronous tasks")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument(
+        "--history-max-age-days",
+        type=float,
+        help="purge executions that ended longer ago (default 30; 0 keeps them)",
+    )
+    parser.add_argument(
+        "--purge-interval", type=float, help="seconds between history purges (default 3600)"
+    )
     parser.add_argument(
         "--insecure",
         action="store_true",

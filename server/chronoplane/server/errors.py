@@ -22,6 +22,7 @@ __all__ = [
     "AlreadyExists",
     "ChronoplaneError",
     "EtagMismatch",
+    "ExecutionFinished",
     "ExecutionNotFound",
     "FailedPrecondition",
     "FieldViolation",
@@ -113,6 +114,14 @@ class TaskNotRegistered(FailedPrecondition):
     def __init__(self, task: str) -> None:
         self.task = task
         super().__init__(f"task {task!r} is not registered on this server")
+
+
+class ExecutionFinished(FailedPrecondition):
+    reason = "EXECUTION_FINISHED"
+
+    def __init__(self, execution_id: str, state: str) -> None:
+        self.execution_id = execution_id
+        super().__init__(f"execution {execution_id!r} is already {state}")
 
 
 class StorageUnavailable(ChronoplaneError, ConnectionError):

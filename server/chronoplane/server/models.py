@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeAlias
 
 __all__ = [
+    "DEFAULT_CATCHUP_LIMIT",
     "DEFAULT_MAX_CONCURRENT",
     "DEFAULT_MISFIRE_GRACE",
     "FINAL_STATES",
@@ -23,6 +24,10 @@ __all__ = [
     "JSONObject",
     "Job",
     "JobPage",
+    "MisfirePolicy",
+    "MissedFires",
+    "OverlapPolicy",
+    "RetryPolicy",
     "Trigger",
 ]
 
@@ -30,6 +35,7 @@ JSONObject: TypeAlias = dict[str, Any]
 
 DEFAULT_MISFIRE_GRACE = timedelta(seconds=60)
 DEFAULT_MAX_CONCURRENT = 1
+DEFAULT_CATCHUP_LIMIT = 10
 
 
 class ExecutionState(enum.StrEnum):
@@ -40,28 +46,48 @@ class ExecutionState(enum.StrEnum):
     MISSED = "missed"
     SKIPPED = "skipped"
     INTERRUPTED = "interrupted"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
 
 
-FINAL_STATES = frozenset(
-    {
-        ExecutionState.SUCCEEDED,
-        ExecutionState.FAILED,
-        ExecutionState.MISSED,
-        ExecutionState.SKIPPED,
-        ExecutionState.INTERRUPTED,
-    }
-)
+FINAL_STATES = frozenset(set(ExecutionState) - {ExecutionState.PENDING, ExecutionState.RUNNING})
 
 
 class ExecutionSource(enum.StrEnum):
     SCHEDULE = "schedule"
     MANUAL = "manual"
+    RETRY = "retry"
+    BACKFILL = "backfill"
+
+
+class MisfirePolicy(enum.StrEnum):
+    """What to do with scheduled fires found later than the job's misfire grace."""
+
+    SKIP = "skip"
+    """Run none of them; record them."""
+    RUN_ONCE = "run_once"
+    """Run the latest one inside the catch-up window; record the rest."""
+    RUN_ALL = "run_all"
+    """Run each one inside the catch-up window, the latest ``catchup_limit``; record the rest."""
+
+
+class OverlapPolicy(enum.StrEnum):
+    """What a fire does when the job already has ``max_concurrent`` executions running."""
+
+    SKIP = "skip"
+    ALLOW = "allow"
+    BUFFER_ONE = "buffer_one"
+    BUFFER_ALL = "buffer_all"
+    CANCEL_RUNNING = "cancel_running"
 
 
 @dataclass(frozen=True, kw_only=True)
 class CronTrigger:
     expression: str
     time_zone: str = "UTC"
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    jitter: timedelta = timedelta(0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,11 +95,13 @@ class IntervalTrigger:
     every: timedelta
     start_time: datetime | None = None
     end_time: datetime | None = None
+    jitter: timedelta = timedelta(0)
 
 
 @dataclass(frozen=True, kw_only=True)
 class DateTrigger:
     run_time: datetime
+    jitter: timedelta = timedelta(0)
 
 
 Trigger: TypeAlias = CronTrigger | IntervalTrigger | DateTrigger
@@ -87,6 +115,46 @@ class ExecutionSummary:
     scheduled_time: datetime
     start_time: datetime | None
     end_time: datetime | None
+    attempt: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    """How a FAILED or TIMED_OUT execution is tried again, each attempt its own execution."""
+
+    max_attempts: int = 1
+    """Attempts in all, the first included; 1 means no retry."""
+    initial_backoff: timedelta = timedelta(seconds=1)
+    multiplier: float = 2.0
+    max_backoff: timedelta = timedelta(minutes=10)
+    retry_on: tuple[str, ...] = ()
+    """Exception class names (simple or qualified; base classes match); empty means any.
+    A timed-out run counts as ``TimeoutError``."""
+
+    def backoff(self, attempt: int) -> timedelta:
+        """The wait before attempt ``attempt + 1``, after attempt ``attempt`` (1-based)."""
+        seconds = self.initial_backoff.total_seconds() * self.multiplier ** (attempt - 1)
+        return min(timedelta(seconds=seconds), self.max_backoff)
+
+    def retries(self, attempt: int, error_types: tuple[str, ...]) -> bool:
+        """Whether a failure of attempt ``attempt`` with an error of ``error_types`` (its
+        class and base classes, qualified names) is tried again."""
+        if attempt >= self.max_attempts:
+            return False
+        if not self.retry_on:
+            return True
+        wanted = set(self.retry_on)
+        return any(name in wanted or name.rpartition(".")[2] in wanted for name in error_types)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MissedFires:
+    """Scheduled fires that did not run, summarised in one execution."""
+
+    count: int
+    first_time: datetime
+    last_time: datetime
+    count_is_lower_bound: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,9 +167,17 @@ class Job:
     args: JSONObject = field(default_factory=dict)
     paused: bool = False
     misfire_grace: timedelta = DEFAULT_MISFIRE_GRACE
-    coalesce: bool = True
     max_concurrent: int = DEFAULT_MAX_CONCURRENT
     labels: dict[str, str] = field(default_factory=dict)
+    misfire_policy: MisfirePolicy = MisfirePolicy.RUN_ONCE
+    catchup_window: timedelta | None = None
+    """Missed fires older than this are never run; None means no limit."""
+    catchup_limit: int = DEFAULT_CATCHUP_LIMIT
+    overlap_policy: OverlapPolicy = OverlapPolicy.SKIP
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    timeout: timedelta | None = None
+    history_limit: int = 0
+    """Executions kept for this job (the newest); 0 means only the server's age limit."""
     # Set by the store.
     version: int = 0
     create_time: datetime | None = None
@@ -112,6 +188,11 @@ class Job:
     @property
     def etag(self) -> str:
         return str(self.version)
+
+    @property
+    def coalesce(self) -> bool:
+        """The v1 field misfire_policy replaced: whether a backlog folds into one run."""
+        return self.misfire_policy is not MisfirePolicy.RUN_ALL
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,6 +212,14 @@ class Execution:
     error_message: str = ""
     error_traceback: str = ""
     request_id: str = ""
+    attempt: int = 1
+    first_execution_id: str = ""
+    """The first attempt's id, for a retry; empty for a first attempt."""
+    error_type: str = ""
+    """The qualified class name of what the task raised."""
+    missed: MissedFires | None = None
+    note: str = ""
+    """What happened after the final state was recorded (a late result, say)."""
 
     @property
     def duration(self) -> timedelta | None:

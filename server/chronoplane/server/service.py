@@ -8,23 +8,32 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
 from chronoplane.server.engine.abc import Engine
-from chronoplane.server.errors import EtagMismatch, InvalidArgument, JobAlreadyExists
+from chronoplane.server.errors import (
+    EtagMismatch,
+    InvalidArgument,
+    JobAlreadyExists,
+    JobNotFound,
+    TaskNotRegistered,
+)
 from chronoplane.server.ids import new_job_id
 from chronoplane.server.models import (
+    DEFAULT_MAX_CONCURRENT,
     DateTrigger,
     Execution,
     ExecutionQuery,
     IntervalTrigger,
     Job,
     JSONObject,
+    OverlapPolicy,
     Trigger,
 )
 from chronoplane.server.pagination import PageTokens, page_size
-from chronoplane.server.runner import Runner
+from chronoplane.server.runner import Due, Runner
+from chronoplane.server.scheduling import plan_fires
 from chronoplane.server.storage.abc import Store
 from chronoplane.server.tasks import TaskDefinition, TaskRegistry
 from chronoplane.server.validation import (
@@ -47,13 +56,25 @@ UPDATABLE_FIELDS = frozenset(
         "args",
         "trigger",
         "misfire_grace",
-        "coalesce",
         "max_concurrent",
         "labels",
+        "misfire_policy",
+        "catchup_window",
+        "catchup_limit",
+        "overlap_policy",
+        "retry",
+        "timeout",
+        "history_limit",
     }
 )
 MAX_PREVIEW = 1_000
 DEFAULT_PREVIEW = 10
+MAX_BACKFILL = 1_000
+MAX_REASON = 1_024
+MAX_KEEP_LAST = 1_000_000
+# A backlog of missed fires is walked this far; beyond, it is counted as "at least".
+MAX_CATCH_UP_SCAN = 10_000
+_TICK = timedelta(microseconds=1)
 # An update without an etag is a read-modify-write; retried this often when it races.
 _UPDATE_ATTEMPTS = 5
 
@@ -102,11 +123,80 @@ class SchedulerService:
     # -- start-up -----------------------------------------------------------------------------
 
     async def load_schedule(self) -> int:
-        """Gives the engine every active job from the database; returns how many."""
+        """Gives the engine every active job from the database, after working out what each
+        missed while no server ran (see scheduling.py); returns how many jobs."""
+        now = self._clock()
         jobs = await self._store.list_schedulable_jobs()
         for job in jobs:
+            if job.next_run_time is not None and job.next_run_time <= now:
+                job = self._catch_up(job, now)
             self._engine.schedule(job, reschedule=True)
         return len(jobs)
+
+    def _catch_up(self, job: Job, now: datetime) -> Job:
+        """Plans the fires from the job's recorded next run time to now; returns the job
+        with its next run time after now."""
+        assert job.next_run_time is not None
+        fires = self._engine.fires_between(
+            job.trigger, start=job.next_run_time, end=now, limit=MAX_CATCH_UP_SCAN + 1
+        )
+        if len(fires) <= MAX_CATCH_UP_SCAN:
+            plan = plan_fires(job, fires, now=now)
+        else:
+            recent = self._recent_fires(job, now, since=fires[-1])
+            plan = plan_fires(
+                job,
+                recent,
+                now=now,
+                uncounted=MAX_CATCH_UP_SCAN,
+                first_uncounted=fires[0],
+            )
+        next_run = self._engine.next_fire_time(job.trigger, after=now + _TICK)
+        if next_run is not None and next_run <= now:  # a date trigger that has had its fire
+            next_run = None
+        self._runner.on_due(
+            Due(job=job, run=plan.run, missed=plan.missed, next_run_time=next_run, noticed_time=now)
+        )
+        return replace(job, next_run_time=next_run)
+
+    def _recent_fires(self, job: Job, now: datetime, *, since: datetime) -> list[datetime]:
+        """The fires shortly before ``now``, enough for the misfire policy to choose from,
+        when the whole backlog is too long to walk: looks back further and further."""
+        wanted = max(job.catchup_limit, 1) + 1
+        lookback = max(job.misfire_grace * 2, timedelta(minutes=1))
+        best: list[datetime] = []
+        while True:
+            start = max(now - lookback, since + _TICK)
+            fires = self._engine.fires_between(
+                job.trigger, start=start, end=now, limit=MAX_CATCH_UP_SCAN + 1
+            )
+            if len(fires) > MAX_CATCH_UP_SCAN:
+                return best
+            best = fires
+            window_start = now - job.catchup_window if job.catchup_window else None
+            if (
+                len(fires) >= wanted
+                or start <= since + _TICK
+                or (window_start is not None and start <= window_start)
+            ):
+                return best
+            lookback *= 4
+
+    async def resume_waiting(self) -> int:
+        """Takes back the retries and backfill fires that were waiting when the server
+        stopped; returns how many."""
+        waiting = await self._store.list_resumable()
+        jobs: dict[str, Job] = {}
+        resumed: list[tuple[Execution, Job]] = []
+        for execution in waiting:
+            if execution.job_id not in jobs:
+                try:
+                    jobs[execution.job_id] = await self._store.get_job(execution.job_id)
+                except JobNotFound:
+                    continue
+            resumed.append((execution, jobs[execution.job_id]))
+        self._runner.resume(resumed)
+        return len(resumed)
 
     # -- jobs ---------------------------------------------------------------------------------
 
@@ -216,7 +306,10 @@ class SchedulerService:
             )
         checked = self._check_trigger(trigger, f"{prefix}.trigger", violations, now)
         violations.raise_if_any()
-        return replace(job, trigger=checked)
+        job = replace(job, trigger=checked)
+        if job.max_concurrent == 0 and job.overlap_policy is not OverlapPolicy.ALLOW:
+            job = replace(job, max_concurrent=DEFAULT_MAX_CONCURRENT)
+        return job
 
     def _check_trigger(
         self, trigger: Trigger | None, field: str, violations: Violations, now: datetime
@@ -242,7 +335,12 @@ class SchedulerService:
     # -- executions ---------------------------------------------------------------------------
 
     async def trigger_job(
-        self, job_id: str, *, args: JSONObject | None, request_id: str
+        self,
+        job_id: str,
+        *,
+        args: JSONObject | None,
+        request_id: str,
+        overlap_policy: OverlapPolicy | None = None,
     ) -> Execution:
         violations = Violations()
         check_text(violations, "request_id", request_id, limit=MAX_REQUEST_ID)
@@ -250,7 +348,77 @@ class SchedulerService:
             check_args(violations, "args", args)
         violations.raise_if_any()
         job = await self._store.get_job(job_id)
-        return await self._runner.trigger(job, args=args, request_id=request_id)
+        return await self._runner.trigger(
+            job, args=args, request_id=request_id, policy=overlap_policy
+        )
+
+    async def backfill_job(
+        self,
+        job_id: str,
+        *,
+        start: datetime | None,
+        end: datetime | None,
+        overlap_policy: OverlapPolicy | None,
+    ) -> tuple[list[Execution], int]:
+        """Runs the job's fires in [start, end), a past range; returns the executions made
+        and how many fires had been backfilled before."""
+        violations = Violations()
+        now = self._clock()
+        if start is None:
+            violations.add("start_time", "is required")
+        if end is None:
+            violations.add("end_time", "is required")
+        elif end > now:
+            violations.add("end_time", "is in the future: backfill runs past fires only")
+        if start is not None and end is not None and start >= end:
+            violations.add("end_time", "must be after start_time")
+        violations.raise_if_any()
+        assert start is not None and end is not None
+        job = await self._store.get_job(job_id)
+        if job.task not in self._tasks:
+            raise TaskNotRegistered(job.task)
+        fires = self._engine.fires_between(
+            job.trigger, start=start, end=end - _TICK, limit=MAX_BACKFILL + 1
+        )
+        if len(fires) > MAX_BACKFILL:
+            raise InvalidArgument.field(
+                "end_time",
+                f"the range holds more than {MAX_BACKFILL} fires (the {MAX_BACKFILL + 1}th is "
+                f"at {fires[-1].isoformat()}); backfill it in parts",
+            )
+        return await self._runner.backfill(
+            job, fires, policy=overlap_policy or OverlapPolicy.BUFFER_ALL
+        )
+
+    async def cancel_execution(self, execution_id: str, *, reason: str) -> Execution:
+        violations = Violations()
+        check_text(violations, "reason", reason, limit=MAX_REASON)
+        violations.raise_if_any()
+        return await self._runner.cancel(execution_id, reason=reason)
+
+    async def purge_executions(
+        self, *, job_id: str, older_than: datetime | None, keep_last: int
+    ) -> int:
+        if older_than is None and keep_last == 0:
+            raise InvalidArgument.field(
+                "older_than", "is required unless keep_last is set: say what to purge"
+            )
+        if not 0 <= keep_last <= MAX_KEEP_LAST:
+            raise InvalidArgument.field("keep_last", f"must be between 0 and {MAX_KEEP_LAST:,}")
+        if job_id:
+            await self._store.get_job(job_id)
+        return await self._store.purge_executions(
+            job_id=job_id or None, ended_before=older_than, keep_last=keep_last
+        )
+
+    async def purge_history(self, *, max_age: timedelta | None) -> int:
+        """The periodic purge: every job's history_limit, and the server's maximum age."""
+        purged = await self._store.purge_history_limits()
+        if max_age is not None:
+            purged += await self._store.purge_executions(
+                job_id=None, ended_before=self._clock() - max_age, keep_last=0
+            )
+        return purged
 
     async def get_execution(self, execution_id: str) -> Execution:
         return await self._store.get_execution(execution_id)

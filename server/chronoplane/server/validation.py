@@ -13,7 +13,16 @@ from chronoplane.server.models import Job
 
 __all__ = ["MAX_ARGS_BYTES", "Violations", "check_job", "check_text"]
 
+
+def _positive_up_to(
+    violations: Violations, field: str, value: timedelta | None, limit: timedelta, what: str
+) -> None:
+    if value is not None and not timedelta(0) < value <= limit:
+        violations.add(field, f"must be more than 0 and at most {what}")
+
+
 JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+EXCEPTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*){0,15}$")
 LABEL_KEY = re.compile(r"^[a-z0-9]([a-z0-9_./-]{0,61}[a-z0-9])?$")
 MAX_DISPLAY_NAME = 256
 MAX_DESCRIPTION = 4_096
@@ -25,6 +34,14 @@ MAX_ARGS_BYTES = 64 * 1024
 MAX_ARGS_DEPTH = 32
 MAX_MISFIRE_GRACE = timedelta(days=7)
 MAX_CONCURRENT = 1_000
+MAX_CATCHUP_WINDOW = timedelta(days=366)
+MAX_CATCHUP_LIMIT = 1_000
+MAX_TIMEOUT = timedelta(days=7)
+MAX_HISTORY_LIMIT = 1_000_000
+MAX_ATTEMPTS = 100
+MAX_BACKOFF = timedelta(days=1)
+MAX_RETRY_ON = 32
+MAX_MULTIPLIER = 100.0
 
 
 class Violations:
@@ -87,7 +104,7 @@ def check_args(violations: Violations, field: str, args: dict[str, Any]) -> None
 
 def check_job(violations: Violations, job: Job, prefix: str) -> None:
     """The checks that need nothing but the job itself (not the task registry or engine)."""
-    if not JOB_ID.match(job.id):
+    if not JOB_ID.fullmatch(job.id):
         violations.add(
             f"{prefix}.id",
             "must be 1 to 128 characters from [A-Za-z0-9._-], starting with a letter or digit",
@@ -98,12 +115,13 @@ def check_job(violations: Violations, job: Job, prefix: str) -> None:
     check_args(violations, f"{prefix}.args", job.args)
     if job.misfire_grace <= timedelta(0) or job.misfire_grace > MAX_MISFIRE_GRACE:
         violations.add(f"{prefix}.misfire_grace", "must be more than 0 and at most 7 days")
-    if not 1 <= job.max_concurrent <= MAX_CONCURRENT:
+    if not 0 <= job.max_concurrent <= MAX_CONCURRENT:
         violations.add(f"{prefix}.max_concurrent", f"must be between 0 and {MAX_CONCURRENT}")
+    _check_policies(violations, job, prefix)
     if len(job.labels) > MAX_LABELS:
         violations.add(f"{prefix}.labels", f"has {len(job.labels)} labels; at most {MAX_LABELS}")
     for key, value in job.labels.items():
-        if not LABEL_KEY.match(key):
+        if not LABEL_KEY.fullmatch(key):
             violations.add(
                 f"{prefix}.labels",
                 f"key {key[:70]!r} must be 1 to 63 characters from [a-z0-9_./-], "
@@ -113,4 +131,34 @@ def check_job(violations: Violations, job: Job, prefix: str) -> None:
             violations.add(
                 f"{prefix}.labels",
                 f"value of {key!r} must be at most {MAX_LABEL_VALUE} characters, without NUL",
+            )
+
+
+def _check_policies(violations: Violations, job: Job, prefix: str) -> None:
+    _positive_up_to(
+        violations, f"{prefix}.catchup_window", job.catchup_window, MAX_CATCHUP_WINDOW, "366 days"
+    )
+    if not 1 <= job.catchup_limit <= MAX_CATCHUP_LIMIT:
+        violations.add(f"{prefix}.catchup_limit", f"must be between 0 and {MAX_CATCHUP_LIMIT}")
+    _positive_up_to(violations, f"{prefix}.timeout", job.timeout, MAX_TIMEOUT, "7 days")
+    if not 0 <= job.history_limit <= MAX_HISTORY_LIMIT:
+        violations.add(f"{prefix}.history_limit", f"must be between 0 and {MAX_HISTORY_LIMIT:,}")
+    retry = job.retry
+    field = f"{prefix}.retry"
+    if not 1 <= retry.max_attempts <= MAX_ATTEMPTS:
+        violations.add(f"{field}.max_attempts", f"must be between 0 and {MAX_ATTEMPTS}")
+    _positive_up_to(
+        violations, f"{field}.initial_backoff", retry.initial_backoff, MAX_BACKOFF, "1 day"
+    )
+    _positive_up_to(violations, f"{field}.max_backoff", retry.max_backoff, MAX_BACKOFF, "1 day")
+    if not 1.0 <= retry.multiplier <= MAX_MULTIPLIER:
+        violations.add(f"{field}.backoff_multiplier", f"must be between 1 and {MAX_MULTIPLIER:g}")
+    if len(retry.retry_on) > MAX_RETRY_ON:
+        violations.add(f"{field}.retry_on", f"has {len(retry.retry_on)} names; at most 32")
+    for name in retry.retry_on:
+        if not EXCEPTION_NAME.fullmatch(name):
+            violations.add(
+                f"{field}.retry_on",
+                f"{name[:80]!r} is not an exception class name like 'ConnectionError' or "
+                "'requests.exceptions.Timeout'",
             )

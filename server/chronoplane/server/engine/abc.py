@@ -46,15 +46,27 @@ class Engine(ABC):
     @abstractmethod
     def check(self, trigger: Trigger, *, now: datetime) -> None:
         """Raises ``InvalidArgument`` (fields relative to the trigger, like
-        ``cron.expression``) when the trigger is malformed or can never fire."""
+        ``cron.expression``) when the trigger is malformed, can never fire, or would first
+        fire more than 100 years after ``now``; quickly, whatever the input."""
 
     @abstractmethod
     def next_fire_time(self, trigger: Trigger, *, after: datetime) -> datetime | None:
-        """The first fire at or after ``after``; None when the trigger will not fire again."""
+        """The first fire at or after ``after``; None when the trigger will not fire again.
+
+        A date trigger gives its run time even when that is before ``after``, so that a job
+        created late still fires once (or is recorded missed)."""
 
     @abstractmethod
     def preview(self, trigger: Trigger, *, start: datetime, count: int) -> list[datetime]:
         """Up to ``count`` fire times at or after ``start``, ascending."""
+
+    @abstractmethod
+    def fires_between(
+        self, trigger: Trigger, *, start: datetime, end: datetime, limit: int
+    ) -> list[datetime]:
+        """The first ``limit`` fire times t with ``start <= t <= end``, ascending, for catch-up
+        after downtime and for backfill. Asks the trigger at most ``limit + 1`` times, so a
+        long gap costs no more than the fires wanted."""
 
     @abstractmethod
     async def start(self, handler: FireHandler) -> None:

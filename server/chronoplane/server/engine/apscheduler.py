@@ -10,8 +10,8 @@ scheduled time it is running for, and we need it for every execution record.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-import math
 import zoneinfo
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -22,14 +22,13 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.schedulers.base import STATE_STOPPED
 from apscheduler.triggers.base import BaseTrigger
-from apscheduler.triggers.cron import CronTrigger as ApsCronTrigger
 from apscheduler.triggers.date import DateTrigger as ApsDateTrigger
 from apscheduler.triggers.interval import IntervalTrigger as ApsIntervalTrigger
 
 from chronoplane.server.engine.abc import Engine, Fire, FireHandler
-from chronoplane.server.engine.cron import parse_crontab
+from chronoplane.server.engine.wallclock import WallClockCronTrigger
 from chronoplane.server.errors import FieldViolation, InvalidArgument
-from chronoplane.server.models import CronTrigger, IntervalTrigger, Job, Trigger
+from chronoplane.server.models import CronTrigger, DateTrigger, IntervalTrigger, Job, Trigger
 
 __all__ = ["ApschedulerEngine", "build_trigger"]
 
@@ -37,45 +36,80 @@ log = logging.getLogger(__name__)
 
 MIN_INTERVAL = timedelta(seconds=1)
 MAX_INTERVAL = timedelta(days=3650)
+MAX_JITTER = timedelta(days=1)
+# A trigger whose first fire is further away than this is taken for a mistake.
+HORIZON = timedelta(days=36525)
 _MAX_TIME_ZONE = 64
+_MAX_SHOWN = 64
 # APScheduler's own overlap guard must never stop a fire: overlap is the runner's business.
 _UNLIMITED_INSTANCES = 1 << 30
 
 
+@functools.cache
+def _zone_names() -> frozenset[str]:
+    """IANA names zoneinfo finds (about 0.1 s to list, so once). ``localtime`` is dropped: it
+    is the host's own zone under a file name, not a zone name, and would move with the host."""
+    return frozenset(zoneinfo.available_timezones() - {"localtime"})
+
+
 def _time_zone(name: str) -> zoneinfo.ZoneInfo:
+    """Only listed names reach ``ZoneInfo``, which would otherwise read any file under the
+    zone directories (``posixrules``, ``right/UTC``) and accept case-folded names on some
+    file systems."""
     if len(name) > _MAX_TIME_ZONE:
         raise InvalidArgument.field("cron.time_zone", f"longer than {_MAX_TIME_ZONE} characters")
-    try:
-        return zoneinfo.ZoneInfo(name or "UTC")
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+    name = name or "UTC"
+    if name not in _zone_names():
         raise InvalidArgument.field(
             "cron.time_zone", f"{name!r} is not an IANA time zone (like 'Europe/Berlin')"
-        ) from None
+        )
+    return zoneinfo.ZoneInfo(name)
 
 
-def _cron_trigger(trigger: CronTrigger) -> BaseTrigger:
-    """Reports a bad expression and a bad time zone together."""
+class _BoundedIntervalTrigger(ApsIntervalTrigger):  # type: ignore[misc]
+    """APScheduler's interval trigger, with no fire past year 9999 instead of a ``ValueError``
+    (which a preview from year 9998 would otherwise turn into INTERNAL)."""
+
+    def get_next_fire_time(
+        self, previous_fire_time: datetime | None, now: datetime
+    ) -> datetime | None:
+        try:
+            fire: datetime | None = super().get_next_fire_time(previous_fire_time, now)
+        except (OverflowError, ValueError):
+            return None
+        return fire
+
+
+def _shown(text: str) -> str:
+    """``text`` quoted and cut short: a violation is sent back in a header (16 KiB at most)."""
+    return repr(text) if len(text) <= _MAX_SHOWN else f"{text[:_MAX_SHOWN]!r}..."
+
+
+def _cron_trigger(trigger: CronTrigger) -> WallClockCronTrigger:
+    """Reports a bad expression, time zone and bounds together."""
     violations: list[FieldViolation] = []
     zone = None
     try:
         zone = _time_zone(trigger.time_zone)
     except InvalidArgument as error:
         violations += error.violations
+    if trigger.start_time and trigger.end_time and trigger.end_time <= trigger.start_time:
+        violations.append(
+            FieldViolation(field="cron.end_time", description="must be after start_time")
+        )
     try:
-        fields = parse_crontab(trigger.expression)
-        built = ApsCronTrigger(
-            second=fields.second,
-            minute=fields.minute,
-            hour=fields.hour,
-            day=fields.day,
-            month=fields.month,
-            day_of_week=fields.day_of_week,
-            timezone=zone or UTC,
+        built = WallClockCronTrigger(
+            trigger.expression,
+            zone or zoneinfo.ZoneInfo("UTC"),
+            start_time=trigger.start_time,
+            end_time=trigger.end_time,
         )
     except ValueError as error:
         violations.insert(
             0,
-            FieldViolation(field="cron.expression", description=f"{trigger.expression!r}: {error}"),
+            FieldViolation(
+                field="cron.expression", description=f"{_shown(trigger.expression)}: {error}"
+            ),
         )
     if violations:
         raise InvalidArgument(violations)
@@ -83,7 +117,8 @@ def _cron_trigger(trigger: CronTrigger) -> BaseTrigger:
 
 
 def build_trigger(trigger: Trigger) -> BaseTrigger:
-    """The APScheduler trigger for ours; raises ``InvalidArgument`` when malformed."""
+    """The APScheduler trigger for ours, without jitter (the runner applies it); raises
+    ``InvalidArgument`` when malformed."""
     if isinstance(trigger, CronTrigger):
         return _cron_trigger(trigger)
     if isinstance(trigger, IntervalTrigger):
@@ -91,13 +126,80 @@ def build_trigger(trigger: Trigger) -> BaseTrigger:
             raise InvalidArgument.field("interval.every", "must be between 1 second and 3650 days")
         if trigger.start_time and trigger.end_time and trigger.end_time <= trigger.start_time:
             raise InvalidArgument.field("interval.end_time", "must be after start_time")
-        return ApsIntervalTrigger(
+        return _BoundedIntervalTrigger(
             seconds=trigger.every.total_seconds(),
             start_date=trigger.start_time,
             end_date=trigger.end_time,
             timezone=UTC,
         )
     return ApsDateTrigger(run_date=trigger.run_time, timezone=UTC)
+
+
+def _jitter_violations(trigger: Trigger) -> list[FieldViolation]:
+    if not timedelta(0) <= trigger.jitter <= MAX_JITTER:
+        return [FieldViolation(field="jitter", description="must be between 0 and 1 day")]
+    if isinstance(trigger, IntervalTrigger) and trigger.jitter and trigger.jitter >= trigger.every:
+        return [FieldViolation(field="jitter", description="must be less than interval.every")]
+    return []
+
+
+def _horizon(now: datetime) -> datetime:
+    try:
+        return now + HORIZON
+    except OverflowError:
+        return datetime.max.replace(tzinfo=UTC)
+
+
+def _first_fire(
+    trigger: CronTrigger | IntervalTrigger, built: BaseTrigger, now: datetime
+) -> datetime | None:
+    """The first fire at or after ``now``. An interval without start_time is taken as the
+    service stores it, anchored one period after ``now`` (APScheduler would anchor it to the
+    wall clock, which a preview from another time must not see)."""
+    if isinstance(trigger, IntervalTrigger) and trigger.start_time is None:
+        try:
+            first = now + trigger.every
+        except OverflowError:
+            return None
+        return None if trigger.end_time is not None and first > trigger.end_time else first
+    fire: datetime | None = built.get_next_fire_time(None, now)
+    return fire
+
+
+def _never_fires(trigger: CronTrigger | IntervalTrigger, now: datetime) -> InvalidArgument:
+    """Names the field that leaves a trigger without a fire within ``HORIZON`` of ``now``."""
+    kind = "cron" if isinstance(trigger, CronTrigger) else "interval"
+    start = max(now, trigger.start_time or now)
+    if trigger.end_time is not None and trigger.end_time < _horizon(now):
+        return InvalidArgument.field(
+            f"{kind}.end_time",
+            f"the trigger would never fire: no fire from {start.isoformat()} to "
+            f"end_time {trigger.end_time.isoformat()}",
+        )
+    if trigger.start_time is not None and trigger.start_time > now:
+        return InvalidArgument.field(
+            f"{kind}.start_time", "the trigger would not fire within 100 years"
+        )
+    return InvalidArgument.field("cron.expression", "the trigger would not fire within 100 years")
+
+
+def _fires(
+    built: BaseTrigger, *, start: datetime, end: datetime | None, limit: int
+) -> list[datetime]:
+    """At most ``limit`` fires from ``start`` to ``end``, asking the trigger at most
+    ``limit + 1`` times."""
+    fires: list[datetime] = []
+    if limit <= 0:
+        return fires
+    fire: datetime | None = built.get_next_fire_time(None, start)
+    if fire is not None and fire < start:  # a date trigger gives its run time regardless
+        fire = built.get_next_fire_time(fire, start)
+    while fire is not None and (end is None or fire <= end):
+        fires.append(fire.astimezone(UTC))
+        if len(fires) == limit:
+            break
+        fire = built.get_next_fire_time(fire, fire)
+    return fires
 
 
 class _FireExecutor(BaseExecutor):  # type: ignore[misc]
@@ -120,6 +222,7 @@ def _never_called() -> None:
 
 class ApschedulerEngine(Engine):
     def __init__(self) -> None:
+        _zone_names()  # listed now, so that no request pays for it
         self._scheduler = AsyncIOScheduler(timezone=UTC)
         self._scheduler.add_executor(_FireExecutor(self), alias="fire")
         self._handler: FireHandler | None = None
@@ -128,26 +231,30 @@ class ApschedulerEngine(Engine):
     # -- trigger arithmetic -------------------------------------------------------------------
 
     def check(self, trigger: Trigger, *, now: datetime) -> None:
-        built = build_trigger(trigger)
-        if isinstance(trigger, IntervalTrigger) and trigger.end_time is not None:
-            if built.get_next_fire_time(None, now) is None:
-                raise InvalidArgument.field(
-                    "interval.end_time", "is in the past: the trigger would never fire"
-                )
+        violations = _jitter_violations(trigger)
+        try:
+            built = build_trigger(trigger)
+        except InvalidArgument as error:
+            raise InvalidArgument(error.violations + violations) from None
+        if violations:
+            raise InvalidArgument(violations)
+        if isinstance(trigger, DateTrigger):
+            return  # a past run time fires at once (or misfires): the runner decides
+        fire = _first_fire(trigger, built, now)
+        if fire is None or fire > _horizon(now):
+            raise _never_fires(trigger, now)
 
     def next_fire_time(self, trigger: Trigger, *, after: datetime) -> datetime | None:
         fire: datetime | None = build_trigger(trigger).get_next_fire_time(None, after)
         return None if fire is None else fire.astimezone(UTC)
 
     def preview(self, trigger: Trigger, *, start: datetime, count: int) -> list[datetime]:
-        built = build_trigger(trigger)
-        fires: list[datetime] = []
-        fire = built.get_next_fire_time(None, start)
-        while fire is not None and len(fires) < count:
-            if fire >= start:
-                fires.append(fire.astimezone(UTC))
-            fire = built.get_next_fire_time(fire, fire)
-        return fires
+        return _fires(build_trigger(trigger), start=start, end=None, limit=count)
+
+    def fires_between(
+        self, trigger: Trigger, *, start: datetime, end: datetime, limit: int
+    ) -> list[datetime]:
+        return _fires(build_trigger(trigger), start=start, end=end, limit=limit)
 
     # -- the timer ----------------------------------------------------------------------------
 
@@ -161,10 +268,7 @@ class ApschedulerEngine(Engine):
         if job.paused or job.next_run_time is None:
             self.unschedule(job.id)
             return
-        # APScheduler wants whole seconds; the runner judges misfires on the exact value.
-        grace = max(1, math.ceil(job.misfire_grace.total_seconds()))
         if job.id in self._jobs and not reschedule:
-            scheduler.modify_job(job.id, coalesce=job.coalesce, misfire_grace_time=grace)
             self._jobs[job.id] = job
             return
         scheduler.add_job(
@@ -173,8 +277,10 @@ class ApschedulerEngine(Engine):
             id=job.id,
             executor="fire",
             next_run_time=job.next_run_time,
-            coalesce=job.coalesce,
-            misfire_grace_time=grace,
+            # Every due run time reaches the runner, which applies the misfire policy
+            # (scheduling.plan_fires); APScheduler must neither fold nor drop any.
+            coalesce=False,
+            misfire_grace_time=None,
             max_instances=_UNLIMITED_INSTANCES,
             replace_existing=True,
         )

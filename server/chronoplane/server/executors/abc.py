@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from datetime import datetime
@@ -10,20 +11,35 @@ from typing import Any
 from chronoplane.server.models import JSONObject
 from chronoplane.server.tasks import TaskDefinition
 
-__all__ = ["Executor", "StartCallback"]
+__all__ = ["Executor", "StartCallback", "Work"]
 
 StartCallback = Callable[[datetime], None]
 """Told, on the event loop, the moment the task's code begins."""
 
 
+class Work(ABC):
+    """A task started by an executor."""
+
+    @property
+    @abstractmethod
+    def done(self) -> asyncio.Future[Any]:
+        """Resolves when the task's code has really ended, with what it returned or raised.
+
+        Never cancelled by the caller's waiting: a caller that stops waiting (timeout,
+        cancellation) can still learn when the code ended, and how.
+        """
+
+    @abstractmethod
+    def cancel(self) -> bool:
+        """Asks the task to stop. True if it will (an async task, or a synchronous one that
+        has not begun); False for a synchronous task already in its thread, which cannot be
+        interrupted and runs to its end."""
+
+
 class Executor(ABC):
     @abstractmethod
-    async def run(self, task: TaskDefinition, args: JSONObject, on_start: StartCallback) -> Any:
-        """Runs the task and returns what it returned; raises what it raised.
-
-        Cancelling the awaiting coroutine stops an async task; a synchronous task in a thread
-        cannot be stopped and runs to its end, its outcome ignored.
-        """
+    def start(self, task: TaskDefinition, args: JSONObject, on_start: StartCallback) -> Work:
+        """Starts the task; must be called on the event loop."""
 
     @abstractmethod
     def busy(self) -> int:

@@ -3,17 +3,64 @@
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
-from chronoplane.server.executors.abc import Executor, StartCallback
+from chronoplane.server.executors.abc import Executor, StartCallback, Work
 from chronoplane.server.models import JSONObject
 from chronoplane.server.tasks import TaskDefinition
 
 __all__ = ["InlineExecutor"]
+
+
+class _AsyncWork(Work):
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self._task = task
+
+    @property
+    def done(self) -> asyncio.Future[Any]:
+        return self._task
+
+    def cancel(self) -> bool:
+        self._task.cancel()
+        return True
+
+
+class _ThreadWork(Work):
+    """A call in a worker thread. Its ``done`` future is our own, not ``wrap_future``'s: that
+    one is marked cancelled when cancelled, although the thread goes on running."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, future: Future[Any]) -> None:
+        self._done: asyncio.Future[Any] = loop.create_future()
+        self._future = future
+        self._loop = loop
+        future.add_done_callback(self._from_thread)
+
+    def _from_thread(self, future: Future[Any]) -> None:
+        # A thread that outlives the server finds the loop closed: nobody is listening.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._settle, future)
+
+    def _settle(self, future: Future[Any]) -> None:
+        if self._done.done():
+            return
+        if future.cancelled():
+            self._done.cancel()
+        elif (error := future.exception()) is not None:
+            self._done.set_exception(error)
+        else:
+            self._done.set_result(future.result())
+
+    @property
+    def done(self) -> asyncio.Future[Any]:
+        return self._done
+
+    def cancel(self) -> bool:
+        # Succeeds only while the call still waits for a free thread.
+        return self._future.cancel()
 
 
 class InlineExecutor(Executor):
@@ -22,13 +69,12 @@ class InlineExecutor(Executor):
         self._busy = 0
         self._lock = threading.Lock()
 
-    async def run(self, task: TaskDefinition, args: JSONObject, on_start: StartCallback) -> Any:
+    def start(self, task: TaskDefinition, args: JSONObject, on_start: StartCallback) -> Work:
         if task.is_async:
             on_start(datetime.now(UTC))
-            return await task.func(**args)
+            return _AsyncWork(asyncio.ensure_future(task.func(**args)))
         loop = asyncio.get_running_loop()
-        call = functools.partial(self._call, loop, task, args, on_start)
-        return await asyncio.shield(loop.run_in_executor(self._pool, call))
+        return _ThreadWork(loop, self._pool.submit(self._call, loop, task, args, on_start))
 
     def _call(
         self,

@@ -39,6 +39,7 @@ class ExecutionFinish:
     result: Any = None
     error_message: str = ""
     error_traceback: str = ""
+    error_type: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,7 +136,37 @@ class Store(ABC):
 
     @abstractmethod
     async def interrupt_unfinished(self, *, message: str, now: datetime) -> int:
-        """Marks every PENDING or RUNNING execution INTERRUPTED; returns how many."""
+        """Marks every PENDING or RUNNING execution INTERRUPTED, except those
+        ``list_resumable`` returns; returns how many."""
+
+    @abstractmethod
+    async def list_resumable(self) -> list[Execution]:
+        """PENDING retries and backfill fires, which never started (they are claimed before
+        they start), oldest first."""
+
+    @abstractmethod
+    async def claim_execution(self, execution_id: str, *, start_time: datetime) -> bool:
+        """PENDING -> RUNNING, now; False if it is no longer PENDING (cancelled, say)."""
+
+    @abstractmethod
+    async def finish_execution(self, finish: ExecutionFinish) -> bool:
+        """Applies one final state now; False if the execution was already final (or gone)."""
+
+    @abstractmethod
+    async def add_note(self, execution_id: str, note: str) -> None:
+        """Sets the execution's note (what happened after its final state)."""
+
+    @abstractmethod
+    async def purge_executions(
+        self, *, job_id: str | None, ended_before: datetime | None, keep_last: int
+    ) -> int:
+        """Deletes final executions (of one job or all) that ended before ``ended_before``,
+        and those older than each job's newest ``keep_last`` (when positive). Returns how
+        many."""
+
+    @abstractmethod
+    async def purge_history_limits(self) -> int:
+        """Applies every job's history_limit; returns how many executions were deleted."""
 
     # -- server -------------------------------------------------------------------------------
 

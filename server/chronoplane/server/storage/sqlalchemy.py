@@ -33,6 +33,10 @@ from chronoplane.server.models import (
     IntervalTrigger,
     Job,
     JobPage,
+    MisfirePolicy,
+    MissedFires,
+    OverlapPolicy,
+    RetryPolicy,
     Trigger,
 )
 from chronoplane.server.storage.abc import ExecutionFinish, ExecutionStart, NextRun, Store
@@ -44,6 +48,12 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _UNFINISHED = (ExecutionState.PENDING.value, ExecutionState.RUNNING.value)
+# Waiting executions that never started (a retry waiting out its backoff, a backfill fire
+# waiting its turn): a restart runs them, instead of marking them INTERRUPTED. They are
+# claimed (PENDING -> RUNNING, written) before they start, so PENDING means never started.
+_RESUMABLE = (executions.c.state == ExecutionState.PENDING.value) & executions.c.source.in_(
+    (ExecutionSource.RETRY.value, ExecutionSource.BACKFILL.value)
+)
 
 
 def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
@@ -97,33 +107,106 @@ def _parse(value: str | None) -> datetime | None:
     return None if value is None else datetime.fromisoformat(value)
 
 
+def _seconds(value: timedelta | None) -> float | None:
+    return None if value is None else value.total_seconds()
+
+
+def _delta(value: float | None) -> timedelta | None:
+    return None if value is None else timedelta(seconds=value)
+
+
 def trigger_to_json(trigger: Trigger) -> dict[str, Any]:
+    """The stored form; jitter is written only when set, so older rows read the same."""
+    spec: dict[str, Any]
     if isinstance(trigger, CronTrigger):
-        return {"cron": {"expression": trigger.expression, "time_zone": trigger.time_zone}}
-    if isinstance(trigger, IntervalTrigger):
-        return {
-            "interval": {
-                "every_seconds": trigger.every.total_seconds(),
-                "start_time": _iso(trigger.start_time),
-                "end_time": _iso(trigger.end_time),
-            }
+        kind = "cron"
+        spec = {"expression": trigger.expression, "time_zone": trigger.time_zone}
+        if trigger.start_time or trigger.end_time:
+            spec |= {"start_time": _iso(trigger.start_time), "end_time": _iso(trigger.end_time)}
+    elif isinstance(trigger, IntervalTrigger):
+        kind = "interval"
+        spec = {
+            "every_seconds": trigger.every.total_seconds(),
+            "start_time": _iso(trigger.start_time),
+            "end_time": _iso(trigger.end_time),
         }
-    return {"date": {"run_time": _iso(trigger.run_time)}}
+    else:
+        kind = "date"
+        spec = {"run_time": _iso(trigger.run_time)}
+    if trigger.jitter:
+        spec["jitter_seconds"] = trigger.jitter.total_seconds()
+    return {kind: spec}
 
 
 def trigger_from_json(data: dict[str, Any]) -> Trigger:
-    if "cron" in data:
-        return CronTrigger(**data["cron"])
-    if "interval" in data:
-        spec = data["interval"]
+    kind, spec = next(iter(data.items()))
+    jitter = timedelta(seconds=spec.get("jitter_seconds", 0))
+    if kind == "cron":
+        return CronTrigger(
+            expression=spec["expression"],
+            time_zone=spec["time_zone"],
+            start_time=_parse(spec.get("start_time")),
+            end_time=_parse(spec.get("end_time")),
+            jitter=jitter,
+        )
+    if kind == "interval":
         return IntervalTrigger(
             every=timedelta(seconds=spec["every_seconds"]),
             start_time=_parse(spec["start_time"]),
             end_time=_parse(spec["end_time"]),
+            jitter=jitter,
         )
-    run_time = _parse(data["date"]["run_time"])
+    run_time = _parse(spec["run_time"])
     assert run_time is not None
-    return DateTrigger(run_time=run_time)
+    return DateTrigger(run_time=run_time, jitter=jitter)
+
+
+def _retry_to_json(retry: RetryPolicy) -> dict[str, Any] | None:
+    if retry.max_attempts <= 1:
+        return None
+    return {
+        "max_attempts": retry.max_attempts,
+        "initial_backoff_seconds": retry.initial_backoff.total_seconds(),
+        "multiplier": retry.multiplier,
+        "max_backoff_seconds": retry.max_backoff.total_seconds(),
+        "retry_on": list(retry.retry_on),
+    }
+
+
+def _retry_from_json(data: dict[str, Any] | None) -> RetryPolicy:
+    if data is None:
+        return RetryPolicy()
+    return RetryPolicy(
+        max_attempts=data["max_attempts"],
+        initial_backoff=timedelta(seconds=data["initial_backoff_seconds"]),
+        multiplier=data["multiplier"],
+        max_backoff=timedelta(seconds=data["max_backoff_seconds"]),
+        retry_on=tuple(data["retry_on"]),
+    )
+
+
+def _missed_to_json(missed: MissedFires | None) -> dict[str, Any] | None:
+    if missed is None:
+        return None
+    return {
+        "count": missed.count,
+        "count_is_lower_bound": missed.count_is_lower_bound,
+        "first_time": _iso(missed.first_time),
+        "last_time": _iso(missed.last_time),
+    }
+
+
+def _missed_from_json(data: dict[str, Any] | None) -> MissedFires | None:
+    if data is None:
+        return None
+    first, last = _parse(data["first_time"]), _parse(data["last_time"])
+    assert first is not None and last is not None
+    return MissedFires(
+        count=data["count"],
+        count_is_lower_bound=data["count_is_lower_bound"],
+        first_time=first,
+        last_time=last,
+    )
 
 
 def _job_values(job: Job) -> dict[str, Any]:
@@ -135,9 +218,15 @@ def _job_values(job: Job) -> dict[str, Any]:
         "trigger": trigger_to_json(job.trigger),
         "paused": job.paused,
         "misfire_grace_seconds": job.misfire_grace.total_seconds(),
-        "coalesce": job.coalesce,
         "max_concurrent": job.max_concurrent,
         "labels": job.labels,
+        "misfire_policy": job.misfire_policy.value,
+        "catchup_window_seconds": _seconds(job.catchup_window),
+        "catchup_limit": job.catchup_limit,
+        "overlap_policy": job.overlap_policy.value,
+        "retry": _retry_to_json(job.retry),
+        "timeout_seconds": _seconds(job.timeout),
+        "history_limit": job.history_limit,
         "next_run_time": job.next_run_time,
     }
 
@@ -152,9 +241,15 @@ def _job_from_row(row: sa.Row[Any], summary: ExecutionSummary | None = None) -> 
         trigger=trigger_from_json(row.trigger),
         paused=row.paused,
         misfire_grace=timedelta(seconds=row.misfire_grace_seconds),
-        coalesce=row.coalesce,
         max_concurrent=row.max_concurrent,
         labels=row.labels,
+        misfire_policy=MisfirePolicy(row.misfire_policy),
+        catchup_window=_delta(row.catchup_window_seconds),
+        catchup_limit=row.catchup_limit,
+        overlap_policy=OverlapPolicy(row.overlap_policy),
+        retry=_retry_from_json(row.retry),
+        timeout=_delta(row.timeout_seconds),
+        history_limit=row.history_limit,
         version=row.version,
         create_time=row.create_time,
         update_time=row.update_time,
@@ -180,13 +275,25 @@ def _execution_from_row(row: sa.Row[Any]) -> Execution:
         error_traceback=row.error_traceback,
         instance_id=row.instance_id,
         request_id=row.request_id or "",
+        attempt=row.attempt,
+        first_execution_id=row.first_execution_id or "",
+        error_type=row.error_type,
+        missed=_missed_from_json(row.missed),
+        note=row.note,
     )
 
 
 def _dedupe_key(execution: Execution) -> str | None:
-    """What makes an execution unique within its job (see tables.executions)."""
+    """What makes an execution unique within its job (see tables.executions): one per
+    scheduled fire (a MISSED record takes the key of the first fire it stands for), one per
+    backfilled fire, one per retry attempt, one per TriggerJob request_id."""
+    scheduled = execution.scheduled_time.astimezone(UTC).isoformat()
     if execution.source is ExecutionSource.SCHEDULE:
-        return "s:" + execution.scheduled_time.astimezone(UTC).isoformat()
+        return "s:" + scheduled
+    if execution.source is ExecutionSource.BACKFILL:
+        return "b:" + scheduled
+    if execution.source is ExecutionSource.RETRY:
+        return f"a:{execution.first_execution_id}:{execution.attempt}"
     if execution.request_id:
         return "r:" + execution.request_id
     return None
@@ -210,6 +317,11 @@ def _execution_values(execution: Execution) -> dict[str, Any]:
         "error_traceback": execution.error_traceback,
         "instance_id": execution.instance_id,
         "request_id": execution.request_id or None,
+        "attempt": execution.attempt,
+        "first_execution_id": execution.first_execution_id or None,
+        "error_type": execution.error_type,
+        "missed": _missed_to_json(execution.missed),
+        "note": execution.note,
     }
 
 
@@ -221,6 +333,8 @@ _PG_ARRAY_TYPES = {
     "end_time": "timestamptz",
     "args": "json",
     "result": "json",
+    "missed": "json",
+    "attempt": "int",
 }
 _PG_INSERT_EXECUTIONS = sa.text(
     f"INSERT INTO executions ({', '.join(_EXECUTION_COLUMNS)}) "
@@ -250,6 +364,7 @@ _JOB_WITH_SUMMARY = sa.select(
     _summary.c.scheduled_time.label("x_scheduled_time"),
     _summary.c.start_time.label("x_start_time"),
     _summary.c.end_time.label("x_end_time"),
+    _summary.c.attempt.label("x_attempt"),
 ).select_from(jobs.outerjoin(_summary, _summary.c.id == _last_execution))
 
 
@@ -263,6 +378,7 @@ def _job_with_summary(row: sa.Row[Any]) -> Job:
             scheduled_time=row.x_scheduled_time,
             start_time=row.x_start_time,
             end_time=row.x_end_time,
+            attempt=row.x_attempt,
         )
     return _job_from_row(row, summary)
 
@@ -409,7 +525,7 @@ class SqlAlchemyStore(Store):
         if self._dialect == "postgresql":
             # One statement over arrays: a tenth of the CPU of a many-row VALUES list.
             columns = {name: [row[name] for row in rows] for name in _EXECUTION_COLUMNS}
-            for name in ("args", "result"):
+            for name in ("args", "result", "missed"):
                 columns[name] = [None if v is None else json.dumps(v) for v in columns[name]]
             result = await conn.execute(_PG_INSERT_EXECUTIONS, columns)
         else:
@@ -474,6 +590,7 @@ class SqlAlchemyStore(Store):
                         result=sa.bindparam("b_result", type_=executions.c.result.type),
                         error_message=sa.bindparam("b_error_message"),
                         error_traceback=sa.bindparam("b_error_traceback"),
+                        error_type=sa.bindparam("b_error_type"),
                     ),
                     [
                         {
@@ -484,6 +601,7 @@ class SqlAlchemyStore(Store):
                             "b_result": f.result,
                             "b_error_message": f.error_message,
                             "b_error_traceback": f.error_traceback,
+                            "b_error_type": f.error_type,
                         }
                         for f in finishes
                     ],
@@ -534,10 +652,113 @@ class SqlAlchemyStore(Store):
         async with self._begin() as conn:
             result = await conn.execute(
                 executions.update()
-                .where(executions.c.state.in_(_UNFINISHED))
+                .where(
+                    executions.c.state.in_(_UNFINISHED),
+                    sa.not_(_RESUMABLE),
+                )
                 .values(state=ExecutionState.INTERRUPTED.value, end_time=now, error_message=message)
             )
             return int(result.rowcount)
+
+    @_translate_errors
+    async def list_resumable(self) -> list[Execution]:
+        async with self._begin() as conn:
+            query = sa.select(executions).where(_RESUMABLE).order_by(executions.c.id)
+            return [_execution_from_row(row) for row in await conn.execute(query)]
+
+    @_translate_errors
+    async def claim_execution(self, execution_id: str, *, start_time: datetime) -> bool:
+        async with self._begin() as conn:
+            result = await conn.execute(
+                executions.update()
+                .where(
+                    executions.c.id == execution_id,
+                    executions.c.state == ExecutionState.PENDING.value,
+                )
+                .values(state=ExecutionState.RUNNING.value, start_time=start_time)
+            )
+            return bool(result.rowcount)
+
+    @_translate_errors
+    async def finish_execution(self, finish: ExecutionFinish) -> bool:
+        async with self._begin() as conn:
+            result = await conn.execute(
+                executions.update()
+                .where(executions.c.id == finish.id, executions.c.state.in_(_UNFINISHED))
+                .values(
+                    state=finish.state.value,
+                    start_time=finish.start_time,
+                    end_time=finish.end_time,
+                    result=finish.result,
+                    error_message=finish.error_message,
+                    error_traceback=finish.error_traceback,
+                    error_type=finish.error_type,
+                )
+            )
+            return bool(result.rowcount)
+
+    @_translate_errors
+    async def add_note(self, execution_id: str, note: str) -> None:
+        async with self._begin() as conn:
+            await conn.execute(
+                executions.update().where(executions.c.id == execution_id).values(note=note)
+            )
+
+    @_translate_errors
+    async def purge_executions(
+        self, *, job_id: str | None, ended_before: datetime | None, keep_last: int
+    ) -> int:
+        final = sa.not_(executions.c.state.in_(_UNFINISHED))
+        purged = 0
+        async with self._begin() as conn:
+            if ended_before is not None:
+                condition = final & (executions.c.end_time < ended_before)
+                if job_id is not None:
+                    condition &= executions.c.job_id == job_id
+                purged += (await conn.execute(executions.delete().where(condition))).rowcount
+            if keep_last > 0:
+                job_ids = (
+                    [job_id]
+                    if job_id is not None
+                    else list((await conn.execute(sa.select(jobs.c.id))).scalars())
+                )
+                for one in job_ids:
+                    purged += await self._keep_last(conn, one, keep_last, final)
+        return purged
+
+    @_translate_errors
+    async def purge_history_limits(self) -> int:
+        purged = 0
+        final = sa.not_(executions.c.state.in_(_UNFINISHED))
+        async with self._begin() as conn:
+            limits = (
+                await conn.execute(
+                    sa.select(jobs.c.id, jobs.c.history_limit).where(jobs.c.history_limit > 0)
+                )
+            ).all()
+            for job_id, limit in limits:
+                purged += await self._keep_last(conn, job_id, limit, final)
+        return purged
+
+    @staticmethod
+    async def _keep_last(
+        conn: AsyncConnection, job_id: str, keep: int, final: sa.ColumnElement[bool]
+    ) -> int:
+        """Deletes the job's final executions older than its newest ``keep``."""
+        boundary = (
+            sa.select(executions.c.id)
+            .where(executions.c.job_id == job_id)
+            .order_by(executions.c.id.desc())
+            .offset(keep - 1)
+            .limit(1)
+            .scalar_subquery()
+        )
+        result = await conn.execute(
+            executions.delete().where(
+                executions.c.job_id == job_id, executions.c.id < boundary, final
+            )
+        )
+        return int(result.rowcount)
 
     # -- server -------------------------------------------------------------------------------
 

@@ -53,9 +53,17 @@ jobs = sa.Table(
     sa.Column("trigger", sa.JSON, nullable=False),
     sa.Column("paused", sa.Boolean, nullable=False),
     sa.Column("misfire_grace_seconds", sa.Float, nullable=False),
-    sa.Column("coalesce", sa.Boolean, nullable=False),
     sa.Column("max_concurrent", sa.Integer, nullable=False),
     sa.Column("labels", sa.JSON, nullable=False),
+    sa.Column("misfire_policy", sa.String(16), nullable=False),
+    sa.Column("catchup_window_seconds", sa.Float, nullable=True),
+    sa.Column("catchup_limit", sa.Integer, nullable=False),
+    sa.Column("overlap_policy", sa.String(16), nullable=False),
+    # {"max_attempts", "initial_backoff_seconds", "multiplier", "max_backoff_seconds",
+    #  "retry_on"}; NULL when the job is never retried.
+    sa.Column("retry", sa.JSON(none_as_null=True), nullable=True),
+    sa.Column("timeout_seconds", sa.Float, nullable=True),
+    sa.Column("history_limit", sa.Integer, nullable=False),
     sa.Column("version", sa.Integer, nullable=False),
     sa.Column("request_id", sa.String(128), nullable=True, unique=True),
     sa.Column("create_time", UtcDateTime, nullable=False),
@@ -90,9 +98,17 @@ executions = sa.Table(
     sa.Column("error_traceback", sa.Text, nullable=False),
     sa.Column("instance_id", sa.String(128), nullable=False),
     sa.Column("request_id", sa.String(128), nullable=True),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("first_execution_id", sa.String(32), nullable=True),
+    sa.Column("error_type", sa.String(256), nullable=False),
+    # {"count", "count_is_lower_bound", "first_time", "last_time"} on a MISSED execution.
+    sa.Column("missed", sa.JSON(none_as_null=True), nullable=True),
+    sa.Column("note", sa.Text, nullable=False),
     sa.UniqueConstraint("job_id", "dedupe_key"),
     sa.Index(None, "job_id", "id"),
     sa.Index(None, "state"),
+    # The age-based purge.
+    sa.Index(None, "end_time"),
 )
 
 # Server-wide secrets (the page-token signing key), shared by every instance.

@@ -12,7 +12,7 @@ from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
 from chronoplane.server.errors import InvalidArgument
 from chronoplane.server.models import (
-    DEFAULT_MAX_CONCURRENT,
+    DEFAULT_CATCHUP_LIMIT,
     DEFAULT_MISFIRE_GRACE,
     CronTrigger,
     DateTrigger,
@@ -23,6 +23,10 @@ from chronoplane.server.models import (
     IntervalTrigger,
     Job,
     JSONObject,
+    MisfirePolicy,
+    MissedFires,
+    OverlapPolicy,
+    RetryPolicy,
     Trigger,
 )
 from chronoplane.server.tasks import TaskDefinition
@@ -30,9 +34,11 @@ from chronoplane.server.validation import Violations
 from chronoplane.v1 import execution_pb2, job_pb2
 
 __all__ = [
+    "duration_from_proto",
     "execution_to_proto",
     "job_fields_from_proto",
     "job_to_proto",
+    "overlap_from_proto",
     "state_from_proto",
     "struct_from_proto",
     "task_to_proto",
@@ -66,7 +72,7 @@ def timestamp_to_proto(value: datetime | None) -> timestamp_pb2.Timestamp | None
     return message
 
 
-def _duration_from_proto(message: duration_pb2.Duration, field: str) -> timedelta:
+def duration_from_proto(message: duration_pb2.Duration, field: str) -> timedelta:
     if not -315_576_000_000 <= message.seconds <= 315_576_000_000 or not (
         -999_999_999 <= message.nanos <= 999_999_999
     ):
@@ -139,35 +145,60 @@ def _value_to_proto(value: Any) -> struct_pb2.Value:
 # -- triggers -------------------------------------------------------------------------------------
 
 
+def _optional_time(message: Any, name: str, field: str) -> datetime | None:
+    if not message.HasField(name):
+        return None
+    return timestamp_from_proto(getattr(message, name), f"{field}.{name}")
+
+
+def _optional_duration(message: Any, name: str, field: str) -> timedelta | None:
+    if not message.HasField(name):
+        return None
+    return duration_from_proto(getattr(message, name), field)
+
+
 def trigger_from_proto(message: job_pb2.Trigger, field: str) -> Trigger | None:
     """The domain trigger, or None when no kind is set."""
     kind = message.WhichOneof("kind")
+    jitter = _optional_duration(message, "jitter", f"{field}.jitter") or timedelta(0)
     if kind == "cron":
+        spec = message.cron
         return CronTrigger(
-            expression=message.cron.expression, time_zone=message.cron.time_zone or "UTC"
+            expression=spec.expression,
+            time_zone=spec.time_zone or "UTC",
+            start_time=_optional_time(spec, "start_time", f"{field}.cron"),
+            end_time=_optional_time(spec, "end_time", f"{field}.cron"),
+            jitter=jitter,
         )
     if kind == "interval":
-        spec = message.interval
+        spec_i = message.interval
         return IntervalTrigger(
-            every=_duration_from_proto(spec.every, f"{field}.interval.every"),
-            start_time=timestamp_from_proto(spec.start_time, f"{field}.interval.start_time")
-            if spec.HasField("start_time")
-            else None,
-            end_time=timestamp_from_proto(spec.end_time, f"{field}.interval.end_time")
-            if spec.HasField("end_time")
-            else None,
+            every=duration_from_proto(spec_i.every, f"{field}.interval.every"),
+            start_time=_optional_time(spec_i, "start_time", f"{field}.interval"),
+            end_time=_optional_time(spec_i, "end_time", f"{field}.interval"),
+            jitter=jitter,
         )
     if kind == "date":
         if not message.date.HasField("run_time"):
             raise InvalidArgument.field(f"{field}.date.run_time", "is required")
-        return DateTrigger(run_time=timestamp_from_proto(message.date.run_time, field))
+        return DateTrigger(
+            run_time=timestamp_from_proto(message.date.run_time, f"{field}.date.run_time"),
+            jitter=jitter,
+        )
     return None
 
 
 def _trigger_to_proto(trigger: Trigger) -> job_pb2.Trigger:
+    jitter = _duration_to_proto(trigger.jitter) if trigger.jitter else None
     if isinstance(trigger, CronTrigger):
         return job_pb2.Trigger(
-            cron=job_pb2.CronTrigger(expression=trigger.expression, time_zone=trigger.time_zone)
+            cron=job_pb2.CronTrigger(
+                expression=trigger.expression,
+                time_zone=trigger.time_zone,
+                start_time=timestamp_to_proto(trigger.start_time),
+                end_time=timestamp_to_proto(trigger.end_time),
+            ),
+            jitter=jitter,
         )
     if isinstance(trigger, IntervalTrigger):
         return job_pb2.Trigger(
@@ -175,9 +206,79 @@ def _trigger_to_proto(trigger: Trigger) -> job_pb2.Trigger:
                 every=_duration_to_proto(trigger.every),
                 start_time=timestamp_to_proto(trigger.start_time),
                 end_time=timestamp_to_proto(trigger.end_time),
-            )
+            ),
+            jitter=jitter,
         )
-    return job_pb2.Trigger(date=job_pb2.DateTrigger(run_time=timestamp_to_proto(trigger.run_time)))
+    return job_pb2.Trigger(
+        date=job_pb2.DateTrigger(run_time=timestamp_to_proto(trigger.run_time)), jitter=jitter
+    )
+
+
+# -- policies -------------------------------------------------------------------------------------
+
+_MISFIRE = {
+    job_pb2.MISFIRE_POLICY_SKIP: MisfirePolicy.SKIP,
+    job_pb2.MISFIRE_POLICY_RUN_ONCE: MisfirePolicy.RUN_ONCE,
+    job_pb2.MISFIRE_POLICY_RUN_ALL: MisfirePolicy.RUN_ALL,
+}
+_OVERLAP = {
+    job_pb2.OVERLAP_POLICY_SKIP: OverlapPolicy.SKIP,
+    job_pb2.OVERLAP_POLICY_ALLOW: OverlapPolicy.ALLOW,
+    job_pb2.OVERLAP_POLICY_BUFFER_ONE: OverlapPolicy.BUFFER_ONE,
+    job_pb2.OVERLAP_POLICY_BUFFER_ALL: OverlapPolicy.BUFFER_ALL,
+    job_pb2.OVERLAP_POLICY_CANCEL_RUNNING: OverlapPolicy.CANCEL_RUNNING,
+}
+
+
+def _enum(value: int, table: dict[Any, Any], field: str) -> Any:
+    try:
+        return table[value]
+    except KeyError:
+        raise InvalidArgument.field(field, f"{value} is not a known value") from None
+
+
+def _misfire_from_proto(message: job_pb2.Job) -> MisfirePolicy:
+    if message.misfire_policy == job_pb2.MISFIRE_POLICY_UNSPECIFIED:
+        # The deprecated coalesce field: false asked for every missed fire to run.
+        if message.HasField("coalesce") and not message.coalesce:
+            return MisfirePolicy.RUN_ALL
+        return MisfirePolicy.RUN_ONCE
+    return _enum(message.misfire_policy, _MISFIRE, "job.misfire_policy")  # type: ignore[no-any-return]
+
+
+def overlap_from_proto(value: int, field: str) -> OverlapPolicy | None:
+    """The policy, or None when unspecified."""
+    if value == job_pb2.OVERLAP_POLICY_UNSPECIFIED:
+        return None
+    return _enum(value, _OVERLAP, field)  # type: ignore[no-any-return]
+
+
+def _retry_from_proto(message: job_pb2.Job) -> RetryPolicy:
+    if not message.HasField("retry"):
+        return RetryPolicy()
+    spec = message.retry
+    default = RetryPolicy()
+    return RetryPolicy(
+        max_attempts=spec.max_attempts or 1,
+        initial_backoff=_optional_duration(spec, "initial_backoff", "job.retry.initial_backoff")
+        or default.initial_backoff,
+        multiplier=spec.backoff_multiplier or default.multiplier,
+        max_backoff=_optional_duration(spec, "max_backoff", "job.retry.max_backoff")
+        or default.max_backoff,
+        retry_on=tuple(spec.retry_on),
+    )
+
+
+def _retry_to_proto(retry: RetryPolicy) -> job_pb2.RetryPolicy | None:
+    if retry.max_attempts <= 1:
+        return None
+    return job_pb2.RetryPolicy(
+        max_attempts=retry.max_attempts,
+        initial_backoff=_duration_to_proto(retry.initial_backoff),
+        backoff_multiplier=retry.multiplier,
+        max_backoff=_duration_to_proto(retry.max_backoff),
+        retry_on=retry.retry_on,
+    )
 
 
 # -- jobs -----------------------------------------------------------------------------------------
@@ -195,14 +296,24 @@ def job_fields_from_proto(message: job_pb2.Job, names: set[str]) -> dict[str, An
         "args": lambda: struct_from_proto(message.args, "job.args"),
         "trigger": lambda: trigger_from_proto(message.trigger, "job.trigger"),
         "misfire_grace": lambda: (
-            _duration_from_proto(message.misfire_grace, "job.misfire_grace")
+            duration_from_proto(message.misfire_grace, "job.misfire_grace")
             if message.HasField("misfire_grace")
             and (message.misfire_grace.seconds or message.misfire_grace.nanos)
             else DEFAULT_MISFIRE_GRACE
         ),
-        "coalesce": lambda: message.coalesce if message.HasField("coalesce") else True,
-        "max_concurrent": lambda: message.max_concurrent or DEFAULT_MAX_CONCURRENT,
+        "max_concurrent": lambda: message.max_concurrent,
         "labels": lambda: dict(message.labels),
+        "misfire_policy": lambda: _misfire_from_proto(message),
+        "catchup_window": lambda: _optional_duration(
+            message, "catchup_window", "job.catchup_window"
+        ),
+        "catchup_limit": lambda: message.catchup_limit or DEFAULT_CATCHUP_LIMIT,
+        "overlap_policy": lambda: (
+            overlap_from_proto(message.overlap_policy, "job.overlap_policy") or OverlapPolicy.SKIP
+        ),
+        "retry": lambda: _retry_from_proto(message),
+        "timeout": lambda: _optional_duration(message, "timeout", "job.timeout"),
+        "history_limit": lambda: message.history_limit,
     }
     for name in names:
         decode = decoders.get(name)
@@ -222,6 +333,7 @@ def _summary_to_proto(summary: ExecutionSummary) -> execution_pb2.ExecutionSumma
         scheduled_time=timestamp_to_proto(summary.scheduled_time),
         start_time=timestamp_to_proto(summary.start_time),
         end_time=timestamp_to_proto(summary.end_time),
+        attempt=summary.attempt,
     )
 
 
@@ -243,6 +355,13 @@ def job_to_proto(job: Job) -> job_pb2.Job:
         etag=job.etag,
         next_run_time=timestamp_to_proto(job.next_run_time),
         last_execution=_summary_to_proto(job.last_execution) if job.last_execution else None,
+        misfire_policy=next(k for k, v in _MISFIRE.items() if v is job.misfire_policy),
+        catchup_window=_duration_to_proto(job.catchup_window) if job.catchup_window else None,
+        catchup_limit=job.catchup_limit,
+        overlap_policy=next(k for k, v in _OVERLAP.items() if v is job.overlap_policy),
+        retry=_retry_to_proto(job.retry),
+        timeout=_duration_to_proto(job.timeout) if job.timeout else None,
+        history_limit=job.history_limit,
     )
 
 
@@ -288,6 +407,20 @@ def execution_to_proto(execution: Execution) -> execution_pb2.Execution:
         task=execution.task,
         args=_struct_to_proto(execution.args),
         request_id=execution.request_id,
+        attempt=execution.attempt,
+        first_execution_id=execution.first_execution_id,
+        error_type=execution.error_type,
+        missed=_missed_to_proto(execution.missed) if execution.missed else None,
+        note=execution.note,
+    )
+
+
+def _missed_to_proto(missed: MissedFires) -> execution_pb2.MissedFires:
+    return execution_pb2.MissedFires(
+        count=missed.count,
+        count_is_lower_bound=missed.count_is_lower_bound,
+        first_time=timestamp_to_proto(missed.first_time),
+        last_time=timestamp_to_proto(missed.last_time),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, TypeAlias
 
 from chronoplane.server.models import ExecutionQuery
@@ -10,6 +11,7 @@ from chronoplane.server.transport.convert import (
     execution_to_proto,
     job_fields_from_proto,
     job_to_proto,
+    overlap_from_proto,
     state_from_proto,
     struct_from_proto,
     task_to_proto,
@@ -56,6 +58,8 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         paths = set(request.update_mask.paths)
         if "*" in paths:
             paths = set(UPDATABLE_FIELDS)
+        if "coalesce" in paths:  # deprecated; misfire_policy says the same
+            paths = (paths - {"coalesce"}) | {"misfire_policy"}
         changes = job_fields_from_proto(request.job, paths)
         job = await self._service.update_job(request.job.id, changes, etag=request.job.etag)
         return pb.UpdateJobResponse(job=job_to_proto(job))
@@ -81,9 +85,41 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     ) -> pb.TriggerJobResponse:
         args = struct_from_proto(request.args, "args") if request.HasField("args") else None
         execution = await self._service.trigger_job(
-            request.id, args=args, request_id=request.request_id
+            request.id,
+            args=args,
+            request_id=request.request_id,
+            overlap_policy=overlap_from_proto(request.overlap_policy, "overlap_policy"),
         )
         return pb.TriggerJobResponse(execution=execution_to_proto(execution))
+
+    async def BackfillJob(
+        self, request: pb.BackfillJobRequest, context: Context
+    ) -> pb.BackfillJobResponse:
+        created, existing = await self._service.backfill_job(
+            request.id,
+            start=_optional_time(request, "start_time"),
+            end=_optional_time(request, "end_time"),
+            overlap_policy=overlap_from_proto(request.overlap_policy, "overlap_policy"),
+        )
+        return pb.BackfillJobResponse(
+            executions=[execution_to_proto(e) for e in created], already_backfilled=existing
+        )
+
+    async def CancelExecution(
+        self, request: pb.CancelExecutionRequest, context: Context
+    ) -> pb.CancelExecutionResponse:
+        execution = await self._service.cancel_execution(request.id, reason=request.reason)
+        return pb.CancelExecutionResponse(execution=execution_to_proto(execution))
+
+    async def PurgeExecutions(
+        self, request: pb.PurgeExecutionsRequest, context: Context
+    ) -> pb.PurgeExecutionsResponse:
+        purged = await self._service.purge_executions(
+            job_id=request.job_id,
+            older_than=_optional_time(request, "older_than"),
+            keep_last=request.keep_last,
+        )
+        return pb.PurgeExecutionsResponse(purged_count=purged)
 
     async def GetExecution(
         self, request: pb.GetExecutionRequest, context: Context
@@ -97,12 +133,8 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         query = ExecutionQuery(
             job_id=request.job_id or None,
             states=frozenset(state_from_proto(s, "states") for s in request.states),
-            scheduled_after=timestamp_from_proto(request.scheduled_after, "scheduled_after")
-            if request.HasField("scheduled_after")
-            else None,
-            scheduled_before=timestamp_from_proto(request.scheduled_before, "scheduled_before")
-            if request.HasField("scheduled_before")
-            else None,
+            scheduled_after=_optional_time(request, "scheduled_after"),
+            scheduled_before=_optional_time(request, "scheduled_before"),
         )
         page = await self._service.list_executions(
             query, size=request.page_size, token=request.page_token
@@ -120,14 +152,17 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     async def PreviewTrigger(
         self, request: pb.PreviewTriggerRequest, context: Context
     ) -> pb.PreviewTriggerResponse:
-        start = (
-            timestamp_from_proto(request.start_time, "start_time")
-            if request.HasField("start_time")
-            else None
-        )
         fires = self._service.preview_trigger(
-            trigger_from_proto(request.trigger, "trigger"), count=request.count, start=start
+            trigger_from_proto(request.trigger, "trigger"),
+            count=request.count,
+            start=_optional_time(request, "start_time"),
         )
         return pb.PreviewTriggerResponse(
             fire_times=list(filter(None, map(timestamp_to_proto, fires)))
         )
+
+
+def _optional_time(request: Any, name: str) -> datetime | None:
+    if not request.HasField(name):
+        return None
+    return timestamp_from_proto(getattr(request, name), name)
