@@ -303,6 +303,46 @@ def test_after_downtime_each_misfire_policy_runs_what_it_promises(
         server.stop()
 
 
+def test_a_retry_waiting_out_its_backoff_runs_after_a_restart(
+    database_url: str, tmp_path: Path
+) -> None:
+    server = start_server(database_url, tmp_path)
+    try:
+        stub = server.stub()
+        args = struct_pb2.Struct()
+        args.update({"key": "restart", "failures": 1})
+        never = jpb.Trigger(cron=jpb.CronTrigger(expression="0 0 1 1 *"))
+        retry = jpb.RetryPolicy(
+            max_attempts=3,
+            initial_backoff=duration_pb2.Duration(seconds=3),
+            backoff_multiplier=1.0,
+        )
+        stub.CreateJob(
+            pb.CreateJobRequest(
+                job=jpb.Job(id="flaky", task="test.flaky", args=args, trigger=never, retry=retry)
+            )
+        )
+        first = stub.TriggerJob(pb.TriggerJobRequest(id="flaky")).execution
+        wait_for(stub, "flaky", lambda ex: len(ex) == 2)  # the failure and its waiting retry
+        assert server.stop() == 0
+        stopped_at = datetime.now(UTC)
+
+        server = start_server(database_url, tmp_path)
+        stub = server.stub()
+        # The new process's counter starts again: attempt 2 fails once more, attempt 3 succeeds.
+        runs = wait_for(stub, "flaky", lambda ex: len(final(ex)) == 3)
+        runs.sort(key=lambda e: e.attempt)
+        assert [e.state for e in runs] == [
+            epb.EXECUTION_STATE_FAILED,
+            epb.EXECUTION_STATE_FAILED,
+            epb.EXECUTION_STATE_SUCCEEDED,
+        ]
+        assert all(e.first_execution_id == first.id for e in runs[1:])
+        assert runs[1].start_time.ToDatetime(tzinfo=UTC) > stopped_at
+    finally:
+        server.stop()
+
+
 def test_sigterm_lets_short_runs_finish_and_interrupts_long_ones(
     database_url: str, tmp_path: Path
 ) -> None:
