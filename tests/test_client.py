@@ -7,6 +7,7 @@ import importlib
 import json
 import os
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -22,13 +23,18 @@ from chronoplane.client import (
     AlreadyExists,
     AsyncClient,
     ChronoplaneError,
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     Unavailable,
+    at,
     cron,
     every,
+    retry_policy,
 )
+from chronoplane.client.cli import _execution_text
 from chronoplane.v1 import execution_pb2 as epb
+from chronoplane.v1 import job_pb2 as jpb
 
 CHRONOCTL = str(Path(sys.executable).parent / "chronoctl")
 FINAL = {
@@ -37,6 +43,8 @@ FINAL = {
     epb.EXECUTION_STATE_MISSED,
     epb.EXECUTION_STATE_SKIPPED,
     epb.EXECUTION_STATE_INTERRUPTED,
+    epb.EXECUTION_STATE_CANCELLED,
+    epb.EXECUTION_STATE_TIMED_OUT,
 }
 
 
@@ -53,6 +61,20 @@ async def finished(client: AsyncClient, execution_id: str, within: float = 15) -
         assert asyncio.get_running_loop().time() < deadline, f"still {execution.state}"
         await asyncio.sleep(0.05)
     return execution
+
+
+async def running(client: AsyncClient, execution_id: str, within: float = 15) -> epb.Execution:
+    deadline = asyncio.get_running_loop().time() + within
+    while (execution := await client.get_execution(execution_id)).state != (
+        epb.EXECUTION_STATE_RUNNING
+    ):
+        assert asyncio.get_running_loop().time() < deadline, f"still {execution.state}"
+        await asyncio.sleep(0.05)
+    return execution
+
+
+def last_whole_minute() -> datetime:
+    return datetime.now(UTC).replace(second=0, microsecond=0)
 
 
 # -- the SDK --------------------------------------------------------------------------------------
@@ -161,6 +183,240 @@ async def test_no_server_is_unavailable() -> None:
     assert isinstance(caught.value, ConnectionError)
 
 
+async def test_a_job_created_with_policies_reads_them_back(client: AsyncClient) -> None:
+    start, end = datetime(2030, 1, 1, tzinfo=UTC), datetime(2031, 1, 1, tzinfo=UTC)
+    created = await client.create_job(
+        "policies",
+        task="chronoplane.echo",
+        trigger=cron("30 2 * * *", "Europe/Berlin", start=start, end=end, jitter=90),
+        misfire_policy="run_all",
+        catchup_window=timedelta(hours=6),
+        catchup_limit=3,
+        overlap_policy=jpb.OVERLAP_POLICY_BUFFER_ONE,
+        retry=retry_policy(
+            4,
+            initial_backoff=timedelta(seconds=30),
+            backoff_multiplier=3,
+            max_backoff=600,
+            retry_on=["ConnectionError", "builtins.TimeoutError"],
+        ),
+        timeout=timedelta(hours=1),
+        history_limit=500,
+    )
+    assert await client.get_job("policies") == created
+    assert created.trigger.cron.start_time.ToDatetime(tzinfo=UTC) == start
+    assert created.trigger.cron.end_time.ToDatetime(tzinfo=UTC) == end
+    assert created.trigger.jitter.ToTimedelta() == timedelta(seconds=90)
+    assert created.next_run_time.ToDatetime(tzinfo=UTC) >= start
+    assert created.misfire_policy == jpb.MISFIRE_POLICY_RUN_ALL
+    assert not created.coalesce  # the deprecated field still tells RUN_ALL apart
+    assert created.catchup_window.ToTimedelta() == timedelta(hours=6)
+    assert created.catchup_limit == 3
+    assert created.overlap_policy == jpb.OVERLAP_POLICY_BUFFER_ONE
+    assert created.retry == jpb.RetryPolicy(
+        max_attempts=4,
+        initial_backoff=created.retry.initial_backoff,
+        backoff_multiplier=3,
+        max_backoff=created.retry.max_backoff,
+        retry_on=["ConnectionError", "builtins.TimeoutError"],
+    )
+    assert created.retry.initial_backoff.ToTimedelta() == timedelta(seconds=30)
+    assert created.retry.max_backoff.ToTimedelta() == timedelta(minutes=10)
+    assert created.timeout.ToTimedelta() == timedelta(hours=1)
+    assert created.history_limit == 500
+
+    # Update changes the policies named, and 0 / one attempt remove a setting.
+    updated = await client.update_job(
+        "policies",
+        etag=created.etag,
+        misfire_policy=jpb.MISFIRE_POLICY_SKIP,
+        overlap_policy="buffer_all",
+        timeout=0,
+        retry=retry_policy(1),
+        history_limit=0,
+    )
+    assert updated.misfire_policy == jpb.MISFIRE_POLICY_SKIP and updated.coalesce
+    assert updated.overlap_policy == jpb.OVERLAP_POLICY_BUFFER_ALL
+    assert not updated.HasField("timeout") and not updated.HasField("retry")
+    assert updated.history_limit == 0
+    assert updated.catchup_window == created.catchup_window  # not named: unchanged
+    assert updated.trigger == created.trigger
+
+
+async def test_defaults_and_the_deprecated_coalesce(client: AsyncClient) -> None:
+    plain = await client.create_job("plain", task="chronoplane.echo", trigger=every(60))
+    assert plain.misfire_policy == jpb.MISFIRE_POLICY_RUN_ONCE and plain.coalesce
+    assert plain.overlap_policy == jpb.OVERLAP_POLICY_SKIP
+    assert plain.catchup_limit == 10
+    assert not plain.HasField("retry") and not plain.HasField("timeout")
+    legacy = await client.create_job(
+        "legacy", task="chronoplane.echo", trigger=every(60), coalesce=False
+    )
+    assert legacy.misfire_policy == jpb.MISFIRE_POLICY_RUN_ALL and not legacy.coalesce
+    relaxed = await client.update_job("legacy", coalesce=True)
+    assert relaxed.misfire_policy == jpb.MISFIRE_POLICY_RUN_ONCE and relaxed.coalesce
+
+
+async def test_a_policy_name_that_does_not_exist_fails_before_calling(
+    client: AsyncClient,
+) -> None:
+    with pytest.raises(ValueError, match="run_once"):
+        await client.create_job(
+            "x", task="chronoplane.echo", trigger=every(60), misfire_policy="sometimes"
+        )
+    with pytest.raises(ValueError, match="cancel_running"):
+        await client.trigger_job("x", overlap_policy="queue")
+    assert await client.list_jobs() == []
+
+
+async def test_jitter_on_every_trigger_kind(client: AsyncClient) -> None:
+    later = datetime.now(UTC).replace(microsecond=0) + timedelta(days=1)
+    for job_id, trigger, jitter in [
+        ("c", cron("0 * * * *", jitter=timedelta(minutes=5)), timedelta(minutes=5)),
+        (
+            "e",
+            every(3600, start=later, end=later + timedelta(days=1), jitter=30),
+            timedelta(seconds=30),
+        ),
+        ("a", at(later, jitter=10.5), timedelta(seconds=10.5)),
+    ]:
+        job = await client.create_job(job_id, task="chronoplane.echo", trigger=trigger)
+        assert job.trigger.WhichOneof("kind") == trigger.WhichOneof("kind")
+        assert job.trigger.jitter.ToTimedelta() == jitter, job_id
+    interval = (await client.get_job("e")).trigger.interval
+    assert interval.start_time.ToDatetime(tzinfo=UTC) == later
+    assert interval.end_time.ToDatetime(tzinfo=UTC) == later + timedelta(days=1)
+
+
+async def test_cancel_a_running_execution(client: AsyncClient) -> None:
+    await client.create_job("blocker", task="test.block", trigger=every(3600))
+    started = await client.trigger_job("blocker", args={"seconds": 30})
+    await running(client, started.id)
+    cancelled = await client.cancel_execution(started.id, reason="deploy in progress")
+    assert cancelled.state == epb.EXECUTION_STATE_CANCELLED
+    assert "deploy in progress" in cancelled.error_message
+    assert cancelled.HasField("end_time")
+    assert await client.get_execution(started.id) == cancelled
+
+    with pytest.raises(FailedPrecondition) as caught:
+        await client.cancel_execution(started.id)
+    assert caught.value.reason == "EXECUTION_FINISHED"
+    with pytest.raises(NotFound):
+        await client.cancel_execution("no-such-execution")
+
+
+async def test_trigger_overlap_policy_overrides_the_jobs(client: AsyncClient) -> None:
+    await client.create_job("busy", task="test.block", trigger=every(3600), args={"seconds": 30})
+    first = await client.trigger_job("busy")
+    await running(client, first.id)
+    skipped = await client.trigger_job("busy")  # the job's policy: SKIP
+    assert skipped.state == epb.EXECUTION_STATE_SKIPPED
+    waiting = await client.trigger_job("busy", overlap_policy="buffer_one")
+    assert waiting.state == epb.EXECUTION_STATE_PENDING
+    extra = await client.trigger_job("busy", overlap_policy=jpb.OVERLAP_POLICY_ALLOW)
+    await running(client, extra.id)
+    for execution in (waiting, extra, first):
+        cancelled = await client.cancel_execution(execution.id)
+        assert cancelled.state == epb.EXECUTION_STATE_CANCELLED
+
+
+async def test_backfill_runs_each_past_fire_once(client: AsyncClient) -> None:
+    await client.create_job("minutely", task="chronoplane.echo", trigger=cron("* * * * *"))
+    minute = last_whole_minute()
+    start, end = minute - timedelta(minutes=5), minute - timedelta(minutes=2)
+    response = await client.backfill_job("minutely", start=start, end=end)
+    assert response.already_backfilled == 0
+    created = list(response.executions)
+    assert [e.scheduled_time.ToDatetime(tzinfo=UTC) for e in created] == [
+        start + timedelta(minutes=i) for i in range(3)
+    ]
+    assert {e.source for e in created} == {epb.EXECUTION_SOURCE_BACKFILL}
+    for execution in created:
+        assert (await finished(client, execution.id)).state == epb.EXECUTION_STATE_SUCCEEDED
+
+    # A wider range runs only the fires not backfilled yet.
+    earlier = start - timedelta(minutes=1)
+    again = await client.backfill_job("minutely", start=earlier, end=end, overlap_policy="allow")
+    assert again.already_backfilled == 3
+    assert [e.scheduled_time.ToDatetime(tzinfo=UTC) for e in again.executions] == [earlier]
+
+    with pytest.raises(InvalidArgument) as caught:
+        await client.backfill_job(
+            "minutely", start=start, end=datetime.now(UTC) + timedelta(hours=1)
+        )
+    assert "end_time" in caught.value.field_violations
+    with pytest.raises(ValueError, match="time zone"):
+        await client.backfill_job("minutely", start=datetime(2030, 1, 1), end=end)
+
+
+async def test_purge_keeps_the_newest_or_the_recent(client: AsyncClient) -> None:
+    await client.create_job("noisy", task="chronoplane.echo", trigger=every(3600))
+    await client.create_job("quiet", task="chronoplane.echo", trigger=every(3600))
+    ids = [(await client.trigger_job("noisy")).id for _ in range(5)]
+    other = await client.trigger_job("quiet")
+    for execution_id in [*ids, other.id]:
+        await finished(client, execution_id)
+
+    assert await client.purge_executions(job_id="noisy", keep_last=2) == 3
+    left = await client.list_executions(job_id="noisy")
+    assert [e.id for e in left] == sorted(ids, reverse=True)[:2]
+    assert await client.purge_executions(job_id="noisy", keep_last=2) == 0
+
+    # Every job's executions that ended before now.
+    assert await client.purge_executions(older_than=datetime.now(UTC) + timedelta(seconds=1)) == 3
+    assert await client.list_executions() == []
+
+    with pytest.raises(InvalidArgument):
+        await client.purge_executions(job_id="noisy")  # say what to purge
+    with pytest.raises(NotFound):
+        await client.purge_executions(job_id="ghost", keep_last=1)
+
+
+async def test_purge_never_deletes_a_running_execution(client: AsyncClient) -> None:
+    await client.create_job("long", task="test.block", trigger=every(3600))
+    started = await client.trigger_job("long", args={"seconds": 30})
+    await running(client, started.id)
+    assert await client.purge_executions(older_than=datetime.now(UTC) + timedelta(hours=1)) == 0
+    assert (await client.cancel_execution(started.id)).state == epb.EXECUTION_STATE_CANCELLED
+
+
+async def test_retries_are_executions_of_their_own(client: AsyncClient) -> None:
+    key = uuid.uuid4().hex  # the flaky task counts attempts per key, across tests
+    await client.create_job(
+        "flaky",
+        task="test.flaky",
+        trigger=every(3600),
+        args={"key": key, "failures": 2},
+        retry=retry_policy(3, initial_backoff=0.05, retry_on=["ConnectionError"]),
+    )
+    first = await client.trigger_job("flaky")
+    deadline = asyncio.get_running_loop().time() + 15
+    while True:
+        attempts = await client.list_executions(job_id="flaky")
+        if any(e.state == epb.EXECUTION_STATE_SUCCEEDED for e in attempts):
+            break
+        assert asyncio.get_running_loop().time() < deadline, attempts
+        await asyncio.sleep(0.05)
+    attempts.sort(key=lambda e: e.attempt)
+    assert [(e.attempt, e.state) for e in attempts] == [
+        (1, epb.EXECUTION_STATE_FAILED),
+        (2, epb.EXECUTION_STATE_FAILED),
+        (3, epb.EXECUTION_STATE_SUCCEEDED),
+    ]
+    assert attempts[0].id == first.id and not attempts[0].first_execution_id
+    assert [e.first_execution_id for e in attempts[1:]] == [first.id, first.id]
+    assert [e.source for e in attempts[1:]] == [epb.EXECUTION_SOURCE_RETRY] * 2
+    assert attempts[0].error_type == "builtins.ConnectionError"
+
+
+async def test_a_run_past_its_timeout_is_timed_out(client: AsyncClient) -> None:
+    await client.create_job(
+        "slow", task="test.block", trigger=every(3600), timeout=timedelta(milliseconds=300)
+    )
+    done = await finished(client, (await client.trigger_job("slow")).id)
+    assert done.state == epb.EXECUTION_STATE_TIMED_OUT
+
+
 @pytest.mark.parametrize(
     "module",
     [
@@ -207,6 +463,12 @@ async def chronoctl(*args: str) -> Result:
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode is not None
     return Result(process.returncode, out.decode(), err.decode())
+
+
+def fields(text: str) -> dict[str, str]:
+    """The ``key: value`` lines of a job or execution shown as text (not continuations)."""
+    pairs = (line.partition(":") for line in text.splitlines() if not line.startswith(" "))
+    return {key: value.strip() for key, _, value in pairs}
 
 
 async def ok(*args: str) -> str:
@@ -303,6 +565,217 @@ async def test_cli_preview_reads_compound_durations(server: InProcessServer) -> 
     assert second - first == timedelta(minutes=90)
 
 
+async def test_cli_create_with_policies_shows_them(server: InProcessServer) -> None:
+    address = f"--address={server.app.address}"
+    created = await ok(
+        address,
+        "jobs",
+        "create",
+        "nightly",
+        "--task",
+        "chronoplane.echo",
+        "--cron",
+        "30 2 * * *",
+        "--tz",
+        "Europe/Berlin",
+        "--start",
+        "2030-01-01T00:00:00Z",
+        "--end",
+        "2031-01-01T00:00:00+01:00",
+        "--jitter",
+        "5m",
+        "--misfire-policy",
+        "run_all",
+        "--catchup-window",
+        "6h",
+        "--catchup-limit",
+        "3",
+        "--overlap",
+        "buffer_one",
+        "--max-attempts",
+        "4",
+        "--initial-backoff",
+        "30s",
+        "--backoff-multiplier",
+        "1.5",
+        "--retry-on",
+        "ConnectionError",
+        "TimeoutError",
+        "--timeout",
+        "1h",
+        "--history-limit",
+        "500",
+    )
+    assert created == await ok(address, "jobs", "get", "nightly")
+    shown = fields(created)
+    assert shown["trigger"] == (
+        "cron 30 2 * * * (Europe/Berlin) from 2030-01-01T00:00:00Z until 2030-12-31T23:00:00Z"
+    )
+    assert shown["jitter"] == "5m"
+    assert shown["misfire policy"] == "run_all"
+    assert shown["catch-up window"] == "6h" and shown["catch-up limit"] == "3"
+    assert shown["overlap policy"] == "buffer_one" and shown["max concurrent"] == "1"
+    assert shown["retry"] == (
+        "4 attempts; backoff 30s, x1.5, at most 10m; on ConnectionError, TimeoutError"
+    )
+    assert shown["timeout"] == "1h" and shown["history limit"] == "500"
+
+    job = json.loads(await ok(address, "--json", "jobs", "get", "nightly"))
+    assert job["misfirePolicy"] == "MISFIRE_POLICY_RUN_ALL"
+    assert job["overlapPolicy"] == "OVERLAP_POLICY_BUFFER_ONE"
+    assert job["retry"]["retryOn"] == ["ConnectionError", "TimeoutError"]
+    assert job["trigger"]["jitter"] == "300s" and job["timeout"] == "3600s"
+
+    # Unset policies are left out of the text, defaults are spelled out.
+    plain = await ok(
+        address, "jobs", "create", "plain", "--task", "chronoplane.echo", "--every", "1m"
+    )
+    shown = fields(plain)
+    assert shown["misfire policy"] == "run_once" and shown["overlap policy"] == "skip"
+    assert not {"retry", "timeout", "catch-up window", "history limit", "jitter"} & set(shown)
+
+
+async def test_cli_trigger_overlap_and_cancel(server: InProcessServer) -> None:
+    address = f"--address={server.app.address}"
+    async with AsyncClient(server.app.address or "", timeout=10) as client:
+        await client.create_job(
+            "blocker", task="test.block", trigger=every(3600), args={"seconds": 30}
+        )
+        first = await client.trigger_job("blocker")
+        await running(client, first.id)
+        beside = await ok(address, "jobs", "trigger", "blocker", "--overlap", "allow")
+        beside_id = beside.splitlines()[0].split()[-1]
+        await running(client, beside_id)
+
+    for execution_id in (beside_id, first.id):
+        cancelled = await ok(
+            address, "executions", "cancel", execution_id, "--reason", "deploy in progress"
+        )
+        shown = fields(cancelled)
+        assert shown["id"] == execution_id and shown["state"] == "CANCELLED"
+        assert shown["error"] == "cancelled: deploy in progress"
+        assert shown["attempt"] == "1"
+
+    again = await chronoctl(address, "executions", "cancel", first.id)
+    assert again.code == 1 and again.out == ""
+    assert again.err.startswith("chronoctl: FAILED_PRECONDITION: ")
+
+
+async def test_cli_backfill_shows_the_executions_it_created(server: InProcessServer) -> None:
+    address = f"--address={server.app.address}"
+    await ok(
+        address, "jobs", "create", "minutely", "--task", "chronoplane.echo", "--cron", "* * * * *"
+    )
+    minute = last_whole_minute()
+    start, end = (minute - timedelta(minutes=m) for m in (3, 1))
+    out = await ok(
+        address,
+        "jobs",
+        "backfill",
+        "minutely",
+        "--start",
+        start.isoformat(),
+        "--end",
+        end.isoformat(),
+        "--overlap",
+        "buffer_all",
+    )
+    header, *rows, summary = out.splitlines()
+    assert header.split() == ["ID", "JOB", "STATE", "SOURCE", "SCHEDULED", "DURATION", "ERROR"]
+    assert [row.split()[1:4:2] for row in rows] == [["minutely", "BACKFILL"]] * 2
+    assert [row.split()[4] for row in rows] == [
+        t.isoformat().replace("+00:00", "Z") for t in (start, start + timedelta(minutes=1))
+    ]
+    assert summary == "2 executions created"
+
+    # Again, from a duration ago: what was backfilled does not run again.
+    ago = f"{(datetime.now(UTC) - start).total_seconds() + 2:.0f}s"
+    again = await ok(address, "jobs", "backfill", "minutely", "--start", ago, "--end", "now")
+    assert again.splitlines()[-1].endswith(
+        "; 2 fires of the range had been backfilled before and did not run again"
+    )
+    as_json = json.loads(
+        await ok(address, "--json", "jobs", "backfill", "minutely", "--start", ago, "--end", "now")
+    )
+    assert as_json["alreadyBackfilled"] >= 2
+
+
+async def test_cli_purge(server: InProcessServer) -> None:
+    address = f"--address={server.app.address}"
+    async with AsyncClient(server.app.address or "", timeout=10) as client:
+        await client.create_job("noisy", task="chronoplane.echo", trigger=every(3600))
+        for _ in range(4):
+            await finished(client, (await client.trigger_job("noisy")).id)
+    out = await ok(address, "executions", "purge", "--job", "noisy", "--keep-last", "1")
+    assert out == "purged 3 executions\n"
+    assert await ok(address, "executions", "purge", "--older-than", "0s") == "purged 1 execution\n"
+    as_json = json.loads(await ok(address, "--json", "executions", "purge", "--keep-last", "1"))
+    assert as_json == {}  # proto3 JSON leaves out a zero purgedCount
+    ghost = await chronoctl(address, "executions", "purge", "--job", "ghost", "--keep-last", "1")
+    assert ghost.code == 1 and ghost.err.startswith("chronoctl: NOT_FOUND: ")
+
+
+async def test_cli_shows_retries_and_their_attempts(server: InProcessServer) -> None:
+    address = f"--address={server.app.address}"
+    key = uuid.uuid4().hex
+    await ok(
+        address,
+        "jobs",
+        "create",
+        "flaky",
+        "--task",
+        "test.flaky",
+        "--every",
+        "1h",
+        "--args",
+        json.dumps({"key": key, "failures": 1}),
+        "--max-attempts",
+        "2",
+        "--initial-backoff",
+        "50ms",
+    )
+    first_id = (await ok(address, "jobs", "trigger", "flaky")).splitlines()[0].split()[-1]
+    deadline = asyncio.get_running_loop().time() + 15
+    while "SUCCEEDED" not in (listed := await ok(address, "executions", "list", "--job", "flaky")):
+        assert asyncio.get_running_loop().time() < deadline, listed
+        await asyncio.sleep(0.1)
+    header, *rows = listed.splitlines()
+    assert header.split()[:5] == ["ID", "JOB", "STATE", "SOURCE", "ATTEMPT"]
+    assert sorted(row.split()[2:5] for row in rows) == [
+        ["FAILED", "MANUAL", "1"],
+        ["SUCCEEDED", "RETRY", "2"],
+    ]
+    retry_id = next(row.split()[0] for row in rows if "RETRY" in row)
+    shown = fields(await ok(address, "executions", "get", retry_id))
+    assert shown["first attempt"] == first_id and shown["attempt"] == "2"
+    assert shown["source"] == "RETRY"
+    failed = fields(await ok(address, "executions", "get", first_id))
+    assert failed["error type"] == "builtins.ConnectionError"
+    assert "first attempt" not in failed
+
+
+def test_execution_text_shows_missed_fires_and_notes() -> None:
+    missed = epb.Execution(
+        id="e1",
+        job_id="j",
+        state=epb.EXECUTION_STATE_MISSED,
+        source=epb.EXECUTION_SOURCE_SCHEDULE,
+        attempt=1,
+        missed=epb.MissedFires(count=42, count_is_lower_bound=False),
+    )
+    missed.missed.first_time.FromDatetime(datetime(2030, 1, 1, 0, 0, tzinfo=UTC))
+    missed.missed.last_time.FromDatetime(datetime(2030, 1, 1, 0, 41, tzinfo=UTC))
+    shown = fields(_execution_text(missed))
+    assert shown["missed"] == "42 fires, 2030-01-01T00:00:00Z to 2030-01-01T00:41:00Z"
+    missed.missed.count_is_lower_bound = True
+    missed.missed.count = 10_000
+    assert fields(_execution_text(missed))["missed"].startswith("at least 10,000 fires, ")
+    cancelled = epb.Execution(
+        id="e2", state=epb.EXECUTION_STATE_CANCELLED, attempt=1, note='returned "slept"'
+    )
+    assert fields(_execution_text(cancelled))["note"] == 'returned "slept"'
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -312,6 +785,18 @@ async def test_cli_preview_reads_compound_durations(server: InProcessServer) -> 
         ["jobs", "create", "x", "--task", "t", "--every", "5s", "--args", "[1]"],
         ["executions", "list", "--state", "sleeping"],
         ["jobs"],
+        ["jobs", "create", "x", "--task", "t", "--every", "5s", "--misfire-policy", "sometimes"],
+        ["jobs", "create", "x", "--task", "t", "--every", "5s", "--overlap", "queue"],
+        ["jobs", "create", "x", "--task", "t", "--at", "2030-01-01T00:00Z", "--end", "2031-01-01"],
+        ["jobs", "create", "x", "--task", "t", "--every", "5s", "--retry-on", "ValueError"],
+        ["jobs", "create", "x", "--task", "t", "--every", "5s", "--max-backoff", "1m"],
+        ["jobs", "trigger", "x", "--overlap", "sometimes"],
+        ["jobs", "backfill", "x", "--start", "yesterday", "--end", "now"],
+        ["jobs", "backfill", "x", "--start", "1h"],
+        ["executions", "purge"],
+        ["executions", "purge", "--job", "x"],
+        ["executions", "purge", "--older-than", "last week"],
+        ["executions", "cancel"],
     ],
 )
 async def test_cli_usage_errors_exit_2_without_calling(args: list[str]) -> None:

@@ -10,7 +10,16 @@ import grpc
 from google.protobuf import field_mask_pb2
 from google.protobuf.message import Message
 
-from chronoplane.client._convert import duration, from_timestamp, struct, timestamp
+from chronoplane.client._convert import (
+    Misfire,
+    Overlap,
+    duration,
+    from_timestamp,
+    misfire_policy,
+    overlap_policy,
+    struct,
+    timestamp,
+)
 from chronoplane.client.errors import from_rpc_error
 from chronoplane.v1 import execution_pb2, job_pb2, scheduler_service_pb2_grpc
 from chronoplane.v1 import scheduler_service_pb2 as pb
@@ -20,6 +29,10 @@ __all__ = ["AsyncClient"]
 
 # The most a list call returns per page; lists page through the server with this.
 _PAGE_SIZE = 1000
+
+
+def _overlap(value: Overlap | None) -> job_pb2.OverlapPolicy.ValueType:
+    return overlap_policy(value) if value is not None else job_pb2.OVERLAP_POLICY_UNSPECIFIED
 
 
 def _job(
@@ -32,10 +45,17 @@ def _job(
     display_name: str | None = None,
     description: str | None = None,
     paused: bool = False,
-    misfire_grace: timedelta | None = None,
+    misfire_grace: timedelta | float | None = None,
     coalesce: bool | None = None,
     max_concurrent: int | None = None,
     labels: Mapping[str, str] | None = None,
+    misfire: Misfire | None = None,
+    catchup_window: timedelta | float | None = None,
+    catchup_limit: int | None = None,
+    overlap: Overlap | None = None,
+    retry: job_pb2.RetryPolicy | None = None,
+    timeout: timedelta | float | None = None,
+    history_limit: int | None = None,
 ) -> job_pb2.Job:
     return job_pb2.Job(
         id=job_id,
@@ -50,6 +70,16 @@ def _job(
         coalesce=coalesce,
         max_concurrent=max_concurrent or 0,
         labels=labels,
+        misfire_policy=(
+            misfire_policy(misfire) if misfire is not None else job_pb2.MISFIRE_POLICY_UNSPECIFIED
+        ),
+        # 0 means "no window" and "no timeout": sent as unset, which is how the server says so.
+        catchup_window=duration(catchup_window) if catchup_window else None,
+        catchup_limit=catchup_limit or 0,
+        overlap_policy=_overlap(overlap),
+        retry=retry,
+        timeout=duration(timeout) if timeout else None,
+        history_limit=history_limit or 0,
     )
 
 
@@ -106,13 +136,37 @@ class AsyncClient:
         display_name: str = "",
         description: str = "",
         paused: bool = False,
-        misfire_grace: timedelta | None = None,
-        coalesce: bool | None = None,
+        misfire_grace: timedelta | float | None = None,
+        misfire_policy: Misfire | None = None,
+        catchup_window: timedelta | float | None = None,
+        catchup_limit: int = 0,
+        overlap_policy: Overlap | None = None,
         max_concurrent: int = 0,
+        retry: job_pb2.RetryPolicy | None = None,
+        timeout: timedelta | float | None = None,  # noqa: ASYNC109 - the job's, not the call's
+        history_limit: int = 0,
         labels: Mapping[str, str] | None = None,
         request_id: str = "",
+        coalesce: bool | None = None,
     ) -> job_pb2.Job:
-        """Creates a job (the server picks its id when ``job_id`` is empty) and returns it."""
+        """Creates a job (the server picks its id when ``job_id`` is empty) and returns it.
+
+        ``trigger`` comes from :func:`cron`, :func:`every` or :func:`at` (which also take the
+        trigger's bounds and jitter). Durations are timedeltas or seconds; policies are enum
+        values of ``chronoplane.v1.job_pb2`` or their lowercase names:
+
+        - ``misfire_policy``: what happens to fires missed by more than ``misfire_grace``
+          (default 60 s): ``"skip"``, ``"run_once"`` (the default) or ``"run_all"``, at most
+          ``catchup_limit`` (default 10) of them, none older than ``catchup_window``.
+        - ``overlap_policy``: what a fire does when ``max_concurrent`` (default 1) runs are
+          going: ``"skip"`` (the default), ``"allow"``, ``"buffer_one"``, ``"buffer_all"`` or
+          ``"cancel_running"``.
+        - ``retry``: from :func:`retry_policy`; ``timeout``: runs longer than this end
+          TIMED_OUT; ``history_limit``: keep this many executions, the newest (0: no limit).
+
+        ``coalesce`` is deprecated: use ``misfire_policy`` (``coalesce=False`` is
+        ``misfire_policy="run_all"``).
+        """
         job = _job(
             job_id,
             task=task,
@@ -125,6 +179,13 @@ class AsyncClient:
             coalesce=coalesce,
             max_concurrent=max_concurrent,
             labels=labels,
+            misfire=misfire_policy,
+            catchup_window=catchup_window,
+            catchup_limit=catchup_limit,
+            overlap=overlap_policy,
+            retry=retry,
+            timeout=timeout,
+            history_limit=history_limit,
         )
         request = pb.CreateJobRequest(job=job, request_id=request_id)
         response: pb.CreateJobResponse = await self._call(self._stub.CreateJob, request)
@@ -150,12 +211,24 @@ class AsyncClient:
         args: Mapping[str, Any] | None = None,
         display_name: str | None = None,
         description: str | None = None,
-        misfire_grace: timedelta | None = None,
-        coalesce: bool | None = None,
+        misfire_grace: timedelta | float | None = None,
+        misfire_policy: Misfire | None = None,
+        catchup_window: timedelta | float | None = None,
+        catchup_limit: int | None = None,
+        overlap_policy: Overlap | None = None,
         max_concurrent: int | None = None,
+        retry: job_pb2.RetryPolicy | None = None,
+        timeout: timedelta | float | None = None,  # noqa: ASYNC109 - the job's, not the call's
+        history_limit: int | None = None,
         labels: Mapping[str, str] | None = None,
+        coalesce: bool | None = None,
     ) -> job_pb2.Job:
-        """Changes the fields given (those not None) and returns the job as stored."""
+        """Changes the fields given (those not None) and returns the job as stored.
+
+        The fields mean what they mean in :meth:`create_job`. To remove a setting, give its
+        "none" value: ``catchup_window=0``, ``timeout=0``, ``history_limit=0``,
+        ``retry=retry_policy(1)``. ``coalesce`` is deprecated: use ``misfire_policy``.
+        """
         changes = {
             "task": task,
             "trigger": trigger,
@@ -166,6 +239,13 @@ class AsyncClient:
             "coalesce": coalesce,
             "max_concurrent": max_concurrent,
             "labels": labels,
+            "misfire_policy": misfire_policy,
+            "catchup_window": catchup_window,
+            "catchup_limit": catchup_limit,
+            "overlap_policy": overlap_policy,
+            "retry": retry,
+            "timeout": timeout,
+            "history_limit": history_limit,
         }
         job = _job(
             job_id,
@@ -179,6 +259,13 @@ class AsyncClient:
             coalesce=coalesce,
             max_concurrent=max_concurrent,
             labels=labels,
+            misfire=misfire_policy,
+            catchup_window=catchup_window,
+            catchup_limit=catchup_limit,
+            overlap=overlap_policy,
+            retry=retry,
+            timeout=timeout,
+            history_limit=history_limit,
         )
         mask = field_mask_pb2.FieldMask(paths=[k for k, v in changes.items() if v is not None])
         request = pb.UpdateJobRequest(job=job, update_mask=mask)
@@ -202,14 +289,51 @@ class AsyncClient:
         return response.job
 
     async def trigger_job(
-        self, job_id: str, *, args: Mapping[str, Any] | None = None, request_id: str = ""
+        self,
+        job_id: str,
+        *,
+        args: Mapping[str, Any] | None = None,
+        request_id: str = "",
+        overlap_policy: Overlap | None = None,
     ) -> execution_pb2.Execution:
-        """Runs a job now (with ``args`` instead of its own, if given); returns the execution."""
+        """Runs a job now (with ``args`` instead of its own, if given); returns the execution.
+
+        ``overlap_policy`` (see :meth:`create_job`) replaces the job's for this run when
+        ``max_concurrent`` runs are going; ``"allow"`` starts it even beyond that.
+        """
         request = pb.TriggerJobRequest(
-            id=job_id, args=struct(args) if args is not None else None, request_id=request_id
+            id=job_id,
+            args=struct(args) if args is not None else None,
+            request_id=request_id,
+            overlap_policy=_overlap(overlap_policy),
         )
         response: pb.TriggerJobResponse = await self._call(self._stub.TriggerJob, request)
         return response.execution
+
+    async def backfill_job(
+        self,
+        job_id: str,
+        *,
+        start: datetime,
+        end: datetime,
+        overlap_policy: Overlap | None = None,
+    ) -> pb.BackfillJobResponse:
+        """Runs the fires the job's trigger had in [start, end), a past range, oldest first,
+        with source BACKFILL; a fire backfilled before is not run again.
+
+        Returns the response: ``executions`` holds the executions created, and
+        ``already_backfilled`` how many fires of the range had been backfilled before.
+        ``overlap_policy`` (default ``"buffer_all"``: one after another, as ``max_concurrent``
+        allows) says what a fire does when the job's runs are all taken.
+        """
+        request = pb.BackfillJobRequest(
+            id=job_id,
+            start_time=timestamp(start),
+            end_time=timestamp(end),
+            overlap_policy=_overlap(overlap_policy),
+        )
+        response: pb.BackfillJobResponse = await self._call(self._stub.BackfillJob, request)
+        return response
 
     # -- executions and the rest ------------------------------------------------------------------
 
@@ -236,6 +360,34 @@ class AsyncClient:
             scheduled_before=timestamp(scheduled_before) if scheduled_before else None,
         )
         return await self._pages(self._stub.ListExecutions, request, "executions", limit)
+
+    async def cancel_execution(
+        self, execution_id: str, *, reason: str = ""
+    ) -> execution_pb2.Execution:
+        """Stops a PENDING or RUNNING execution, which ends CANCELLED (``reason`` goes into its
+        error message), and returns it. An execution already in a final state raises
+        :class:`FailedPrecondition` with reason ``"EXECUTION_FINISHED"``.
+        """
+        request = pb.CancelExecutionRequest(id=execution_id, reason=reason)
+        response: pb.CancelExecutionResponse = await self._call(self._stub.CancelExecution, request)
+        return response.execution
+
+    async def purge_executions(
+        self, *, job_id: str = "", older_than: datetime | None = None, keep_last: int = 0
+    ) -> int:
+        """Deletes finished executions (of one job, or of every job) that ended before
+        ``older_than``, or all but each job's newest ``keep_last``; returns how many.
+
+        At least one of ``older_than`` and ``keep_last`` is required. PENDING and RUNNING
+        executions are never deleted.
+        """
+        request = pb.PurgeExecutionsRequest(
+            job_id=job_id,
+            older_than=timestamp(older_than) if older_than else None,
+            keep_last=keep_last,
+        )
+        response: pb.PurgeExecutionsResponse = await self._call(self._stub.PurgeExecutions, request)
+        return response.purged_count
 
     async def list_tasks(self) -> list[job_pb2.Task]:
         """The tasks registered on the server, by name."""

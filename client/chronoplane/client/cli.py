@@ -1,4 +1,4 @@
-"""chronoctl: create, inspect, trigger and pause the jobs of a Chronoplane server."""
+"""chronoctl: create, inspect, trigger, backfill and pause the jobs of a Chronoplane server."""
 
 from __future__ import annotations
 
@@ -9,14 +9,23 @@ import os
 import re
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from chronoplane.client._client import AsyncClient
-from chronoplane.client._convert import at, cron, every, from_timestamp, timestamp
+from chronoplane.client._convert import (
+    MISFIRE_POLICIES,
+    OVERLAP_POLICIES,
+    at,
+    cron,
+    every,
+    from_timestamp,
+    retry_policy,
+    timestamp,
+)
 from chronoplane.client.errors import ChronoplaneError, InvalidArgument
 from chronoplane.v1 import execution_pb2, job_pb2
 from chronoplane.v1 import scheduler_service_pb2 as pb
@@ -72,15 +81,47 @@ def _instant(text: str) -> datetime:
     return value if value.tzinfo else value.astimezone()  # no zone given: local time
 
 
+def _when(text: str) -> datetime:
+    """An ISO 8601 time, "now", or a duration meaning that long ago ("2h")."""
+    if text == "now":
+        return datetime.now(UTC)
+    if _DURATION_PART.match(text):
+        try:
+            return datetime.now(UTC) - _duration(text)
+        except argparse.ArgumentTypeError:
+            pass
+    try:
+        return _instant(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an ISO 8601 time like 2030-01-31T09:00:00+01:00, "
+            "a duration ago like 2h, or now"
+        ) from None
+
+
 # -- commands -------------------------------------------------------------------------------------
 
 
 def _trigger(args: argparse.Namespace) -> job_pb2.Trigger:
+    start, end = getattr(args, "start", None), getattr(args, "end", None)
+    jitter = getattr(args, "jitter", None)
     if args.cron is not None:
-        return cron(args.cron, args.tz or "")
+        return cron(args.cron, args.tz or "", start=start, end=end, jitter=jitter)
     if args.every is not None:
-        return every(args.every)
-    return at(args.at)
+        return every(args.every, start=start, end=end, jitter=jitter)
+    return at(args.at, jitter=jitter)
+
+
+def _retry(args: argparse.Namespace) -> job_pb2.RetryPolicy | None:
+    if args.max_attempts is None:
+        return None
+    return retry_policy(
+        args.max_attempts,
+        initial_backoff=args.initial_backoff,
+        backoff_multiplier=args.backoff_multiplier or 0.0,
+        max_backoff=args.max_backoff,
+        retry_on=args.retry_on,
+    )
 
 
 async def _tasks(client: AsyncClient, args: argparse.Namespace) -> Message:
@@ -104,7 +145,14 @@ async def _jobs_create(client: AsyncClient, args: argparse.Namespace) -> Message
         description=args.description,
         paused=args.paused,
         misfire_grace=args.misfire_grace,
+        misfire_policy=args.misfire_policy,
+        catchup_window=args.catchup_window,
+        catchup_limit=args.catchup_limit,
+        overlap_policy=args.overlap,
         max_concurrent=args.max_concurrent,
+        retry=_retry(args),
+        timeout=args.timeout,
+        history_limit=args.history_limit,
         labels=dict(args.label),
     )
 
@@ -123,7 +171,15 @@ async def _jobs_delete(client: AsyncClient, args: argparse.Namespace) -> Message
 
 
 async def _jobs_trigger(client: AsyncClient, args: argparse.Namespace) -> Message:
-    return await client.trigger_job(args.id, args=args.args, request_id=args.request_id)
+    return await client.trigger_job(
+        args.id, args=args.args, request_id=args.request_id, overlap_policy=args.overlap
+    )
+
+
+async def _jobs_backfill(client: AsyncClient, args: argparse.Namespace) -> Message:
+    return await client.backfill_job(
+        args.id, start=args.start, end=args.end, overlap_policy=args.overlap
+    )
 
 
 async def _executions_list(client: AsyncClient, args: argparse.Namespace) -> Message:
@@ -135,6 +191,17 @@ async def _executions_list(client: AsyncClient, args: argparse.Namespace) -> Mes
 
 async def _executions_get(client: AsyncClient, args: argparse.Namespace) -> Message:
     return await client.get_execution(args.id)
+
+
+async def _executions_cancel(client: AsyncClient, args: argparse.Namespace) -> Message:
+    return await client.cancel_execution(args.id, reason=args.reason)
+
+
+async def _executions_purge(client: AsyncClient, args: argparse.Namespace) -> Message:
+    purged = await client.purge_executions(
+        job_id=args.job, older_than=args.older_than, keep_last=args.keep_last
+    )
+    return pb.PurgeExecutionsResponse(purged_count=purged)
 
 
 async def _preview(client: AsyncClient, args: argparse.Namespace) -> Message:
@@ -193,15 +260,56 @@ def _source(source: execution_pb2.ExecutionSource.ValueType) -> str:
     return execution_pb2.ExecutionSource.Name(source).removeprefix("EXECUTION_SOURCE_")
 
 
-def _trigger_text(trigger: job_pb2.Trigger) -> str:
+_MISFIRE_NAMES = {value: name for name, value in MISFIRE_POLICIES.items()}
+_OVERLAP_NAMES = {value: name for name, value in OVERLAP_POLICIES.items()}
+
+
+def _trigger_text(trigger: job_pb2.Trigger, *, bounds: bool = False) -> str:
+    """The kind and schedule; with ``bounds``, also when it starts and stops firing."""
+    spec: job_pb2.CronTrigger | job_pb2.IntervalTrigger
     kind = trigger.WhichOneof("kind")
     if kind == "cron":
-        return f"cron {trigger.cron.expression} ({trigger.cron.time_zone or 'UTC'})"
-    if kind == "interval":
-        return f"every {_span(trigger.interval.every.ToTimedelta())}"
-    if kind == "date":
+        spec = trigger.cron
+        text = f"cron {spec.expression} ({spec.time_zone or 'UTC'})"
+    elif kind == "interval":
+        spec = trigger.interval
+        text = f"every {_span(spec.every.ToTimedelta())}"
+    elif kind == "date":
         return f"at {_time(trigger.date, 'run_time')}"
-    return ""
+    else:
+        return ""
+    if bounds and spec.HasField("start_time"):
+        text += f" from {_time(spec, 'start_time')}"
+    if bounds and spec.HasField("end_time"):
+        text += f" until {_time(spec, 'end_time')}"
+    return text
+
+
+def _optional_span(message: Message, field: str) -> str:
+    """A Duration field as a span, or "" when unset."""
+    return _span(getattr(message, field).ToTimedelta()) if message.HasField(field) else ""
+
+
+def _retry_text(job: job_pb2.Job) -> str:
+    """3 attempts; backoff 1s, x2, at most 10m; on ConnectionError, TimeoutError."""
+    retry = job.retry
+    if retry.max_attempts <= 1:
+        return ""
+    first = _optional_span(retry, "initial_backoff") or "1s"
+    most = _optional_span(retry, "max_backoff") or "10m"
+    parts = [
+        f"{retry.max_attempts} attempts",
+        f"backoff {first}, x{retry.backoff_multiplier or 2:g}, at most {most}",
+    ]
+    if retry.retry_on:
+        parts.append("on " + ", ".join(retry.retry_on))
+    return "; ".join(parts)
+
+
+def _max_concurrent_text(job: job_pb2.Job) -> str:
+    if job.max_concurrent:
+        return str(job.max_concurrent)
+    return "no limit" if job.overlap_policy == job_pb2.OVERLAP_POLICY_ALLOW else "1"
 
 
 def _fields(pairs: Iterable[tuple[str, str]]) -> str:
@@ -231,13 +339,25 @@ def _job_text(job: job_pb2.Job) -> str:
             ("description", job.description),
             ("task", job.task),
             ("args", _json_field(job, "args")),
-            ("trigger", _trigger_text(job.trigger)),
+            ("trigger", _trigger_text(job.trigger, bounds=True)),
+            ("jitter", _optional_span(job.trigger, "jitter")),
             ("paused", "yes" if job.paused else "no"),
             ("next run", _time(job, "next_run_time")),
             ("last execution", f"{last.id} {_state(last.state)}" if last.id else ""),
             ("misfire grace", _span(job.misfire_grace.ToTimedelta())),
-            ("coalesce", "yes" if job.coalesce else "no"),
-            ("max concurrent", str(job.max_concurrent)),
+            ("misfire policy", _MISFIRE_NAMES.get(job.misfire_policy, "run_once")),
+            ("catch-up window", _optional_span(job, "catchup_window")),
+            (
+                "catch-up limit",
+                str(job.catchup_limit or 10)
+                if job.misfire_policy == job_pb2.MISFIRE_POLICY_RUN_ALL
+                else "",
+            ),
+            ("overlap policy", _OVERLAP_NAMES.get(job.overlap_policy, "skip")),
+            ("max concurrent", _max_concurrent_text(job)),
+            ("retry", _retry_text(job)),
+            ("timeout", _optional_span(job, "timeout")),
+            ("history limit", str(job.history_limit) if job.history_limit else ""),
             ("labels", ", ".join(f"{k}={v}" for k, v in sorted(job.labels.items()))),
             ("created", _time(job, "create_time")),
             ("updated", _time(job, "update_time")),
@@ -255,13 +375,18 @@ def _execution_text(execution: execution_pb2.Execution) -> str:
             ("args", _json_field(execution, "args")),
             ("state", _state(execution.state)),
             ("source", _source(execution.source)),
+            ("attempt", str(execution.attempt) if execution.attempt else ""),
+            ("first attempt", execution.first_execution_id),
             ("request id", execution.request_id),
             ("scheduled", _time(execution, "scheduled_time")),
             ("started", _time(execution, "start_time")),
             ("ended", _time(execution, "end_time")),
             ("duration", _duration_of(execution)),
             ("result", _json_field(execution, "result")),
+            ("error type", execution.error_type),
             ("error", execution.error_message),
+            ("missed", _missed_text(execution)),
+            ("note", execution.note),
             ("instance", execution.instance_id),
             ("traceback", execution.error_traceback.rstrip()),
         ]
@@ -272,19 +397,33 @@ def _duration_of(execution: execution_pb2.Execution) -> str:
     return _span(execution.duration.ToTimedelta()) if execution.HasField("duration") else ""
 
 
+def _missed_text(execution: execution_pb2.Execution) -> str:
+    """42 fires, 2030-01-01T00:00:00Z to 2030-01-01T00:41:00Z."""
+    missed = execution.missed
+    if not execution.HasField("missed") or not missed.count:
+        return ""
+    count = f"{'at least ' if missed.count_is_lower_bound else ''}{missed.count:,}"
+    text = f"{count} fire{'' if missed.count == 1 else 's'}"
+    first, last = _time(missed, "first_time"), _time(missed, "last_time")
+    if first and last and first != last:
+        return f"{text}, {first} to {last}"
+    return f"{text}, {first or last}" if first or last else text
+
+
 def _job_row(job: job_pb2.Job) -> list[str]:
     next_run = "paused" if job.paused else _time(job, "next_run_time") or "-"
     last = _state(job.last_execution.state) if job.last_execution.id else "-"
     return [job.id, job.task, _trigger_text(job.trigger), next_run, last]
 
 
-def _execution_row(execution: execution_pb2.Execution) -> list[str]:
+def _execution_row(execution: execution_pb2.Execution, *, attempts: bool) -> list[str]:
     error = execution.error_message
     return [
         execution.id,
         execution.job_id,
         _state(execution.state),
         _source(execution.source),
+        *([str(execution.attempt or 1)] if attempts else []),
         _time(execution, "scheduled_time"),
         _duration_of(execution) or "-",
         error if len(error) <= 60 else error[:57] + "...",
@@ -299,9 +438,30 @@ def _jobs_table(response: pb.ListJobsResponse) -> str:
     return _table(["ID", "TASK", "TRIGGER", "NEXT RUN", "LAST"], map(_job_row, response.jobs))
 
 
-def _executions_table(response: pb.ListExecutionsResponse) -> str:
-    headers = ["ID", "JOB", "STATE", "SOURCE", "SCHEDULED", "DURATION", "ERROR"]
-    return _table(headers, map(_execution_row, response.executions))
+def _executions_table(response: pb.ListExecutionsResponse | pb.BackfillJobResponse) -> str:
+    """The ATTEMPT column appears when some execution is a retry."""
+    attempts = any(e.attempt > 1 for e in response.executions)
+    headers = ["ID", "JOB", "STATE", "SOURCE", *(["ATTEMPT"] if attempts else [])]
+    headers += ["SCHEDULED", "DURATION", "ERROR"]
+    rows = (_execution_row(e, attempts=attempts) for e in response.executions)
+    return _table(headers, rows)
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
+def _backfilled(response: pb.BackfillJobResponse) -> str:
+    lines = [_executions_table(response)] if response.executions else []
+    summary = f"{_plural(len(response.executions), 'execution')} created"
+    if response.already_backfilled:
+        done = _plural(response.already_backfilled, "fire")
+        summary += f"; {done} of the range had been backfilled before and did not run again"
+    return "\n".join([*lines, summary])
+
+
+def _purged(response: pb.PurgeExecutionsResponse) -> str:
+    return f"purged {_plural(response.purged_count, 'execution')}"
 
 
 def _fire_times(response: pb.PreviewTriggerResponse) -> str:
@@ -321,6 +481,8 @@ _RENDERERS: dict[type[Message], Callable[[Any], str]] = {
     pb.ListExecutionsResponse: _executions_table,
     pb.PreviewTriggerResponse: _fire_times,
     pb.DeleteJobResponse: _nothing,
+    pb.BackfillJobResponse: _backfilled,
+    pb.PurgeExecutionsResponse: _purged,
 }
 
 
@@ -366,6 +528,59 @@ def _add_trigger_options(parser: argparse.ArgumentParser, *, date: bool) -> None
     parser.add_argument("--tz", metavar="ZONE", help="IANA time zone of --cron (default UTC)")
 
 
+def _add_overlap_option(parser: argparse._ActionsContainer, help_text: str) -> None:
+    parser.add_argument(
+        "--overlap",
+        "--overlap-policy",
+        dest="overlap",
+        choices=list(OVERLAP_POLICIES),
+        metavar="POLICY",
+        help=f"{help_text}; one of {', '.join(OVERLAP_POLICIES)}",
+    )
+
+
+def _add_policy_options(create: argparse.ArgumentParser) -> None:
+    policies = create.add_argument_group("policies")
+    policies.add_argument(
+        "--misfire-grace", type=_duration, metavar="DURATION", help="how late a fire may start"
+    )
+    policies.add_argument(
+        "--misfire-policy",
+        choices=list(MISFIRE_POLICIES),
+        metavar="POLICY",
+        help="what missed fires do (default run_once); one of " + ", ".join(MISFIRE_POLICIES),
+    )
+    policies.add_argument(
+        "--catchup-window", type=_duration, metavar="DURATION", help="never run older missed fires"
+    )
+    policies.add_argument(
+        "--catchup-limit", type=int, default=0, metavar="N", help="run_all runs at most N (10)"
+    )
+    _add_overlap_option(
+        policies, "what a fire does when max-concurrent runs are going (default skip)"
+    )
+    policies.add_argument("--max-concurrent", type=int, default=0, metavar="N", help="default 1")
+    policies.add_argument(
+        "--timeout", type=_duration, metavar="DURATION", help="stop runs longer than this"
+    )
+    policies.add_argument(
+        "--history-limit", type=int, default=0, metavar="N", help="keep the newest N executions"
+    )
+    retry = create.add_argument_group("retries (of failed and timed-out runs)")
+    retry.add_argument("--max-attempts", type=int, metavar="N", help="runs in all, the first too")
+    retry.add_argument("--initial-backoff", type=_duration, metavar="DURATION", help="default 1s")
+    retry.add_argument("--backoff-multiplier", type=float, metavar="X", help="default 2")
+    retry.add_argument("--max-backoff", type=_duration, metavar="DURATION", help="default 10m")
+    retry.add_argument(
+        "--retry-on",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="EXCEPTION",
+        help="only failures raising these, e.g. ConnectionError (default: any)",
+    )
+
+
 def _add_job_commands(group: Any) -> None:
     _command(group, "list", _jobs_list, "list every job")
     _command(group, "get", _jobs_get, "show one job").add_argument("id", metavar="ID")
@@ -373,16 +588,22 @@ def _add_job_commands(group: Any) -> None:
     create.add_argument("id", metavar="ID")
     create.add_argument("--task", required=True, help="a registered task (see: chronoctl tasks)")
     _add_trigger_options(create, date=True)
+    create.add_argument(
+        "--start", type=_instant, metavar="ISO8601", help="no fire before (--cron, --every)"
+    )
+    create.add_argument(
+        "--end", type=_instant, metavar="ISO8601", help="no fire after (--cron, --every)"
+    )
+    create.add_argument(
+        "--jitter", type=_duration, metavar="DURATION", help="start each run up to this late"
+    )
     create.add_argument("--args", type=_json_object, metavar="JSON", help="the task's arguments")
     create.add_argument("--paused", action="store_true", help="create it paused")
-    create.add_argument("--max-concurrent", type=int, default=0, metavar="N", help="default 1")
-    create.add_argument(
-        "--misfire-grace", type=_duration, metavar="DURATION", help="how late a fire may start"
-    )
     create.add_argument(
         "--label", type=_label, action="append", default=[], metavar="KEY=VALUE", help="repeatable"
     )
     create.add_argument("--description", default="")
+    _add_policy_options(create)
     for name, run, summary in [
         ("pause", _jobs_pause, "stop a job from firing"),
         ("resume", _jobs_resume, "let a paused job fire again"),
@@ -393,6 +614,19 @@ def _add_job_commands(group: Any) -> None:
     trigger.add_argument("id", metavar="ID")
     trigger.add_argument("--args", type=_json_object, metavar="JSON", help="instead of the job's")
     trigger.add_argument("--request-id", default="", help="an idempotency key")
+    _add_overlap_option(trigger, "instead of the job's overlap policy")
+    backfill = _command(
+        group, "backfill", _jobs_backfill, "run the fires a job had in a past time range"
+    )
+    backfill.add_argument("id", metavar="ID")
+    when = "an ISO 8601 time, a duration ago (2h) or now"
+    backfill.add_argument(
+        "--start", type=_when, required=True, metavar="TIME", help=f"the first fire: {when}"
+    )
+    backfill.add_argument(
+        "--end", type=_when, required=True, metavar="TIME", help=f"exclusive: {when}"
+    )
+    _add_overlap_option(backfill, "when runs are all taken (default buffer_all)")
 
 
 def _add_execution_commands(group: Any) -> None:
@@ -409,6 +643,20 @@ def _add_execution_commands(group: Any) -> None:
     )
     listing.add_argument("--limit", type=int, default=20, metavar="N", help="default 20")
     _command(group, "get", _executions_get, "show one execution").add_argument("id", metavar="ID")
+    cancel = _command(group, "cancel", _executions_cancel, "stop a pending or running execution")
+    cancel.add_argument("id", metavar="ID")
+    cancel.add_argument("--reason", default="", help="kept in the execution's error message")
+    purge = _command(group, "purge", _executions_purge, "delete finished executions")
+    purge.add_argument("--job", default="", metavar="ID", help="only this job's")
+    purge.add_argument(
+        "--older-than",
+        type=_when,
+        metavar="TIME",
+        help="those that ended before: an ISO 8601 time or a duration ago (7d)",
+    )
+    purge.add_argument(
+        "--keep-last", type=int, default=0, metavar="N", help="all but each job's newest N"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -416,9 +664,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_globals(parser, top=True)
     commands = parser.add_subparsers(metavar="COMMAND", required=True)
     _command(commands, "tasks", _tasks, "list the tasks registered on the server")
-    jobs = commands.add_parser("jobs", help="create, inspect, trigger and pause jobs")
+    jobs = commands.add_parser("jobs", help="create, inspect, trigger, backfill and pause jobs")
     _add_job_commands(jobs.add_subparsers(metavar="COMMAND", required=True))
-    executions = commands.add_parser("executions", help="inspect executions")
+    executions = commands.add_parser("executions", help="inspect, cancel and purge executions")
     _add_execution_commands(executions.add_subparsers(metavar="COMMAND", required=True))
     preview = _command(commands, "preview", _preview, "show when a trigger would fire")
     _add_trigger_options(preview, date=False)
@@ -445,11 +693,24 @@ def _report(error: ChronoplaneError) -> None:
     sys.stderr.write("\n".join(lines) + "\n")
 
 
+def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What argparse cannot say: options that go with others."""
+    if getattr(args, "tz", None) is not None and args.cron is None:
+        parser.error("--tz goes with --cron")
+    if args.run is _jobs_create:
+        if args.at is not None and (args.start is not None or args.end is not None):
+            parser.error("--start and --end go with --cron or --every")
+        retry = [args.initial_backoff, args.backoff_multiplier, args.max_backoff]
+        if args.max_attempts is None and (any(v is not None for v in retry) or args.retry_on):
+            parser.error("the retry options go with --max-attempts")
+    if args.run is _executions_purge and args.older_than is None and not args.keep_last:
+        parser.error("say what to purge: --older-than, --keep-last or both")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if getattr(args, "tz", None) is not None and args.cron is None:
-        parser.error("--tz goes with --cron")
+    _check(parser, args)
     try:
         message = asyncio.run(_run(args))
     except ChronoplaneError as error:

@@ -5,7 +5,8 @@ ChronoplaneError                      any failed call; .code, .message, .reason
 ├── NotFound (LookupError)            the job or execution does not exist
 ├── AlreadyExists                     the job id is taken
 ├── Aborted                           the etag did not match: the job changed since it was read
-├── FailedPrecondition                the state of things forbids the call
+├── FailedPrecondition                the state of things forbids the call: .reason is
+│                                     TASK_NOT_REGISTERED or EXECUTION_FINISHED
 ├── Unavailable (ConnectionError)     the server, or its database, cannot be reached
 ├── DeadlineExceeded (TimeoutError)   no answer within the timeout
 ├── Unimplemented                     the server does not know the call (older version)
@@ -92,7 +93,10 @@ class Aborted(ChronoplaneError):
 
 
 class FailedPrecondition(ChronoplaneError):
-    """Raised when the state of things forbids the call, e.g. the job's task is not registered."""
+    """Raised when the state of things forbids the call. ``reason`` tells which:
+    "TASK_NOT_REGISTERED" (the job's task is not registered on the server) or
+    "EXECUTION_FINISHED" (CancelExecution of an execution already in a final state).
+    """
 
     code = grpc.StatusCode.FAILED_PRECONDITION
 

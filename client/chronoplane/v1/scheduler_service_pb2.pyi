@@ -194,7 +194,9 @@ class UpdateJobRequest(_message.Message):
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """Which fields to change: any of display_name, description, task, args, trigger,
-        misfire_grace, coalesce, max_concurrent, labels; or "*" for all of them. Required.
+        misfire_grace, max_concurrent, labels, misfire_policy, catchup_window, catchup_limit,
+        overlap_policy, retry, timeout, history_limit (and the deprecated coalesce, which means
+        misfire_policy); or "*" for all of them. Required.
         A changed trigger reschedules the job from now.
         """
 

@@ -91,6 +91,14 @@ def _type_names(error: BaseException) -> tuple[str, ...]:
     )
 
 
+def _stamp(value: datetime) -> str:
+    """A fire time as people read it: UTC, to the second (more only when it has more)."""
+    text = value.astimezone(UTC).isoformat(
+        timespec="milliseconds" if value.microsecond else "seconds"
+    )
+    return text.replace("+00:00", "Z")
+
+
 def _seconds(value: timedelta) -> str:
     return f"{value.total_seconds():g} s"
 
@@ -147,7 +155,7 @@ class Runner:
         self._tasks = tasks
         self._instance_id = instance_id
         self._clock = clock
-        self._due: list[Due] = []
+        self._due: deque[Due] = deque()
         self._due_ready = asyncio.Event()
         # Held while a batch is written, so that stop() never cancels a write half-way.
         self._fire_lock = asyncio.Lock()
@@ -275,7 +283,7 @@ class Runner:
                 batch: list[Due] = []
                 size = 0
                 while self._due and size < MAX_BATCH:
-                    due = self._due.pop(0)
+                    due = self._due.popleft()
                     batch.append(due)
                     size += len(due.run) + 1
                 try:
@@ -309,26 +317,21 @@ class Runner:
             self._carry_out(execution, job, decision, written=execution.id in inserted)
 
     def _missed_record(self, job: Job, missed: MissedFires, now: datetime) -> Execution:
-        span = (
-            f"at {missed.first_time.isoformat()}"
-            if missed.count == 1
-            else f"from {missed.first_time.isoformat()} to {missed.last_time.isoformat()}"
-        )
-        count = f"{missed.count}{'+' if missed.count_is_lower_bound else ''}"
+        first, last = _stamp(missed.first_time), _stamp(missed.last_time)
+        if missed.count == 1:
+            what = f"1 fire at {first}"
+        else:
+            at_least = "at least " if missed.count_is_lower_bound else ""
+            what = f"{at_least}{missed.count} fires from {first} to {last}"
+        window = f", catch-up window {_seconds(job.catchup_window)}" if job.catchup_window else ""
         return replace(
             self._new_execution(job, ExecutionSource.SCHEDULE, missed.first_time, now),
             state=ExecutionState.MISSED,
             end_time=now,
             missed=missed,
             error_message=(
-                f"{count} fire(s) {span} came later than the misfire grace of "
-                f"{_seconds(job.misfire_grace)} and did not run (misfire policy "
-                f"{job.misfire_policy.value}"
-                + (
-                    f", catch-up window {_seconds(job.catchup_window)})"
-                    if job.catchup_window
-                    else ")"
-                )
+                f"{what} came later than the misfire grace of {_seconds(job.misfire_grace)} "
+                f"and did not run (misfire policy {job.misfire_policy.value}{window})"
             ),
         )
 
