@@ -367,19 +367,33 @@ def test_sigterm_lets_short_runs_finish_and_interrupts_long_ones(
         server.stop()
 
 
-def test_a_crash_leaves_running_executions_interrupted_after_restart(
+def test_a_crash_leaves_running_executions_interrupted_or_abandoned_after_restart(
     database_url: str, tmp_path: Path
 ) -> None:
-    server = start_server(database_url, tmp_path)
+    """SQLite serves one process: the next start marks what the crashed one ran INTERRUPTED.
+    PostgreSQL may have other instances running: once the crashed instance has been silent
+    for the instance timeout, the leader marks its executions ABANDONED."""
+    fast = ("--heartbeat-interval=0.5", "--leader-timeout=2.5", "--instance-timeout=2")
+    server = start_server(database_url, tmp_path, *fast)
     stub = server.stub()
     execution = start_long_run(stub)
     server.process.kill()
     server.process.wait(10)
 
-    server = start_server(database_url, tmp_path)
+    server = start_server(database_url, tmp_path, *fast)
     try:
-        got = server.stub().GetExecution(pb.GetExecutionRequest(id=execution.id)).execution
-        assert got.state == epb.EXECUTION_STATE_INTERRUPTED
+        request = pb.GetExecutionRequest(id=execution.id)
+        if database_url.startswith("sqlite"):
+            got = server.stub().GetExecution(request).execution
+            assert got.state == epb.EXECUTION_STATE_INTERRUPTED
+        else:
+            deadline = time.monotonic() + 10
+            while (got := server.stub().GetExecution(request).execution).state == (
+                epb.EXECUTION_STATE_RUNNING
+            ) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert got.state == epb.EXECUTION_STATE_ABANDONED
+            assert execution.instance_id in got.error_message
         assert got.HasField("end_time")
     finally:
         server.stop()
@@ -415,13 +429,14 @@ def test_a_job_whose_task_is_gone_fails_clearly(database_url: str, tmp_path: Pat
         server.stop()
 
 
-def test_a_second_server_on_the_same_database_refuses_to_start(
-    database_url: str, tmp_path: Path
+def test_a_second_server_on_the_same_sqlite_file_refuses_to_start(
+    sqlite_url: str, tmp_path: Path
 ) -> None:
-    with running_server(database_url, tmp_path) as first:
-        second: ServerProcess = start_server(database_url, tmp_path, wait=False)
+    with running_server(sqlite_url, tmp_path) as first:
+        second: ServerProcess = start_server(sqlite_url, tmp_path, wait=False)
         assert second.process.wait(30) == 1
         assert "another chronoplane server" in second.log
+        assert "use PostgreSQL to run several" in second.log
         # The first one is unharmed.
         assert first.stub().ListTasks(pb.ListTasksRequest()).tasks
 

@@ -58,6 +58,12 @@ class _ExecutionStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Execut
     """Ran longer than the job's timeout and was stopped, like CANCELLED (same rule for
     synchronous tasks).
     """
+    EXECUTION_STATE_ABANDONED: _ExecutionState.ValueType  # 10
+    """The instance running it (or holding it, waiting) stopped heartbeating, in cluster mode:
+    killed, partitioned from the database or paused. A survivor records this within the
+    instance timeout plus a few seconds, and retries it when the job's retry policy says so
+    (the error type is chronoplane.Abandoned). Whether the task finished is unknown.
+    """
 
 class ExecutionState(_ExecutionState, metaclass=_ExecutionStateEnumTypeWrapper):
     """The state of an execution. PENDING and RUNNING are transient; the others are final."""
@@ -93,6 +99,12 @@ it keeps its concurrency slot until it returns, and what it returned or raised i
 EXECUTION_STATE_TIMED_OUT: ExecutionState.ValueType  # 9
 """Ran longer than the job's timeout and was stopped, like CANCELLED (same rule for
 synchronous tasks).
+"""
+EXECUTION_STATE_ABANDONED: ExecutionState.ValueType  # 10
+"""The instance running it (or holding it, waiting) stopped heartbeating, in cluster mode:
+killed, partitioned from the database or paused. A survivor records this within the
+instance timeout plus a few seconds, and retries it when the job's retry policy says so
+(the error type is chronoplane.Abandoned). Whether the task finished is unknown.
 """
 Global___ExecutionState: _TypeAlias = ExecutionState  # noqa: Y015
 

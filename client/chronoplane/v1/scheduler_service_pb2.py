@@ -23,79 +23,84 @@ _sym_db = _symbol_database.Default()
 
 
 from chronoplane.v1 import execution_pb2 as chronoplane_dot_v1_dot_execution__pb2
+from chronoplane.v1 import instance_pb2 as chronoplane_dot_v1_dot_instance__pb2
 from chronoplane.v1 import job_pb2 as chronoplane_dot_v1_dot_job__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&chronoplane/v1/scheduler_service.proto\x12\x0e\x63hronoplane.v1\x1a\x1e\x63hronoplane/v1/execution.proto\x1a\x18\x63hronoplane/v1/job.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"H\n\x10\x43reateJobRequest\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.chronoplane.v1.Job\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"5\n\x11\x43reateJobResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.chronoplane.v1.Job\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"2\n\x0eGetJobResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.chronoplane.v1.Job\"8\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"N\n\x10ListJobsResponse\x12!\n\x04jobs\x18\x01 \x03(\x0b\x32\x13.chronoplane.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"e\n\x10UpdateJobRequest\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.chronoplane.v1.Job\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"5\n\x11UpdateJobResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.chronoplane.v1.Job\",\n\x10\x44\x65leteJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"\x13\n\x11\x44\x65leteJobResponse\"+\n\x0fPauseJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"4\n\x10PauseJobResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.chronoplane.v1.Job\",\n\x10ResumeJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"5\n\x11ResumeJobResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.chronoplane.v1.Job\"\x91\x01\n\x11TriggerJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12%\n\x04\x61rgs\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x35\n\x0eoverlap_policy\x18\x04 \x01(\x0e\x32\x1d.chronoplane.v1.OverlapPolicy\"\xb5\x01\n\x12\x42\x61\x63kfillJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x0eoverlap_policy\x18\x04 \x01(\x0e\x32\x1d.chronoplane.v1.OverlapPolicy\"`\n\x13\x42\x61\x63kfillJobResponse\x12-\n\nexecutions\x18\x01 \x03(\x0b\x32\x19.chronoplane.v1.Execution\x12\x1a\n\x12\x61lready_backfilled\x18\x02 \x01(\x05\"4\n\x16\x43\x61ncelExecutionRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"G\n\x17\x43\x61ncelExecutionResponse\x12,\n\texecution\x18\x01 \x01(\x0b\x32\x19.chronoplane.v1.Execution\"k\n\x16PurgeExecutionsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12.\n\nolder_than\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tkeep_last\x18\x03 \x01(\x05\"/\n\x17PurgeExecutionsResponse\x12\x14\n\x0cpurged_count\x18\x01 \x01(\x03\"B\n\x12TriggerJobResponse\x12,\n\texecution\x18\x01 \x01(\x0b\x32\x19.chronoplane.v1.Execution\"!\n\x13GetExecutionRequest\x12\n\n\x02id\x18\x01 \x01(\t\"D\n\x14GetExecutionResponse\x12,\n\texecution\x18\x01 \x01(\x0b\x32\x19.chronoplane.v1.Execution\"\xe9\x01\n\x15ListExecutionsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12.\n\x06states\x18\x02 \x03(\x0e\x32\x1e.chronoplane.v1.ExecutionState\x12\x33\n\x0fscheduled_after\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10scheduled_before\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\"`\n\x16ListExecutionsResponse\x12-\n\nexecutions\x18\x01 \x03(\x0b\x32\x19.chronoplane.v1.Execution\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x12\n\x10ListTasksRequest\"8\n\x11ListTasksResponse\x12#\n\x05tasks\x18\x01 \x03(\x0b\x32\x14.chronoplane.v1.Task\"\x80\x01\n\x15PreviewTriggerRequest\x12(\n\x07trigger\x18\x01 \x01(\x0b\x32\x17.chronoplane.v1.Trigger\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"H\n\x16PreviewTriggerResponse\x12.\n\nfire_times\x18\x01 \x03(\x0b\x32\x1a.google.protobuf.Timestamp2\xa5\n\n\x10SchedulerService\x12P\n\tCreateJob\x12 .chronoplane.v1.CreateJobRequest\x1a!.chronoplane.v1.CreateJobResponse\x12G\n\x06GetJob\x12\x1d.chronoplane.v1.GetJobRequest\x1a\x1e.chronoplane.v1.GetJobResponse\x12M\n\x08ListJobs\x12\x1f.chronoplane.v1.ListJobsRequest\x1a .chronoplane.v1.ListJobsResponse\x12P\n\tUpdateJob\x12 .chronoplane.v1.UpdateJobRequest\x1a!.chronoplane.v1.UpdateJobResponse\x12P\n\tDeleteJob\x12 .chronoplane.v1.DeleteJobRequest\x1a!.chronoplane.v1.DeleteJobResponse\x12M\n\x08PauseJob\x12\x1f.chronoplane.v1.PauseJobRequest\x1a .chronoplane.v1.PauseJobResponse\x12P\n\tResumeJob\x12 .chronoplane.v1.ResumeJobRequest\x1a!.chronoplane.v1.ResumeJobResponse\x12S\n\nTriggerJob\x12!.chronoplane.v1.TriggerJobRequest\x1a\".chronoplane.v1.TriggerJobResponse\x12V\n\x0b\x42\x61\x63kfillJob\x12\".chronoplane.v1.BackfillJobRequest\x1a#.chronoplane.v1.BackfillJobResponse\x12\x62\n\x0f\x43\x61ncelExecution\x12&.chronoplane.v1.CancelExecutionRequest\x1a\'.chronoplane.v1.CancelExecutionResponse\x12\x62\n\x0fPurgeExecutions\x12&.chronoplane.v1.PurgeExecutionsRequest\x1a\'.chronoplane.v1.PurgeExecutionsResponse\x12Y\n\x0cGetExecution\x12#.chronoplane.v1.GetExecutionRequest\x1a$.chronoplane.v1.GetExecutionResponse\x12_\n\x0eListExecutions\x12%.chronoplane.v1.ListExecutionsRequest\x1a&.chronoplane.v1.ListExecutionsResponse\x12P\n\tListTasks\x12 .chronoplane.v1.ListTasksRequest\x1a!.chronoplane.v1.ListTasksResponse\x12_\n\x0ePreviewTrigger\x12%.chronoplane.v1.PreviewTriggerRequest\x1a&.chronoplane.v1.PreviewTriggerResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&chronoplane/v1/scheduler_service.proto\x12\x0e\x63hronoplane.v1\x1a\x1e\x63hronoplane/v1/execution.proto\x1a\x1d\x63hronoplane/v1/instance.proto\x1a\x18\x63hronoplane/v1/job.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"H\n\x10\x43reateJobRequest\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.chronoplane.v1.Job\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"5\n\x11\x43reateJobResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.chronoplane.v1.Job\"\x1b\n\rGetJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\"2\n\x0eGetJobResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.chronoplane.v1.Job\"8\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"N\n\x10ListJobsResponse\x12!\n\x04jobs\x18\x01 \x03(\x0b\x32\x13.chronoplane.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"e\n\x10UpdateJobRequest\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.chronoplane.v1.Job\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"5\n\x11UpdateJobResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.chronoplane.v1.Job\",\n\x10\x44\x65leteJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"\x13\n\x11\x44\x65leteJobResponse\"+\n\x0fPauseJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"4\n\x10PauseJobResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.chronoplane.v1.Job\",\n\x10ResumeJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"5\n\x11ResumeJobResponse\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.chronoplane.v1.Job\"\x91\x01\n\x11TriggerJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12%\n\x04\x61rgs\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x35\n\x0eoverlap_policy\x18\x04 \x01(\x0e\x32\x1d.chronoplane.v1.OverlapPolicy\"\xb5\x01\n\x12\x42\x61\x63kfillJobRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x0eoverlap_policy\x18\x04 \x01(\x0e\x32\x1d.chronoplane.v1.OverlapPolicy\"`\n\x13\x42\x61\x63kfillJobResponse\x12-\n\nexecutions\x18\x01 \x03(\x0b\x32\x19.chronoplane.v1.Execution\x12\x1a\n\x12\x61lready_backfilled\x18\x02 \x01(\x05\"4\n\x16\x43\x61ncelExecutionRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"G\n\x17\x43\x61ncelExecutionResponse\x12,\n\texecution\x18\x01 \x01(\x0b\x32\x19.chronoplane.v1.Execution\"k\n\x16PurgeExecutionsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12.\n\nolder_than\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tkeep_last\x18\x03 \x01(\x05\"/\n\x17PurgeExecutionsResponse\x12\x14\n\x0cpurged_count\x18\x01 \x01(\x03\"B\n\x12TriggerJobResponse\x12,\n\texecution\x18\x01 \x01(\x0b\x32\x19.chronoplane.v1.Execution\"!\n\x13GetExecutionRequest\x12\n\n\x02id\x18\x01 \x01(\t\"D\n\x14GetExecutionResponse\x12,\n\texecution\x18\x01 \x01(\x0b\x32\x19.chronoplane.v1.Execution\"\xe9\x01\n\x15ListExecutionsRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12.\n\x06states\x18\x02 \x03(\x0e\x32\x1e.chronoplane.v1.ExecutionState\x12\x33\n\x0fscheduled_after\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10scheduled_before\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\"`\n\x16ListExecutionsResponse\x12-\n\nexecutions\x18\x01 \x03(\x0b\x32\x19.chronoplane.v1.Execution\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x12\n\x10ListTasksRequest\"8\n\x11ListTasksResponse\x12#\n\x05tasks\x18\x01 \x03(\x0b\x32\x14.chronoplane.v1.Task\"\x80\x01\n\x15PreviewTriggerRequest\x12(\n\x07trigger\x18\x01 \x01(\x0b\x32\x17.chronoplane.v1.Trigger\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"H\n\x16PreviewTriggerResponse\x12.\n\nfire_times\x18\x01 \x03(\x0b\x32\x1a.google.protobuf.Timestamp\"\x16\n\x14ListInstancesRequest\"D\n\x15ListInstancesResponse\x12+\n\tinstances\x18\x01 \x03(\x0b\x32\x18.chronoplane.v1.Instance2\x83\x0b\n\x10SchedulerService\x12P\n\tCreateJob\x12 .chronoplane.v1.CreateJobRequest\x1a!.chronoplane.v1.CreateJobResponse\x12G\n\x06GetJob\x12\x1d.chronoplane.v1.GetJobRequest\x1a\x1e.chronoplane.v1.GetJobResponse\x12M\n\x08ListJobs\x12\x1f.chronoplane.v1.ListJobsRequest\x1a .chronoplane.v1.ListJobsResponse\x12P\n\tUpdateJob\x12 .chronoplane.v1.UpdateJobRequest\x1a!.chronoplane.v1.UpdateJobResponse\x12P\n\tDeleteJob\x12 .chronoplane.v1.DeleteJobRequest\x1a!.chronoplane.v1.DeleteJobResponse\x12M\n\x08PauseJob\x12\x1f.chronoplane.v1.PauseJobRequest\x1a .chronoplane.v1.PauseJobResponse\x12P\n\tResumeJob\x12 .chronoplane.v1.ResumeJobRequest\x1a!.chronoplane.v1.ResumeJobResponse\x12S\n\nTriggerJob\x12!.chronoplane.v1.TriggerJobRequest\x1a\".chronoplane.v1.TriggerJobResponse\x12V\n\x0b\x42\x61\x63kfillJob\x12\".chronoplane.v1.BackfillJobRequest\x1a#.chronoplane.v1.BackfillJobResponse\x12\x62\n\x0f\x43\x61ncelExecution\x12&.chronoplane.v1.CancelExecutionRequest\x1a\'.chronoplane.v1.CancelExecutionResponse\x12\x62\n\x0fPurgeExecutions\x12&.chronoplane.v1.PurgeExecutionsRequest\x1a\'.chronoplane.v1.PurgeExecutionsResponse\x12Y\n\x0cGetExecution\x12#.chronoplane.v1.GetExecutionRequest\x1a$.chronoplane.v1.GetExecutionResponse\x12_\n\x0eListExecutions\x12%.chronoplane.v1.ListExecutionsRequest\x1a&.chronoplane.v1.ListExecutionsResponse\x12P\n\tListTasks\x12 .chronoplane.v1.ListTasksRequest\x1a!.chronoplane.v1.ListTasksResponse\x12_\n\x0ePreviewTrigger\x12%.chronoplane.v1.PreviewTriggerRequest\x1a&.chronoplane.v1.PreviewTriggerResponse\x12\\\n\rListInstances\x12$.chronoplane.v1.ListInstancesRequest\x1a%.chronoplane.v1.ListInstancesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'chronoplane.v1.scheduler_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CREATEJOBREQUEST']._serialized_start=213
-  _globals['_CREATEJOBREQUEST']._serialized_end=285
-  _globals['_CREATEJOBRESPONSE']._serialized_start=287
-  _globals['_CREATEJOBRESPONSE']._serialized_end=340
-  _globals['_GETJOBREQUEST']._serialized_start=342
-  _globals['_GETJOBREQUEST']._serialized_end=369
-  _globals['_GETJOBRESPONSE']._serialized_start=371
-  _globals['_GETJOBRESPONSE']._serialized_end=421
-  _globals['_LISTJOBSREQUEST']._serialized_start=423
-  _globals['_LISTJOBSREQUEST']._serialized_end=479
-  _globals['_LISTJOBSRESPONSE']._serialized_start=481
-  _globals['_LISTJOBSRESPONSE']._serialized_end=559
-  _globals['_UPDATEJOBREQUEST']._serialized_start=561
-  _globals['_UPDATEJOBREQUEST']._serialized_end=662
-  _globals['_UPDATEJOBRESPONSE']._serialized_start=664
-  _globals['_UPDATEJOBRESPONSE']._serialized_end=717
-  _globals['_DELETEJOBREQUEST']._serialized_start=719
-  _globals['_DELETEJOBREQUEST']._serialized_end=763
-  _globals['_DELETEJOBRESPONSE']._serialized_start=765
-  _globals['_DELETEJOBRESPONSE']._serialized_end=784
-  _globals['_PAUSEJOBREQUEST']._serialized_start=786
-  _globals['_PAUSEJOBREQUEST']._serialized_end=829
-  _globals['_PAUSEJOBRESPONSE']._serialized_start=831
-  _globals['_PAUSEJOBRESPONSE']._serialized_end=883
-  _globals['_RESUMEJOBREQUEST']._serialized_start=885
-  _globals['_RESUMEJOBREQUEST']._serialized_end=929
-  _globals['_RESUMEJOBRESPONSE']._serialized_start=931
-  _globals['_RESUMEJOBRESPONSE']._serialized_end=984
-  _globals['_TRIGGERJOBREQUEST']._serialized_start=987
-  _globals['_TRIGGERJOBREQUEST']._serialized_end=1132
-  _globals['_BACKFILLJOBREQUEST']._serialized_start=1135
-  _globals['_BACKFILLJOBREQUEST']._serialized_end=1316
-  _globals['_BACKFILLJOBRESPONSE']._serialized_start=1318
-  _globals['_BACKFILLJOBRESPONSE']._serialized_end=1414
-  _globals['_CANCELEXECUTIONREQUEST']._serialized_start=1416
-  _globals['_CANCELEXECUTIONREQUEST']._serialized_end=1468
-  _globals['_CANCELEXECUTIONRESPONSE']._serialized_start=1470
-  _globals['_CANCELEXECUTIONRESPONSE']._serialized_end=1541
-  _globals['_PURGEEXECUTIONSREQUEST']._serialized_start=1543
-  _globals['_PURGEEXECUTIONSREQUEST']._serialized_end=1650
-  _globals['_PURGEEXECUTIONSRESPONSE']._serialized_start=1652
-  _globals['_PURGEEXECUTIONSRESPONSE']._serialized_end=1699
-  _globals['_TRIGGERJOBRESPONSE']._serialized_start=1701
-  _globals['_TRIGGERJOBRESPONSE']._serialized_end=1767
-  _globals['_GETEXECUTIONREQUEST']._serialized_start=1769
-  _globals['_GETEXECUTIONREQUEST']._serialized_end=1802
-  _globals['_GETEXECUTIONRESPONSE']._serialized_start=1804
-  _globals['_GETEXECUTIONRESPONSE']._serialized_end=1872
-  _globals['_LISTEXECUTIONSREQUEST']._serialized_start=1875
-  _globals['_LISTEXECUTIONSREQUEST']._serialized_end=2108
-  _globals['_LISTEXECUTIONSRESPONSE']._serialized_start=2110
-  _globals['_LISTEXECUTIONSRESPONSE']._serialized_end=2206
-  _globals['_LISTTASKSREQUEST']._serialized_start=2208
-  _globals['_LISTTASKSREQUEST']._serialized_end=2226
-  _globals['_LISTTASKSRESPONSE']._serialized_start=2228
-  _globals['_LISTTASKSRESPONSE']._serialized_end=2284
-  _globals['_PREVIEWTRIGGERREQUEST']._serialized_start=2287
-  _globals['_PREVIEWTRIGGERREQUEST']._serialized_end=2415
-  _globals['_PREVIEWTRIGGERRESPONSE']._serialized_start=2417
-  _globals['_PREVIEWTRIGGERRESPONSE']._serialized_end=2489
-  _globals['_SCHEDULERSERVICE']._serialized_start=2492
-  _globals['_SCHEDULERSERVICE']._serialized_end=3809
+  _globals['_CREATEJOBREQUEST']._serialized_start=244
+  _globals['_CREATEJOBREQUEST']._serialized_end=316
+  _globals['_CREATEJOBRESPONSE']._serialized_start=318
+  _globals['_CREATEJOBRESPONSE']._serialized_end=371
+  _globals['_GETJOBREQUEST']._serialized_start=373
+  _globals['_GETJOBREQUEST']._serialized_end=400
+  _globals['_GETJOBRESPONSE']._serialized_start=402
+  _globals['_GETJOBRESPONSE']._serialized_end=452
+  _globals['_LISTJOBSREQUEST']._serialized_start=454
+  _globals['_LISTJOBSREQUEST']._serialized_end=510
+  _globals['_LISTJOBSRESPONSE']._serialized_start=512
+  _globals['_LISTJOBSRESPONSE']._serialized_end=590
+  _globals['_UPDATEJOBREQUEST']._serialized_start=592
+  _globals['_UPDATEJOBREQUEST']._serialized_end=693
+  _globals['_UPDATEJOBRESPONSE']._serialized_start=695
+  _globals['_UPDATEJOBRESPONSE']._serialized_end=748
+  _globals['_DELETEJOBREQUEST']._serialized_start=750
+  _globals['_DELETEJOBREQUEST']._serialized_end=794
+  _globals['_DELETEJOBRESPONSE']._serialized_start=796
+  _globals['_DELETEJOBRESPONSE']._serialized_end=815
+  _globals['_PAUSEJOBREQUEST']._serialized_start=817
+  _globals['_PAUSEJOBREQUEST']._serialized_end=860
+  _globals['_PAUSEJOBRESPONSE']._serialized_start=862
+  _globals['_PAUSEJOBRESPONSE']._serialized_end=914
+  _globals['_RESUMEJOBREQUEST']._serialized_start=916
+  _globals['_RESUMEJOBREQUEST']._serialized_end=960
+  _globals['_RESUMEJOBRESPONSE']._serialized_start=962
+  _globals['_RESUMEJOBRESPONSE']._serialized_end=1015
+  _globals['_TRIGGERJOBREQUEST']._serialized_start=1018
+  _globals['_TRIGGERJOBREQUEST']._serialized_end=1163
+  _globals['_BACKFILLJOBREQUEST']._serialized_start=1166
+  _globals['_BACKFILLJOBREQUEST']._serialized_end=1347
+  _globals['_BACKFILLJOBRESPONSE']._serialized_start=1349
+  _globals['_BACKFILLJOBRESPONSE']._serialized_end=1445
+  _globals['_CANCELEXECUTIONREQUEST']._serialized_start=1447
+  _globals['_CANCELEXECUTIONREQUEST']._serialized_end=1499
+  _globals['_CANCELEXECUTIONRESPONSE']._serialized_start=1501
+  _globals['_CANCELEXECUTIONRESPONSE']._serialized_end=1572
+  _globals['_PURGEEXECUTIONSREQUEST']._serialized_start=1574
+  _globals['_PURGEEXECUTIONSREQUEST']._serialized_end=1681
+  _globals['_PURGEEXECUTIONSRESPONSE']._serialized_start=1683
+  _globals['_PURGEEXECUTIONSRESPONSE']._serialized_end=1730
+  _globals['_TRIGGERJOBRESPONSE']._serialized_start=1732
+  _globals['_TRIGGERJOBRESPONSE']._serialized_end=1798
+  _globals['_GETEXECUTIONREQUEST']._serialized_start=1800
+  _globals['_GETEXECUTIONREQUEST']._serialized_end=1833
+  _globals['_GETEXECUTIONRESPONSE']._serialized_start=1835
+  _globals['_GETEXECUTIONRESPONSE']._serialized_end=1903
+  _globals['_LISTEXECUTIONSREQUEST']._serialized_start=1906
+  _globals['_LISTEXECUTIONSREQUEST']._serialized_end=2139
+  _globals['_LISTEXECUTIONSRESPONSE']._serialized_start=2141
+  _globals['_LISTEXECUTIONSRESPONSE']._serialized_end=2237
+  _globals['_LISTTASKSREQUEST']._serialized_start=2239
+  _globals['_LISTTASKSREQUEST']._serialized_end=2257
+  _globals['_LISTTASKSRESPONSE']._serialized_start=2259
+  _globals['_LISTTASKSRESPONSE']._serialized_end=2315
+  _globals['_PREVIEWTRIGGERREQUEST']._serialized_start=2318
+  _globals['_PREVIEWTRIGGERREQUEST']._serialized_end=2446
+  _globals['_PREVIEWTRIGGERRESPONSE']._serialized_start=2448
+  _globals['_PREVIEWTRIGGERRESPONSE']._serialized_end=2520
+  _globals['_LISTINSTANCESREQUEST']._serialized_start=2522
+  _globals['_LISTINSTANCESREQUEST']._serialized_end=2544
+  _globals['_LISTINSTANCESRESPONSE']._serialized_start=2546
+  _globals['_LISTINSTANCESRESPONSE']._serialized_end=2614
+  _globals['_SCHEDULERSERVICE']._serialized_start=2617
+  _globals['_SCHEDULERSERVICE']._serialized_end=4028
 # @@protoc_insertion_point(module_scope)

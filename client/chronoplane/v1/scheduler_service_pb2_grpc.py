@@ -115,6 +115,11 @@ class SchedulerServiceStub:
                 request_serializer=chronoplane_dot_v1_dot_scheduler__service__pb2.PreviewTriggerRequest.SerializeToString,
                 response_deserializer=chronoplane_dot_v1_dot_scheduler__service__pb2.PreviewTriggerResponse.FromString,
                 _registered_method=True)
+        self.ListInstances = channel.unary_unary(
+                '/chronoplane.v1.SchedulerService/ListInstances',
+                request_serializer=chronoplane_dot_v1_dot_scheduler__service__pb2.ListInstancesRequest.SerializeToString,
+                response_deserializer=chronoplane_dot_v1_dot_scheduler__service__pb2.ListInstancesResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServiceServicer:
@@ -252,6 +257,15 @@ class SchedulerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListInstances(self, request, context):
+        """Lists the server processes sharing this database (one on SQLite), which one leads, and
+        when each last heartbeat. A crashed instance stays listed, its last_seen_time ageing,
+        until it has been silent for six instance timeouts (60 s by default).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -329,6 +343,11 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.PreviewTrigger,
                     request_deserializer=chronoplane_dot_v1_dot_scheduler__service__pb2.PreviewTriggerRequest.FromString,
                     response_serializer=chronoplane_dot_v1_dot_scheduler__service__pb2.PreviewTriggerResponse.SerializeToString,
+            ),
+            'ListInstances': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListInstances,
+                    request_deserializer=chronoplane_dot_v1_dot_scheduler__service__pb2.ListInstancesRequest.FromString,
+                    response_serializer=chronoplane_dot_v1_dot_scheduler__service__pb2.ListInstancesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -742,6 +761,33 @@ class SchedulerService:
             '/chronoplane.v1.SchedulerService/PreviewTrigger',
             chronoplane_dot_v1_dot_scheduler__service__pb2.PreviewTriggerRequest.SerializeToString,
             chronoplane_dot_v1_dot_scheduler__service__pb2.PreviewTriggerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListInstances(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chronoplane.v1.SchedulerService/ListInstances',
+            chronoplane_dot_v1_dot_scheduler__service__pb2.ListInstancesRequest.SerializeToString,
+            chronoplane_dot_v1_dot_scheduler__service__pb2.ListInstancesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -100,6 +100,11 @@ class SchedulerServiceStub:
     """Computes the next fire times of a trigger without creating a job.
     Errors: INVALID_ARGUMENT (bad trigger, count out of range).
     """
+    ListInstances: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.ListInstancesRequest, _scheduler_service_pb2.ListInstancesResponse]
+    """Lists the server processes sharing this database (one on SQLite), which one leads, and
+    when each last heartbeat. A crashed instance stays listed, its last_seen_time ageing,
+    until it has been silent for six instance timeouts (60 s by default).
+    """
 
 @_typing.type_check_only
 class SchedulerServiceAsyncStub(SchedulerServiceStub):
@@ -172,6 +177,11 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     PreviewTrigger: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.PreviewTriggerRequest, _scheduler_service_pb2.PreviewTriggerResponse]  # type: ignore[assignment]
     """Computes the next fire times of a trigger without creating a job.
     Errors: INVALID_ARGUMENT (bad trigger, count out of range).
+    """
+    ListInstances: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.ListInstancesRequest, _scheduler_service_pb2.ListInstancesResponse]  # type: ignore[assignment]
+    """Lists the server processes sharing this database (one on SQLite), which one leads, and
+    when each last heartbeat. A crashed instance stays listed, its last_seen_time ageing,
+    until it has been silent for six instance timeouts (60 s by default).
     """
 
 class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -332,6 +342,17 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_scheduler_service_pb2.PreviewTriggerResponse, _abc.Awaitable[_scheduler_service_pb2.PreviewTriggerResponse]]:
         """Computes the next fire times of a trigger without creating a job.
         Errors: INVALID_ARGUMENT (bad trigger, count out of range).
+        """
+
+    @_abc_1.abstractmethod
+    def ListInstances(
+        self,
+        request: _scheduler_service_pb2.ListInstancesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_service_pb2.ListInstancesResponse, _abc.Awaitable[_scheduler_service_pb2.ListInstancesResponse]]:
+        """Lists the server processes sharing this database (one on SQLite), which one leads, and
+        when each last heartbeat. A crashed instance stays listed, its last_seen_time ageing,
+        until it has been silent for six instance timeouts (60 s by default).
         """
 
 def add_SchedulerServiceServicer_to_server(servicer: SchedulerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

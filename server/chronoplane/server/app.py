@@ -5,26 +5,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import signal
+import socket
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-
+from chronoplane.server.cluster import Member
 from chronoplane.server.config import Settings
 from chronoplane.server.coordination.abc import Coordinator
-from chronoplane.server.coordination.local import FileLockCoordinator
-from chronoplane.server.coordination.postgres import AdvisoryLockCoordinator
+from chronoplane.server.coordination.local import FileLock, SoleLeader
+from chronoplane.server.coordination.postgres import JobChangeListener, LeaderElection
 from chronoplane.server.engine.apscheduler import ApschedulerEngine
 from chronoplane.server.executors.inline import InlineExecutor
 from chronoplane.server.ids import new_instance_id
+from chronoplane.server.models import Instance
 from chronoplane.server.pagination import PageTokens
 from chronoplane.server.runner import Runner
 from chronoplane.server.service import SchedulerService
 from chronoplane.server.storage.migrate import upgrade
-from chronoplane.server.storage.sqlalchemy import SqlAlchemyStore, create_engine
+from chronoplane.server.storage.sqlalchemy import JOBS_CHANNEL, SqlAlchemyStore, create_engine
 from chronoplane.server.tasks import default_registry, load_modules
 from chronoplane.server.transport.server import GrpcServer
 
@@ -39,6 +41,8 @@ class Application:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.instance_id = new_instance_id()
+        self.start_time = datetime.now(UTC)
+        self.coordinator: Coordinator | None = None
         self.address: str | None = None
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
@@ -50,21 +54,26 @@ class Application:
     async def run(self) -> None:
         settings = self.settings
         load_modules(settings.tasks)
+        sqlite_path = settings.sqlite_path()
+        shared = sqlite_path is None
         async with AsyncExitStack() as stack:
             engine_sql = create_engine(settings.database_url)
             stack.push_async_callback(engine_sql.dispose)
-            coordinator = self._coordinator(settings, engine_sql)
-            await coordinator.acquire()
-            stack.push_async_callback(coordinator.release)
+            if sqlite_path is not None:
+                lock = FileLock(Path(sqlite_path))
+                await lock.acquire()
+                stack.push_async_callback(lock.release)
             await upgrade(settings.database_url)
 
             store = SqlAlchemyStore(engine_sql)
-            interrupted = await store.interrupt_unfinished(
-                message="the server stopped while the execution was pending or running",
-                now=datetime.now(UTC),
-            )
-            if interrupted:
-                log.warning("marked %d executions of a stopped server INTERRUPTED", interrupted)
+            if not shared:
+                # Alone on this database: whatever is unfinished, a former process left.
+                interrupted = await store.interrupt_unfinished(
+                    message="the server stopped while the execution was pending or running",
+                    now=datetime.now(UTC),
+                )
+                if interrupted:
+                    log.warning("marked %d executions of a stopped server INTERRUPTED", interrupted)
             key = await store.get_or_create_secret("page_tokens", secrets.token_bytes(32))
 
             executor = InlineExecutor(threads=settings.worker_threads)
@@ -75,8 +84,6 @@ class Application:
                 tasks=default_registry,
                 instance_id=self.instance_id,
             )
-            await runner.start()
-            stack.push_async_callback(runner.stop, settings.shutdown_grace)
             engine = ApschedulerEngine()
             service = SchedulerService(
                 store=store,
@@ -84,13 +91,57 @@ class Application:
                 runner=runner,
                 tasks=default_registry,
                 page_tokens=PageTokens(key),
+                leader_timeout=timedelta(seconds=settings.leader_timeout),
             )
-            scheduled = await service.load_schedule()
-            resumed = await service.resume_waiting()
-            if resumed:
-                log.info("took back %d waiting retries and backfill fires", resumed)
-            await engine.start(runner.on_fires)
+            member = Member(
+                instance=self._instance(settings.address),
+                store=store,
+                service=service,
+                runner=runner,
+                engine=engine,
+                heartbeat_interval=settings.heartbeat_interval,
+                instance_timeout=settings.instance_timeout,
+                shared=shared,
+            )
+            # Unwound in reverse: the row goes last, once every execution here has ended.
+            stack.push_async_callback(member.leave)
+            await runner.start()
+            stack.push_async_callback(runner.stop, settings.shutdown_grace)
             stack.push_async_callback(engine.shutdown)
+            await member.start()
+            stack.push_async_callback(member.stop)
+
+            coordinator: Coordinator
+            if shared:
+                coordinator = LeaderElection(
+                    settings.database_url,
+                    self.instance_id,
+                    heartbeat_interval=settings.heartbeat_interval,
+                    leader_timeout=settings.leader_timeout,
+                    on_elected=member.elected,
+                    on_deposed=member.deposed,
+                )
+                listener = JobChangeListener(
+                    settings.database_url,
+                    JOBS_CHANNEL,
+                    on_change=member.job_changed,
+                    on_resync=member.resync,
+                    instance_id=self.instance_id,
+                )
+                await listener.start()
+                stack.push_async_callback(listener.stop)
+            else:
+                coordinator = SoleLeader(
+                    lambda: store.take_leadership(self.instance_id), member.elected
+                )
+            member.attach(coordinator)
+            self.coordinator = coordinator
+            await coordinator.start()
+            stack.push_async_callback(coordinator.stop)
+            # Serve once the first round is decided, so a lone server serves with its schedule.
+            await asyncio.wait_for(coordinator.settled(), settings.leader_timeout * 2)
+            await member.settled()
+
             purger = asyncio.create_task(self._purge_forever(service), name="purge")
             stack.push_async_callback(_cancelled, purger)
 
@@ -98,18 +149,34 @@ class Application:
             await server.start()
             stack.push_async_callback(server.stop, settings.shutdown_grace)
             self.address = server.address
+            member.instance = self._instance(server.address)
+            await store.register_instance(member.instance)
             log.info(
-                "chronoplane %s serving on %s (instance %s, %d jobs scheduled, database %s)",
+                "chronoplane %s serving on %s (instance %s %s, %s, %d jobs scheduled, database %s)",
                 _version(),
                 server.address,
+                settings.instance_name or socket.gethostname(),
                 self.instance_id,
-                scheduled,
+                "leader" if coordinator.epoch is not None else "follower",
+                member.scheduled if coordinator.epoch is not None else 0,
                 _redacted(settings.database_url),
             )
             self.ready.set()
             await self._stop.wait()
             log.info("shutting down: no new RPCs, %d executions running", runner.running)
         log.info("stopped")
+
+    def _instance(self, address: str) -> Instance:
+        return Instance(
+            id=self.instance_id,
+            name=self.settings.instance_name or socket.gethostname(),
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            version=_version(),
+            address=address,
+            insecure=self.settings.insecure,
+            start_time=self.start_time,
+        )
 
     async def _purge_forever(self, service: SchedulerService) -> None:
         days = self.settings.history_max_age_days
@@ -123,13 +190,6 @@ class Application:
                 if purged:
                     log.info("purged %d executions from the history", purged)
             await asyncio.sleep(self.settings.purge_interval)
-
-    @staticmethod
-    def _coordinator(settings: Settings, engine: AsyncEngine) -> Coordinator:
-        path = settings.sqlite_path()
-        if path is not None:
-            return FileLockCoordinator(Path(path))
-        return AdvisoryLockCoordinator(engine)
 
 
 async def _cancelled(task: asyncio.Task[None]) -> None:

@@ -32,6 +32,14 @@ class Settings:
     """Executions that ended longer ago are purged; 0 keeps them forever."""
     purge_interval: float = 3600.0
     """Seconds between purges of execution history."""
+    instance_name: str = ""
+    """Shown by ListInstances; default: the host name. Several instances may share one."""
+    heartbeat_interval: float = 1.0
+    """Seconds between heartbeats (instances, the leader) and leader-election rounds."""
+    leader_timeout: float = 5.0
+    """A leader not heard from for this long is deposed (PostgreSQL)."""
+    instance_timeout: float = 10.0
+    """An instance not heard from for this long is taken for dead: what it ran is ABANDONED."""
 
     @property
     def host(self) -> str:
@@ -53,6 +61,25 @@ class Settings:
             return None
         return Path(self.database_url.removeprefix(prefix).split("?")[0]).resolve()
 
+    def _check_timing(self) -> None:
+        """The fencing inequality (coordination/postgres.py): a leader whose heartbeats stop
+        acts at most 2 x heartbeat_interval after its last one got through; nobody may take
+        over before leader_timeout has passed since then."""
+        hb = self.heartbeat_interval
+        if hb <= 0:
+            raise ConfigError("heartbeat_interval must be > 0")
+        if 2 * hb + LEASE_MARGIN > self.leader_timeout:
+            raise ConfigError(
+                f"leader_timeout ({self.leader_timeout:g} s) must be at least 2 x "
+                f"heartbeat_interval + {LEASE_MARGIN:g} s ({2 * hb + LEASE_MARGIN:g} s): a "
+                "silent leader must stop acting before another may take over"
+            )
+        if self.instance_timeout < 3 * hb:
+            raise ConfigError(
+                f"instance_timeout ({self.instance_timeout:g} s) must be at least 3 x "
+                f"heartbeat_interval ({3 * hb:g} s)"
+            )
+
     def normalized(self) -> Settings:
         """Relative SQLite paths made absolute, checked for sense."""
         if ":" not in self.address or not self.address.rpartition(":")[2].isdigit():
@@ -65,6 +92,7 @@ class Settings:
             raise ConfigError("shutdown_grace must be >= 0 and worker_threads >= 1")
         if self.history_max_age_days < 0 or self.purge_interval <= 0:
             raise ConfigError("history_max_age_days must be >= 0 and purge_interval > 0")
+        self._check_timing()
         path = self.sqlite_path()
         if path is not None:
             return replace(self, database_url=f"sqlite+aiosqlite:///{path}")
@@ -72,6 +100,9 @@ class Settings:
 
 
 _ENV_PREFIX = "CHRONOPLANE_"
+# Slack between the end of a silent leader's lease and the earliest takeover: clock rate
+# differences and scheduling delays must fit in it.
+LEASE_MARGIN = 1.0
 
 
 def _coerce(name: str, raw: Any) -> Any:
@@ -120,6 +151,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--purge-interval", type=float, help="seconds between history purges (default 3600)"
+    )
+    parser.add_argument(
+        "--instance-name", help="name shown by ListInstances (default: the host name)"
+    )
+    parser.add_argument(
+        "--heartbeat-interval", type=float, help="seconds between heartbeats (default 1)"
+    )
+    parser.add_argument(
+        "--leader-timeout",
+        type=float,
+        help="seconds of leader silence before another instance takes over (default 5)",
+    )
+    parser.add_argument(
+        "--instance-timeout",
+        type=float,
+        help="seconds of instance silence before its executions are ABANDONED (default 10)",
     )
     parser.add_argument(
         "--insecure",

@@ -11,7 +11,8 @@ ChronoplaneError
 ├── FailedPrecondition                  the state of things forbids the call
 │   └── TaskNotRegistered
 ├── StorageUnavailable (ConnectionError) the database cannot be reached
-└── InstanceConflict                    another server already uses this database
+├── InstanceConflict                    another server already uses this database
+└── NotLeader                           a leader's write after it lost leadership (fenced)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = [
     "JobAlreadyExists",
     "JobNotFound",
     "NotFound",
+    "NotLeader",
     "StorageUnavailable",
     "TaskNotRegistered",
 ]
@@ -130,3 +132,14 @@ class StorageUnavailable(ChronoplaneError, ConnectionError):
 
 class InstanceConflict(ChronoplaneError):
     reason = "INSTANCE_CONFLICT"
+
+
+class NotLeader(ChronoplaneError):
+    """A write only the leader may make, refused: the leadership epoch is no longer ours."""
+
+    reason = "NOT_LEADER"
+
+    def __init__(self, epoch: int, current: int) -> None:
+        self.epoch = epoch
+        self.current = current
+        super().__init__(f"fenced: this instance led epoch {epoch}; the current epoch is {current}")

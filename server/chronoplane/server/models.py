@@ -20,6 +20,7 @@ __all__ = [
     "ExecutionSource",
     "ExecutionState",
     "ExecutionSummary",
+    "Instance",
     "IntervalTrigger",
     "JSONObject",
     "Job",
@@ -48,6 +49,7 @@ class ExecutionState(enum.StrEnum):
     INTERRUPTED = "interrupted"
     CANCELLED = "cancelled"
     TIMED_OUT = "timed_out"
+    ABANDONED = "abandoned"
 
 
 FINAL_STATES = frozenset(set(ExecutionState) - {ExecutionState.PENDING, ExecutionState.RUNNING})
@@ -248,3 +250,19 @@ class ExecutionPage:
     executions: list[Execution]
     next_before: str | None
     """Id of the last execution of this page when more may follow."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Instance:
+    """One server process, as registered in the database."""
+
+    id: str
+    name: str
+    host: str
+    pid: int
+    version: str
+    address: str
+    insecure: bool
+    start_time: datetime
+    last_seen_time: datetime | None = None
+    leader: bool = False

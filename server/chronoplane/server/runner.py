@@ -35,7 +35,9 @@ from chronoplane.server.engine.abc import Fire
 from chronoplane.server.errors import (
     ChronoplaneError,
     ExecutionFinished,
+    FailedPrecondition,
     JobNotFound,
+    NotLeader,
     TaskNotRegistered,
 )
 from chronoplane.server.executors.abc import Executor, Work
@@ -175,6 +177,27 @@ class Runner:
         self._background: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
+        # Scheduled fires and next run times are written only while leading, with the epoch.
+        self._epoch: int | None = None
+        self._acting: Callable[[], bool] = lambda: False
+
+    # -- leadership ---------------------------------------------------------------------------
+
+    def lead(self, epoch: int, acting: Callable[[], bool]) -> None:
+        """From now on, write scheduled fires and next run times with ``epoch``, while
+        ``acting()`` says the leadership holds."""
+        self._epoch = epoch
+        self._acting = acting
+
+    def follow(self) -> None:
+        """No longer leading: fires not yet written are left to the next leader, which finds
+        them missing and applies the misfire policy."""
+        self._epoch = None
+        self._acting = lambda: False
+        dropped = sum(len(due.run) for due in self._due)
+        self._due.clear()
+        if dropped:
+            log.warning("left %d unwritten fires to the next leader", dropped)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -293,6 +316,10 @@ class Runner:
                     log.exception("could not record the fires of %d jobs; lost", len(batch))
 
     async def _write_due_batch(self, batch: list[Due]) -> None:
+        epoch = self._epoch
+        if epoch is None or not self._acting():
+            log.warning("not leading: %d fires left to the leader", sum(len(d.run) for d in batch))
+            return
         now = self._clock()
         admitted: list[tuple[Execution, Job, Decision]] = []
         for due in batch:
@@ -305,7 +332,7 @@ class Runner:
                 late = due.noticed_time - scheduled > job.misfire_grace
                 policy = OverlapPolicy.BUFFER_ALL if late else job.overlap_policy
                 admitted.append(self._admit(execution, job, policy, now))
-        inserted = await self._insert_with_retry([e for e, _, _ in admitted])
+        inserted = await self._insert_with_retry([e for e, _, _ in admitted], epoch=epoch)
         # Next run times are written after, with progress: a task need not wait for them,
         # and a fire re-fired from a stale one after a crash finds its execution exists.
         for due in batch:
@@ -448,12 +475,20 @@ class Runner:
         self._waiting[run.execution.job_id].append(run)
         self._dispatch(run.execution.job_id)
 
-    async def _insert_with_retry(self, executions: list[Execution]) -> set[str]:
+    async def _insert_with_retry(
+        self, executions: list[Execution], *, epoch: int | None = None
+    ) -> set[str]:
         delay = 0.1
         deadline = asyncio.get_running_loop().time() + WRITE_RETRY_SECONDS
         while True:
+            if epoch is not None and (epoch != self._epoch or not self._acting()):
+                log.warning("no longer leading: %d fires left to the leader", len(executions))
+                return set()
             try:
-                return await self._store.insert_executions(executions)
+                return await self._store.insert_executions(executions, epoch=epoch)
+            except NotLeader as error:
+                log.warning("%s: %d fires left to the leader", error, len(executions))
+                return set()
             except ChronoplaneError as error:
                 if asyncio.get_running_loop().time() > deadline:
                     log.error(
@@ -564,9 +599,14 @@ class Runner:
             if run.final is ExecutionState.CANCELLED:
                 return await self._store.get_execution(execution_id)
         else:
-            # Not held here: a row no process runs (this server is the only one).
+            # Not held here: a row no process runs, or one another instance runs.
             await self._flush_progress()
             current = await self._store.get_execution(execution_id)
+            if current.state is ExecutionState.RUNNING and current.instance_id != self._instance_id:
+                raise FailedPrecondition(
+                    f"execution {execution_id!r} runs on instance {current.instance_id}: "
+                    "cancel it through that instance (see ListInstances)"
+                )
             if current.state in (ExecutionState.PENDING, ExecutionState.RUNNING):
                 finish = ExecutionFinish(
                     id=execution_id,
@@ -757,9 +797,16 @@ class Runner:
     # -- retries ------------------------------------------------------------------------------
 
     def _maybe_retry(self, run: _Run, error_types: tuple[str, ...]) -> None:
-        execution, job = run.execution, run.job
+        self._retry(run.execution, run.job, error_types)
+
+    def retry_abandoned(self, execution: Execution, job: Job) -> bool:
+        """Retries an execution a dead instance abandoned, if the job's retry policy says so
+        (its error type is chronoplane.Abandoned)."""
+        return self._retry(execution, job, (execution.error_type or "chronoplane.Abandoned",))
+
+    def _retry(self, execution: Execution, job: Job, error_types: tuple[str, ...]) -> bool:
         if self._stopping or not job.retry.retries(execution.attempt, error_types):
-            return
+            return False
         now = self._clock()
         retry = replace(
             self._new_execution(
@@ -776,6 +823,7 @@ class Runner:
         task = asyncio.create_task(self._schedule_retry(retry, job))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return True
 
     async def _schedule_retry(self, retry: Execution, job: Job) -> None:
         inserted = await self._insert_with_retry([retry])
@@ -835,11 +883,14 @@ class Runner:
             finishes, self._finishes = self._finishes, {}
             next_runs, self._next_runs = self._next_runs, {}
             notes, self._notes = self._notes, {}
+            if self._epoch is None:
+                next_runs = {}  # the leader's to write
             try:
                 await self._store.record_progress(
                     list(starts.values()),
                     list(finishes.values()),
                     list(next_runs.values()),
+                    epoch=self._epoch,
                 )
                 for execution_id, note in notes.items():
                     await self._store.add_note(execution_id, note)

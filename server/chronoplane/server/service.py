@@ -25,6 +25,7 @@ from chronoplane.server.models import (
     DateTrigger,
     Execution,
     ExecutionQuery,
+    Instance,
     IntervalTrigger,
     Job,
     JSONObject,
@@ -111,6 +112,7 @@ class SchedulerService:
         runner: Runner,
         tasks: TaskRegistry,
         page_tokens: PageTokens,
+        leader_timeout: timedelta = timedelta(seconds=5),
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
         self._store = store
@@ -119,6 +121,10 @@ class SchedulerService:
         self._tasks = tasks
         self._tokens = page_tokens
         self._clock = clock
+        self._leader_timeout = leader_timeout
+        # Only the leader's engine keeps time; other instances' job changes reach it through
+        # sync_job (a notification) and resync (the safety net).
+        self.leading = False
 
     # -- start-up -----------------------------------------------------------------------------
 
@@ -224,7 +230,7 @@ class SchedulerService:
             if earlier is None:
                 raise
             return earlier
-        self._engine.schedule(stored, reschedule=True)
+        self._schedule(stored, reschedule=True)
         return stored
 
     async def get_job(self, job_id: str) -> Job:
@@ -263,7 +269,7 @@ class SchedulerService:
                 if etag or attempt == _UPDATE_ATTEMPTS - 1:
                     raise
                 continue
-            self._engine.schedule(stored, reschedule="trigger" in changes)
+            self._schedule(stored, reschedule="trigger" in changes)
             return stored
         raise AssertionError("unreachable")
 
@@ -272,7 +278,8 @@ class SchedulerService:
         if etag:
             expected = _expected_version(job_id, etag, await self._store.get_job(job_id))
         await self._store.delete_job(job_id, expected_version=expected)
-        self._engine.unschedule(job_id)
+        if self.leading:
+            self._engine.unschedule(job_id)
 
     async def pause_job(self, job_id: str, *, etag: str) -> Job:
         return await self._set_paused(job_id, etag, paused=True)
@@ -289,8 +296,51 @@ class SchedulerService:
         changed = replace(current, paused=paused)
         changed = replace(changed, next_run_time=self._first_run(changed, now))
         stored = await self._store.update_job(changed, expected_version=expected)
-        self._engine.schedule(stored, reschedule=True)
+        self._schedule(stored, reschedule=True)
         return stored
+
+    def _schedule(self, job: Job, *, reschedule: bool) -> None:
+        if self.leading:
+            self._engine.schedule(job, reschedule=reschedule)
+
+    # -- cluster ------------------------------------------------------------------------------
+
+    async def sync_job(self, job_id: str) -> None:
+        """Brings the leader's engine up to date with the job's row (changed elsewhere)."""
+        if not self.leading:
+            return
+        try:
+            job = await self._store.get_job(job_id)
+        except JobNotFound:
+            self._engine.unschedule(job_id)
+            return
+        self._apply(job)
+
+    async def resync(self) -> int:
+        """Compares every job with the engine and fixes what differs; returns how many
+        differed. The safety net under notifications, and what follows a reconnect."""
+        if not self.leading:
+            return 0
+        jobs = {job.id: job for job in await self._store.list_schedulable_jobs()}
+        if not self.leading:
+            return 0
+        fixed = 0
+        for job_id in set(self._engine.scheduled()) - set(jobs):
+            self._engine.unschedule(job_id)
+            fixed += 1
+        for job in jobs.values():
+            fixed += self._apply(job)
+        return fixed
+
+    def _apply(self, job: Job) -> bool:
+        known = self._engine.scheduled().get(job.id)
+        if known is not None and known.version >= job.version:
+            return False
+        if known is None and job.next_run_time is None:
+            return False
+        moved = known is None or known.trigger != job.trigger or known.paused != job.paused
+        self._engine.schedule(job, reschedule=moved)
+        return True
 
     def _prepare(
         self, job: Job, trigger: Trigger | None, violations: Violations, now: datetime
@@ -443,6 +493,11 @@ class SchedulerService:
             else ""
         )
         return Page(items=page.executions, next_page_token=next_token)
+
+    # -- instances ----------------------------------------------------------------------------
+
+    async def list_instances(self) -> list[Instance]:
+        return await self._store.list_instances(leader_timeout=self._leader_timeout)
 
     # -- tasks and triggers -------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""The coordinator contract."""
+"""The coordinator contract: which process leads (runs the scheduling timer)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,29 @@ __all__ = ["Coordinator"]
 
 
 class Coordinator(ABC):
-    """Decides whether this process may schedule on its database.
+    """Elects this process leader, or not, and says so through the callbacks it was given.
 
-    Until cluster mode exists, one server process per database: ``acquire`` claims the
-    database for this process and refuses (``InstanceConflict``) when another holds it.
+    A leader makes its leader-only writes (scheduled fires, next run times) with its
+    ``epoch``; the store refuses them once another leader has bumped it.
     """
 
+    @property
     @abstractmethod
-    async def acquire(self) -> None:
-        """Claims the database; raises ``InstanceConflict`` when another process holds it."""
+    def epoch(self) -> int | None:
+        """The leadership epoch while this process leads, else None."""
 
     @abstractmethod
-    async def release(self) -> None:
-        """Gives the claim back. Idempotent."""
+    def acting(self) -> bool:
+        """Whether this process may write as leader at this moment."""
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Starts taking part; returns at once."""
+
+    @abstractmethod
+    async def settled(self) -> None:
+        """Returns once the first election round is over (won or lost)."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Steps down (if leading) and lets go of every connection. Idempotent."""

@@ -1,18 +1,20 @@
-"""One process on one SQLite file, enforced with an advisory lock on a file beside it."""
+"""SQLite: one process per database file, enforced with an advisory lock on a file beside it;
+that process always leads."""
 
 from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from chronoplane.server.coordination.abc import Coordinator
 from chronoplane.server.errors import InstanceConflict
 
-__all__ = ["FileLockCoordinator"]
+__all__ = ["FileLock", "SoleLeader"]
 
 
-class FileLockCoordinator(Coordinator):
+class FileLock:
     """Holds ``flock`` on ``<database>.lock``; the kernel drops it when the process dies."""
 
     def __init__(self, database_path: Path) -> None:
@@ -28,7 +30,7 @@ class FileLockCoordinator(Coordinator):
             os.close(fd)
             raise InstanceConflict(
                 f"another chronoplane server (pid {holder}) is using {self._path.with_suffix('')}:"
-                " SQLite serves one process; use PostgreSQL to run several"
+                " SQLite serves one process; use PostgreSQL to run several (cluster mode)"
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
@@ -39,3 +41,31 @@ class FileLockCoordinator(Coordinator):
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+class SoleLeader(Coordinator):
+    """The only process on its database leads from start to stop."""
+
+    def __init__(
+        self, take: Callable[[], Awaitable[int]], on_elected: Callable[[int], None]
+    ) -> None:
+        self._take = take
+        self._on_elected = on_elected
+        self._epoch: int | None = None
+
+    @property
+    def epoch(self) -> int | None:
+        return self._epoch
+
+    def acting(self) -> bool:
+        return self._epoch is not None
+
+    async def start(self) -> None:
+        self._epoch = await self._take()
+        self._on_elected(self._epoch)
+
+    async def settled(self) -> None:
+        return
+
+    async def stop(self) -> None:
+        self._epoch = None

@@ -1,63 +1,320 @@
-"""One scheduling process per PostgreSQL database, held with a session advisory lock.
+"""Cluster mode on PostgreSQL: one leader elected with an advisory lock, fenced by an epoch.
 
 Advisory lock keys used by Chronoplane (bigint, one key space per database; see
-docs/decisions/0002-advisory-lock-keys.md): the high 32 bits are 0x43504C4E ("CPLN"), the low
-32 bits name the purpose.
+docs/decisions/0002-advisory-lock-keys.md and 0009-cluster-mode.md): the high 32 bits are
+0x43504C4E ("CPLN"), the low 32 bits name the purpose.
+
+The protocol, in order (docs/decisions/0009-cluster-mode.md):
+
+* every instance polls ``pg_try_advisory_lock(LEADER_LOCK_KEY)`` every heartbeat interval
+  ``hb`` on its own connection, never a pooled one;
+* the winner bumps ``leadership.epoch`` and heartbeats ``leadership.heartbeat_at = now()``
+  (database time) on that connection, each heartbeat bounded by ``hb``;
+* it acts as leader only while its *lease* holds: until ``2·hb`` after it sent its last
+  successful heartbeat, measured on its own monotonic clock; past that it steps down;
+* a follower that sees the heartbeat older than ``leader_timeout`` on two polls in a row, held
+  by the same backend, ends that backend (``pg_terminate_backend``): a SIGSTOPped or
+  partitioned leader keeps its session, and its lock, until then;
+* every write the leader makes as leader reads the epoch ``FOR SHARE`` and aborts unless it
+  is its own, so nothing a deposed leader writes after the bump lands.
+
+Safety needs the lease to end before anyone may take over: ``2·hb < leader_timeout``, checked
+at start-up with a second to spare for clock rates and scheduling (config.py).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
 
 from chronoplane.server.coordination.abc import Coordinator
-from chronoplane.server.errors import InstanceConflict
 
-__all__ = ["INSTANCE_LOCK_KEY", "MIGRATION_LOCK_KEY", "AdvisoryLockCoordinator"]
+__all__ = [
+    "LEADER_LOCK_KEY",
+    "MIGRATION_LOCK_KEY",
+    "JobChangeListener",
+    "LeaderElection",
+]
+
+log = logging.getLogger(__name__)
 
 _PREFIX = 0x43504C4E << 32
-INSTANCE_LOCK_KEY = _PREFIX | 1
+LEADER_LOCK_KEY = _PREFIX | 1
 MIGRATION_LOCK_KEY = _PREFIX | 2
 
+_HOLDER = sa.text(
+    "SELECT l.pid FROM pg_locks l WHERE l.locktype = 'advisory' AND l.classid = :high "
+    "AND l.objid = :low AND l.objsubid = 1 AND l.granted AND l.database = "
+    "(SELECT oid FROM pg_database WHERE datname = current_database())"
+).bindparams(high=LEADER_LOCK_KEY >> 32, low=LEADER_LOCK_KEY & 0xFFFFFFFF)
 
-class AdvisoryLockCoordinator(Coordinator):
-    """Holds ``pg_try_advisory_lock(INSTANCE_LOCK_KEY)`` on a connection kept for nothing else;
-    Postgres releases it when that connection ends, including when the process is killed."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
+def dedicated_engine(url: str, application_name: str) -> AsyncEngine:
+    """Connections that are never pooled, with TCP keepalives so that the server notices a
+    vanished peer in seconds, not hours."""
+    return create_async_engine(
+        url,
+        poolclass=NullPool,
+        connect_args={
+            "server_settings": {
+                "application_name": application_name[:63],
+                "tcp_keepalives_idle": "5",
+                "tcp_keepalives_interval": "2",
+                "tcp_keepalives_count": "3",
+            },
+            "timeout": 5,
+        },
+    )
+
+
+class LeaderElection(Coordinator):
+    """Runs the election loop; calls ``on_elected(epoch)`` and ``on_deposed(reason)``.
+
+    Both callbacks must return quickly (they queue work): the heartbeat goes on while the
+    leader loads its schedule.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        instance_id: str,
+        *,
+        heartbeat_interval: float,
+        leader_timeout: float,
+        on_elected: Callable[[int], None],
+        on_deposed: Callable[[str], None],
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._engine = dedicated_engine(url, f"chronoplane leader lock {instance_id}")
+        self._instance_id = instance_id
+        self._hb = heartbeat_interval
+        self._timeout = leader_timeout
+        self._lease = 2 * heartbeat_interval
+        self._on_elected = on_elected
+        self._on_deposed = on_deposed
+        self._monotonic = monotonic
         self._conn: AsyncConnection | None = None
+        self._epoch: int | None = None
+        self._lease_until = 0.0
+        self._suspect: int | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._first_round = asyncio.Event()
 
-    async def acquire(self) -> None:
-        conn = await self._engine.connect()
-        got = (
-            await conn.execute(sa.select(sa.func.pg_try_advisory_lock(INSTANCE_LOCK_KEY)))
-        ).scalar()
+    @property
+    def epoch(self) -> int | None:
+        return self._epoch
+
+    async def settled(self) -> None:
+        await self._first_round.wait()
+
+    def acting(self) -> bool:
+        """Whether this instance may write as leader now: elected, and its lease holds."""
+        return self._epoch is not None and self._monotonic() < self._lease_until
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="leader-election")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._epoch is not None:
+            self._step_down("this instance is stopping")
+        await self._close()
+        await self._engine.dispose()
+
+    async def _run(self) -> None:
+        while True:
+            started = self._monotonic()
+            try:
+                if self._epoch is None:
+                    await self._campaign()
+                else:
+                    await self._heartbeat()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                if self._epoch is not None:
+                    self._step_down(f"the leader lock connection failed: {error}")
+                else:
+                    log.warning("leader election: %s", error)
+                await self._close()
+            self._first_round.set()
+            await asyncio.sleep(max(0.0, self._hb - (self._monotonic() - started)))
+
+    async def _connection(self) -> AsyncConnection:
+        if self._conn is None:
+            self._conn = await asyncio.wait_for(self._engine.connect(), self._hb * 5)
+        return self._conn
+
+    async def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.invalidate()
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    async def _campaign(self) -> None:
+        conn = await self._connection()
+        got = await asyncio.wait_for(
+            conn.scalar(sa.select(sa.func.pg_try_advisory_lock(LEADER_LOCK_KEY))), self._hb
+        )
         await conn.commit()
         if not got:
-            holder = (
-                await conn.execute(
-                    sa.text(
-                        "SELECT a.client_addr, a.application_name, l.pid FROM pg_locks l "
-                        "JOIN pg_stat_activity a USING (pid) WHERE l.locktype = 'advisory' "
-                        "AND l.classid = :high AND l.objid = :low AND l.granted"
-                    ),
-                    {"high": INSTANCE_LOCK_KEY >> 32, "low": INSTANCE_LOCK_KEY & 0xFFFFFFFF},
-                )
-            ).first()
-            await conn.close()
-            raise InstanceConflict(
-                "another chronoplane server already schedules on this database "
-                f"(backend pid {holder.pid if holder else 'unknown'}); "
-                "cluster mode is not available yet"
-            )
-        self._conn = conn
+            await self._depose_stale(conn)
+            return
+        sent = self._monotonic()
+        epoch = await asyncio.wait_for(
+            conn.scalar(
+                sa.text(
+                    "UPDATE leadership SET epoch = epoch + 1, leader_id = :me, "
+                    "elected_at = now(), heartbeat_at = now() WHERE id = 1 RETURNING epoch"
+                ),
+                {"me": self._instance_id},
+            ),
+            # The bump waits for the old leader's fenced writes to end.
+            self._timeout,
+        )
+        await conn.commit()
+        self._epoch = int(epoch)
+        self._lease_until = sent + self._lease
+        self._suspect = None
+        log.warning("this instance leads now (epoch %d)", self._epoch)
+        self._on_elected(self._epoch)
 
-    async def release(self) -> None:
-        if self._conn is not None:
+    async def _depose_stale(self, conn: AsyncConnection) -> None:
+        """Ends the session of a leader whose heartbeat is older than the timeout, seen twice
+        from the same backend (the second look spares a leader that has just been elected)."""
+        stale = await asyncio.wait_for(
+            conn.scalar(
+                sa.text(
+                    "SELECT heartbeat_at < now() - make_interval(secs => :timeout) "
+                    "FROM leadership WHERE id = 1"
+                ),
+                {"timeout": self._timeout},
+            ),
+            self._hb,
+        )
+        holder = await asyncio.wait_for(conn.scalar(_HOLDER), self._hb)
+        await conn.commit()
+        if not stale or holder is None:
+            self._suspect = None
+            return
+        if self._suspect != holder:
+            self._suspect = holder
+            return
+        log.warning(
+            "the leader (backend pid %d) has not heartbeat for %.1f s: ending its session",
+            holder,
+            self._timeout,
+        )
+        await asyncio.wait_for(
+            conn.execute(sa.select(sa.func.pg_terminate_backend(holder))), self._hb
+        )
+        await conn.commit()
+        self._suspect = None
+
+    async def _heartbeat(self) -> None:
+        if not self.acting():
+            self._step_down("its lease lapsed before a heartbeat got through")
+            await self._close()
+            return
+        conn = await self._connection()
+        sent = self._monotonic()
+        try:
+            result = await asyncio.wait_for(
+                conn.execute(
+                    sa.text(
+                        "UPDATE leadership SET heartbeat_at = now() WHERE id = 1 AND epoch = :e"
+                    ),
+                    {"e": self._epoch},
+                ),
+                self._hb,
+            )
+            await asyncio.wait_for(conn.commit(), self._hb)
+        except TimeoutError:
+            self._step_down(f"a heartbeat took longer than {self._hb:g} s")
+            await self._close()
+            return
+        if result.rowcount != 1:
+            self._step_down("another instance took the leadership")
+            await self._close()
+            return
+        self._lease_until = sent + self._lease
+
+    def _step_down(self, reason: str) -> None:
+        epoch, self._epoch = self._epoch, None
+        self._lease_until = 0.0
+        log.warning("this instance stops leading (epoch %s): %s", epoch, reason)
+        self._on_deposed(reason)
+
+
+class JobChangeListener:
+    """LISTENs on the jobs channel; calls ``on_change(job_id)`` for each notification and
+    ``on_resync()`` whenever it (re)connects, since notifications sent while it was away are
+    lost."""
+
+    def __init__(
+        self,
+        url: str,
+        channel: str,
+        *,
+        on_change: Callable[[str], None],
+        on_resync: Callable[[], Awaitable[Any]],
+        instance_id: str,
+    ) -> None:
+        self._engine = dedicated_engine(url, f"chronoplane listener {instance_id}")
+        self._channel = channel
+        self._on_change = on_change
+        self._on_resync = on_resync
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="job-listener")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._engine.dispose()
+
+    async def _run(self) -> None:
+        delay = 0.5
+        while True:
+            lost = asyncio.Event()
             try:
-                await self._conn.execute(sa.select(sa.func.pg_advisory_unlock(INSTANCE_LOCK_KEY)))
-                await self._conn.commit()
-            finally:
-                await self._conn.close()
-                self._conn = None
+                async with self._engine.connect() as conn:
+                    raw = (await conn.get_raw_connection()).driver_connection
+                    assert raw is not None
+
+                    def notified(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
+                        self._on_change(payload)
+
+                    raw.add_termination_listener(lambda _conn, lost=lost: lost.set())
+                    await raw.add_listener(self._channel, notified)
+                    delay = 0.5
+                    await self._on_resync()
+                    while not lost.is_set() and not raw.is_closed():
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(lost.wait(), 5.0)
+                        if not lost.is_set():
+                            # A cheap round trip: a silently dead connection shows here.
+                            await asyncio.wait_for(raw.execute("SELECT 1"), 5.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                log.warning("job change listener: %s; reconnecting in %.1f s", error, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -86,5 +86,9 @@ class Engine(ABC):
         """Forgets the job; unknown ids are ignored."""
 
     @abstractmethod
+    def scheduled(self) -> Mapping[str, Job]:
+        """The jobs scheduled now, by id, as last given to ``schedule``."""
+
+    @abstractmethod
     async def shutdown(self) -> None:
-        """Stops firing. Idempotent."""
+        """Stops firing and forgets every job. Idempotent; ``start`` may follow again."""

@@ -13,8 +13,9 @@ import contextlib
 import functools
 import logging
 import zoneinfo
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from types import MappingProxyType
 from typing import Any
 
 from apscheduler.executors.base import BaseExecutor
@@ -291,10 +292,15 @@ class ApschedulerEngine(Engine):
             with contextlib.suppress(JobLookupError):  # a date job APScheduler already dropped
                 self._scheduler.remove_job(job_id)
 
+    def scheduled(self) -> Mapping[str, Job]:
+        return MappingProxyType(self._jobs)
+
     async def shutdown(self) -> None:
         if self._scheduler.state != STATE_STOPPED:
             self._scheduler.shutdown(wait=False)
+        self._scheduler.remove_all_jobs()
         self._jobs.clear()
+        self._handler = None
 
     def _due(self, aps_job: Any, run_times: Sequence[datetime]) -> None:
         job = self._jobs.get(aps_job.id)

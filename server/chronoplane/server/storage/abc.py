@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from chronoplane.server.models import (
@@ -13,6 +13,7 @@ from chronoplane.server.models import (
     ExecutionPage,
     ExecutionQuery,
     ExecutionState,
+    Instance,
     Job,
     JobPage,
 )
@@ -102,11 +103,15 @@ class Store(ABC):
     # -- executions ---------------------------------------------------------------------------
 
     @abstractmethod
-    async def insert_executions(self, executions: Sequence[Execution]) -> set[str]:
+    async def insert_executions(
+        self, executions: Sequence[Execution], *, epoch: int | None = None
+    ) -> set[str]:
         """Inserts executions in one transaction.
 
         An execution whose (job, scheduled fire) or (job, request_id) already has one is not
-        inserted; neither is one whose job no longer exists. Returns the ids inserted.
+        inserted; neither is one whose job no longer exists. Returns the ids inserted. With
+        ``epoch`` (a leader's scheduled fires), raises ``NotLeader`` and writes nothing unless
+        it is the current leadership epoch.
         """
 
     @abstractmethod
@@ -115,10 +120,13 @@ class Store(ABC):
         starts: Sequence[ExecutionStart],
         finishes: Sequence[ExecutionFinish],
         next_runs: Sequence[NextRun] = (),
-    ) -> None:
+        *,
+        epoch: int | None = None,
+    ) -> bool:
         """Applies state changes and moves next run times, in one transaction. A change to an
         execution that is already in a final state (or gone) is ignored: the first final
-        state wins."""
+        state wins. With ``epoch``, next run times are moved only while it is the current
+        leadership epoch; returns False when they were not."""
 
     @abstractmethod
     async def get_execution(self, execution_id: str) -> Execution:
@@ -174,3 +182,40 @@ class Store(ABC):
     async def get_or_create_secret(self, name: str, value: bytes) -> bytes:
         """Returns the secret stored under ``name``, storing ``value`` first if there is none.
         Every instance sharing the database gets the same bytes."""
+
+    # -- instances and leadership -------------------------------------------------------------
+
+    @abstractmethod
+    async def register_instance(self, instance: Instance) -> None:
+        """Inserts (or refreshes) the instance's row; last seen now."""
+
+    @abstractmethod
+    async def heartbeat_instance(self, instance_id: str) -> bool:
+        """Marks the instance seen now; False if its row is gone (it was taken for dead)."""
+
+    @abstractmethod
+    async def remove_instance(self, instance_id: str) -> None:
+        """Deletes the instance's row (it stops)."""
+
+    @abstractmethod
+    async def list_instances(self, *, leader_timeout: timedelta) -> list[Instance]:
+        """Every registered instance, oldest start first; ``leader`` is set on the one that
+        holds the leadership with a heartbeat fresher than ``leader_timeout``."""
+
+    @abstractmethod
+    async def remove_stale_instances(self, *, stale_after: timedelta) -> list[str]:
+        """Deletes instances not seen for ``stale_after`` (database time); returns their ids."""
+
+    @abstractmethod
+    async def take_over_orphans(
+        self, *, owner: str, stale_after: timedelta, message: str, now: datetime
+    ) -> tuple[list[Execution], list[Execution]]:
+        """Executions held by instances that are not registered or not seen for
+        ``stale_after``: running or waiting ones become ABANDONED with ``message``; waiting
+        retries and backfill fires (which never started) pass to ``owner``. Returns
+        (abandoned, adopted)."""
+
+    @abstractmethod
+    async def take_leadership(self, instance_id: str) -> int:
+        """Bumps the leadership epoch for ``instance_id`` (which must hold the leader lock, or
+        be alone on its database); returns the new epoch."""

@@ -19,6 +19,7 @@ from chronoplane.server.errors import (
     ExecutionNotFound,
     JobAlreadyExists,
     JobNotFound,
+    NotLeader,
     StorageUnavailable,
 )
 from chronoplane.server.models import (
@@ -30,6 +31,7 @@ from chronoplane.server.models import (
     ExecutionSource,
     ExecutionState,
     ExecutionSummary,
+    Instance,
     IntervalTrigger,
     Job,
     JobPage,
@@ -40,9 +42,26 @@ from chronoplane.server.models import (
     Trigger,
 )
 from chronoplane.server.storage.abc import ExecutionFinish, ExecutionStart, NextRun, Store
-from chronoplane.server.storage.tables import executions, jobs, secrets
+from chronoplane.server.storage.tables import (
+    UtcDateTime,
+    executions,
+    instances,
+    jobs,
+    leadership,
+    secrets,
+)
 
-__all__ = ["SqlAlchemyStore", "create_engine", "trigger_from_json", "trigger_to_json"]
+__all__ = [
+    "JOBS_CHANNEL",
+    "SqlAlchemyStore",
+    "create_engine",
+    "trigger_from_json",
+    "trigger_to_json",
+]
+
+# NOTIFY channel of job changes (PostgreSQL); the payload is the job id.
+JOBS_CHANNEL = "chronoplane_jobs"
+ABANDONED_ERROR_TYPE = "chronoplane.Abandoned"
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -423,6 +442,7 @@ class SqlAlchemyStore(Store):
         try:
             async with self._begin() as conn:
                 await conn.execute(jobs.insert().values(**values))
+                await self._notify_job(conn, job.id)
         except exc.IntegrityError as error:
             raise JobAlreadyExists(job.id) from error
         return await self.get_job(job.id)
@@ -472,6 +492,7 @@ class SqlAlchemyStore(Store):
             )
             if result.rowcount == 0:
                 await self._raise_missing_or_moved(conn, job.id, expected_version)
+            await self._notify_job(conn, job.id)
         return await self.get_job(job.id)
 
     @_translate_errors
@@ -486,6 +507,13 @@ class SqlAlchemyStore(Store):
             result = await conn.execute(jobs.delete().where(condition))
             if result.rowcount == 0:
                 await self._raise_missing_or_moved(conn, job_id, expected_version)
+            await self._notify_job(conn, job_id)
+
+    async def _notify_job(self, conn: AsyncConnection, job_id: str) -> None:
+        """Wakes the leader of a cluster (delivered at commit, only if it commits): the row is
+        the truth, the notification a hint to read it now rather than at the next resync."""
+        if self._dialect == "postgresql":
+            await conn.execute(sa.select(sa.func.pg_notify(JOBS_CHANNEL, job_id)))
 
     async def _raise_missing_or_moved(
         self, conn: AsyncConnection, job_id: str, expected_version: int | None
@@ -500,12 +528,16 @@ class SqlAlchemyStore(Store):
     # -- executions ---------------------------------------------------------------------------
 
     @_translate_errors
-    async def insert_executions(self, executions_: Sequence[Execution]) -> set[str]:
+    async def insert_executions(
+        self, executions_: Sequence[Execution], *, epoch: int | None = None
+    ) -> set[str]:
         if not executions_:
             return set()
         for attempt in range(3):
             try:
                 async with self._begin() as conn:
+                    if epoch is not None:
+                        await self._check_epoch(conn, epoch)
                     return await self._insert_executions(conn, executions_)
             except exc.IntegrityError:
                 # A job deleted between our check and our insert (foreign key): check again.
@@ -543,8 +575,16 @@ class SqlAlchemyStore(Store):
         starts: Sequence[ExecutionStart],
         finishes: Sequence[ExecutionFinish],
         next_runs: Sequence[NextRun] = (),
-    ) -> None:
+        *,
+        epoch: int | None = None,
+    ) -> bool:
+        moved = True
         async with self._begin() as conn:
+            if next_runs and epoch is not None:
+                try:
+                    await self._check_epoch(conn, epoch)
+                except NotLeader:
+                    next_runs, moved = (), False
             if next_runs:
                 await conn.execute(
                     jobs.update()
@@ -606,6 +646,17 @@ class SqlAlchemyStore(Store):
                         for f in finishes
                     ],
                 )
+        return moved
+
+    async def _check_epoch(self, conn: AsyncConnection, epoch: int) -> None:
+        """Fencing: the leadership row is read FOR SHARE, so a new leader's bump waits for
+        this transaction, and this one sees the bump if it came first."""
+        query = sa.select(leadership.c.epoch).where(leadership.c.id == 1)
+        if self._dialect == "postgresql":
+            query = query.with_for_update(read=True)
+        current = (await conn.execute(query)).scalar_one()
+        if current != epoch:
+            raise NotLeader(epoch, current)
 
     @_translate_errors
     async def get_execution(self, execution_id: str) -> Execution:
@@ -759,6 +810,156 @@ class SqlAlchemyStore(Store):
             )
         )
         return int(result.rowcount)
+
+    # -- instances and leadership -------------------------------------------------------------
+
+    def _now(self) -> Any:
+        """Now by the database's clock on PostgreSQL (one clock for every instance); SQLite
+        serves one process, whose clock it uses."""
+        if self._dialect == "postgresql":
+            return sa.func.now()
+        return sa.literal(datetime.now(UTC), UtcDateTime())
+
+    def _seen_since(self, stale_after: timedelta) -> Any:
+        if self._dialect == "postgresql":
+            return sa.func.now() - sa.literal(stale_after, sa.Interval())
+        return sa.literal(datetime.now(UTC) - stale_after, UtcDateTime())
+
+    @_translate_errors
+    async def register_instance(self, instance: Instance) -> None:
+        values = {
+            "id": instance.id,
+            "name": instance.name,
+            "host": instance.host,
+            "pid": instance.pid,
+            "version": instance.version,
+            "address": instance.address,
+            "insecure": instance.insecure,
+            "start_time": instance.start_time,
+            "last_seen": self._now(),
+        }
+        async with self._begin() as conn:
+            await conn.execute(
+                self._insert(instances)
+                .values(**values)
+                .on_conflict_do_update(
+                    index_elements=["id"],
+                    set_={"address": instance.address, "last_seen": self._now()},
+                )
+            )
+
+    @_translate_errors
+    async def heartbeat_instance(self, instance_id: str) -> bool:
+        async with self._begin() as conn:
+            result = await conn.execute(
+                instances.update()
+                .where(instances.c.id == instance_id)
+                .values(last_seen=self._now())
+            )
+            return bool(result.rowcount)
+
+    @_translate_errors
+    async def remove_instance(self, instance_id: str) -> None:
+        async with self._begin() as conn:
+            await conn.execute(instances.delete().where(instances.c.id == instance_id))
+
+    @_translate_errors
+    async def list_instances(self, *, leader_timeout: timedelta) -> list[Instance]:
+        fresh = leadership.c.heartbeat_at >= self._seen_since(leader_timeout)
+        leader = (
+            sa.select(leadership.c.leader_id).where(leadership.c.id == 1, fresh).scalar_subquery()
+        )
+        query = sa.select(instances, (instances.c.id == leader).label("leader")).order_by(
+            instances.c.start_time, instances.c.id
+        )
+        async with self._begin() as conn:
+            rows = await conn.execute(query)
+            return [
+                Instance(
+                    id=row.id,
+                    name=row.name,
+                    host=row.host,
+                    pid=row.pid,
+                    version=row.version,
+                    address=row.address,
+                    insecure=row.insecure,
+                    start_time=row.start_time,
+                    last_seen_time=row.last_seen,
+                    leader=bool(row.leader),
+                )
+                for row in rows
+            ]
+
+    @_translate_errors
+    async def remove_stale_instances(self, *, stale_after: timedelta) -> list[str]:
+        async with self._begin() as conn:
+            result = await conn.execute(
+                instances.delete()
+                .where(instances.c.last_seen < self._seen_since(stale_after))
+                .returning(instances.c.id)
+            )
+            return list(result.scalars())
+
+    @_translate_errors
+    async def take_over_orphans(
+        self, *, owner: str, stale_after: timedelta, message: str, now: datetime
+    ) -> tuple[list[Execution], list[Execution]]:
+        live = sa.select(instances.c.id).where(
+            instances.c.last_seen >= self._seen_since(stale_after)
+        )
+        orphaned = executions.c.state.in_(_UNFINISHED) & executions.c.instance_id.not_in(live)
+        async with self._begin() as conn:
+            adopted = await conn.execute(
+                executions.update()
+                .where(orphaned, _RESUMABLE)
+                .values(instance_id=owner)
+                .returning(*executions.c)
+            )
+            adopted_rows = [_execution_from_row(row) for row in adopted]
+            owners = list(
+                (
+                    await conn.execute(
+                        sa.select(executions.c.instance_id).where(orphaned).distinct()
+                    )
+                ).scalars()
+            )
+            abandoned_rows: list[Execution] = []
+            for instance_id in owners:
+                seen = (
+                    await conn.execute(
+                        sa.select(instances.c.last_seen).where(instances.c.id == instance_id)
+                    )
+                ).scalar()
+                last = f"last seen {seen.isoformat()}" if seen else "no longer registered"
+                abandoned = await conn.execute(
+                    executions.update()
+                    .where(orphaned, executions.c.instance_id == instance_id)
+                    .values(
+                        state=ExecutionState.ABANDONED.value,
+                        end_time=now,
+                        error_message=f"{message}: instance {instance_id} ({last})",
+                        error_type=ABANDONED_ERROR_TYPE,
+                    )
+                    .returning(*executions.c)
+                )
+                abandoned_rows.extend(_execution_from_row(row) for row in abandoned)
+        return abandoned_rows, adopted_rows
+
+    @_translate_errors
+    async def take_leadership(self, instance_id: str) -> int:
+        async with self._begin() as conn:
+            result = await conn.execute(
+                leadership.update()
+                .where(leadership.c.id == 1)
+                .values(
+                    epoch=leadership.c.epoch + 1,
+                    leader_id=instance_id,
+                    elected_at=self._now(),
+                    heartbeat_at=self._now(),
+                )
+                .returning(leadership.c.epoch)
+            )
+            return int(result.scalar_one())
 
     # -- server -------------------------------------------------------------------------------
 

@@ -8,7 +8,15 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
 
-__all__ = ["UtcDateTime", "executions", "jobs", "metadata", "secrets"]
+__all__ = [
+    "UtcDateTime",
+    "executions",
+    "instances",
+    "jobs",
+    "leadership",
+    "metadata",
+    "secrets",
+]
 
 metadata = sa.MetaData(
     naming_convention={
@@ -117,4 +125,32 @@ secrets = sa.Table(
     metadata,
     sa.Column("name", sa.String(64), primary_key=True),
     sa.Column("value", sa.LargeBinary, nullable=False),
+)
+
+# One row per server process start (see docs/decisions/0009-cluster-mode.md); last_seen is
+# database time on PostgreSQL.
+instances = sa.Table(
+    "instances",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("name", sa.String(256), nullable=False),
+    sa.Column("host", sa.String(256), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("version", sa.String(64), nullable=False),
+    sa.Column("address", sa.String(256), nullable=False),
+    sa.Column("insecure", sa.Boolean, nullable=False),
+    sa.Column("start_time", UtcDateTime, nullable=False),
+    sa.Column("last_seen", UtcDateTime, nullable=False),
+)
+
+# One row (id 1): the current leadership term. Every write the leader makes as leader reads
+# the epoch FOR SHARE and aborts unless it is its own; a new leader bumps it.
+leadership = sa.Table(
+    "leadership",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("epoch", sa.BigInteger, nullable=False),
+    sa.Column("leader_id", sa.String(32), nullable=True),
+    sa.Column("elected_at", UtcDateTime, nullable=True),
+    sa.Column("heartbeat_at", UtcDateTime, nullable=True),
 )

@@ -20,6 +20,7 @@ from chronoplane.server.models import (
     ExecutionSource,
     ExecutionState,
     ExecutionSummary,
+    Instance,
     IntervalTrigger,
     Job,
     JSONObject,
@@ -31,11 +32,12 @@ from chronoplane.server.models import (
 )
 from chronoplane.server.tasks import TaskDefinition
 from chronoplane.server.validation import Violations
-from chronoplane.v1 import execution_pb2, job_pb2
+from chronoplane.v1 import execution_pb2, instance_pb2, job_pb2
 
 __all__ = [
     "duration_from_proto",
     "execution_to_proto",
+    "instance_to_proto",
     "job_fields_from_proto",
     "job_to_proto",
     "overlap_from_proto",
@@ -426,3 +428,18 @@ def _missed_to_proto(missed: MissedFires) -> execution_pb2.MissedFires:
 
 def task_to_proto(task: TaskDefinition) -> job_pb2.Task:
     return job_pb2.Task(name=task.name, description=task.description)
+
+
+def instance_to_proto(instance: Instance) -> instance_pb2.Instance:
+    return instance_pb2.Instance(
+        id=instance.id,
+        name=instance.name,
+        host=instance.host,
+        pid=instance.pid,
+        version=instance.version,
+        start_time=timestamp_to_proto(instance.start_time),
+        last_seen_time=timestamp_to_proto(instance.last_seen_time),
+        leader=instance.leader,
+        insecure=instance.insecure,
+        address=instance.address,
+    )

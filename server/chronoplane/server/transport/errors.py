@@ -24,6 +24,7 @@ from chronoplane.server.errors import (
     InstanceConflict,
     InvalidArgument,
     NotFound,
+    NotLeader,
     StorageUnavailable,
 )
 
@@ -41,6 +42,7 @@ _TABLE: list[tuple[type[ChronoplaneError], grpc.StatusCode]] = [
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (InstanceConflict, grpc.StatusCode.FAILED_PRECONDITION),
     (StorageUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (NotLeader, grpc.StatusCode.UNAVAILABLE),
 ]
 
 

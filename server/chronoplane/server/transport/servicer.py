@@ -9,6 +9,7 @@ from chronoplane.server.models import ExecutionQuery
 from chronoplane.server.service import UPDATABLE_FIELDS, SchedulerService
 from chronoplane.server.transport.convert import (
     execution_to_proto,
+    instance_to_proto,
     job_fields_from_proto,
     job_to_proto,
     overlap_from_proto,
@@ -148,6 +149,12 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         self, request: pb.ListTasksRequest, context: Context
     ) -> pb.ListTasksResponse:
         return pb.ListTasksResponse(tasks=[task_to_proto(t) for t in self._service.list_tasks()])
+
+    async def ListInstances(
+        self, request: pb.ListInstancesRequest, context: Context
+    ) -> pb.ListInstancesResponse:
+        instances = await self._service.list_instances()
+        return pb.ListInstancesResponse(instances=[instance_to_proto(i) for i in instances])
 
     async def PreviewTrigger(
         self, request: pb.PreviewTriggerRequest, context: Context

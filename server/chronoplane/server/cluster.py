@@ -1,0 +1,262 @@
+"""What an instance does as a member of its cluster: it registers and heartbeats, leads when
+elected (loads the schedule, keeps time), follows otherwise, and as leader resolves what dead
+instances left behind.
+
+No SQL, gRPC or APScheduler here: the store, the coordinator and the engine do that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from chronoplane.server.coordination.abc import Coordinator
+from chronoplane.server.engine.abc import Engine
+from chronoplane.server.errors import JobNotFound
+from chronoplane.server.models import Execution, Instance, Job
+from chronoplane.server.runner import Runner
+from chronoplane.server.service import SchedulerService
+from chronoplane.server.storage.abc import Store
+
+__all__ = ["Member"]
+
+log = logging.getLogger("chronoplane.cluster")
+
+RESYNC_INTERVAL = 30.0
+# Rows of instances unseen this many instance timeouts are removed (ListInstances shows a
+# dead one for a while: when it was last seen is worth knowing).
+REMOVE_AFTER_TIMEOUTS = 6
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Member:
+    """Ties an instance's parts to the coordinator's decisions.
+
+    The coordinator's callbacks only queue a term change; one task carries them out in order,
+    so the election loop keeps heartbeating while a new leader loads its schedule.
+    """
+
+    def __init__(
+        self,
+        *,
+        instance: Instance,
+        store: Store,
+        service: SchedulerService,
+        runner: Runner,
+        engine: Engine,
+        heartbeat_interval: float,
+        instance_timeout: float,
+        shared: bool,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        self.instance = instance
+        self._store = store
+        self._service = service
+        self._runner = runner
+        self._engine = engine
+        self._hb = heartbeat_interval
+        self._instance_timeout = timedelta(seconds=instance_timeout)
+        self._shared = shared
+        self._clock = clock
+        self._coordinator: Coordinator | None = None
+        self._terms: asyncio.Queue[int | None] = asyncio.Queue()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._changed: set[str] = set()
+        self._changed_ready = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.scheduled = 0
+
+    # -- the coordinator's callbacks ----------------------------------------------------------
+
+    def attach(self, coordinator: Coordinator) -> None:
+        self._coordinator = coordinator
+
+    def elected(self, epoch: int) -> None:
+        self._idle.clear()
+        self._terms.put_nowait(epoch)
+
+    def deposed(self, reason: str) -> None:
+        # At once, before anything else runs: no fire is written after this.
+        self._service.leading = False
+        self._runner.follow()
+        self._idle.clear()
+        self._terms.put_nowait(None)
+
+    async def settled(self) -> None:
+        """Returns when every queued term change has been carried out."""
+        await self._idle.wait()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._store.register_instance(self.instance)
+        self._spawn(self._carry_out_terms(), "terms")
+        self._spawn(self._heartbeat_forever(), "instance-heartbeat")
+        if self._shared:
+            self._spawn(self._sync_forever(), "job-sync")
+            self._spawn(self._resync_forever(), "job-resync")
+            self._spawn(self._sweep_forever(), "orphan-sweep")
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(_log_death)
+        self._tasks.append(task)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+
+    async def leave(self) -> None:
+        """Removes this instance's row (the last thing it does)."""
+        with contextlib.suppress(Exception):
+            await self._store.remove_instance(self.instance.id)
+
+    # -- terms --------------------------------------------------------------------------------
+
+    async def _carry_out_terms(self) -> None:
+        while True:
+            epoch = await self._terms.get()
+            try:
+                if epoch is None:
+                    await self._engine.shutdown()
+                else:
+                    await self._lead(epoch)
+            except Exception:
+                log.exception("could not carry out a leadership change (epoch %s)", epoch)
+            if self._terms.empty():
+                self._idle.set()
+
+    async def _lead(self, epoch: int) -> None:
+        coordinator = self._coordinator
+        assert coordinator is not None
+        if coordinator.epoch != epoch:
+            return  # deposed before this term began
+        await self._engine.shutdown()  # a clean slate, whatever a former term left
+        self._runner.lead(epoch, coordinator.acting)
+        self._service.leading = True
+        self.scheduled = await self._service.load_schedule()
+        if not self._shared:
+            resumed = await self._service.resume_waiting()
+            if resumed:
+                log.info("took back %d waiting retries and backfill fires", resumed)
+        if coordinator.epoch != epoch:
+            return
+        await self._engine.start(self._runner.on_fires)
+        log.info("leading (epoch %d): %d jobs scheduled", epoch, self.scheduled)
+
+    # -- membership ---------------------------------------------------------------------------
+
+    async def _heartbeat_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._hb)
+            try:
+                if not await self._store.heartbeat_instance(self.instance.id):
+                    log.warning(
+                        "this instance's registration was removed (it was not seen for too "
+                        "long; executions it ran may have been marked ABANDONED): registering "
+                        "again"
+                    )
+                    await self._store.register_instance(self.instance)
+            except Exception as error:
+                log.warning("instance heartbeat failed: %s", error)
+
+    # -- job changes (cluster mode) -----------------------------------------------------------
+
+    def job_changed(self, job_id: str) -> None:
+        """A notification: the job's row changed (on any instance)."""
+        if self._service.leading:
+            self._changed.add(job_id)
+            self._changed_ready.set()
+
+    async def resync(self) -> None:
+        """After a (re)connect of the listener, notifications may have been lost."""
+        try:
+            fixed = await self._service.resync()
+        except Exception as error:
+            log.warning("job resync failed: %s", error)
+            return
+        if fixed:
+            log.info("resync: %d jobs brought up to date", fixed)
+
+    async def _sync_forever(self) -> None:
+        while True:
+            await self._changed_ready.wait()
+            self._changed_ready.clear()
+            changed, self._changed = self._changed, set()
+            for job_id in changed:
+                try:
+                    await self._service.sync_job(job_id)
+                except Exception as error:
+                    log.warning("could not bring job %s up to date: %s", job_id, error)
+
+    async def _resync_forever(self) -> None:
+        while True:
+            await asyncio.sleep(RESYNC_INTERVAL)
+            await self.resync()
+
+    # -- what dead instances left (leader, cluster mode) --------------------------------------
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._hb)
+            if not self._service.leading:
+                continue
+            try:
+                await self.sweep()
+            except Exception as error:
+                log.warning("sweeping dead instances' executions failed: %s", error)
+
+    async def sweep(self) -> None:
+        removed = await self._store.remove_stale_instances(
+            stale_after=self._instance_timeout * REMOVE_AFTER_TIMEOUTS
+        )
+        if removed:
+            log.info("removed %d stale instances: %s", len(removed), ", ".join(removed))
+        abandoned, adopted = await self._store.take_over_orphans(
+            owner=self.instance.id,
+            stale_after=self._instance_timeout,
+            message="abandoned: the instance holding it stopped heartbeating",
+            now=self._clock(),
+        )
+        jobs: dict[str, Job | None] = {}
+
+        async def job_of(execution: Execution) -> Job | None:
+            if execution.job_id not in jobs:
+                try:
+                    jobs[execution.job_id] = await self._store.get_job(execution.job_id)
+                except JobNotFound:
+                    jobs[execution.job_id] = None
+            return jobs[execution.job_id]
+
+        retried = 0
+        for execution in abandoned:
+            job = await job_of(execution)
+            if job is not None and self._runner.retry_abandoned(execution, job):
+                retried += 1
+        resumed = [(e, job) for e in adopted if (job := await job_of(e)) is not None]
+        self._runner.resume(resumed)
+        if abandoned or adopted:
+            log.warning(
+                "dead instances left %d executions: marked ABANDONED (%d retried); took over "
+                "%d waiting retries and backfill fires",
+                len(abandoned),
+                retried,
+                len(adopted),
+            )
+
+
+def _log_death(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("cluster task %s died", task.get_name(), exc_info=task.exception())
