@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from chronoplane.server.tasks import task
+from chronoplane.server.tasks import current_execution, task
 
 
 @task("test.add", description="Adds a and b in a worker thread.")
@@ -54,3 +54,23 @@ async def flaky(key: str, failures: int, error: str = "ConnectionError") -> int:
     if _attempts[key] <= failures:
         raise getattr(builtins, error)(f"attempt {_attempts[key]} of {key} fails")
     return _attempts[key]
+
+
+@task("test.cluster_ledger")
+async def cluster_ledger(path: str, seconds: float = 0.2) -> str:
+    """Appends a line when it starts and when it ends (one write each, atomic with O_APPEND):
+    the execution, its job and fire, the process. The cluster tests count runs from it."""
+    run = current_execution()
+    head = f"{run.execution_id} {run.job_id} {run.scheduled_time.isoformat()} {os.getpid()}"
+    _append(path, f"start {head} {time.time()}\n")
+    await asyncio.sleep(seconds)
+    _append(path, f"end {head} {time.time()}\n")
+    return run.instance_id
+
+
+def _append(path: str, line: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)

@@ -134,7 +134,12 @@ class Member:
                 else:
                     await self._lead(epoch)
             except Exception:
-                log.exception("could not carry out a leadership change (epoch %s)", epoch)
+                log.exception("could not take up leadership (epoch %s); trying again", epoch)
+                # Still elected: a leader without its schedule would fire nothing.
+                await asyncio.sleep(self._hb)
+                if epoch is not None and self._terms.empty():
+                    self._terms.put_nowait(epoch)
+                    continue
             if self._terms.empty():
                 self._idle.set()
 

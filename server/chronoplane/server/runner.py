@@ -53,7 +53,7 @@ from chronoplane.server.models import (
 )
 from chronoplane.server.scheduling import jitter_delay, plan_fires
 from chronoplane.server.storage.abc import ExecutionFinish, ExecutionStart, NextRun, Store
-from chronoplane.server.tasks import TaskRegistry
+from chronoplane.server.tasks import ExecutionContext, TaskRegistry, execution_context
 
 __all__ = ["Due", "Runner"]
 
@@ -711,11 +711,21 @@ class Runner:
                 self._starts[run.id] = ExecutionStart(id=run.id, start_time=when)
                 self._progress_ready.set()
 
+        context = ExecutionContext(
+            execution_id=execution.id,
+            job_id=execution.job_id,
+            scheduled_time=execution.scheduled_time,
+            attempt=execution.attempt,
+            instance_id=self._instance_id,
+        )
+        token = execution_context.set(context)
         try:
             return self._executor.start(definition, execution.args, on_start)
         except Exception as error:  # calling it failed (wrong arguments, say)
             self._fail(run, error)
             return None
+        finally:
+            execution_context.reset(token)
 
     async def _await_outcome(self, run: _Run, work: Work) -> None:
         timeout = run.job.timeout.total_seconds() if run.job.timeout else None

@@ -133,7 +133,14 @@ class SchedulerService:
         missed while no server ran (see scheduling.py); returns how many jobs."""
         now = self._clock()
         jobs = await self._store.list_schedulable_jobs()
+        behind = [j.id for j in jobs if j.next_run_time is not None and j.next_run_time <= now]
+        # A leader that died may have written fires but not yet the next run time after them.
+        last_fires = await self._store.last_fires(behind) if behind else {}
         for job in jobs:
+            if job.id in last_fires and job.next_run_time is not None:
+                after = self._engine.next_fire_time(job.trigger, after=last_fires[job.id] + _TICK)
+                if after is None or after > job.next_run_time:
+                    job = replace(job, next_run_time=after)
             if job.next_run_time is not None and job.next_run_time <= now:
                 job = self._catch_up(job, now)
             self._engine.schedule(job, reschedule=True)

@@ -10,19 +10,52 @@ A module passed to ``chronoplane serve --tasks my.module`` registers its tasks w
 
 A job's JSON ``args`` become keyword arguments. Async functions run on the server's event loop;
 plain functions run in a bounded thread pool. What a task returns must be JSON-serializable;
-it is stored as the execution's result.
+it is stored as the execution's result. Inside a task, ``current_execution()`` tells which
+execution is running (its id, job, scheduled time and attempt), for logs and idempotency keys.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import importlib
 import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 
-__all__ = ["TaskDefinition", "TaskRegistry", "default_registry", "load_modules", "task"]
+__all__ = [
+    "ExecutionContext",
+    "TaskDefinition",
+    "TaskRegistry",
+    "current_execution",
+    "default_registry",
+    "load_modules",
+    "task",
+]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExecutionContext:
+    """The execution a task runs for."""
+
+    execution_id: str
+    job_id: str
+    scheduled_time: datetime
+    attempt: int
+    instance_id: str
+
+
+execution_context: contextvars.ContextVar[ExecutionContext] = contextvars.ContextVar(
+    "chronoplane_execution"
+)
+
+
+def current_execution() -> ExecutionContext:
+    """The execution the calling task runs for; LookupError outside a task."""
+    return execution_context.get()
+
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -74,7 +75,10 @@ class InlineExecutor(Executor):
             on_start(datetime.now(UTC))
             return _AsyncWork(asyncio.ensure_future(task.func(**args)))
         loop = asyncio.get_running_loop()
-        return _ThreadWork(loop, self._pool.submit(self._call, loop, task, args, on_start))
+        # The thread sees the caller's context variables (current_execution, say).
+        context = contextvars.copy_context()
+        future = self._pool.submit(context.run, self._call, loop, task, args, on_start)
+        return _ThreadWork(loop, future)
 
     def _call(
         self,

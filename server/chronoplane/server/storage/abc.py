@@ -183,6 +183,11 @@ class Store(ABC):
         """Returns the secret stored under ``name``, storing ``value`` first if there is none.
         Every instance sharing the database gets the same bytes."""
 
+    @abstractmethod
+    async def last_fires(self, job_ids: Sequence[str]) -> dict[str, datetime]:
+        """The latest scheduled fire recorded for each job (run or counted as missed); jobs
+        without one are left out."""
+
     # -- instances and leadership -------------------------------------------------------------
 
     @abstractmethod

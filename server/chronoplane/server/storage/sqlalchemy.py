@@ -811,6 +811,33 @@ class SqlAlchemyStore(Store):
         )
         return int(result.rowcount)
 
+    @_translate_errors
+    async def last_fires(self, job_ids: Sequence[str]) -> dict[str, datetime]:
+        inner = executions.alias("inner_executions")
+        latest = (
+            sa.select(inner.c.id)
+            .where(
+                inner.c.job_id == jobs.c.id,
+                inner.c.source == ExecutionSource.SCHEDULE.value,
+            )
+            .order_by(inner.c.id.desc())
+            .limit(1)
+            .correlate(jobs)
+            .scalar_subquery()
+        )
+        query = (
+            sa.select(executions.c.job_id, executions.c.scheduled_time, executions.c.missed)
+            .select_from(jobs)
+            .join(executions, executions.c.id == latest)
+            .where(jobs.c.id.in_(list(job_ids)))
+        )
+        found: dict[str, datetime] = {}
+        async with self._begin() as conn:
+            for row in await conn.execute(query):
+                missed = _missed_from_json(row.missed)
+                found[row.job_id] = missed.last_time if missed else row.scheduled_time
+        return found
+
     # -- instances and leadership -------------------------------------------------------------
 
     def _now(self) -> Any:
