@@ -6,10 +6,11 @@ the leader is killed with SIGKILL halfway through, and the failover time is how 
 another instance is listed as leader (polled every 50 ms through ListInstances).
 
 Figures, one JSON line each (``"bench": "cluster"``, ``"instances": n``): expected,
-executed, missed, unrecorded (expected fires with no execution), duplicates (executions of
-one (job, scheduled time) beyond the first; must be 0), executions_per_s (executed over the
-run), lateness_p50_ms and lateness_p99_ms (start_time - scheduled_time, over every fire that
-ran; the fires around the failover are in it), failover_s.
+executed, missed, abandoned (held by the killed leader: recorded, not run again), unrecorded
+(expected fires with no execution), duplicates (executions of one (job, scheduled time)
+beyond the first; must be 0), executions_per_s (executed over the run), lateness_p50_ms and
+lateness_p99_ms (start_time - scheduled_time, over every fire that ran; the fires around the
+failover are in it), failover_s.
 
 Run it (PostgreSQL: the local server with trust auth, or ``--postgres-url`` naming a
 maintenance database of a role that may CREATE DATABASE)::

@@ -803,3 +803,15 @@ async def test_cli_usage_errors_exit_2_without_calling(args: list[str]) -> None:
     result = await chronoctl(*args)
     assert result.code == 2, result
     assert "usage: chronoctl" in result.err
+
+
+async def test_instances_show_this_server_as_leader(
+    client: AsyncClient, server: InProcessServer
+) -> None:
+    [instance] = await client.list_instances()
+    assert instance.id == server.app.instance_id
+    assert instance.leader and instance.pid == os.getpid()
+    assert instance.address == server.app.address
+    [header, row] = (await ok(f"--address={server.app.address}", "instances")).splitlines()
+    assert header.split()[:2] == ["ID", "NAME"]
+    assert row.split()[0] == instance.id and "leader" in row.split()

@@ -21,7 +21,7 @@ from chronoplane.client._convert import (
     timestamp,
 )
 from chronoplane.client.errors import from_rpc_error
-from chronoplane.v1 import execution_pb2, job_pb2, scheduler_service_pb2_grpc
+from chronoplane.v1 import execution_pb2, instance_pb2, job_pb2, scheduler_service_pb2_grpc
 from chronoplane.v1 import scheduler_service_pb2 as pb
 
 __all__ = ["AsyncClient"]
@@ -388,6 +388,14 @@ class AsyncClient:
         )
         response: pb.PurgeExecutionsResponse = await self._call(self._stub.PurgeExecutions, request)
         return response.purged_count
+
+    async def list_instances(self) -> list[instance_pb2.Instance]:
+        """The server processes sharing the database, oldest first; ``leader`` marks the one
+        whose timer fires jobs."""
+        response: pb.ListInstancesResponse = await self._call(
+            self._stub.ListInstances, pb.ListInstancesRequest()
+        )
+        return list(response.instances)
 
     async def list_tasks(self) -> list[job_pb2.Task]:
         """The tasks registered on the server, by name."""

@@ -124,6 +124,10 @@ def _retry(args: argparse.Namespace) -> job_pb2.RetryPolicy | None:
     )
 
 
+async def _instances(client: AsyncClient, args: argparse.Namespace) -> Message:
+    return pb.ListInstancesResponse(instances=await client.list_instances())
+
+
 async def _tasks(client: AsyncClient, args: argparse.Namespace) -> Message:
     return pb.ListTasksResponse(tasks=await client.list_tasks())
 
@@ -434,6 +438,24 @@ def _tasks_table(response: pb.ListTasksResponse) -> str:
     return _table(["NAME", "DESCRIPTION"], ([t.name, t.description] for t in response.tasks))
 
 
+def _instances_table(response: pb.ListInstancesResponse) -> str:
+    return _table(
+        ["ID", "NAME", "HOST", "PID", "ADDRESS", "ROLE", "LAST SEEN"],
+        (
+            [
+                i.id,
+                i.name,
+                i.host,
+                str(i.pid),
+                i.address,
+                "leader" if i.leader else "follower",
+                _time(i, "last_seen_time"),
+            ]
+            for i in response.instances
+        ),
+    )
+
+
 def _jobs_table(response: pb.ListJobsResponse) -> str:
     return _table(["ID", "TASK", "TRIGGER", "NEXT RUN", "LAST"], map(_job_row, response.jobs))
 
@@ -477,6 +499,7 @@ _RENDERERS: dict[type[Message], Callable[[Any], str]] = {
     job_pb2.Job: _job_text,
     execution_pb2.Execution: _execution_text,
     pb.ListTasksResponse: _tasks_table,
+    pb.ListInstancesResponse: _instances_table,
     pb.ListJobsResponse: _jobs_table,
     pb.ListExecutionsResponse: _executions_table,
     pb.PreviewTriggerResponse: _fire_times,
@@ -664,6 +687,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_globals(parser, top=True)
     commands = parser.add_subparsers(metavar="COMMAND", required=True)
     _command(commands, "tasks", _tasks, "list the tasks registered on the server")
+    _command(commands, "instances", _instances, "list the server processes and which one leads")
     jobs = commands.add_parser("jobs", help="create, inspect, trigger, backfill and pause jobs")
     _add_job_commands(jobs.add_subparsers(metavar="COMMAND", required=True))
     executions = commands.add_parser("executions", help="inspect, cancel and purge executions")

@@ -190,7 +190,7 @@ class LeaderElection(Coordinator):
         self._epoch = int(epoch)
         self._lease_until = sent + self._lease
         self._suspect = None
-        log.warning("this instance leads now (epoch %d)", self._epoch)
+        log.info("this instance leads now (epoch %d)", self._epoch)
         self._on_elected(self._epoch)
 
     async def _depose_stale(self, conn: AsyncConnection) -> None:
