@@ -51,6 +51,17 @@ class PostgresServer:
     def url_for(self, database: str) -> str:
         return self.dsn_for(database).replace("postgresql://", "postgresql+asyncpg://", 1)
 
+    def restart_immediately(self) -> None:
+        """``pg_ctl restart -m immediate``: every session ends as in a crash (throwaway only)."""
+        assert self.data_dir is not None, "only a throwaway cluster may be restarted"
+        log = str(self.data_dir.parent / "log")
+        command = [_tool("pg_ctl"), "-D", str(self.data_dir), "-m", "immediate", "-l", log]
+        subprocess.run(
+            _as_postgres([*command, "-w", "restart"]),
+            check=True,
+            capture_output=True,
+        )
+
     def stop(self) -> None:
         if self.data_dir is not None:
             subprocess.run(
@@ -94,7 +105,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _start_throwaway() -> PostgresServer:
+def start_throwaway() -> PostgresServer:
     root = Path(tempfile.mkdtemp(prefix="chronoplane-pg-"))
     data = root / "data"
     if os.geteuid() == 0:
@@ -145,6 +156,6 @@ async def find_postgres() -> PostgresServer:
         if await _reachable(local.dsn):
             return local
     try:
-        return await asyncio.to_thread(_start_throwaway)
+        return await asyncio.to_thread(start_throwaway)
     except (OSError, subprocess.CalledProcessError, RuntimeError) as error:
         raise RuntimeError(f"could not start a throwaway PostgreSQL ({error}); {HOW_TO}") from error

@@ -22,8 +22,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
-from harness import ServerProcess, start_server
+from harness import ServerProcess, run_sync, start_server
+from postgres import start_throwaway
 
+from chronoplane.server.storage.migrate import upgrade
 from chronoplane.v1 import execution_pb2 as epb
 from chronoplane.v1 import job_pb2 as jpb
 from chronoplane.v1 import scheduler_service_pb2 as pb
@@ -382,3 +384,37 @@ def test_every_instance_down_across_several_fires(cluster: Cluster) -> None:
         )
         assert missed[0].missed.count >= 3
     assert check_each_fire_once(cluster, jobs) > JOBS * 10
+
+
+def test_postgres_restarted_under_load(tmp_path: Path) -> None:
+    """A throwaway PostgreSQL of its own, restarted with -m immediate while jobs fire: every
+    session (pools, the leader lock, the listeners) ends as in a crash."""
+    pg = start_throwaway()
+    made = Cluster(pg.url_for("chronoplane"), tmp_path, tmp_path / "ledger.txt", [])
+    try:
+
+        async def create() -> None:
+            conn = await asyncpg.connect(pg.dsn)
+            try:
+                await conn.execute("CREATE DATABASE chronoplane")
+            finally:
+                await conn.close()
+
+        run_sync(create())
+        run_sync(upgrade(made.url))
+        three(made)
+        jobs = create_jobs(made)
+        time.sleep(3)
+        pg.restart_immediately()
+        restarted = time.monotonic()
+        made.leader(within=15)
+        time.sleep(max(0.0, 8 - (time.monotonic() - restarted)))
+        assert all(s.process.poll() is None for s in made.servers), "a server died"
+        assert sum(i.leader for i in made.instances()) == 1  # type: ignore[attr-defined]
+        assert check_each_fire_once(made, jobs) >= JOBS * 10
+    finally:
+        for server in made.servers:
+            if server.process.poll() is None:
+                server.process.kill()
+                server.process.wait(10)
+        pg.stop()

@@ -904,8 +904,14 @@ class Runner:
                 )
                 for execution_id, note in notes.items():
                     await self._store.add_note(execution_id, note)
-            except ChronoplaneError as error:
-                log.warning("recording execution progress failed, retrying: %s", error)
+            except Exception as error:
+                # Kept and tried again, whatever went wrong: a lost final state would leave
+                # an execution RUNNING for ever.
+                log.warning(
+                    "recording execution progress failed, retrying: %s: %s",
+                    type(error).__name__,
+                    error,
+                )
                 # Put them back under anything newer, then wait before trying again.
                 self._starts = starts | self._starts
                 self._finishes = finishes | self._finishes

@@ -110,6 +110,10 @@ def _translate_errors(
         except exc.DBAPIError as error:
             if error.connection_invalidated:
                 raise StorageUnavailable(f"database connection lost: {error}") from error
+            # Class 08 (connection exception), 57 (operator intervention: shutting down,
+            # starting up, session terminated): the database, not the request.
+            if str(getattr(error.orig, "sqlstate", "") or "")[:2] in ("08", "57"):
+                raise StorageUnavailable(f"database unavailable: {error}") from error
             raise
 
     return wrapper
