@@ -144,6 +144,8 @@ async def run(size: int, options: argparse.Namespace, workdir: Path) -> None:
         sum(e.state == execution_pb2.EXECUTION_STATE_MISSED for e in found),
         "executions",
     )
+    abandoned = sum(e.state == execution_pb2.EXECUTION_STATE_ABANDONED for e in found)
+    emit(size, "abandoned", abandoned, "executions")
     emit(size, "unrecorded", len(expected - set(keys)), "fires")
     emit(size, "duplicates", sum(n - 1 for n in keys.values()), "executions")
     emit(size, "executions_per_s", succeeded / options.seconds, "1/s")
