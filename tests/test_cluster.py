@@ -14,7 +14,7 @@ import itertools
 import signal
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,6 +27,7 @@ from postgres import start_throwaway
 
 from chronoplane.server.storage.migrate import upgrade
 from chronoplane.v1 import execution_pb2 as epb
+from chronoplane.v1 import instance_pb2 as ipb
 from chronoplane.v1 import job_pb2 as jpb
 from chronoplane.v1 import scheduler_service_pb2 as pb
 from chronoplane.v1.scheduler_service_pb2_grpc import SchedulerServiceStub
@@ -64,7 +65,7 @@ class Cluster:
                 return server.stub()
         raise AssertionError("no server is alive")
 
-    def instances(self, avoid: ServerProcess | None = None) -> list[object]:
+    def instances(self, avoid: ServerProcess | None = None) -> list[ipb.Instance]:
         return list(self.stub(avoid).ListInstances(pb.ListInstancesRequest()).instances)
 
     def leader(self, avoid: ServerProcess | None = None, within: float = 10) -> ServerProcess:
@@ -72,9 +73,9 @@ class Cluster:
         deadline = time.monotonic() + within
         while time.monotonic() < deadline:
             for instance in self.instances(avoid):
-                if instance.leader:  # type: ignore[attr-defined]
+                if instance.leader:
                     for server in self.alive():
-                        if server.address == instance.address and server is not avoid:  # type: ignore[attr-defined]
+                        if server.address == instance.address and server is not avoid:
                             return server
             time.sleep(0.05)
         raise AssertionError(f"no leader within {within} s: {self.instances(avoid)}")
@@ -172,10 +173,10 @@ def check_each_fire_once(cluster: Cluster, job_ids: list[str]) -> int:
     return checked
 
 
-def wait_until(predicate: object, within: float, what: str) -> float:
+def wait_until(predicate: Callable[[], object], within: float, what: str) -> float:
     started = time.monotonic()
     while time.monotonic() - started < within:
-        if predicate():  # type: ignore[operator]
+        if predicate():
             return time.monotonic() - started
         time.sleep(0.1)
     raise AssertionError(f"{what}: not within {within} s")
@@ -187,8 +188,8 @@ def three(cluster: Cluster) -> list[ServerProcess]:
 
 def instance_id(cluster: Cluster, server: ServerProcess) -> str:
     for instance in cluster.instances(avoid=server):
-        if instance.address == server.address:  # type: ignore[attr-defined]
-            return str(instance.id)  # type: ignore[attr-defined]
+        if instance.address == server.address:
+            return str(instance.id)
     raise AssertionError(f"{server.address} is not registered")
 
 
@@ -198,13 +199,13 @@ def instance_id(cluster: Cluster, server: ServerProcess) -> str:
 def test_instances_are_listed_with_one_leader(cluster: Cluster) -> None:
     servers = three(cluster)
     instances = cluster.instances()
-    assert sorted(i.name for i in instances) == ["node-0", "node-1", "node-2"]  # type: ignore[attr-defined]
-    assert sum(i.leader for i in instances) == 1  # type: ignore[attr-defined]
-    assert {i.address for i in instances} == {s.address for s in servers}  # type: ignore[attr-defined]
-    assert all(i.pid == s.process.pid for i, s in zip(instances, servers, strict=True))  # type: ignore[attr-defined]
+    assert sorted(i.name for i in instances) == ["node-0", "node-1", "node-2"]
+    assert sum(i.leader for i in instances) == 1
+    assert {i.address for i in instances} == {s.address for s in servers}
+    assert all(i.pid == s.process.pid for i, s in zip(instances, servers, strict=True))
     # Two processes with one name stay two instances.
     twin = cluster.start("node-0")
-    names = Counter(i.name for i in cluster.instances())  # type: ignore[attr-defined]
+    names = Counter(i.name for i in cluster.instances())
     assert names["node-0"] == 2
     twin.stop()
     assert len(cluster.instances()) == 3  # a clean stop removes its row at once
@@ -290,10 +291,10 @@ def test_kill_9_of_a_follower(cluster: Cluster) -> None:
     gone = instance_id(cluster, follower)
     follower.process.kill()
     time.sleep(INSTANCE_TIMEOUT + 1)
-    listed = {i.id: i for i in cluster.instances()}  # type: ignore[attr-defined]
+    listed = {i.id: i for i in cluster.instances()}
     # Listed until removed, its last_seen_time ageing.
     if gone in listed:
-        seen = _time(listed[gone].last_seen_time)  # type: ignore[attr-defined]
+        seen = _time(listed[gone].last_seen_time)
         assert datetime.now(UTC) - seen > timedelta(seconds=INSTANCE_TIMEOUT)
     assert cluster.leader() is leader
     assert check_each_fire_once(cluster, jobs) > JOBS * 6
@@ -332,7 +333,7 @@ def test_sigstop_of_the_leader_for_15_s(cluster: Cluster) -> None:
                 assert execution.state == epb.EXECUTION_STATE_ABANDONED
     assert check_each_fire_once(cluster, jobs) > JOBS * 18
     # The old leader is back as a follower.
-    assert any(i.id == old_id and not i.leader for i in cluster.instances())  # type: ignore[attr-defined]
+    assert any(i.id == old_id and not i.leader for i in cluster.instances())
 
 
 def test_the_leaders_lock_session_terminated(cluster: Cluster) -> None:
@@ -410,7 +411,7 @@ def test_postgres_restarted_under_load(tmp_path: Path) -> None:
         made.leader(within=15)
         time.sleep(max(0.0, 8 - (time.monotonic() - restarted)))
         assert all(s.process.poll() is None for s in made.servers), "a server died"
-        assert sum(i.leader for i in made.instances()) == 1  # type: ignore[attr-defined]
+        assert sum(i.leader for i in made.instances()) == 1
         assert check_each_fire_once(made, jobs) >= JOBS * 10
     finally:
         for server in made.servers:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -13,6 +12,7 @@ from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from chronoplane.server.aio import cancelled
 from chronoplane.server.cluster import Member
 from chronoplane.server.config import Settings
 from chronoplane.server.coordination.abc import Coordinator
@@ -143,14 +143,13 @@ class Application:
             await member.settled()
 
             purger = asyncio.create_task(self._purge_forever(service), name="purge")
-            stack.push_async_callback(_cancelled, purger)
+            stack.push_async_callback(cancelled, purger)
 
             server = GrpcServer(service, settings.address)
             await server.start()
             stack.push_async_callback(server.stop, settings.shutdown_grace)
             self.address = server.address
-            member.instance = self._instance(server.address)
-            await store.register_instance(member.instance)
+            await member.readdress(server.address)
             log.info(
                 "chronoplane %s serving on %s (instance %s %s, %s, %d jobs scheduled, database %s)",
                 _version(),
@@ -190,13 +189,6 @@ class Application:
                 if purged:
                     log.info("purged %d executions from the history", purged)
             await asyncio.sleep(self.settings.purge_interval)
-
-
-async def _cancelled(task: asyncio.Task[None]) -> None:
-    """Cancels the task and waits until it has let go of what it held."""
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 def _version() -> str:

@@ -11,9 +11,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from chronoplane.server.aio import cancelled
 from chronoplane.server.coordination.abc import Coordinator
 from chronoplane.server.engine.abc import Engine
 from chronoplane.server.errors import JobNotFound
@@ -112,11 +114,13 @@ class Member:
 
     async def stop(self) -> None:
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancelled(task)
         self._tasks.clear()
+
+    async def readdress(self, address: str) -> None:
+        """Records the address the server listens on, once it is known."""
+        self.instance = replace(self.instance, address=address)
+        await self._store.register_instance(self.instance)
 
     async def leave(self) -> None:
         """Removes this instance's row (the last thing it does)."""

@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeAlias
 
 __all__ = [
+    "ABANDONED_ERROR_TYPE",
     "DEFAULT_CATCHUP_LIMIT",
     "DEFAULT_MAX_CONCURRENT",
     "DEFAULT_MISFIRE_GRACE",
@@ -35,6 +36,8 @@ __all__ = [
 JSONObject: TypeAlias = dict[str, Any]
 
 DEFAULT_MISFIRE_GRACE = timedelta(seconds=60)
+# The error type of an ABANDONED execution, as a job's retry_on names it ("Abandoned" too).
+ABANDONED_ERROR_TYPE = "chronoplane.Abandoned"
 DEFAULT_MAX_CONCURRENT = 1
 DEFAULT_CATCHUP_LIMIT = 10
 

@@ -43,6 +43,7 @@ from chronoplane.server.errors import (
 from chronoplane.server.executors.abc import Executor, Work
 from chronoplane.server.ids import new_execution_id
 from chronoplane.server.models import (
+    ABANDONED_ERROR_TYPE,
     Execution,
     ExecutionSource,
     ExecutionState,
@@ -812,7 +813,7 @@ class Runner:
     def retry_abandoned(self, execution: Execution, job: Job) -> bool:
         """Retries an execution a dead instance abandoned, if the job's retry policy says so
         (its error type is chronoplane.Abandoned)."""
-        return self._retry(execution, job, (execution.error_type or "chronoplane.Abandoned",))
+        return self._retry(execution, job, (execution.error_type or ABANDONED_ERROR_TYPE,))
 
     def _retry(self, execution: Execution, job: Job, error_types: tuple[str, ...]) -> bool:
         if self._stopping or not job.retry.retries(execution.attempt, error_types):

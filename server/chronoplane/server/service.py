@@ -285,8 +285,7 @@ class SchedulerService:
         if etag:
             expected = _expected_version(job_id, etag, await self._store.get_job(job_id))
         await self._store.delete_job(job_id, expected_version=expected)
-        if self.leading:
-            self._engine.unschedule(job_id)
+        self._unschedule(job_id)
 
     async def pause_job(self, job_id: str, *, etag: str) -> Job:
         return await self._set_paused(job_id, etag, paused=True)
@@ -309,6 +308,10 @@ class SchedulerService:
     def _schedule(self, job: Job, *, reschedule: bool) -> None:
         if self.leading:
             self._engine.schedule(job, reschedule=reschedule)
+
+    def _unschedule(self, job_id: str) -> None:
+        if self.leading:
+            self._engine.unschedule(job_id)
 
     # -- cluster ------------------------------------------------------------------------------
 

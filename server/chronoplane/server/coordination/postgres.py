@@ -35,6 +35,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
+from chronoplane.server.aio import cancelled
 from chronoplane.server.coordination.abc import Coordinator
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "MIGRATION_LOCK_KEY",
     "JobChangeListener",
     "LeaderElection",
+    "dedicated_engine",
 ]
 
 log = logging.getLogger(__name__)
@@ -123,11 +125,8 @@ class LeaderElection(Coordinator):
         self._task = asyncio.create_task(self._run(), name="leader-election")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancelled(self._task)
+        self._task = None
         if self._epoch is not None:
             self._step_down("this instance is stopping")
         await self._close()
@@ -145,10 +144,10 @@ class LeaderElection(Coordinator):
                 raise
             except Exception as error:
                 if self._epoch is not None:
-                    self._step_down(f"the leader lock connection failed: {error}")
+                    await self._resign(f"the leader lock connection failed: {error}")
                 else:
                     log.warning("leader election: %s", error)
-                await self._close()
+                    await self._close()
             self._first_round.set()
             await asyncio.sleep(max(0.0, self._hb - (self._monotonic() - started)))
 
@@ -227,8 +226,7 @@ class LeaderElection(Coordinator):
 
     async def _heartbeat(self) -> None:
         if not self.acting():
-            self._step_down("its lease lapsed before a heartbeat got through")
-            await self._close()
+            await self._resign("its lease lapsed before a heartbeat got through")
             return
         conn = await self._connection()
         sent = self._monotonic()
@@ -244,14 +242,18 @@ class LeaderElection(Coordinator):
             )
             await asyncio.wait_for(conn.commit(), self._hb)
         except TimeoutError:
-            self._step_down(f"a heartbeat took longer than {self._hb:g} s")
-            await self._close()
+            await self._resign(f"a heartbeat took longer than {self._hb:g} s")
             return
         if result.rowcount != 1:
-            self._step_down("another instance took the leadership")
-            await self._close()
+            await self._resign("another instance took the leadership")
             return
         self._lease_until = sent + self._lease
+
+    async def _resign(self, reason: str) -> None:
+        """Steps down and drops the lock connection: a hung or foreign session must not keep
+        the lock."""
+        self._step_down(reason)
+        await self._close()
 
     def _step_down(self, reason: str) -> None:
         epoch, self._epoch = self._epoch, None
@@ -284,10 +286,8 @@ class JobChangeListener:
         self._task = asyncio.create_task(self._run(), name="job-listener")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancelled(self._task)
+        self._task = None
         await self._engine.dispose()
 
     async def _run(self) -> None:

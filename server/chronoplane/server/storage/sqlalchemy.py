@@ -23,6 +23,7 @@ from chronoplane.server.errors import (
     StorageUnavailable,
 )
 from chronoplane.server.models import (
+    ABANDONED_ERROR_TYPE,
     CronTrigger,
     DateTrigger,
     Execution,
@@ -61,7 +62,6 @@ __all__ = [
 
 # NOTIFY channel of job changes (PostgreSQL); the payload is the job id.
 JOBS_CHANNEL = "chronoplane_jobs"
-ABANDONED_ERROR_TYPE = "chronoplane.Abandoned"
 
 P = ParamSpec("P")
 R = TypeVar("R")
