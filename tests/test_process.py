@@ -441,6 +441,19 @@ def test_a_second_server_on_the_same_sqlite_file_refuses_to_start(
         assert first.stub().ListTasks(pb.ListTasksRequest()).tasks
 
 
+def test_a_sqlite_server_lists_itself_as_leader_and_forgets_a_crashed_one(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    fast = ("--heartbeat-interval=0.5", "--leader-timeout=2.5", "--instance-timeout=2")
+    crashed = start_server(sqlite_url, tmp_path, *fast)
+    crashed.process.kill()
+    crashed.process.wait(10)
+    with running_server(sqlite_url, tmp_path, *fast) as server:
+        time.sleep(3.5)  # longer than the leader timeout
+        instances = server.stub().ListInstances(pb.ListInstancesRequest()).instances
+        assert [(i.pid, i.leader) for i in instances] == [(server.process.pid, True)]
+
+
 def test_listening_beyond_loopback_needs_an_explicit_opt_out(tmp_path: Path) -> None:
     result = subprocess.run(
         [str(BIN / "chronoplane"), "serve", "--address", "0.0.0.0:0"],

@@ -99,6 +99,9 @@ class Member:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        if not self._shared:
+            # Alone on this database: any other row is a process that died without leaving.
+            await self._store.remove_stale_instances(stale_after=timedelta(0))
         await self._store.register_instance(self.instance)
         self._spawn(self._carry_out_terms(), "terms")
         self._spawn(self._heartbeat_forever(), "instance-heartbeat")

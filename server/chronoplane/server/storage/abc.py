@@ -205,7 +205,7 @@ class Store(ABC):
     @abstractmethod
     async def list_instances(self, *, leader_timeout: timedelta) -> list[Instance]:
         """Every registered instance, oldest start first; ``leader`` is set on the one that
-        holds the leadership with a heartbeat fresher than ``leader_timeout``."""
+        was elected last, if it was seen within ``leader_timeout``."""
 
     @abstractmethod
     async def remove_stale_instances(self, *, stale_after: timedelta) -> list[str]:

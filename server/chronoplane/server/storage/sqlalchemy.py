@@ -896,11 +896,13 @@ class SqlAlchemyStore(Store):
 
     @_translate_errors
     async def list_instances(self, *, leader_timeout: timedelta) -> list[Instance]:
-        fresh = leadership.c.heartbeat_at >= self._seen_since(leader_timeout)
-        leader = (
-            sa.select(leadership.c.leader_id).where(leadership.c.id == 1, fresh).scalar_subquery()
+        # The one elected last, while it is heard from: its own heartbeat, which every
+        # instance sends, SQLite's lone one too.
+        leader_id = sa.select(leadership.c.leader_id).where(leadership.c.id == 1)
+        leads = (instances.c.id == leader_id.scalar_subquery()) & (
+            instances.c.last_seen >= self._seen_since(leader_timeout)
         )
-        query = sa.select(instances, (instances.c.id == leader).label("leader")).order_by(
+        query = sa.select(instances, leads.label("leader")).order_by(
             instances.c.start_time, instances.c.id
         )
         async with self._begin() as conn:
