@@ -418,6 +418,8 @@ async def test_backfill_runs_a_past_range_once_one_after_another(server: InProce
         task="test.sync_sleep",
         args=struct(seconds=0.2),
         trigger=cron("* * * * *"),
+        # Paused, so that a minute turning during the test adds no scheduled run.
+        paused=True,
     )
     end = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=5)
     start = end - timedelta(minutes=5)
