@@ -1,4 +1,5 @@
-"""The misfire rules and jitter as pure functions (the API and process tests show them live)."""
+"""The misfire, jitter and overlap rules as pure functions (the API and process tests show
+them live)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from chronoplane.server.models import (
     Job,
     MisfirePolicy,
     MissedFires,
+    OverlapPolicy,
     RetryPolicy,
 )
-from chronoplane.server.scheduling import jitter_delay, plan_fires
+from chronoplane.server.scheduling import admit, jitter_delay, plan_fires
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 # One fire a minute over the last ten minutes, and one 10 s ago (on time).
@@ -115,3 +117,32 @@ def test_retry_on_matches_simple_and_qualified_names_of_the_class_and_its_bases(
     assert RetryPolicy(max_attempts=3, retry_on=("builtins.ConnectionError",)).retries(1, names)
     assert not RetryPolicy(max_attempts=3, retry_on=("ValueError",)).retries(1, names)
     assert not RetryPolicy(max_attempts=3).retries(3, names), "attempts stop at the maximum"
+
+
+@pytest.mark.parametrize(
+    ("policy", "running", "waiting", "waits", "cancels"),
+    [
+        # A free slot: every policy queues it.
+        *((p, 1, 0, True, False) for p in OverlapPolicy),
+        # max_concurrent 2 reached by a running and a waiting execution.
+        (OverlapPolicy.SKIP, 1, 1, False, False),
+        (OverlapPolicy.ALLOW, 2, 0, False, False),
+        (OverlapPolicy.BUFFER_ONE, 2, 0, True, False),
+        (OverlapPolicy.BUFFER_ONE, 2, 1, False, False),
+        (OverlapPolicy.BUFFER_ALL, 2, 40, True, False),
+        (OverlapPolicy.CANCEL_RUNNING, 2, 0, True, True),
+        # Nothing running to cancel: the newer one just waits its turn.
+        (OverlapPolicy.CANCEL_RUNNING, 0, 2, True, False),
+    ],
+)
+def test_admission_by_overlap_policy(
+    policy: OverlapPolicy, running: int, waiting: int, waits: bool, cancels: bool
+) -> None:
+    decision = admit(policy, 2, running=running, waiting=waiting)
+    assert (decision.waits, decision.cancel_oldest) == (waits, cancels)
+    assert bool(decision.reason) == (not waits)
+
+
+def test_no_limit_admits_everything() -> None:
+    for policy in OverlapPolicy:
+        assert admit(policy, 0, running=1000, waiting=1000).waits

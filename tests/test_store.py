@@ -10,6 +10,7 @@ import pytest
 
 from chronoplane.server.errors import (
     EtagMismatch,
+    ExecutionFinished,
     ExecutionNotFound,
     JobAlreadyExists,
     JobNotFound,
@@ -24,11 +25,13 @@ from chronoplane.server.models import (
     ExecutionState,
     IntervalTrigger,
     Job,
+    OverlapPolicy,
 )
-from chronoplane.server.storage.abc import ExecutionFinish, ExecutionStart, NextRun
+from chronoplane.server.storage.abc import Admission, ExecutionFinish, NextRun, SlotRelease
 from chronoplane.server.storage.sqlalchemy import SqlAlchemyStore
 
 T0 = datetime(2026, 3, 8, 6, 30, tzinfo=UTC)
+TASK = "chronoplane.echo"
 
 
 def a_job(job_id: str = "j1", **changes: object) -> Job:
@@ -171,13 +174,16 @@ async def test_progress_moves_forward_and_the_first_final_state_wins(
     await store.create_job(a_job(), request_id=None)
     execution = an_execution()
     await store.insert_executions([execution])
-    started = datetime.now(UTC)
-    await store.record_progress([ExecutionStart(id=execution.id, start_time=started)], [])
-    running = await store.get_execution(execution.id)
-    assert running.state is ExecutionState.RUNNING and running.start_time == started
+    queued = await store.get_execution(execution.id)
+    assert queued.state is ExecutionState.PENDING and queued.instance_id == ""
+    claim = await store.claim_executions(instance_id="inst-a", limit=10, tasks=[TASK])
+    [(running, job)] = claim.executions
+    assert running.id == execution.id and job.id == "j1"
+    assert running.state is ExecutionState.RUNNING and running.instance_id == "inst-a"
+    started = running.start_time
+    assert started is not None
     ended = started + timedelta(seconds=2)
     await store.record_progress(
-        [],
         [
             ExecutionFinish(
                 id=execution.id,
@@ -191,7 +197,7 @@ async def test_progress_moves_forward_and_the_first_final_state_wins(
     late = ExecutionFinish(
         id=execution.id, state=ExecutionState.FAILED, start_time=started, end_time=ended
     )
-    await store.record_progress([ExecutionStart(id=execution.id, start_time=ended)], [late])
+    await store.record_progress([late])
     done = await store.get_execution(execution.id)
     assert done.state is ExecutionState.SUCCEEDED
     assert done.result == {"rows": 3, "ok": [True, None]}
@@ -245,25 +251,29 @@ async def test_list_executions_filters_and_orders_newest_first(store: SqlAlchemy
     assert [e.id for e in window.executions] == [rows[3].id, rows[2].id]
 
 
-async def test_interrupt_unfinished_touches_only_pending_and_running(
+async def test_interrupt_unfinished_ends_running_ones_and_keeps_the_queue(
     store: SqlAlchemyStore,
 ) -> None:
-    await store.create_job(a_job(), request_id=None)
-    states = [ExecutionState.PENDING, ExecutionState.RUNNING, ExecutionState.SUCCEEDED]
+    await store.create_job(a_job(max_concurrent=0), request_id=None)
+    states = [ExecutionState.PENDING, ExecutionState.PENDING, ExecutionState.SUCCEEDED]
     rows = [
         an_execution(state=state, scheduled_time=T0 + timedelta(minutes=n))
         for n, state in enumerate(states)
     ]
     await store.insert_executions(rows)
+    await store.claim_executions(instance_id="inst-a", limit=1, tasks=[TASK])
     now = datetime.now(UTC)
-    assert await store.interrupt_unfinished(message="server died", now=now) == 2
+    assert await store.interrupt_unfinished(message="server died", now=now) == 1
     after = [await store.get_execution(r.id) for r in rows]
     assert [e.state for e in after] == [
         ExecutionState.INTERRUPTED,
-        ExecutionState.INTERRUPTED,
+        ExecutionState.PENDING,
         ExecutionState.SUCCEEDED,
     ]
     assert after[0].error_message == "server died" and after[0].end_time == now
+    # The slot is free again: the queued one can be claimed.
+    claim = await store.claim_executions(instance_id="inst-b", limit=5, tasks=[TASK])
+    assert [e.id for e, _ in claim.executions] == [rows[1].id]
 
 
 async def test_the_secret_is_created_once(store: SqlAlchemyStore) -> None:
@@ -275,12 +285,13 @@ async def test_the_secret_is_created_once(store: SqlAlchemyStore) -> None:
 async def test_progress_of_many_executions_is_written_in_one_call(
     store: SqlAlchemyStore,
 ) -> None:
-    await store.create_job(a_job(), request_id=None)
+    await store.create_job(a_job(max_concurrent=0), request_id=None)
     rows = [an_execution(scheduled_time=T0 + timedelta(seconds=n)) for n in range(50)]
     await store.insert_executions(rows)
+    claim = await store.claim_executions(instance_id="inst-a", limit=50, tasks=[TASK])
+    assert len(claim.executions) == 50
     now = datetime.now(UTC)
     await store.record_progress(
-        [ExecutionStart(id=r.id, start_time=now) for r in rows[:25]],
         [
             ExecutionFinish(
                 id=r.id, state=ExecutionState.SUCCEEDED, start_time=now, end_time=now, result=n
@@ -291,3 +302,160 @@ async def test_progress_of_many_executions_is_written_in_one_call(
     states = [(await store.get_execution(r.id)).state for r in rows]
     assert states == [ExecutionState.RUNNING] * 25 + [ExecutionState.SUCCEEDED] * 25
     assert (await store.get_execution(rows[-1].id)).result == 24
+
+
+# -- the queue (docs/decisions/0010-execution-queue.md) ------------------------------------------
+
+
+async def claimed_ids(
+    store: SqlAlchemyStore, instance: str = "inst-a", limit: int = 100
+) -> list[str]:
+    claim = await store.claim_executions(instance_id=instance, limit=limit, tasks=[TASK])
+    return [e.id for e, _ in claim.executions]
+
+
+def finish(execution_id: str, *, keeps_slot: bool = False) -> ExecutionFinish:
+    now = datetime.now(UTC)
+    return ExecutionFinish(
+        id=execution_id,
+        state=ExecutionState.TIMED_OUT if keeps_slot else ExecutionState.SUCCEEDED,
+        start_time=now,
+        end_time=now,
+        keeps_slot=keeps_slot,
+    )
+
+
+async def test_claims_take_at_most_the_free_slots_oldest_first(store: SqlAlchemyStore) -> None:
+    await store.create_job(a_job("two", max_concurrent=2), request_id=None)
+    await store.create_job(a_job("free", max_concurrent=0), request_id=None)
+    rows = [an_execution("two", scheduled_time=T0 + timedelta(seconds=n)) for n in range(4)]
+    rows += [an_execution("free", scheduled_time=T0 + timedelta(seconds=n)) for n in range(3)]
+    await store.insert_executions(rows)
+    first = await claimed_ids(store)
+    assert sorted(first) == sorted([rows[0].id, rows[1].id, *(r.id for r in rows[4:])])
+    assert await claimed_ids(store, "inst-b") == [], "the job's two slots are held"
+    await store.record_progress([finish(rows[0].id)])
+    assert await claimed_ids(store, "inst-b") == [rows[2].id]
+    # A synchronous task past its timeout keeps its slot until its thread returns.
+    await store.record_progress([finish(rows[1].id, keeps_slot=True)])
+    assert await claimed_ids(store, "inst-b") == []
+    await store.record_progress([], [SlotRelease(id=rows[1].id, note="returned 1")])
+    assert await claimed_ids(store, "inst-b") == [rows[3].id]
+    assert (await store.get_execution(rows[1].id)).note == "returned 1"
+
+
+async def test_concurrent_claimers_never_exceed_max_concurrent(store: SqlAlchemyStore) -> None:
+    await store.create_job(a_job("one"), request_id=None)
+    rows = [an_execution("one", scheduled_time=T0 + timedelta(seconds=n)) for n in range(20)]
+    await store.insert_executions(rows)
+    for _ in range(5):
+        results = await asyncio.gather(
+            *(claimed_ids(store, f"inst-{n}", limit=5) for n in range(6))
+        )
+        taken = [i for ids in results for i in ids]
+        assert len(taken) <= 1, f"{len(taken)} claimed for a job with max_concurrent 1"
+        for execution_id in taken:
+            await store.record_progress([finish(execution_id)])
+    running = await store.list_executions(
+        ExecutionQuery(job_id="one", states=frozenset({ExecutionState.RUNNING})),
+        before=None,
+        limit=100,
+    )
+    assert len(running.executions) <= 1
+
+
+async def test_claims_wait_for_the_due_time_and_take_only_known_tasks(
+    store: SqlAlchemyStore,
+) -> None:
+    await store.create_job(a_job(max_concurrent=0), request_id=None)
+    later = datetime.now(UTC) + timedelta(seconds=30)
+    soon = an_execution()
+    other = an_execution(task="other.task", scheduled_time=T0 + timedelta(minutes=1))
+    retry = an_execution(source=ExecutionSource.RETRY, scheduled_time=later)
+    await store.admit_executions(
+        [Admission(execution=soon), Admission(execution=other), Admission(execution=retry)]
+    )
+    claim = await store.claim_executions(instance_id="inst-a", limit=10, tasks=[TASK])
+    assert [e.id for e, _ in claim.executions] == [soon.id]
+    assert claim.next_due_in is not None
+    assert timedelta(seconds=25) < claim.next_due_in <= timedelta(seconds=30)
+    assert (await store.get_execution(other.id)).state is ExecutionState.PENDING
+
+
+async def test_admission_applies_the_overlap_policy_to_what_the_database_holds(
+    store: SqlAlchemyStore,
+) -> None:
+    await store.create_job(a_job(), request_id=None)
+
+    async def admit(policy: OverlapPolicy, *, force: bool = False) -> Execution:
+        execution = an_execution(source=ExecutionSource.MANUAL, scheduled_time=datetime.now(UTC))
+        admitted = await store.admit_executions(
+            [Admission(execution=execution, policy=policy, force=force)]
+        )
+        [written] = admitted.inserted
+        return written
+
+    first = await admit(OverlapPolicy.SKIP)
+    assert first.state is ExecutionState.PENDING
+    skipped = await admit(OverlapPolicy.SKIP)
+    assert skipped.state is ExecutionState.SKIPPED
+    assert skipped.error_message == "max_concurrent (1) executions were running"
+    assert await claimed_ids(store) == [first.id]
+    buffered = await admit(OverlapPolicy.BUFFER_ONE)
+    assert buffered.state is ExecutionState.PENDING
+    second_buffer = await admit(OverlapPolicy.BUFFER_ONE)
+    assert second_buffer.state is ExecutionState.SKIPPED
+    assert "already waiting" in second_buffer.error_message
+    forced = await admit(OverlapPolicy.ALLOW, force=True)
+    assert forced.state is ExecutionState.PENDING
+    assert await claimed_ids(store) == [forced.id], "forced runs need no slot"
+    newer = await store.admit_executions(
+        [
+            Admission(
+                execution=an_execution(source=ExecutionSource.MANUAL),
+                policy=OverlapPolicy.CANCEL_RUNNING,
+            )
+        ]
+    )
+    assert newer.cancel_requested == [first.id]
+    assert await store.cancel_requests("inst-a") == {
+        first.id: "cancelled for a newer run (overlap policy cancel_running)"
+    }
+
+
+async def test_cancel_ends_a_queued_execution_and_asks_the_owner_of_a_running_one(
+    store: SqlAlchemyStore,
+) -> None:
+    await store.create_job(a_job(), request_id=None)
+    running, queued = an_execution(), an_execution(scheduled_time=T0 + timedelta(minutes=1))
+    await store.insert_executions([running, queued])
+    assert await claimed_ids(store) == [running.id]
+    now = datetime.now(UTC)
+    done = await store.request_cancel(queued.id, message="cancelled: no", now=now)
+    assert done.done and done.execution.state is ExecutionState.CANCELLED
+    asked = await store.request_cancel(running.id, message="cancelled: stop", now=now)
+    assert not asked.done and asked.execution.state is ExecutionState.RUNNING
+    assert asked.execution.instance_id == "inst-a"
+    assert await store.cancel_requests("inst-a") == {running.id: "cancelled: stop"}
+    assert await store.cancel_requests("inst-b") == {}
+    with pytest.raises(ExecutionFinished):
+        await store.request_cancel(queued.id, message="again", now=now)
+    with pytest.raises(ExecutionNotFound):
+        await store.request_cancel("0" * 28, message="", now=now)
+
+
+async def test_executions_of_a_silent_instance_are_abandoned_and_their_slots_freed(
+    store: SqlAlchemyStore,
+) -> None:
+    await store.create_job(a_job(max_concurrent=2), request_id=None)
+    rows = [an_execution(scheduled_time=T0 + timedelta(seconds=n)) for n in range(3)]
+    await store.insert_executions(rows)
+    assert len(await claimed_ids(store, "inst-dead", limit=2)) == 2
+    await store.record_progress([finish(rows[1].id, keeps_slot=True)])
+    abandoned = await store.abandon_orphans(
+        stale_after=timedelta(seconds=10), message="abandoned", now=datetime.now(UTC)
+    )
+    assert [e.id for e in abandoned] == [rows[0].id]
+    assert abandoned[0].state is ExecutionState.ABANDONED
+    assert "inst-dead (no longer registered)" in abandoned[0].error_message
+    assert await claimed_ids(store, "inst-b") == [rows[2].id]

@@ -17,7 +17,7 @@ from chronoplane.server.cluster import Member
 from chronoplane.server.config import Settings
 from chronoplane.server.coordination.abc import Coordinator
 from chronoplane.server.coordination.local import FileLock, SoleLeader
-from chronoplane.server.coordination.postgres import JobChangeListener, LeaderElection
+from chronoplane.server.coordination.postgres import ChangeListener, LeaderElection
 from chronoplane.server.engine.apscheduler import ApschedulerEngine
 from chronoplane.server.executors.inline import InlineExecutor
 from chronoplane.server.ids import new_instance_id
@@ -26,7 +26,13 @@ from chronoplane.server.pagination import PageTokens
 from chronoplane.server.runner import Runner
 from chronoplane.server.service import SchedulerService
 from chronoplane.server.storage.migrate import upgrade
-from chronoplane.server.storage.sqlalchemy import JOBS_CHANNEL, SqlAlchemyStore, create_engine
+from chronoplane.server.storage.sqlalchemy import (
+    CANCEL_CHANNEL,
+    JOBS_CHANNEL,
+    WORK_CHANNEL,
+    SqlAlchemyStore,
+    create_engine,
+)
 from chronoplane.server.tasks import default_registry, load_modules
 from chronoplane.server.transport.server import GrpcServer
 
@@ -83,6 +89,7 @@ class Application:
                 executor=executor,
                 tasks=default_registry,
                 instance_id=self.instance_id,
+                max_running=settings.max_running,
             )
             engine = ApschedulerEngine()
             service = SchedulerService(
@@ -110,6 +117,7 @@ class Application:
             stack.push_async_callback(engine.shutdown)
             await member.start()
             stack.push_async_callback(member.stop)
+            runner.start_claiming()  # registered now: what it claims has a live owner
 
             coordinator: Coordinator
             if shared:
@@ -121,10 +129,13 @@ class Application:
                     on_elected=member.elected,
                     on_deposed=member.deposed,
                 )
-                listener = JobChangeListener(
+                listener = ChangeListener(
                     settings.database_url,
-                    JOBS_CHANNEL,
-                    on_change=member.job_changed,
+                    {
+                        JOBS_CHANNEL: member.job_changed,
+                        WORK_CHANNEL: lambda _: runner.notified(),
+                        CANCEL_CHANNEL: runner.notified_cancel,
+                    },
                     on_resync=member.resync,
                     instance_id=self.instance_id,
                 )
@@ -175,6 +186,7 @@ class Application:
             address=address,
             insecure=self.settings.insecure,
             start_time=self.start_time,
+            max_running=self.settings.max_running,
         )
 
     async def _purge_forever(self, service: SchedulerService) -> None:

@@ -19,7 +19,7 @@ from chronoplane.server.aio import cancelled
 from chronoplane.server.coordination.abc import Coordinator
 from chronoplane.server.engine.abc import Engine
 from chronoplane.server.errors import JobNotFound
-from chronoplane.server.models import Execution, Instance, Job
+from chronoplane.server.models import Instance, Job
 from chronoplane.server.runner import Runner
 from chronoplane.server.service import SchedulerService
 from chronoplane.server.storage.abc import Store
@@ -159,10 +159,6 @@ class Member:
         self._runner.lead(epoch, coordinator.acting)
         self._service.leading = True
         self.scheduled = await self._service.load_schedule()
-        if not self._shared:
-            resumed = await self._service.resume_waiting()
-            if resumed:
-                log.info("took back %d waiting retries and backfill fires", resumed)
         if coordinator.epoch != epoch:
             return
         await self._engine.start(self._runner.on_fires)
@@ -174,7 +170,8 @@ class Member:
         while True:
             await asyncio.sleep(self._hb)
             try:
-                if not await self._store.heartbeat_instance(self.instance.id):
+                running = self._runner.running
+                if not await self._store.heartbeat_instance(self.instance.id, running=running):
                     log.warning(
                         "this instance's registration was removed (it was not seen for too "
                         "long; executions it ran may have been marked ABANDONED): registering "
@@ -194,6 +191,7 @@ class Member:
 
     async def resync(self) -> None:
         """After a (re)connect of the listener, notifications may have been lost."""
+        self._runner.notified()
         try:
             fixed = await self._service.resync()
         except Exception as error:
@@ -236,36 +234,27 @@ class Member:
         )
         if removed:
             log.info("removed %d stale instances: %s", len(removed), ", ".join(removed))
-        abandoned, adopted = await self._store.take_over_orphans(
-            owner=self.instance.id,
+        abandoned = await self._store.abandon_orphans(
             stale_after=self._instance_timeout,
-            message="abandoned: the instance holding it stopped heartbeating",
+            message="abandoned: the instance running it stopped heartbeating",
             now=self._clock(),
         )
         jobs: dict[str, Job | None] = {}
-
-        async def job_of(execution: Execution) -> Job | None:
+        retried = 0
+        for execution in abandoned:
             if execution.job_id not in jobs:
                 try:
                     jobs[execution.job_id] = await self._store.get_job(execution.job_id)
                 except JobNotFound:
                     jobs[execution.job_id] = None
-            return jobs[execution.job_id]
-
-        retried = 0
-        for execution in abandoned:
-            job = await job_of(execution)
+            job = jobs[execution.job_id]
             if job is not None and self._runner.retry_abandoned(execution, job):
                 retried += 1
-        resumed = [(e, job) for e in adopted if (job := await job_of(e)) is not None]
-        self._runner.resume(resumed)
-        if abandoned or adopted:
+        if abandoned:
             log.warning(
-                "dead instances left %d executions: marked ABANDONED (%d retried); took over "
-                "%d waiting retries and backfill fires",
+                "dead instances left %d running executions: marked ABANDONED (%d retried)",
                 len(abandoned),
                 retried,
-                len(adopted),
             )
 
 

@@ -26,6 +26,8 @@ class Settings:
     tasks: list[str] = field(default_factory=list)
     shutdown_grace: float = 30.0
     worker_threads: int = 8
+    max_running: int = 100
+    """Executions this instance runs at once at most; it claims no more from the queue."""
     log_level: str = "INFO"
     insecure: bool = False
     history_max_age_days: float = 30.0
@@ -88,8 +90,10 @@ class Settings:
             raise ConfigError(
                 "database_url must start with sqlite+aiosqlite:/// or postgresql+asyncpg://"
             )
-        if self.shutdown_grace < 0 or self.worker_threads < 1:
-            raise ConfigError("shutdown_grace must be >= 0 and worker_threads >= 1")
+        if self.shutdown_grace < 0 or self.worker_threads < 1 or self.max_running < 1:
+            raise ConfigError(
+                "shutdown_grace must be >= 0, worker_threads >= 1 and max_running >= 1"
+            )
         if self.history_max_age_days < 0 or self.purge_interval <= 0:
             raise ConfigError("history_max_age_days must be >= 0 and purge_interval > 0")
         self._check_timing()
@@ -143,6 +147,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--shutdown-grace", type=float, help="seconds running executions get at shutdown"
     )
     parser.add_argument("--worker-threads", type=int, help="threads for synchronous tasks")
+    parser.add_argument(
+        "--max-running",
+        type=int,
+        help="executions this instance runs at once at most (default 100)",
+    )
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     parser.add_argument(
         "--history-max-age-days",

@@ -11,6 +11,7 @@ ChronoplaneError
 ├── FailedPrecondition                  the state of things forbids the call
 │   └── TaskNotRegistered
 ├── StorageUnavailable (ConnectionError) the database cannot be reached
+├── CancellationPending (TimeoutError)  the instance running it has not stopped it yet
 ├── InstanceConflict                    another server already uses this database
 └── NotLeader                           a leader's write after it lost leadership (fenced)
 """
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "AlreadyExists",
+    "CancellationPending",
     "ChronoplaneError",
     "EtagMismatch",
     "ExecutionFinished",
@@ -128,6 +130,22 @@ class ExecutionFinished(FailedPrecondition):
 
 class StorageUnavailable(ChronoplaneError, ConnectionError):
     reason = "STORAGE_UNAVAILABLE"
+
+
+class CancellationPending(ChronoplaneError, TimeoutError):
+    """A cancel request was recorded, but the instance running the execution has not
+    confirmed it in time; it stands, and is carried out when that instance sees it."""
+
+    reason = "CANCELLATION_PENDING"
+
+    def __init__(self, execution_id: str, instance_id: str, waited: float) -> None:
+        self.execution_id = execution_id
+        self.instance_id = instance_id
+        super().__init__(
+            f"execution {execution_id!r} runs on instance {instance_id}, which has not stopped "
+            f"it within {waited:g} s; the request stands: it is cancelled when that instance "
+            "sees it, or ABANDONED if that instance is dead (calling again is safe)"
+        )
 
 
 class InstanceConflict(ChronoplaneError):

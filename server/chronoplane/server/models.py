@@ -267,5 +267,9 @@ class Instance:
     address: str
     insecure: bool
     start_time: datetime
+    max_running: int = 0
+    """How many executions it runs at once at most."""
+    running: int = 0
+    """How many it ran at its last heartbeat."""
     last_seen_time: datetime | None = None
     leader: bool = False

@@ -1,41 +1,36 @@
-"""The runner: turns fires into recorded executions, runs them, records how they ended.
+"""The runner: turns fires into queued executions, claims executions from the queue, runs
+them, and records how they ended (docs/decisions/0010-execution-queue.md).
 
-The hot path is batched so that a burst of fires costs a few transactions, not thousands:
+*Admission.* Scheduled fires (on the leader), TriggerJob and BackfillJob calls and retries
+become rows: PENDING in the queue, or a SKIPPED or MISSED record, as the job's overlap policy
+decides against its slots as the database counts them. Fires that come while a batch is being
+written go in the next one (group commit, no timer), so a burst costs a few transactions.
 
-* fires queue up while the previous batch is being written, and the next batch takes them
-  all (group commit, no timer): one INSERT of every execution in the batch, in one
-  transaction; next run times follow with the progress writes;
-* a task starts only after its execution row is committed;
-* starts and ends of executions are written the same way; an execution that ends before its
-  start was written is written once, with both.
-
-Concurrency is counted in *slots* per job: an execution holds one from its admission until
-its code has really ended. A synchronous task that timed out or was cancelled keeps its slot
-until its thread returns; its final state is recorded at once, its late outcome as a note.
-
-Executions that wait (a buffered fire, a retry in its backoff, a backfill fire) are *claimed*
-before they start: PENDING -> RUNNING is written first, so that a cancelled one never starts
-and a restart can run waiting retries and backfill fires without running one twice.
+*Running.* Every instance claims due executions of the tasks it has, up to ``max_running``
+at once, and runs them; final states are written in batches the same way. A claimed
+execution holds a slot of its job until its code has really ended: a synchronous task that
+timed out or was cancelled keeps its slot until its thread returns; its final state is
+recorded at once, its late outcome as a note.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-import math
 import traceback
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 
 from chronoplane.server.engine.abc import Fire
 from chronoplane.server.errors import (
+    CancellationPending,
     ChronoplaneError,
     ExecutionFinished,
-    FailedPrecondition,
     JobNotFound,
     NotLeader,
     TaskNotRegistered,
@@ -53,19 +48,33 @@ from chronoplane.server.models import (
     OverlapPolicy,
 )
 from chronoplane.server.scheduling import jitter_delay, plan_fires
-from chronoplane.server.storage.abc import ExecutionFinish, ExecutionStart, NextRun, Store
+from chronoplane.server.storage.abc import (
+    Admission,
+    Admitted,
+    ExecutionFinish,
+    NextRun,
+    SlotRelease,
+    Store,
+)
 from chronoplane.server.tasks import ExecutionContext, TaskRegistry, execution_context
 
-__all__ = ["Due", "Runner"]
+__all__ = ["DEFAULT_MAX_RUNNING", "Due", "Runner"]
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MAX_RUNNING = 100
 MAX_BATCH = 2_000
 MAX_RESULT_BYTES = 1 << 20
 MAX_TRACEBACK_CHARS = 64 * 1024
 MAX_NOTE_CHARS = 4 * 1024
 # A batch that cannot be written is retried this long before its fires are given up (loudly).
 WRITE_RETRY_SECONDS = 60.0
+# Claims are also tried this often, whatever notifications say: the safety net.
+CLAIM_POLL_SECONDS = 1.0
+# CancelExecution of a run on another instance waits this long for that instance to stop it.
+CANCEL_WAIT_SECONDS = 10.0
+# An async task that ignores its cancellation gets this long before it is left running.
+CANCEL_GRACE_SECONDS = 5.0
 
 
 def _utcnow() -> datetime:
@@ -117,24 +126,17 @@ class Due:
     noticed_time: datetime
 
 
-Decision = Literal["launch", "queue", "cancel_and_queue", "none"]
-
-
 @dataclass(eq=False)
 class _Run:
-    """An execution this instance holds: waiting for a slot or its time, or running."""
+    """An execution this instance claimed and runs."""
 
     execution: Execution
     job: Job
-    claim: bool
-    """Write PENDING -> RUNNING before starting (see the module docstring)."""
+    started: datetime
     stop: asyncio.Future[tuple[ExecutionState, str]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
     task: asyncio.Task[None] | None = None
-    timer: asyncio.TimerHandle | None = None
-    work: Work | None = None
-    started: datetime | None = None
     final: ExecutionState | None = None
     finalized: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -151,30 +153,33 @@ class Runner:
         executor: Executor,
         tasks: TaskRegistry,
         instance_id: str,
+        max_running: int = DEFAULT_MAX_RUNNING,
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
         self._store = store
         self._executor = executor
         self._tasks = tasks
         self._instance_id = instance_id
+        self._max_running = max_running
         self._clock = clock
         self._due: deque[Due] = deque()
         self._due_ready = asyncio.Event()
         # Held while a batch is written, so that stop() never cancels a write half-way.
         self._fire_lock = asyncio.Lock()
         self._progress_lock = asyncio.Lock()
-        self._starts: dict[str, ExecutionStart] = {}
         self._finishes: dict[str, ExecutionFinish] = {}
+        self._releases: dict[str, SlotRelease] = {}
         self._next_runs: dict[str, NextRun] = {}
-        self._notes: dict[str, str] = {}
         self._progress_ready = asyncio.Event()
-        # Per job: slots held, executions waiting for one (reserved at admission, before
-        # their rows are written), and those running, oldest first.
-        self._slots: dict[str, int] = defaultdict(int)
-        self._queued: dict[str, int] = defaultdict(int)
-        self._waiting: dict[str, deque[_Run]] = defaultdict(deque)
-        self._running: dict[str, dict[str, _Run]] = defaultdict(dict)
+        # Executions claimed here, by id, and synchronous tasks that outlived their
+        # execution's final state: both take room of max_running.
         self._runs: dict[str, _Run] = {}
+        self._lingering = 0
+        self._wake = asyncio.Event()
+        self._next_due: float | None = None
+        self._claimer: asyncio.Task[None] | None = None
+        self._cancels: asyncio.Task[None] | None = None
+        self._cancels_again = False
         self._background: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -203,6 +208,7 @@ class Runner:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Starts the writers. Claiming starts with ``start_claiming``."""
         self._loops = [
             asyncio.create_task(self._write_fires_forever(), name="runner-fires"),
             asyncio.create_task(self._write_progress_forever(), name="runner-progress"),
@@ -210,19 +216,27 @@ class Runner:
         for loop in self._loops:
             loop.add_done_callback(self._loop_ended)
 
+    def start_claiming(self) -> None:
+        """Starts taking executions from the queue (once this instance is registered: the
+        leader takes executions of unregistered instances for abandoned)."""
+        self._claimer = asyncio.create_task(self._claim_forever(), name="runner-claims")
+        self._claimer.add_done_callback(self._loop_ended)
+
     def _loop_ended(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
             log.critical("runner loop %s died", task.get_name(), exc_info=task.exception())
 
     async def stop(self, grace: float) -> None:
-        """Waits up to ``grace`` seconds for running executions, records the rest as
-        INTERRUPTED, and writes everything still queued. Waiting retries and backfill fires
-        stay PENDING for the next start."""
+        """Stops claiming, waits up to ``grace`` seconds for running executions, records the
+        rest as INTERRUPTED, and writes everything still queued. PENDING executions stay in
+        the queue, for another instance or the next start."""
         self._stopping = True
+        self._wake.set()
+        if self._claimer is not None:
+            # Not cancelled: a claim cut short after its commit would leave rows claimed.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._claimer), 10.0)
         await self._drain_fires()
-        for run in list(self._runs.values()):
-            if run.task is None:
-                self._drop_waiting(run)
         running = [run.task for run in self._runs.values() if run.task is not None]
         if running:
             log.info("waiting up to %.0f s for %d running executions", grace, len(running))
@@ -238,31 +252,23 @@ class Runner:
         await asyncio.gather(*self._background, return_exceptions=True)
         await self._flush_progress()
         async with self._fire_lock, self._progress_lock:
-            for loop in self._loops:
-                loop.cancel()
-        await asyncio.gather(*self._loops, return_exceptions=True)
+            for loop in (*self._loops, self._claimer, self._cancels):
+                if loop is not None:
+                    loop.cancel()
+        await asyncio.gather(
+            *(t for t in (*self._loops, self._claimer, self._cancels) if t is not None),
+            return_exceptions=True,
+        )
         await self._flush_progress()
-
-    def _drop_waiting(self, run: _Run) -> None:
-        """At shutdown: a waiting retry or backfill fire stays PENDING for the next start; a
-        buffered fire is recorded INTERRUPTED."""
-        if run.timer is not None:
-            run.timer.cancel()
-        waiting = self._waiting[run.execution.job_id]
-        if run in waiting:
-            waiting.remove(run)
-            self._queued[run.execution.job_id] -= 1
-        self._runs.pop(run.id, None)
-        if run.execution.source not in (ExecutionSource.RETRY, ExecutionSource.BACKFILL):
-            self._finish_now(
-                run,
-                ExecutionState.INTERRUPTED,
-                error_message="the server shut down while the execution waited to start",
-            )
 
     @property
     def running(self) -> int:
-        return sum(1 for run in self._runs.values() if run.task is not None)
+        """How many executions run here now."""
+        return len(self._runs)
+
+    @property
+    def max_running(self) -> int:
+        return self._max_running
 
     # -- scheduled fires ----------------------------------------------------------------------
 
@@ -322,18 +328,28 @@ class Runner:
             log.warning("not leading: %d fires left to the leader", sum(len(d.run) for d in batch))
             return
         now = self._clock()
-        admitted: list[tuple[Execution, Job, Decision]] = []
+        admissions: list[Admission] = []
         for due in batch:
             job = due.job
             if due.missed is not None:
-                admitted.append((self._missed_record(job, due.missed, now), job, "none"))
+                missed = self._missed_record(job, due.missed, now)
+                admissions.append(Admission(execution=missed, epoch=epoch))
             for scheduled in due.run:
                 execution = self._new_execution(job, ExecutionSource.SCHEDULE, scheduled, now)
+                if job.task not in self._tasks:
+                    admissions.append(Admission(execution=self._unrunnable(execution, now)))
+                    continue
                 # Catch-up runs the misfire policy chose queue up, one after another.
                 late = due.noticed_time - scheduled > job.misfire_grace
-                policy = OverlapPolicy.BUFFER_ALL if late else job.overlap_policy
-                admitted.append(self._admit(execution, job, policy, now))
-        inserted = await self._insert_with_retry([e for e, _, _ in admitted], epoch=epoch)
+                admissions.append(
+                    Admission(
+                        execution=execution,
+                        due_time=scheduled + jitter_delay(job.id, scheduled, job.trigger.jitter),
+                        policy=OverlapPolicy.BUFFER_ALL if late else job.overlap_policy,
+                        epoch=epoch,
+                    )
+                )
+        admitted = await self._admit_with_retry(admissions, epoch=epoch)
         # Next run times are written after, with progress: a task need not wait for them,
         # and a fire re-fired from a stale one after a crash finds its execution exists.
         for due in batch:
@@ -341,8 +357,8 @@ class Runner:
                 job_id=due.job.id, version=due.job.version, next_run_time=due.next_run_time
             )
         self._progress_ready.set()
-        for execution, job, decision in admitted:
-            self._carry_out(execution, job, decision, written=execution.id in inserted)
+        if admitted is not None:
+            self._admitted(admitted)
 
     def _missed_record(self, job: Job, missed: MissedFires, now: datetime) -> Execution:
         first, last = _stamp(missed.first_time), _stamp(missed.last_time)
@@ -363,6 +379,14 @@ class Runner:
             ),
         )
 
+    def _unrunnable(self, execution: Execution, now: datetime) -> Execution:
+        return replace(
+            execution,
+            state=ExecutionState.FAILED,
+            end_time=now,
+            error_message=f"task {execution.task!r} is not registered on this server",
+        )
+
     def _new_execution(
         self, job: Job, source: ExecutionSource, scheduled: datetime, now: datetime
     ) -> Execution:
@@ -375,135 +399,54 @@ class Runner:
             create_time=now,
             task=job.task,
             args=job.args,
+            # Who recorded it; the store leaves it empty while the execution is queued.
             instance_id=self._instance_id,
         )
 
-    # -- admission ----------------------------------------------------------------------------
+    async def _admit_with_retry(
+        self, admissions: list[Admission], *, epoch: int | None = None
+    ) -> Admitted | None:
+        """Writes the admissions, retrying a failing database for a while; None when they
+        were given up (fenced, or the database stayed away)."""
+        delay = 0.1
+        deadline = asyncio.get_running_loop().time() + WRITE_RETRY_SECONDS
+        while True:
+            if epoch is not None and (epoch != self._epoch or not self._acting()):
+                log.warning("no longer leading: %d fires left to the leader", len(admissions))
+                return None
+            try:
+                return await self._store.admit_executions(admissions, epoch=epoch)
+            except NotLeader as error:
+                log.warning("%s: %d fires left to the leader", error, len(admissions))
+                return None
+            except ChronoplaneError as error:
+                if asyncio.get_running_loop().time() > deadline:
+                    log.error(
+                        "gave up recording %d executions after %.0f s: %s",
+                        len(admissions),
+                        WRITE_RETRY_SECONDS,
+                        error,
+                    )
+                    return None
+                log.warning("recording %d executions failed, retrying: %s", len(admissions), error)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
-    def _admit(
-        self,
-        execution: Execution,
-        job: Job,
-        policy: OverlapPolicy,
-        now: datetime,
-        *,
-        force: bool = False,
-    ) -> tuple[Execution, Job, Decision]:
-        """PENDING with a slot (or a place in the queue) reserved, or a final state saying
-        why not; ``force`` starts it beyond max_concurrent. The decision is carried out once
-        the row is written."""
-        if job.task not in self._tasks:
-            failed = replace(
-                execution,
-                state=ExecutionState.FAILED,
-                end_time=now,
-                error_message=f"task {job.task!r} is not registered on this server",
-            )
-            return failed, job, "none"
-        limit = job.max_concurrent or math.inf
-        if force or self._slots[job.id] + self._queued[job.id] < limit:
-            self._slots[job.id] += 1
-            return execution, job, "launch"
-        if policy is OverlapPolicy.BUFFER_ALL or (
-            policy is OverlapPolicy.BUFFER_ONE and self._queued[job.id] == 0
-        ):
-            self._queued[job.id] += 1
-            return execution, job, "queue"
-        if policy is OverlapPolicy.CANCEL_RUNNING:
-            self._queued[job.id] += 1
-            return execution, job, "cancel_and_queue"
-        reason = (
-            "a run was already waiting (overlap policy buffer_one)"
-            if policy is OverlapPolicy.BUFFER_ONE
-            else f"max_concurrent ({job.max_concurrent}) executions were running"
-        )
-        skipped = replace(
-            execution, state=ExecutionState.SKIPPED, end_time=now, error_message=reason
-        )
-        return skipped, job, "none"
-
-    def _carry_out(self, execution: Execution, job: Job, decision: Decision, written: bool) -> None:
-        if decision == "none":
-            return
-        if decision == "launch":
-            if not written:
-                self._slots[job.id] -= 1
-                return
-            claim = execution.source in (ExecutionSource.RETRY, ExecutionSource.BACKFILL)
-            self._launch(_Run(execution=execution, job=job, claim=claim))
-            return
-        if not written:
-            self._queued[job.id] -= 1
-            return
-        run = _Run(execution=execution, job=job, claim=True)
-        self._runs[run.id] = run
-        if decision == "cancel_and_queue":
-            self._waiting[job.id].appendleft(run)
-            self._cancel_oldest(job.id)
-        else:
-            self._waiting[job.id].append(run)
-        self._dispatch(job.id)
-
-    def _cancel_oldest(self, job_id: str) -> None:
-        for run in self._running[job_id].values():
-            if not run.stop.done():
+    def _admitted(self, admitted: Admitted) -> None:
+        """After an admission: runs asked to stop for newer ones stop (those held here; the
+        others' instances are told by the database), and the claimer looks at the queue."""
+        for execution_id in admitted.cancel_requested:
+            run = self._runs.get(execution_id)
+            if run is not None:
                 self._request_stop(
                     run,
                     ExecutionState.CANCELLED,
                     "cancelled for a newer run (overlap policy cancel_running)",
                 )
-                return
+        if any(e.state is ExecutionState.PENDING for e in admitted.inserted):
+            self._wake.set()
 
-    def _dispatch(self, job_id: str) -> None:
-        """Starts waiting executions while the job has free slots."""
-        waiting = self._waiting[job_id]
-        while waiting:
-            run = waiting[0]
-            limit = run.job.max_concurrent or math.inf
-            if self._slots[job_id] >= limit:
-                return
-            waiting.popleft()
-            self._queued[job_id] -= 1
-            self._slots[job_id] += 1
-            self._launch(run)
-
-    def _enqueue(self, run: _Run) -> None:
-        """A waiting retry or backfill fire whose time has come."""
-        run.timer = None
-        if self._stopping or run.stop.done():
-            return
-        self._queued[run.execution.job_id] += 1
-        self._waiting[run.execution.job_id].append(run)
-        self._dispatch(run.execution.job_id)
-
-    async def _insert_with_retry(
-        self, executions: list[Execution], *, epoch: int | None = None
-    ) -> set[str]:
-        delay = 0.1
-        deadline = asyncio.get_running_loop().time() + WRITE_RETRY_SECONDS
-        while True:
-            if epoch is not None and (epoch != self._epoch or not self._acting()):
-                log.warning("no longer leading: %d fires left to the leader", len(executions))
-                return set()
-            try:
-                return await self._store.insert_executions(executions, epoch=epoch)
-            except NotLeader as error:
-                log.warning("%s: %d fires left to the leader", error, len(executions))
-                return set()
-            except ChronoplaneError as error:
-                if asyncio.get_running_loop().time() > deadline:
-                    log.error(
-                        "gave up recording %d executions after %.0f s: %s",
-                        len(executions),
-                        WRITE_RETRY_SECONDS,
-                        error,
-                    )
-                    return set()
-                log.warning("recording %d executions failed, retrying: %s", len(executions), error)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-
-    # -- manual runs, backfills, resumption -----------------------------------------------------
+    # -- manual runs and backfills ------------------------------------------------------------
 
     async def trigger(
         self,
@@ -513,7 +456,7 @@ class Runner:
         request_id: str,
         policy: OverlapPolicy | None = None,
     ) -> Execution:
-        """Records and starts (or queues, or skips) a manual execution of ``job`` now."""
+        """Queues (or skips) a manual execution of ``job`` now."""
         if job.task not in self._tasks:
             raise TaskNotRegistered(job.task)
         if request_id:
@@ -527,69 +470,135 @@ class Runner:
             request_id=request_id,
         )
         # Asked for explicitly, ALLOW means "run it now, whatever is running".
-        execution, job, decision = self._admit(
-            execution, job, policy or job.overlap_policy, now, force=policy is OverlapPolicy.ALLOW
+        admitted = await self._store.admit_executions(
+            [
+                Admission(
+                    execution=execution,
+                    due_time=now,
+                    policy=policy or job.overlap_policy,
+                    force=policy is OverlapPolicy.ALLOW,
+                )
+            ]
         )
-        try:
-            inserted = await self._store.insert_executions([execution])
-        except BaseException:
-            self._carry_out(execution, job, decision, written=False)
-            raise
-        written = execution.id in inserted
-        self._carry_out(execution, job, decision, written=written)
-        if not written:
+        self._admitted(admitted)
+        if not admitted.inserted:
             existing = await self._store.get_execution_by_request_id(job.id, request_id)
             if existing is None:
                 raise JobNotFound(job.id)
             return existing
-        return execution
+        return admitted.inserted[0]
 
     async def backfill(
         self, job: Job, fire_times: Sequence[datetime], *, policy: OverlapPolicy
     ) -> tuple[list[Execution], int]:
-        """Records and runs the given past fires as BACKFILL executions; returns those
-        created and how many had been backfilled before."""
+        """Queues the given past fires as BACKFILL executions; returns those created and how
+        many had been backfilled before."""
         if job.task not in self._tasks:
             raise TaskNotRegistered(job.task)
         now = self._clock()
-        admitted = [
-            self._admit(
-                self._new_execution(job, ExecutionSource.BACKFILL, t, now), job, policy, now
-            )
-            for t in fire_times
-        ]
-        try:
-            inserted = await self._store.insert_executions([e for e, _, _ in admitted])
-        except BaseException:
-            for execution, job_, decision in admitted:
-                self._carry_out(execution, job_, decision, written=False)
-            raise
-        for execution, job_, decision in admitted:
-            self._carry_out(execution, job_, decision, written=execution.id in inserted)
-        created = [e for e, _, _ in admitted if e.id in inserted]
-        return created, len(admitted) - len(created)
+        admitted = await self._store.admit_executions(
+            [
+                Admission(
+                    execution=self._new_execution(job, ExecutionSource.BACKFILL, t, now),
+                    due_time=now,
+                    policy=policy,
+                )
+                for t in fire_times
+            ]
+        )
+        self._admitted(admitted)
+        return admitted.inserted, len(fire_times) - len(admitted.inserted)
 
-    def resume(self, executions: Iterable[tuple[Execution, Job]]) -> None:
-        """Takes back waiting retries and backfill fires after a restart (see
-        ``Store.list_resumable``): each starts at its time, when a slot is free."""
-        for execution, job in executions:
-            run = _Run(execution=execution, job=job, claim=True)
-            self._runs[run.id] = run
-            self._wait_until(run, execution.scheduled_time)
+    # -- retries ------------------------------------------------------------------------------
 
-    def _wait_until(self, run: _Run, when: datetime) -> None:
-        delay = (when - self._clock()).total_seconds()
-        if delay <= 0:
-            self._enqueue(run)
-        else:
-            run.timer = asyncio.get_running_loop().call_later(delay, self._enqueue, run)
+    def retry_abandoned(self, execution: Execution, job: Job) -> bool:
+        """Retries an execution a dead instance abandoned, if the job's retry policy says so
+        (its error type is chronoplane.Abandoned)."""
+        return self._retry(execution, job, (execution.error_type or ABANDONED_ERROR_TYPE,))
+
+    def _retry(self, execution: Execution, job: Job, error_types: tuple[str, ...]) -> bool:
+        if self._stopping or not job.retry.retries(execution.attempt, error_types):
+            return False
+        now = self._clock()
+        retry = replace(
+            self._new_execution(
+                job,
+                ExecutionSource.RETRY,
+                now + job.retry.backoff(execution.attempt),
+                now,
+            ),
+            task=execution.task,
+            args=execution.args,
+            attempt=execution.attempt + 1,
+            first_execution_id=execution.first_execution_id or execution.id,
+        )
+        # Queued as it is, due at the end of its backoff: it waits its turn for a slot.
+        task = asyncio.create_task(self._admit_with_retry([Admission(execution=retry)]))
+        task.add_done_callback(lambda _: self._wake.set())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return True
+
+    # -- claiming -----------------------------------------------------------------------------
+
+    def notified(self) -> None:
+        """Something was queued or a slot was freed somewhere: look at the queue."""
+        self._wake.set()
+
+    async def _claim_forever(self) -> None:
+        names = [definition.name for definition in self._tasks]
+        delay = 0.1
+        loop = asyncio.get_running_loop()
+        last_poll = loop.time()
+        while not self._stopping:
+            timeout = CLAIM_POLL_SECONDS
+            if self._next_due is not None:
+                timeout = min(timeout, max(self._next_due - loop.time(), 0.001))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            self._wake.clear()
+            if self._stopping:
+                return
+            try:
+                if self._free() > 0:
+                    await self._claim(names)
+                if loop.time() - last_poll >= CLAIM_POLL_SECONDS:
+                    last_poll = loop.time()
+                    if self._runs:
+                        await self._apply_cancel_requests()
+            except Exception as error:
+                log.warning("claiming executions failed: %s; again in %.1f s", error, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            delay = 0.1
+
+    def _free(self) -> int:
+        return self._max_running - len(self._runs) - self._lingering
+
+    async def _claim(self, names: list[str]) -> None:
+        free = self._free()
+        claim = await self._store.claim_executions(
+            instance_id=self._instance_id, limit=free, tasks=names
+        )
+        loop = asyncio.get_running_loop()
+        self._next_due = (
+            None if claim.next_due_in is None else loop.time() + claim.next_due_in.total_seconds()
+        )
+        for execution, job in claim.executions:
+            started = execution.start_time or self._clock()
+            self._launch(_Run(execution=execution, job=job, started=started))
+        if len(claim.executions) >= free:
+            self._wake.set()  # there may be more, once there is room
 
     # -- cancellation -------------------------------------------------------------------------
 
     async def cancel(self, execution_id: str, *, reason: str) -> Execution:
-        """Stops an execution: PENDING ones never start, RUNNING ones are cancelled.
+        """Stops an execution, wherever it runs: PENDING ones never start, RUNNING ones are
+        cancelled by the instance running them.
 
-        Raises ``ExecutionNotFound``, or ``ExecutionFinished`` when it had already ended.
+        Raises ``ExecutionNotFound``, ``ExecutionFinished`` when it had already ended, or
+        ``CancellationPending`` when the instance running it did not stop it in time.
         """
         message = f"cancelled: {reason}" if reason else "cancelled"
         run = self._runs.get(execution_id)
@@ -599,118 +608,99 @@ class Runner:
             await self._flush_progress()
             if run.final is ExecutionState.CANCELLED:
                 return await self._store.get_execution(execution_id)
-        else:
-            # Not held here: a row no process runs, or one another instance runs.
-            await self._flush_progress()
             current = await self._store.get_execution(execution_id)
-            if current.state is ExecutionState.RUNNING and current.instance_id != self._instance_id:
-                raise FailedPrecondition(
-                    f"execution {execution_id!r} runs on instance {current.instance_id}: "
-                    "cancel it through that instance (see ListInstances)"
-                )
-            if current.state in (ExecutionState.PENDING, ExecutionState.RUNNING):
-                finish = ExecutionFinish(
-                    id=execution_id,
-                    state=ExecutionState.CANCELLED,
-                    start_time=current.start_time,
-                    end_time=self._clock(),
-                    error_message=message,
-                )
-                if await self._store.finish_execution(finish):
-                    return await self._store.get_execution(execution_id)
-        current = await self._store.get_execution(execution_id)
-        raise ExecutionFinished(execution_id, current.state.value)
+            raise ExecutionFinished(execution_id, current.state.value)
+        await self._flush_progress()
+        request = await self._store.request_cancel(execution_id, message=message, now=self._clock())
+        if request.done:
+            return request.execution
+        owner = request.execution.instance_id
+        deadline = asyncio.get_running_loop().time() + CANCEL_WAIT_SECONDS
+        while asyncio.get_running_loop().time() < deadline:
+            if owner == self._instance_id:
+                await self._apply_cancel_requests()
+            await asyncio.sleep(0.05)
+            current = await self._store.get_execution(execution_id)
+            if current.state is ExecutionState.CANCELLED:
+                return current
+            if current.state is not ExecutionState.RUNNING:
+                raise ExecutionFinished(execution_id, current.state.value)
+        raise CancellationPending(execution_id, owner, CANCEL_WAIT_SECONDS)
+
+    def notified_cancel(self, execution_id: str) -> None:
+        """Someone asked (through any instance) to stop an execution that may run here."""
+        if execution_id not in self._runs:
+            return
+        if self._cancels is not None and not self._cancels.done():
+            self._cancels_again = True
+            return
+        self._cancels = asyncio.create_task(self._apply_cancels_forever(), name="runner-cancels")
+
+    async def _apply_cancels_forever(self) -> None:
+        while True:
+            self._cancels_again = False
+            try:
+                await self._apply_cancel_requests()
+            except Exception as error:
+                log.warning("reading cancel requests failed: %s", error)
+            if not self._cancels_again:
+                return
+
+    async def _apply_cancel_requests(self) -> None:
+        for execution_id, message in (await self._store.cancel_requests(self._instance_id)).items():
+            run = self._runs.get(execution_id)
+            if run is not None:
+                self._request_stop(run, ExecutionState.CANCELLED, message)
 
     def _request_stop(self, run: _Run, state: ExecutionState, message: str) -> None:
-        """Asks a held execution to end in ``state``: a waiting one ends at once, a running
-        one when its coroutine sees the request."""
-        if run.stop.done():
-            return
-        run.stop.set_result((state, message))
-        if run.task is None:
-            # Waiting for its time or for a slot: it never started.
-            if run.timer is not None:
-                run.timer.cancel()
-                run.timer = None
-            waiting = self._waiting[run.execution.job_id]
-            if run in waiting:
-                waiting.remove(run)
-                self._queued[run.execution.job_id] -= 1
-            self._runs.pop(run.id, None)
-            self._finish_now(run, state, error_message=message)
+        """Asks a running execution to end in ``state``, when its coroutine sees it."""
+        if not run.stop.done():
+            run.stop.set_result((state, message))
 
     # -- running ------------------------------------------------------------------------------
 
     def _launch(self, run: _Run) -> None:
-        """Starts a run that holds a slot."""
         self._runs[run.id] = run
         run.task = asyncio.create_task(self._run(run), name=f"execution-{run.id}")
 
     async def _run(self, run: _Run) -> None:
-        job_id = run.execution.job_id
-        self._running[job_id][run.id] = run
         work: Work | None = None
         try:
-            work = await self._start(run)
-            if work is None:
-                return
-            await self._await_outcome(run, work)
+            work = self._start(run)
+            if work is not None:
+                await self._await_outcome(run, work)
         except Exception:
             log.exception("execution %s: the runner failed", run.id)
             self._finish_now(
                 run, ExecutionState.FAILED, error_message="internal error in the runner"
             )
         finally:
-            self._running[job_id].pop(run.id, None)
-            if not self._running[job_id]:
-                del self._running[job_id]
             self._runs.pop(run.id, None)
-            if work is None or work.done.done():
-                self._release(job_id)
-            else:
-                # Still running in its thread: it keeps the slot until it returns.
+            if work is not None and not work.done.done():
+                # Still running in its thread: it keeps its room (and its job's slot) until
+                # it returns.
+                self._lingering += 1
                 work.done.add_done_callback(lambda done: self._late(run, done))
+            self._wake.set()
 
-    async def _start(self, run: _Run) -> Work | None:
-        """Waits out the jitter, claims if needed, starts the task; None if it must not run."""
-        execution, job = run.execution, run.job
-        if execution.source is ExecutionSource.SCHEDULE:
-            due = execution.scheduled_time + jitter_delay(
-                job.id, execution.scheduled_time, job.trigger.jitter
-            )
-            delay = (due - self._clock()).total_seconds()
-            if delay > 0:
-                await asyncio.wait([run.stop], timeout=delay)
+    def _start(self, run: _Run) -> Work | None:
+        """Starts the task; None if it must not run."""
+        execution = run.execution
         if run.stop.done():
             state, message = run.stop.result()
             self._finish_now(run, state, error_message=message)
             return None
-        if run.claim:
-            run.started = self._clock()
-            if not await self._store.claim_execution(run.id, start_time=run.started):
-                run.final = ExecutionState.CANCELLED
-                run.finalized.set()
-                return None
-            if run.stop.done():  # cancelled while the claim was written
-                state, message = run.stop.result()
-                self._finish_now(run, state, error_message=message)
-                return None
-        definition = self._tasks.get(job.task)
+        definition = self._tasks.get(execution.task)
         if definition is None:
             self._finish_now(
                 run,
                 ExecutionState.FAILED,
-                error_message=f"task {job.task!r} is not registered on this server",
+                error_message=f"task {execution.task!r} is not registered on this server",
             )
             return None
 
         def on_start(when: datetime) -> None:
-            if run.claim:
-                return
-            run.started = when
-            if run.final is None:
-                self._starts[run.id] = ExecutionStart(id=run.id, start_time=when)
-                self._progress_ready.set()
+            run.started = when  # a synchronous task may have waited for a thread
 
         context = ExecutionContext(
             execution_id=execution.id,
@@ -739,19 +729,20 @@ class Runner:
         else:
             state = ExecutionState.TIMED_OUT
             message = f"ran longer than the timeout of {_seconds(run.job.timeout or timedelta())}"
-        self._finish_now(run, state, error_message=message)
-        if not work.cancel():
+        interruptible = work.cancel()
+        if interruptible and not work.done.done():
+            # An async task: give it the chance to clean up, then it is done either way.
+            await asyncio.wait([work.done], timeout=CANCEL_GRACE_SECONDS)
+        self._finish_now(run, state, error_message=message, keeps_slot=not work.done.done())
+        if not interruptible:
             log.warning(
                 "execution %s is %s, but its synchronous task cannot be interrupted: it keeps "
                 "its worker thread and concurrency slot until it returns",
                 run.id,
                 state.value,
             )
-        elif not work.done.done():
-            # An async task: give it the chance to clean up, then it is done either way.
-            await asyncio.wait([work.done], timeout=5.0)
         if state is ExecutionState.TIMED_OUT:
-            self._maybe_retry(run, ("builtins.TimeoutError", "builtins.OSError"))
+            self._retry(run.execution, run.job, ("builtins.TimeoutError", "builtins.OSError"))
 
     def _settle(self, run: _Run, done: asyncio.Future[Any]) -> None:
         """Records the outcome of a task that ended by itself."""
@@ -780,11 +771,12 @@ class Runner:
             error_traceback="".join(traceback.format_exception(error))[-MAX_TRACEBACK_CHARS:],
             error_type=names[0] if names else "",
         )
-        self._maybe_retry(run, names)
+        self._retry(run.execution, run.job, names)
 
     def _late(self, run: _Run, done: asyncio.Future[Any]) -> None:
         """A task that outlived its execution's final state has ended: keep what it did as a
         note, and give its slot back."""
+        self._lingering -= 1
         if done.cancelled():
             outcome = "was cancelled"
         elif (error := done.exception()) is not None:
@@ -793,56 +785,10 @@ class Runner:
             outcome = f"returned {json.dumps(done.result(), default=repr)[:MAX_NOTE_CHARS]}"
         when = self._clock().isoformat()
         final = run.final.value if run.final else "ended"
-        self._notes[run.id] = f"after the execution was {final}, the task {outcome} at {when}"
+        note = f"after the execution was {final}, the task {outcome} at {when}"
+        self._releases[run.id] = SlotRelease(id=run.id, note=note)
         self._progress_ready.set()
-        self._release(run.execution.job_id)
-
-    def _release(self, job_id: str) -> None:
-        self._slots[job_id] -= 1
-        if self._slots[job_id] <= 0:
-            del self._slots[job_id]
-        self._dispatch(job_id)
-        if not self._waiting[job_id] and not self._queued[job_id]:
-            del self._waiting[job_id], self._queued[job_id]
-
-    # -- retries ------------------------------------------------------------------------------
-
-    def _maybe_retry(self, run: _Run, error_types: tuple[str, ...]) -> None:
-        self._retry(run.execution, run.job, error_types)
-
-    def retry_abandoned(self, execution: Execution, job: Job) -> bool:
-        """Retries an execution a dead instance abandoned, if the job's retry policy says so
-        (its error type is chronoplane.Abandoned)."""
-        return self._retry(execution, job, (execution.error_type or ABANDONED_ERROR_TYPE,))
-
-    def _retry(self, execution: Execution, job: Job, error_types: tuple[str, ...]) -> bool:
-        if self._stopping or not job.retry.retries(execution.attempt, error_types):
-            return False
-        now = self._clock()
-        retry = replace(
-            self._new_execution(
-                job,
-                ExecutionSource.RETRY,
-                now + job.retry.backoff(execution.attempt),
-                now,
-            ),
-            task=execution.task,
-            args=execution.args,
-            attempt=execution.attempt + 1,
-            first_execution_id=execution.first_execution_id or execution.id,
-        )
-        task = asyncio.create_task(self._schedule_retry(retry, job))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return True
-
-    async def _schedule_retry(self, retry: Execution, job: Job) -> None:
-        inserted = await self._insert_with_retry([retry])
-        if retry.id not in inserted or self._stopping:
-            return
-        run = _Run(execution=retry, job=job, claim=True)
-        self._runs[run.id] = run
-        self._wait_until(run, retry.scheduled_time)
+        self._wake.set()
 
     # -- progress -----------------------------------------------------------------------------
 
@@ -855,12 +801,12 @@ class Runner:
         error_message: str = "",
         error_traceback: str = "",
         error_type: str = "",
+        keeps_slot: bool = False,
     ) -> None:
         """Queues the final state; the first one queued for an execution wins."""
         if run.final is not None:
             return
         run.final = state
-        self._starts.pop(run.id, None)
         self._finishes[run.id] = ExecutionFinish(
             id=run.id,
             state=state,
@@ -870,6 +816,7 @@ class Runner:
             error_message=error_message,
             error_traceback=error_traceback,
             error_type=error_type,
+            keeps_slot=keeps_slot,
         )
         run.finalized.set()
         self._progress_ready.set()
@@ -889,22 +836,19 @@ class Runner:
 
     async def _flush_progress_locked(self) -> None:
         delay = 0.1
-        while self._starts or self._finishes or self._next_runs or self._notes:
-            starts, self._starts = self._starts, {}
+        while self._finishes or self._releases or self._next_runs:
             finishes, self._finishes = self._finishes, {}
+            releases, self._releases = self._releases, {}
             next_runs, self._next_runs = self._next_runs, {}
-            notes, self._notes = self._notes, {}
             if self._epoch is None:
                 next_runs = {}  # the leader's to write
             try:
                 await self._store.record_progress(
-                    list(starts.values()),
                     list(finishes.values()),
+                    list(releases.values()),
                     list(next_runs.values()),
                     epoch=self._epoch,
                 )
-                for execution_id, note in notes.items():
-                    await self._store.add_note(execution_id, note)
             except Exception as error:
                 # Kept and tried again, whatever went wrong: a lost final state would leave
                 # an execution RUNNING for ever.
@@ -914,9 +858,11 @@ class Runner:
                     error,
                 )
                 # Put them back under anything newer, then wait before trying again.
-                self._starts = starts | self._starts
                 self._finishes = finishes | self._finishes
+                self._releases = releases | self._releases
                 self._next_runs = next_runs | self._next_runs
-                self._notes = notes | self._notes
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+                continue
+            if finishes or releases:
+                self._wake.set()  # slots were freed: waiting executions may go

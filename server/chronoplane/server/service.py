@@ -195,22 +195,6 @@ class SchedulerService:
                 return best
             lookback *= 4
 
-    async def resume_waiting(self) -> int:
-        """Takes back the retries and backfill fires that were waiting when the server
-        stopped; returns how many."""
-        waiting = await self._store.list_resumable()
-        jobs: dict[str, Job] = {}
-        resumed: list[tuple[Execution, Job]] = []
-        for execution in waiting:
-            if execution.job_id not in jobs:
-                try:
-                    jobs[execution.job_id] = await self._store.get_job(execution.job_id)
-                except JobNotFound:
-                    continue
-            resumed.append((execution, jobs[execution.job_id]))
-        self._runner.resume(resumed)
-        return len(resumed)
-
     # -- jobs ---------------------------------------------------------------------------------
 
     async def create_job(

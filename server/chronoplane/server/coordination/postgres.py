@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import sqlalchemy as sa
@@ -41,7 +41,7 @@ from chronoplane.server.coordination.abc import Coordinator
 __all__ = [
     "LEADER_LOCK_KEY",
     "MIGRATION_LOCK_KEY",
-    "JobChangeListener",
+    "ChangeListener",
     "LeaderElection",
     "dedicated_engine",
 ]
@@ -262,28 +262,26 @@ class LeaderElection(Coordinator):
         self._on_deposed(reason)
 
 
-class JobChangeListener:
-    """LISTENs on the jobs channel; calls ``on_change(job_id)`` for each notification and
-    ``on_resync()`` whenever it (re)connects, since notifications sent while it was away are
-    lost."""
+class ChangeListener:
+    """LISTENs on channels; calls each channel's handler with the payload of every
+    notification, and ``on_resync()`` whenever it (re)connects, since notifications sent
+    while it was away are lost."""
 
     def __init__(
         self,
         url: str,
-        channel: str,
+        handlers: Mapping[str, Callable[[str], None]],
         *,
-        on_change: Callable[[str], None],
         on_resync: Callable[[], Awaitable[Any]],
         instance_id: str,
     ) -> None:
         self._engine = dedicated_engine(url, f"chronoplane listener {instance_id}")
-        self._channel = channel
-        self._on_change = on_change
+        self._handlers = dict(handlers)
         self._on_resync = on_resync
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="job-listener")
+        self._task = asyncio.create_task(self._run(), name="change-listener")
 
     async def stop(self) -> None:
         await cancelled(self._task)
@@ -299,11 +297,12 @@ class JobChangeListener:
                     raw = (await conn.get_raw_connection()).driver_connection
                     assert raw is not None
 
-                    def notified(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
-                        self._on_change(payload)
+                    def notified(_conn: Any, _pid: int, channel: str, payload: str) -> None:
+                        self._handlers[channel](payload)
 
                     raw.add_termination_listener(lambda _conn, lost=lost: lost.set())
-                    await raw.add_listener(self._channel, notified)
+                    for channel in self._handlers:
+                        await raw.add_listener(channel, notified)
                     delay = 0.5
                     await self._on_resync()
                     while not lost.is_set() and not raw.is_closed():
@@ -315,6 +314,6 @@ class JobChangeListener:
             except asyncio.CancelledError:
                 raise
             except Exception as error:
-                log.warning("job change listener: %s; reconnecting in %.1f s", error, delay)
+                log.warning("change listener: %s; reconnecting in %.1f s", error, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)

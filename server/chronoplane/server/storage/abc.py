@@ -16,22 +16,60 @@ from chronoplane.server.models import (
     Instance,
     Job,
     JobPage,
+    OverlapPolicy,
 )
 
-__all__ = ["ExecutionFinish", "ExecutionStart", "NextRun", "Store"]
+__all__ = [
+    "Admission",
+    "Admitted",
+    "CancelRequest",
+    "Claim",
+    "ExecutionFinish",
+    "NextRun",
+    "SlotRelease",
+    "Store",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
-class ExecutionStart:
-    """A PENDING execution began running."""
+class Admission:
+    """A new execution, with what decides whether and when it may run."""
 
-    id: str
-    start_time: datetime
+    execution: Execution
+    due_time: datetime | None = None
+    """When a PENDING one may be claimed; None means its scheduled time."""
+    policy: OverlapPolicy | None = None
+    """The overlap policy that admits a PENDING one (scheduling.admit); None inserts it as
+    it is (a final record, say, or a retry that waits its turn)."""
+    force: bool = False
+    """Claimed whatever the job's slots say (TriggerJob with overlap ALLOW)."""
+    epoch: int | None = None
+    """The leadership term of the leader writing a scheduled fire (recorded only)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Admitted:
+    """What ``admit_executions`` wrote."""
+
+    inserted: list[Execution]
+    """The executions inserted, in the state their admission gave them."""
+    cancel_requested: list[str]
+    """Running executions asked to stop for newer ones (CANCEL_RUNNING)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Claim:
+    """What ``claim_executions`` took: executions now RUNNING here, with their jobs."""
+
+    executions: list[tuple[Execution, Job]]
+    next_due_in: timedelta | None
+    """How long until the next PENDING execution of these tasks becomes due, if any is
+    waiting (by the database's clock)."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class ExecutionFinish:
-    """A PENDING or RUNNING execution reached a final state."""
+    """A RUNNING (or unclaimed PENDING) execution reached a final state."""
 
     id: str
     state: ExecutionState
@@ -41,6 +79,29 @@ class ExecutionFinish:
     error_message: str = ""
     error_traceback: str = ""
     error_type: str = ""
+    keeps_slot: bool = False
+    """Its task still runs (a synchronous one past its timeout or cancelled): the slot stays
+    held until a ``SlotRelease``."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SlotRelease:
+    """A task that outlived its execution's final state has ended: its slot is free, and
+    ``note`` says what it did."""
+
+    id: str
+    note: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class CancelRequest:
+    """What ``request_cancel`` did."""
+
+    execution: Execution
+    """The execution after the request."""
+    done: bool
+    """True: it was PENDING and is CANCELLED now. False: it runs on ``execution.instance_id``,
+    which was asked to stop it."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,30 +164,68 @@ class Store(ABC):
     # -- executions ---------------------------------------------------------------------------
 
     @abstractmethod
-    async def insert_executions(
-        self, executions: Sequence[Execution], *, epoch: int | None = None
-    ) -> set[str]:
-        """Inserts executions in one transaction.
+    async def admit_executions(
+        self, admissions: Sequence[Admission], *, epoch: int | None = None
+    ) -> Admitted:
+        """Inserts executions in one transaction, unclaimed.
 
-        An execution whose (job, scheduled fire) or (job, request_id) already has one is not
-        inserted; neither is one whose job no longer exists. Returns the ids inserted. With
-        ``epoch`` (a leader's scheduled fires), raises ``NotLeader`` and writes nothing unless
-        it is the current leadership epoch.
+        Each PENDING one with a ``policy`` is admitted by it (``scheduling.admit``), counted
+        against its job's slots in use and waiting executions as the database has them,
+        other writers of the same jobs kept out meanwhile: it stays PENDING, or becomes
+        SKIPPED, or asks the job's oldest running execution to stop. An execution whose
+        (job, scheduled fire) or (job, request_id) already has one is not inserted; neither
+        is one whose job no longer exists. With ``epoch`` (a leader's scheduled fires),
+        raises ``NotLeader`` and writes nothing unless it is the current leadership epoch.
+        Wakes the cluster's claimers when it queued something.
         """
+
+    async def insert_executions(
+        self, executions_: Sequence[Execution], *, epoch: int | None = None
+    ) -> set[str]:
+        """Inserts executions as they are (no overlap decision); returns the ids inserted."""
+        admitted = await self.admit_executions(
+            [Admission(execution=e) for e in executions_], epoch=epoch
+        )
+        return {e.id for e in admitted.inserted}
+
+    @abstractmethod
+    async def claim_executions(
+        self, *, instance_id: str, limit: int, tasks: Sequence[str]
+    ) -> Claim:
+        """Takes up to ``limit`` due, unclaimed PENDING executions of ``tasks``, oldest due
+        first, for ``instance_id``: RUNNING from now, holding a slot of their job. A job gets
+        at most as many as its free slots (``max_concurrent`` less the slots in use; forced
+        executions need none). Several instances may claim at once; none takes what another
+        took, and none waits for another."""
 
     @abstractmethod
     async def record_progress(
         self,
-        starts: Sequence[ExecutionStart],
         finishes: Sequence[ExecutionFinish],
+        releases: Sequence[SlotRelease] = (),
         next_runs: Sequence[NextRun] = (),
         *,
         epoch: int | None = None,
     ) -> bool:
-        """Applies state changes and moves next run times, in one transaction. A change to an
-        execution that is already in a final state (or gone) is ignored: the first final
-        state wins. With ``epoch``, next run times are moved only while it is the current
-        leadership epoch; returns False when they were not."""
+        """Applies final states, frees slots and moves next run times, in one transaction. A
+        final state for an execution that is already final (or gone) is ignored: the first
+        final state wins. With ``epoch``, next run times are moved only while it is the
+        current leadership epoch; returns False when they were not. Wakes the cluster's
+        claimers when slots were freed."""
+
+    @abstractmethod
+    async def request_cancel(
+        self, execution_id: str, *, message: str, now: datetime
+    ) -> CancelRequest:
+        """Cancels a PENDING execution at once, or asks the instance running a RUNNING one to
+        stop it with ``message`` (kept until it does).
+
+        Raises ``ExecutionNotFound``, or ``ExecutionFinished`` when it had already ended.
+        """
+
+    @abstractmethod
+    async def cancel_requests(self, instance_id: str) -> dict[str, str]:
+        """The RUNNING executions of ``instance_id`` someone asked to stop, with the message."""
 
     @abstractmethod
     async def get_execution(self, execution_id: str) -> Execution:
@@ -144,25 +243,8 @@ class Store(ABC):
 
     @abstractmethod
     async def interrupt_unfinished(self, *, message: str, now: datetime) -> int:
-        """Marks every PENDING or RUNNING execution INTERRUPTED, except those
-        ``list_resumable`` returns; returns how many."""
-
-    @abstractmethod
-    async def list_resumable(self) -> list[Execution]:
-        """PENDING retries and backfill fires, which never started (they are claimed before
-        they start), oldest first."""
-
-    @abstractmethod
-    async def claim_execution(self, execution_id: str, *, start_time: datetime) -> bool:
-        """PENDING -> RUNNING, now; False if it is no longer PENDING (cancelled, say)."""
-
-    @abstractmethod
-    async def finish_execution(self, finish: ExecutionFinish) -> bool:
-        """Applies one final state now; False if the execution was already final (or gone)."""
-
-    @abstractmethod
-    async def add_note(self, execution_id: str, note: str) -> None:
-        """Sets the execution's note (what happened after its final state)."""
+        """Marks every RUNNING execution INTERRUPTED and frees every slot (a server alone on
+        its database, starting after a crash); PENDING ones stay queued. Returns how many."""
 
     @abstractmethod
     async def purge_executions(
@@ -195,8 +277,9 @@ class Store(ABC):
         """Inserts (or refreshes) the instance's row; last seen now."""
 
     @abstractmethod
-    async def heartbeat_instance(self, instance_id: str) -> bool:
-        """Marks the instance seen now; False if its row is gone (it was taken for dead)."""
+    async def heartbeat_instance(self, instance_id: str, *, running: int) -> bool:
+        """Marks the instance seen now, running ``running`` executions; False if its row is
+        gone (it was taken for dead)."""
 
     @abstractmethod
     async def remove_instance(self, instance_id: str) -> None:
@@ -212,13 +295,12 @@ class Store(ABC):
         """Deletes instances not seen for ``stale_after`` (database time); returns their ids."""
 
     @abstractmethod
-    async def take_over_orphans(
-        self, *, owner: str, stale_after: timedelta, message: str, now: datetime
-    ) -> tuple[list[Execution], list[Execution]]:
-        """Executions held by instances that are not registered or not seen for
-        ``stale_after``: running or waiting ones become ABANDONED with ``message``; waiting
-        retries and backfill fires (which never started) pass to ``owner``. Returns
-        (abandoned, adopted)."""
+    async def abandon_orphans(
+        self, *, stale_after: timedelta, message: str, now: datetime
+    ) -> list[Execution]:
+        """RUNNING executions of instances that are not registered or not seen for
+        ``stale_after`` become ABANDONED with ``message``, and every slot such an instance
+        held is freed. Returns the executions abandoned."""
 
     @abstractmethod
     async def take_leadership(self, instance_id: str) -> int:

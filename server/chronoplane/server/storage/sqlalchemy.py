@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, ParamSpec, TypeVar
 
@@ -16,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from chronoplane.server.errors import (
     EtagMismatch,
+    ExecutionFinished,
     ExecutionNotFound,
     JobAlreadyExists,
     JobNotFound,
@@ -42,7 +45,17 @@ from chronoplane.server.models import (
     RetryPolicy,
     Trigger,
 )
-from chronoplane.server.storage.abc import ExecutionFinish, ExecutionStart, NextRun, Store
+from chronoplane.server.scheduling import admit
+from chronoplane.server.storage.abc import (
+    Admission,
+    Admitted,
+    CancelRequest,
+    Claim,
+    ExecutionFinish,
+    NextRun,
+    SlotRelease,
+    Store,
+)
 from chronoplane.server.storage.tables import (
     UtcDateTime,
     executions,
@@ -53,26 +66,32 @@ from chronoplane.server.storage.tables import (
 )
 
 __all__ = [
+    "CANCEL_CHANNEL",
     "JOBS_CHANNEL",
+    "WORK_CHANNEL",
     "SqlAlchemyStore",
     "create_engine",
     "trigger_from_json",
     "trigger_to_json",
 ]
 
-# NOTIFY channel of job changes (PostgreSQL); the payload is the job id.
+# NOTIFY channels (PostgreSQL): job changes (the payload is the job id); executions queued or
+# slots freed, so claimers look again (no payload); a RUNNING execution asked to stop (its id).
 JOBS_CHANNEL = "chronoplane_jobs"
+WORK_CHANNEL = "chronoplane_work"
+CANCEL_CHANNEL = "chronoplane_cancel"
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 _UNFINISHED = (ExecutionState.PENDING.value, ExecutionState.RUNNING.value)
-# Waiting executions that never started (a retry waiting out its backoff, a backfill fire
-# waiting its turn): a restart runs them, instead of marking them INTERRUPTED. They are
-# claimed (PENDING -> RUNNING, written) before they start, so PENDING means never started.
-_RESUMABLE = (executions.c.state == ExecutionState.PENDING.value) & executions.c.source.in_(
-    (ExecutionSource.RETRY.value, ExecutionSource.BACKFILL.value)
-)
+# Spelled as in the partial indexes of tables.executions (literals, not parameters), so that
+# PostgreSQL can use them with generic plans too.
+_PENDING: sa.ColumnElement[str] = sa.literal_column("'pending'")
+_RUNNING: sa.ColumnElement[str] = sa.literal_column("'running'")
+_UNCLAIMED: sa.ColumnElement[str] = sa.literal_column("''")
+_CLAIMABLE = (executions.c.state == _PENDING) & (executions.c.instance_id == _UNCLAIMED)
+_ACTIVE = executions.c.state.in_([_PENDING, _RUNNING]) | executions.c.holds_slot
 
 
 def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
@@ -322,7 +341,9 @@ def _dedupe_key(execution: Execution) -> str | None:
     return None
 
 
-def _execution_values(execution: Execution) -> dict[str, Any]:
+def _execution_values(execution: Execution, admission: Admission | None = None) -> dict[str, Any]:
+    queued = execution.state is ExecutionState.PENDING
+    due = admission.due_time if admission is not None else None
     return {
         "id": execution.id,
         "job_id": execution.job_id,
@@ -338,13 +359,19 @@ def _execution_values(execution: Execution) -> dict[str, Any]:
         "result": execution.result,
         "error_message": execution.error_message,
         "error_traceback": execution.error_traceback,
-        "instance_id": execution.instance_id,
+        # Unclaimed while queued: any instance may take it.
+        "instance_id": "" if queued else execution.instance_id,
         "request_id": execution.request_id or None,
         "attempt": execution.attempt,
         "first_execution_id": execution.first_execution_id or None,
         "error_type": execution.error_type,
         "missed": _missed_to_json(execution.missed),
         "note": execution.note,
+        "due_time": due or execution.scheduled_time,
+        "holds_slot": False,
+        "force": bool(admission and admission.force),
+        "cancel_reason": None,
+        "epoch": admission.epoch if admission is not None else None,
     }
 
 
@@ -358,6 +385,11 @@ _PG_ARRAY_TYPES = {
     "result": "json",
     "missed": "json",
     "attempt": "int",
+    "due_time": "timestamptz",
+    "holds_slot": "boolean",
+    "force": "boolean",
+    "cancel_reason": "text",
+    "epoch": "bigint",
 }
 _PG_INSERT_EXECUTIONS = sa.text(
     f"INSERT INTO executions ({', '.join(_EXECUTION_COLUMNS)}) "
@@ -410,6 +442,10 @@ class SqlAlchemyStore(Store):
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._dialect = engine.dialect.name
+        # SQLite has one writer at a time, and a transaction that read before another one
+        # wrote cannot write (SQLITE_BUSY, not waited for). One process uses the file (the
+        # file lock), so its write transactions take turns here instead.
+        self._write_lock = asyncio.Lock() if self._dialect == "sqlite" else None
 
     @classmethod
     def from_url(cls, url: str) -> SqlAlchemyStore:
@@ -424,7 +460,18 @@ class SqlAlchemyStore(Store):
 
     @asynccontextmanager
     async def _begin(self) -> AsyncIterator[AsyncConnection]:
+        """A read transaction."""
         async with self._engine.begin() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        """A transaction that writes."""
+        if self._write_lock is None:
+            async with self._engine.begin() as conn:
+                yield conn
+            return
+        async with self._write_lock, self._engine.begin() as conn:
             yield conn
 
     def _insert(self, table: sa.Table) -> Any:
@@ -444,7 +491,7 @@ class SqlAlchemyStore(Store):
             "update_time": now,
         }
         try:
-            async with self._begin() as conn:
+            async with self._write() as conn:
                 await conn.execute(jobs.insert().values(**values))
                 await self._notify_job(conn, job.id)
         except exc.IntegrityError as error:
@@ -488,7 +535,7 @@ class SqlAlchemyStore(Store):
             "version": expected_version + 1,
             "update_time": datetime.now(UTC),
         }
-        async with self._begin() as conn:
+        async with self._write() as conn:
             result = await conn.execute(
                 jobs.update()
                 .where(jobs.c.id == job.id, jobs.c.version == expected_version)
@@ -504,7 +551,7 @@ class SqlAlchemyStore(Store):
         condition = jobs.c.id == job_id
         if expected_version is not None:
             condition = condition & (jobs.c.version == expected_version)
-        async with self._begin() as conn:
+        async with self._write() as conn:
             # Children first: the foreign key cascade is not relied on (SQLite needs a pragma).
             exists = sa.select(jobs.c.id).where(condition)
             await conn.execute(executions.delete().where(executions.c.job_id.in_(exists)))
@@ -514,10 +561,8 @@ class SqlAlchemyStore(Store):
             await self._notify_job(conn, job_id)
 
     async def _notify_job(self, conn: AsyncConnection, job_id: str) -> None:
-        """Wakes the leader of a cluster (delivered at commit, only if it commits): the row is
-        the truth, the notification a hint to read it now rather than at the next resync."""
-        if self._dialect == "postgresql":
-            await conn.execute(sa.select(sa.func.pg_notify(JOBS_CHANNEL, job_id)))
+        """Wakes the leader of a cluster, to read the job now rather than at the next resync."""
+        await self._notify(conn, JOBS_CHANNEL, job_id)
 
     async def _raise_missing_or_moved(
         self, conn: AsyncConnection, job_id: str, expected_version: int | None
@@ -532,32 +577,122 @@ class SqlAlchemyStore(Store):
     # -- executions ---------------------------------------------------------------------------
 
     @_translate_errors
-    async def insert_executions(
-        self, executions_: Sequence[Execution], *, epoch: int | None = None
-    ) -> set[str]:
-        if not executions_:
-            return set()
+    async def admit_executions(
+        self, admissions: Sequence[Admission], *, epoch: int | None = None
+    ) -> Admitted:
+        if not admissions:
+            return Admitted(inserted=[], cancel_requested=[])
         for attempt in range(3):
             try:
-                async with self._begin() as conn:
+                async with self._write() as conn:
                     if epoch is not None:
                         await self._check_epoch(conn, epoch)
-                    return await self._insert_executions(conn, executions_)
+                    return await self._admit(conn, admissions)
             except exc.IntegrityError:
                 # A job deleted between our check and our insert (foreign key): check again.
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
 
-    async def _insert_executions(
-        self, conn: AsyncConnection, executions_: Sequence[Execution]
-    ) -> set[str]:
-        job_ids = {e.job_id for e in executions_}
-        query = sa.select(jobs.c.id).where(jobs.c.id.in_(job_ids))
-        existing = set((await conn.execute(query)).scalars())
-        rows = [_execution_values(e) for e in executions_ if e.job_id in existing]
-        if not rows:
-            return set()
+    async def _admit(self, conn: AsyncConnection, admissions: Sequence[Admission]) -> Admitted:
+        deciding = {
+            a.execution.job_id
+            for a in admissions
+            if a.policy is not None and a.execution.state is ExecutionState.PENDING
+        }
+        query = (
+            sa.select(jobs.c.id, jobs.c.max_concurrent)
+            .where(jobs.c.id.in_({a.execution.job_id for a in admissions}))
+            .order_by(jobs.c.id)
+        )
+        if deciding:
+            # Claims skip these jobs meanwhile, and two admissions of one job take turns.
+            query = query.with_for_update(key_share=True)
+        limits: dict[str, int] = {row.id: row.max_concurrent for row in await conn.execute(query)}
+        counts = await self._slot_counts(conn, sorted(deciding & set(limits)))
+        chosen: list[tuple[Admission, Execution]] = []
+        cancel_for: list[tuple[str, str]] = []
+        for admission in admissions:
+            execution = admission.execution
+            if execution.job_id not in limits:
+                continue
+            if execution.job_id in deciding and admission.policy is not None:
+                running, waiting = counts.get(execution.job_id, (0, 0))
+                decision = admit(
+                    admission.policy,
+                    0 if admission.force else limits[execution.job_id],
+                    running=running,
+                    waiting=waiting,
+                )
+                if decision.waits:
+                    counts[execution.job_id] = (running, waiting + 1)
+                    if decision.cancel_oldest:
+                        cancel_for.append((execution.id, execution.job_id))
+                else:
+                    execution = replace(
+                        execution,
+                        state=ExecutionState.SKIPPED,
+                        end_time=execution.create_time,
+                        error_message=decision.reason,
+                    )
+            chosen.append((admission, execution))
+        if not chosen:
+            return Admitted(inserted=[], cancel_requested=[])
+        inserted = await self._insert_rows(conn, [_execution_values(e, a) for a, e in chosen])
+        cancelled: list[str] = []
+        for execution_id, job_id in cancel_for:
+            if execution_id in inserted:
+                cancelled += await self._ask_oldest_to_stop(conn, job_id)
+        written = [e for _, e in chosen if e.id in inserted]
+        if any(e.state is ExecutionState.PENDING for e in written):
+            await self._notify(conn, WORK_CHANNEL, "")
+        for execution_id in cancelled:
+            await self._notify(conn, CANCEL_CHANNEL, execution_id)
+        return Admitted(inserted=written, cancel_requested=cancelled)
+
+    async def _slot_counts(
+        self, conn: AsyncConnection, job_ids: Sequence[str]
+    ) -> dict[str, tuple[int, int]]:
+        """Per job: executions holding a slot, and executions queued for one (a retry still
+        waiting out its backoff is not queued yet)."""
+        if not job_ids:
+            return {}
+        waiting = _CLAIMABLE & ~(
+            (executions.c.source == ExecutionSource.RETRY.value)
+            & (executions.c.due_time > self._now())
+        )
+        query = (
+            sa.select(
+                executions.c.job_id,
+                sa.func.count().filter(executions.c.holds_slot),
+                sa.func.count().filter(waiting),
+            )
+            .where(executions.c.job_id.in_(job_ids), _ACTIVE)
+            .group_by(executions.c.job_id)
+        )
+        return {row[0]: (int(row[1]), int(row[2])) for row in await conn.execute(query)}
+
+    async def _ask_oldest_to_stop(self, conn: AsyncConnection, job_id: str) -> list[str]:
+        oldest = (
+            sa.select(executions.c.id)
+            .where(
+                executions.c.job_id == job_id,
+                executions.c.state == _RUNNING,
+                executions.c.cancel_reason.is_(None),
+            )
+            .order_by(executions.c.id)
+            .limit(1)
+            .scalar_subquery()
+        )
+        result = await conn.execute(
+            executions.update()
+            .where(executions.c.id == oldest)
+            .values(cancel_reason="cancelled for a newer run (overlap policy cancel_running)")
+            .returning(executions.c.id)
+        )
+        return list(result.scalars())
+
+    async def _insert_rows(self, conn: AsyncConnection, rows: list[dict[str, Any]]) -> set[str]:
         if self._dialect == "postgresql":
             # One statement over arrays: a tenth of the CPU of a many-row VALUES list.
             columns = {name: [row[name] for row in rows] for name in _EXECUTION_COLUMNS}
@@ -574,16 +709,135 @@ class SqlAlchemyStore(Store):
         return set(result.scalars())
 
     @_translate_errors
+    async def claim_executions(
+        self, *, instance_id: str, limit: int, tasks: Sequence[str]
+    ) -> Claim:
+        due = _CLAIMABLE & (executions.c.due_time <= self._now())
+        due = due & executions.c.task.in_(list(tasks))
+        claimed: list[Execution] = []
+        async with self._write() as conn:
+            job_ids = await self._lock_claimable_jobs(conn, due, limit) if limit > 0 else []
+            if job_ids:
+                claimed = await self._claim_for(conn, due, job_ids, instance_id, limit)
+            found: dict[str, Job] = {}
+            if claimed:
+                query = sa.select(jobs).where(jobs.c.id.in_({e.job_id for e in claimed}))
+                found = {row.id: _job_from_row(row) for row in await conn.execute(query)}
+            later = (
+                sa.select(sa.func.min(executions.c.due_time), self._now())
+                .where(_CLAIMABLE, executions.c.due_time > self._now())
+                .where(executions.c.task.in_(list(tasks)))
+            )
+            first, now = (await conn.execute(later)).one()
+        next_due_in = None
+        if first is not None:
+            now = now if isinstance(now, datetime) else datetime.now(UTC)
+            next_due_in = first.astimezone(UTC) - now.astimezone(UTC)
+        return Claim(
+            executions=[(e, found[e.job_id]) for e in claimed if e.job_id in found],
+            next_due_in=next_due_in,
+        )
+
+    async def _lock_claimable_jobs(
+        self, conn: AsyncConnection, due: sa.ColumnElement[bool], limit: int
+    ) -> list[str]:
+        """The jobs with due executions and (as far as this snapshot knows) a free slot,
+        earliest due first, locked; those another claimer or admission holds are skipped."""
+        heads = (
+            sa.select(
+                executions.c.job_id,
+                sa.func.min(executions.c.due_time).label("due"),
+                sa.func.max(sa.cast(executions.c.force, sa.Integer)).label("forced"),
+            )
+            .where(due)
+            .group_by(executions.c.job_id)
+            .subquery()
+        )
+        held = (
+            sa.select(sa.func.count())
+            .where(executions.c.job_id == jobs.c.id, executions.c.holds_slot)
+            .correlate(jobs)
+            .scalar_subquery()
+        )
+        query = (
+            sa.select(jobs.c.id)
+            .join(heads, heads.c.job_id == jobs.c.id)
+            .where(
+                (jobs.c.max_concurrent <= 0) | (heads.c.forced > 0) | (held < jobs.c.max_concurrent)
+            )
+            .order_by(heads.c.due, jobs.c.id)
+            .limit(limit)
+            .with_for_update(key_share=True, skip_locked=True, of=jobs)
+        )
+        return list((await conn.execute(query)).scalars())
+
+    async def _claim_for(
+        self,
+        conn: AsyncConnection,
+        due: sa.ColumnElement[bool],
+        job_ids: list[str],
+        instance_id: str,
+        limit: int,
+    ) -> list[Execution]:
+        """Claims, for the locked jobs, what their free slots allow. A statement after the
+        locks were taken: it sees every claim committed before."""
+        held = (
+            sa.select(executions.c.job_id, sa.func.count().label("n"))
+            .where(executions.c.job_id.in_(job_ids), executions.c.holds_slot)
+            .group_by(executions.c.job_id)
+            .subquery()
+        )
+        ranked = (
+            sa.select(
+                executions.c.id,
+                executions.c.job_id,
+                executions.c.due_time,
+                executions.c.force,
+                sa.func.row_number()
+                .over(
+                    partition_by=(executions.c.job_id, executions.c.force),
+                    order_by=(executions.c.due_time, executions.c.id),
+                )
+                .label("rn"),
+            )
+            .where(due, executions.c.job_id.in_(job_ids))
+            .subquery()
+        )
+        free = jobs.c.max_concurrent - sa.func.coalesce(held.c.n, 0)
+        chosen = (
+            sa.select(ranked.c.id)
+            .join(jobs, jobs.c.id == ranked.c.job_id)
+            .outerjoin(held, held.c.job_id == ranked.c.job_id)
+            .where(ranked.c.force | (jobs.c.max_concurrent <= 0) | (ranked.c.rn <= free))
+            .order_by(ranked.c.due_time, ranked.c.id)
+            .limit(limit)
+        )
+        result = await conn.execute(
+            executions.update()
+            .where(executions.c.id.in_(chosen.scalar_subquery()), _CLAIMABLE)
+            .values(
+                state=ExecutionState.RUNNING.value,
+                instance_id=instance_id,
+                holds_slot=True,
+                start_time=datetime.now(UTC),
+            )
+            .returning(*executions.c)
+        )
+        return sorted(
+            (_execution_from_row(row) for row in result), key=lambda e: (e.scheduled_time, e.id)
+        )
+
+    @_translate_errors
     async def record_progress(
         self,
-        starts: Sequence[ExecutionStart],
         finishes: Sequence[ExecutionFinish],
+        releases: Sequence[SlotRelease] = (),
         next_runs: Sequence[NextRun] = (),
         *,
         epoch: int | None = None,
     ) -> bool:
         moved = True
-        async with self._begin() as conn:
+        async with self._write() as conn:
             if next_runs and epoch is not None:
                 try:
                     await self._check_epoch(conn, epoch)
@@ -603,21 +857,9 @@ class SqlAlchemyStore(Store):
                             "b_version": n.version,
                             "b_next_run_time": n.next_run_time,
                         }
-                        for n in next_runs
+                        # In id order, as admissions lock jobs: no deadlock between the two.
+                        for n in sorted(next_runs, key=lambda n: n.job_id)
                     ],
-                )
-            if starts:
-                await conn.execute(
-                    executions.update()
-                    .where(
-                        executions.c.id == sa.bindparam("b_id"),
-                        executions.c.state == ExecutionState.PENDING.value,
-                    )
-                    .values(
-                        state=ExecutionState.RUNNING.value,
-                        start_time=sa.bindparam("b_start_time"),
-                    ),
-                    [{"b_id": s.id, "b_start_time": s.start_time} for s in starts],
                 )
             if finishes:
                 await conn.execute(
@@ -635,6 +877,7 @@ class SqlAlchemyStore(Store):
                         error_message=sa.bindparam("b_error_message"),
                         error_traceback=sa.bindparam("b_error_traceback"),
                         error_type=sa.bindparam("b_error_type"),
+                        holds_slot=sa.bindparam("b_keeps_slot"),
                     ),
                     [
                         {
@@ -646,11 +889,68 @@ class SqlAlchemyStore(Store):
                             "b_error_message": f.error_message,
                             "b_error_traceback": f.error_traceback,
                             "b_error_type": f.error_type,
+                            "b_keeps_slot": f.keeps_slot,
                         }
                         for f in finishes
                     ],
                 )
+            if releases:
+                await conn.execute(
+                    executions.update()
+                    .where(executions.c.id == sa.bindparam("b_id"))
+                    .values(holds_slot=False, note=sa.bindparam("b_note")),
+                    [{"b_id": r.id, "b_note": r.note} for r in releases],
+                )
+            if finishes or releases:
+                await self._notify(conn, WORK_CHANNEL, "")
         return moved
+
+    @_translate_errors
+    async def request_cancel(
+        self, execution_id: str, *, message: str, now: datetime
+    ) -> CancelRequest:
+        async with self._write() as conn:
+            query = sa.select(executions).where(executions.c.id == execution_id)
+            row = (await conn.execute(query.with_for_update())).first()
+            if row is None:
+                raise ExecutionNotFound(execution_id)
+            current = _execution_from_row(row)
+            if current.state is ExecutionState.PENDING:
+                values: dict[str, Any] = {
+                    "state": ExecutionState.CANCELLED.value,
+                    "end_time": now,
+                    "error_message": message,
+                }
+                done = True
+            elif current.state is ExecutionState.RUNNING:
+                values = {"cancel_reason": message}
+                done = False
+                await self._notify(conn, CANCEL_CHANNEL, execution_id)
+            else:
+                raise ExecutionFinished(execution_id, current.state.value)
+            await conn.execute(
+                executions.update().where(executions.c.id == execution_id).values(**values)
+            )
+            after = (await conn.execute(query)).one()
+        return CancelRequest(execution=_execution_from_row(after), done=done)
+
+    @_translate_errors
+    async def cancel_requests(self, instance_id: str) -> dict[str, str]:
+        async with self._begin() as conn:
+            rows = await conn.execute(
+                sa.select(executions.c.id, executions.c.cancel_reason).where(
+                    executions.c.instance_id == instance_id,
+                    executions.c.state == _RUNNING,
+                    executions.c.cancel_reason.is_not(None),
+                )
+            )
+            return {row.id: row.cancel_reason for row in rows}
+
+    async def _notify(self, conn: AsyncConnection, channel: str, payload: str) -> None:
+        """Delivered at commit, only if it commits: a hint to read the table now; the table
+        is the truth. PostgreSQL only (SQLite serves one process, which knows)."""
+        if self._dialect == "postgresql":
+            await conn.execute(sa.select(sa.func.pg_notify(channel, payload)))
 
     async def _check_epoch(self, conn: AsyncConnection, epoch: int) -> None:
         """Fencing: the leadership row is read FOR SHARE, so a new leader's bump waits for
@@ -704,60 +1004,21 @@ class SqlAlchemyStore(Store):
 
     @_translate_errors
     async def interrupt_unfinished(self, *, message: str, now: datetime) -> int:
-        async with self._begin() as conn:
+        async with self._write() as conn:
             result = await conn.execute(
                 executions.update()
-                .where(
-                    executions.c.state.in_(_UNFINISHED),
-                    sa.not_(_RESUMABLE),
+                .where(executions.c.state == _RUNNING)
+                .values(
+                    state=ExecutionState.INTERRUPTED.value,
+                    end_time=now,
+                    error_message=message,
+                    holds_slot=False,
                 )
-                .values(state=ExecutionState.INTERRUPTED.value, end_time=now, error_message=message)
+            )
+            await conn.execute(
+                executions.update().where(executions.c.holds_slot).values(holds_slot=False)
             )
             return int(result.rowcount)
-
-    @_translate_errors
-    async def list_resumable(self) -> list[Execution]:
-        async with self._begin() as conn:
-            query = sa.select(executions).where(_RESUMABLE).order_by(executions.c.id)
-            return [_execution_from_row(row) for row in await conn.execute(query)]
-
-    @_translate_errors
-    async def claim_execution(self, execution_id: str, *, start_time: datetime) -> bool:
-        async with self._begin() as conn:
-            result = await conn.execute(
-                executions.update()
-                .where(
-                    executions.c.id == execution_id,
-                    executions.c.state == ExecutionState.PENDING.value,
-                )
-                .values(state=ExecutionState.RUNNING.value, start_time=start_time)
-            )
-            return bool(result.rowcount)
-
-    @_translate_errors
-    async def finish_execution(self, finish: ExecutionFinish) -> bool:
-        async with self._begin() as conn:
-            result = await conn.execute(
-                executions.update()
-                .where(executions.c.id == finish.id, executions.c.state.in_(_UNFINISHED))
-                .values(
-                    state=finish.state.value,
-                    start_time=finish.start_time,
-                    end_time=finish.end_time,
-                    result=finish.result,
-                    error_message=finish.error_message,
-                    error_traceback=finish.error_traceback,
-                    error_type=finish.error_type,
-                )
-            )
-            return bool(result.rowcount)
-
-    @_translate_errors
-    async def add_note(self, execution_id: str, note: str) -> None:
-        async with self._begin() as conn:
-            await conn.execute(
-                executions.update().where(executions.c.id == execution_id).values(note=note)
-            )
 
     @_translate_errors
     async def purge_executions(
@@ -765,7 +1026,7 @@ class SqlAlchemyStore(Store):
     ) -> int:
         final = sa.not_(executions.c.state.in_(_UNFINISHED))
         purged = 0
-        async with self._begin() as conn:
+        async with self._write() as conn:
             if ended_before is not None:
                 condition = final & (executions.c.end_time < ended_before)
                 if job_id is not None:
@@ -785,7 +1046,7 @@ class SqlAlchemyStore(Store):
     async def purge_history_limits(self) -> int:
         purged = 0
         final = sa.not_(executions.c.state.in_(_UNFINISHED))
-        async with self._begin() as conn:
+        async with self._write() as conn:
             limits = (
                 await conn.execute(
                     sa.select(jobs.c.id, jobs.c.history_limit).where(jobs.c.history_limit > 0)
@@ -868,8 +1129,10 @@ class SqlAlchemyStore(Store):
             "insecure": instance.insecure,
             "start_time": instance.start_time,
             "last_seen": self._now(),
+            "max_running": instance.max_running,
+            "running": instance.running,
         }
-        async with self._begin() as conn:
+        async with self._write() as conn:
             await conn.execute(
                 self._insert(instances)
                 .values(**values)
@@ -880,18 +1143,18 @@ class SqlAlchemyStore(Store):
             )
 
     @_translate_errors
-    async def heartbeat_instance(self, instance_id: str) -> bool:
-        async with self._begin() as conn:
+    async def heartbeat_instance(self, instance_id: str, *, running: int) -> bool:
+        async with self._write() as conn:
             result = await conn.execute(
                 instances.update()
                 .where(instances.c.id == instance_id)
-                .values(last_seen=self._now())
+                .values(last_seen=self._now(), running=running)
             )
             return bool(result.rowcount)
 
     @_translate_errors
     async def remove_instance(self, instance_id: str) -> None:
-        async with self._begin() as conn:
+        async with self._write() as conn:
             await conn.execute(instances.delete().where(instances.c.id == instance_id))
 
     @_translate_errors
@@ -917,6 +1180,8 @@ class SqlAlchemyStore(Store):
                     address=row.address,
                     insecure=row.insecure,
                     start_time=row.start_time,
+                    max_running=row.max_running,
+                    running=row.running,
                     last_seen_time=row.last_seen,
                     leader=bool(row.leader),
                 )
@@ -925,7 +1190,7 @@ class SqlAlchemyStore(Store):
 
     @_translate_errors
     async def remove_stale_instances(self, *, stale_after: timedelta) -> list[str]:
-        async with self._begin() as conn:
+        async with self._write() as conn:
             result = await conn.execute(
                 instances.delete()
                 .where(instances.c.last_seen < self._seen_since(stale_after))
@@ -934,21 +1199,15 @@ class SqlAlchemyStore(Store):
             return list(result.scalars())
 
     @_translate_errors
-    async def take_over_orphans(
-        self, *, owner: str, stale_after: timedelta, message: str, now: datetime
-    ) -> tuple[list[Execution], list[Execution]]:
+    async def abandon_orphans(
+        self, *, stale_after: timedelta, message: str, now: datetime
+    ) -> list[Execution]:
         live = sa.select(instances.c.id).where(
             instances.c.last_seen >= self._seen_since(stale_after)
         )
-        orphaned = executions.c.state.in_(_UNFINISHED) & executions.c.instance_id.not_in(live)
-        async with self._begin() as conn:
-            adopted = await conn.execute(
-                executions.update()
-                .where(orphaned, _RESUMABLE)
-                .values(instance_id=owner)
-                .returning(*executions.c)
-            )
-            adopted_rows = [_execution_from_row(row) for row in adopted]
+        orphaned = (executions.c.state == _RUNNING) & executions.c.instance_id.not_in(live)
+        abandoned_rows: list[Execution] = []
+        async with self._write() as conn:
             owners = list(
                 (
                     await conn.execute(
@@ -956,7 +1215,6 @@ class SqlAlchemyStore(Store):
                     )
                 ).scalars()
             )
-            abandoned_rows: list[Execution] = []
             for instance_id in owners:
                 seen = (
                     await conn.execute(
@@ -972,15 +1230,24 @@ class SqlAlchemyStore(Store):
                         end_time=now,
                         error_message=f"{message}: instance {instance_id} ({last})",
                         error_type=ABANDONED_ERROR_TYPE,
+                        holds_slot=False,
                     )
                     .returning(*executions.c)
                 )
                 abandoned_rows.extend(_execution_from_row(row) for row in abandoned)
-        return abandoned_rows, adopted_rows
+            # Slots of synchronous tasks that outlived their final state there.
+            freed = await conn.execute(
+                executions.update()
+                .where(executions.c.holds_slot, executions.c.instance_id.not_in(live))
+                .values(holds_slot=False)
+            )
+            if abandoned_rows or freed.rowcount:
+                await self._notify(conn, WORK_CHANNEL, "")
+        return abandoned_rows
 
     @_translate_errors
     async def take_leadership(self, instance_id: str) -> int:
-        async with self._begin() as conn:
+        async with self._write() as conn:
             result = await conn.execute(
                 leadership.update()
                 .where(leadership.c.id == 1)
@@ -998,7 +1265,7 @@ class SqlAlchemyStore(Store):
 
     @_translate_errors
     async def get_or_create_secret(self, name: str, value: bytes) -> bytes:
-        async with self._begin() as conn:
+        async with self._write() as conn:
             await conn.execute(
                 self._insert(secrets)
                 .values(name=name, value=value)

@@ -112,11 +112,35 @@ executions = sa.Table(
     # {"count", "count_is_lower_bound", "first_time", "last_time"} on a MISSED execution.
     sa.Column("missed", sa.JSON(none_as_null=True), nullable=True),
     sa.Column("note", sa.Text, nullable=False),
+    # The queue (docs/decisions/0010-execution-queue.md): a PENDING execution with no
+    # instance_id waits to be claimed, from due_time on; a claim sets holds_slot, which counts
+    # against the job's max_concurrent until the task has really ended. A forced execution
+    # (TriggerJob with overlap ALLOW) is claimed whatever the slots say.
+    sa.Column("due_time", UtcDateTime, nullable=False),
+    sa.Column("holds_slot", sa.Boolean, nullable=False),
+    sa.Column("force", sa.Boolean, nullable=False),
+    # Set when someone asked the instance running it to stop it (the error message to record).
+    sa.Column("cancel_reason", sa.Text, nullable=True),
+    # The leadership term whose leader wrote a scheduled fire (fencing can be checked).
+    sa.Column("epoch", sa.BigInteger, nullable=True),
     sa.UniqueConstraint("job_id", "dedupe_key"),
     sa.Index(None, "job_id", "id"),
     sa.Index(None, "state"),
     # The age-based purge.
     sa.Index(None, "end_time"),
+    # What a claim looks for, and what admission and claims count per job.
+    sa.Index(
+        "ix_executions_claimable",
+        "due_time",
+        postgresql_where=sa.text("state = 'pending' AND instance_id = ''"),
+        sqlite_where=sa.text("state = 'pending' AND instance_id = ''"),
+    ),
+    sa.Index(
+        "ix_executions_active",
+        "job_id",
+        postgresql_where=sa.text("state IN ('pending', 'running') OR holds_slot"),
+        sqlite_where=sa.text("state IN ('pending', 'running') OR holds_slot"),
+    ),
 )
 
 # Server-wide secrets (the page-token signing key), shared by every instance.
@@ -141,6 +165,9 @@ instances = sa.Table(
     sa.Column("insecure", sa.Boolean, nullable=False),
     sa.Column("start_time", UtcDateTime, nullable=False),
     sa.Column("last_seen", UtcDateTime, nullable=False),
+    # Its limit of executions at once, and how many it ran at its last heartbeat.
+    sa.Column("max_running", sa.Integer, nullable=False),
+    sa.Column("running", sa.Integer, nullable=False),
 )
 
 # One row (id 1): the current leadership term. Every write the leader makes as leader reads

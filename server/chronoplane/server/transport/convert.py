@@ -442,4 +442,6 @@ def instance_to_proto(instance: Instance) -> instance_pb2.Instance:
         leader=instance.leader,
         insecure=instance.insecure,
         address=instance.address,
+        max_running=instance.max_running,
+        running=instance.running,
     )

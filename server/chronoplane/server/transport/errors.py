@@ -18,6 +18,7 @@ from grpc_status import rpc_status
 
 from chronoplane.server.errors import (
     AlreadyExists,
+    CancellationPending,
     ChronoplaneError,
     EtagMismatch,
     FailedPrecondition,
@@ -42,6 +43,7 @@ _TABLE: list[tuple[type[ChronoplaneError], grpc.StatusCode]] = [
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (InstanceConflict, grpc.StatusCode.FAILED_PRECONDITION),
     (StorageUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (CancellationPending, grpc.StatusCode.UNAVAILABLE),
     (NotLeader, grpc.StatusCode.UNAVAILABLE),
 ]
 
