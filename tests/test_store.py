@@ -177,8 +177,8 @@ async def test_progress_moves_forward_and_the_first_final_state_wins(
     queued = await store.get_execution(execution.id)
     assert queued.state is ExecutionState.PENDING and queued.instance_id == ""
     claim = await store.claim_executions(instance_id="inst-a", limit=10, tasks=[TASK])
-    [(running, job)] = claim.executions
-    assert running.id == execution.id and job.id == "j1"
+    [(running, policy)] = claim.executions
+    assert running.id == execution.id and policy.timeout is None
     assert running.state is ExecutionState.RUNNING and running.instance_id == "inst-a"
     started = running.start_time
     assert started is not None
@@ -187,6 +187,7 @@ async def test_progress_moves_forward_and_the_first_final_state_wins(
         [
             ExecutionFinish(
                 id=execution.id,
+                job_id="j1",
                 state=ExecutionState.SUCCEEDED,
                 start_time=started,
                 end_time=ended,
@@ -195,7 +196,11 @@ async def test_progress_moves_forward_and_the_first_final_state_wins(
         ],
     )
     late = ExecutionFinish(
-        id=execution.id, state=ExecutionState.FAILED, start_time=started, end_time=ended
+        id=execution.id,
+        job_id="j1",
+        state=ExecutionState.FAILED,
+        start_time=started,
+        end_time=ended,
     )
     await store.record_progress([late])
     done = await store.get_execution(execution.id)
@@ -294,7 +299,12 @@ async def test_progress_of_many_executions_is_written_in_one_call(
     await store.record_progress(
         [
             ExecutionFinish(
-                id=r.id, state=ExecutionState.SUCCEEDED, start_time=now, end_time=now, result=n
+                id=r.id,
+                job_id="j1",
+                state=ExecutionState.SUCCEEDED,
+                start_time=now,
+                end_time=now,
+                result=n,
             )
             for n, r in enumerate(rows[25:])
         ],
@@ -314,10 +324,12 @@ async def claimed_ids(
     return [e.id for e, _ in claim.executions]
 
 
-def finish(execution_id: str, *, keeps_slot: bool = False) -> ExecutionFinish:
+def finish(execution: Execution, *, keeps_slot: bool = False) -> ExecutionFinish:
+    """A final state for ``execution`` (SUCCEEDED, or TIMED_OUT with its thread running)."""
     now = datetime.now(UTC)
     return ExecutionFinish(
-        id=execution_id,
+        id=execution.id,
+        job_id=execution.job_id,
         state=ExecutionState.TIMED_OUT if keeps_slot else ExecutionState.SUCCEEDED,
         start_time=now,
         end_time=now,
@@ -334,34 +346,50 @@ async def test_claims_take_at_most_the_free_slots_oldest_first(store: SqlAlchemy
     first = await claimed_ids(store)
     assert sorted(first) == sorted([rows[0].id, rows[1].id, *(r.id for r in rows[4:])])
     assert await claimed_ids(store, "inst-b") == [], "the job's two slots are held"
-    await store.record_progress([finish(rows[0].id)])
+    await store.record_progress([finish(rows[0])])
     assert await claimed_ids(store, "inst-b") == [rows[2].id]
     # A synchronous task past its timeout keeps its slot until its thread returns.
-    await store.record_progress([finish(rows[1].id, keeps_slot=True)])
+    await store.record_progress([finish(rows[1], keeps_slot=True)])
     assert await claimed_ids(store, "inst-b") == []
-    await store.record_progress([], [SlotRelease(id=rows[1].id, note="returned 1")])
+    await store.record_progress([], [SlotRelease(id=rows[1].id, job_id="two", note="returned 1")])
     assert await claimed_ids(store, "inst-b") == [rows[3].id]
     assert (await store.get_execution(rows[1].id)).note == "returned 1"
 
 
 async def test_concurrent_claimers_never_exceed_max_concurrent(store: SqlAlchemyStore) -> None:
-    await store.create_job(a_job("one"), request_id=None)
-    rows = [an_execution("one", scheduled_time=T0 + timedelta(seconds=n)) for n in range(20)]
-    await store.insert_executions(rows)
-    for _ in range(5):
-        results = await asyncio.gather(
-            *(claimed_ids(store, f"inst-{n}", limit=5) for n in range(6))
+    """Four claimers finish what they take while new executions keep coming: the job never
+    has more than its two slots' worth RUNNING, and every execution runs once."""
+    await store.create_job(a_job("two", max_concurrent=2), request_id=None)
+    total = 40
+    rows = [an_execution("two", scheduled_time=T0 + timedelta(seconds=n)) for n in range(total)]
+    ran: list[str] = []
+
+    async def running_now() -> int:
+        page = await store.list_executions(
+            ExecutionQuery(job_id="two", states=frozenset({ExecutionState.RUNNING})),
+            before=None,
+            limit=100,
         )
-        taken = [i for ids in results for i in ids]
-        assert len(taken) <= 1, f"{len(taken)} claimed for a job with max_concurrent 1"
-        for execution_id in taken:
-            await store.record_progress([finish(execution_id)])
-    running = await store.list_executions(
-        ExecutionQuery(job_id="one", states=frozenset({ExecutionState.RUNNING})),
-        before=None,
-        limit=100,
+        return len(page.executions)
+
+    async def admitter() -> None:
+        for n in range(0, total, 4):
+            await store.insert_executions(rows[n : n + 4])
+            await asyncio.sleep(0.003)
+
+    async def claimer(name: str) -> None:
+        while len(ran) < total:
+            claim = await store.claim_executions(instance_id=name, limit=3, tasks=[TASK])
+            assert await running_now() <= 2
+            for execution, _ in claim.executions:
+                ran.append(execution.id)
+            await asyncio.sleep(0.002)
+            await store.record_progress([finish(e) for e, _ in claim.executions])
+
+    await asyncio.wait_for(
+        asyncio.gather(admitter(), *(claimer(f"inst-{n}") for n in range(4))), 60
     )
-    assert len(running.executions) <= 1
+    assert sorted(ran) == sorted(r.id for r in rows)
 
 
 async def test_claims_wait_for_the_due_time_and_take_only_known_tasks(
@@ -417,10 +445,17 @@ async def test_admission_applies_the_overlap_policy_to_what_the_database_holds(
             )
         ]
     )
-    assert newer.cancel_requested == [first.id]
-    assert await store.cancel_requests("inst-a") == {
-        first.id: "cancelled for a newer run (overlap policy cancel_running)"
+    assert newer.displace == ["j1"]
+    assert newer.inserted[0].state is ExecutionState.PENDING
+    assert await store.displace_oldest(newer.displace) == [first.id]
+    assert await store.displace_oldest(newer.displace) == [forced.id], "the next oldest"
+    assert await store.cancel_requests([first.id, forced.id, buffered.id]) == {
+        first.id: "cancelled for a newer run (overlap policy cancel_running)",
+        forced.id: "cancelled for a newer run (overlap policy cancel_running)",
     }
+    # Both stop: the newer one gets the slot.
+    await store.record_progress([finish(first), finish(forced)])
+    assert await claimed_ids(store) == [newer.inserted[0].id]
 
 
 async def test_cancel_ends_a_queued_execution_and_asks_the_owner_of_a_running_one(
@@ -436,8 +471,8 @@ async def test_cancel_ends_a_queued_execution_and_asks_the_owner_of_a_running_on
     asked = await store.request_cancel(running.id, message="cancelled: stop", now=now)
     assert not asked.done and asked.execution.state is ExecutionState.RUNNING
     assert asked.execution.instance_id == "inst-a"
-    assert await store.cancel_requests("inst-a") == {running.id: "cancelled: stop"}
-    assert await store.cancel_requests("inst-b") == {}
+    assert await store.cancel_requests([running.id, queued.id]) == {running.id: "cancelled: stop"}
+    assert await store.cancel_requests([]) == {}
     with pytest.raises(ExecutionFinished):
         await store.request_cancel(queued.id, message="again", now=now)
     with pytest.raises(ExecutionNotFound):
@@ -451,7 +486,7 @@ async def test_executions_of_a_silent_instance_are_abandoned_and_their_slots_fre
     rows = [an_execution(scheduled_time=T0 + timedelta(seconds=n)) for n in range(3)]
     await store.insert_executions(rows)
     assert len(await claimed_ids(store, "inst-dead", limit=2)) == 2
-    await store.record_progress([finish(rows[1].id, keeps_slot=True)])
+    await store.record_progress([finish(rows[1], keeps_slot=True)])
     abandoned = await store.abandon_orphans(
         stale_after=timedelta(seconds=10), message="abandoned", now=datetime.now(UTC)
     )
@@ -459,3 +494,35 @@ async def test_executions_of_a_silent_instance_are_abandoned_and_their_slots_fre
     assert abandoned[0].state is ExecutionState.ABANDONED
     assert "inst-dead (no longer registered)" in abandoned[0].error_message
     assert await claimed_ids(store, "inst-b") == [rows[2].id]
+
+
+async def test_a_claim_takes_no_more_than_its_limit(store: SqlAlchemyStore) -> None:
+    await store.create_job(a_job(max_concurrent=0), request_id=None)
+    rows = [an_execution(scheduled_time=T0 + timedelta(seconds=n)) for n in range(5)]
+    await store.insert_executions(rows)
+    assert await claimed_ids(store, limit=1) == [rows[0].id]
+    assert await claimed_ids(store, limit=3) == [r.id for r in rows[1:4]]
+
+
+async def test_a_queued_execution_left_behind_by_a_race_is_promoted(
+    store: SqlAlchemyStore,
+) -> None:
+    """An admission that counted a slot just being freed queues its execution; the safety
+    net makes it ready once the slot is free."""
+    await store.create_job(a_job(), request_id=None)
+    first, second = an_execution(), an_execution(scheduled_time=T0 + timedelta(minutes=1))
+    await store.insert_executions([first])
+    assert await claimed_ids(store) == [first.id]
+    await store.insert_executions([second])  # queued: first holds the slot
+    # first's slot freed by a writer that did not see second (as in a race).
+    await store.record_progress([finish(first, keeps_slot=True)])
+    async with store.engine.begin() as conn:
+        await conn.exec_driver_sql(
+            "UPDATE executions SET holds_slot = false WHERE id = ?"
+            if store.engine.dialect.name == "sqlite"
+            else "UPDATE executions SET holds_slot = false WHERE id = $1",
+            (first.id,),
+        )
+    assert await claimed_ids(store) == []
+    assert await store.promote_waiting() == 1
+    assert await claimed_ids(store) == [second.id]

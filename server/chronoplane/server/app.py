@@ -71,7 +71,7 @@ class Application:
                 stack.push_async_callback(lock.release)
             await upgrade(settings.database_url)
 
-            store = SqlAlchemyStore(engine_sql)
+            store = SqlAlchemyStore(engine_sql, instance_id=self.instance_id)
             if not shared:
                 # Alone on this database: whatever is unfinished, a former process left.
                 interrupted = await store.interrupt_unfinished(
@@ -133,7 +133,7 @@ class Application:
                     settings.database_url,
                     {
                         JOBS_CHANNEL: member.job_changed,
-                        WORK_CHANNEL: lambda _: runner.notified(),
+                        WORK_CHANNEL: runner.notified,
                         CANCEL_CHANNEL: runner.notified_cancel,
                     },
                     on_resync=member.resync,

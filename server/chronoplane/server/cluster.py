@@ -103,6 +103,7 @@ class Member:
             # Alone on this database: any other row is a process that died without leaving.
             await self._store.remove_stale_instances(stale_after=timedelta(0))
         await self._store.register_instance(self.instance)
+        await self._heartbeat()
         self._spawn(self._carry_out_terms(), "terms")
         self._spawn(self._heartbeat_forever(), "instance-heartbeat")
         if self._shared:
@@ -170,22 +171,30 @@ class Member:
         while True:
             await asyncio.sleep(self._hb)
             try:
-                running = self._runner.running
-                if not await self._store.heartbeat_instance(self.instance.id, running=running):
-                    log.warning(
-                        "this instance's registration was removed (it was not seen for too "
-                        "long; executions it ran may have been marked ABANDONED): registering "
-                        "again"
-                    )
-                    await self._store.register_instance(self.instance)
+                await self._heartbeat()
             except Exception as error:
                 log.warning("instance heartbeat failed: %s", error)
 
+    async def _heartbeat(self) -> None:
+        live = await self._store.heartbeat_instance(
+            self.instance.id, running=self._runner.running, live_after=self._instance_timeout
+        )
+        if live:
+            self._runner.cluster_size(live)
+            return
+        log.warning(
+            "this instance's registration was removed (it was not seen for too long; "
+            "executions it ran may have been marked ABANDONED): registering again"
+        )
+        await self._store.register_instance(self.instance)
+
     # -- job changes (cluster mode) -----------------------------------------------------------
 
-    def job_changed(self, job_id: str) -> None:
-        """A notification: the job's row changed (on any instance)."""
-        if self._service.leading:
+    def job_changed(self, payload: str) -> None:
+        """A notification: a job's row changed, on some instance ("<instance id> <job id>").
+        A change made here is in this instance's engine already."""
+        writer, _, job_id = payload.partition(" ")
+        if self._service.leading and writer != self.instance.id:
             self._changed.add(job_id)
             self._changed_ready.set()
 

@@ -26,7 +26,7 @@ class Settings:
     tasks: list[str] = field(default_factory=list)
     shutdown_grace: float = 30.0
     worker_threads: int = 8
-    max_running: int = 100
+    max_running: int = 1000
     """Executions this instance runs at once at most; it claims no more from the queue."""
     log_level: str = "INFO"
     insecure: bool = False
@@ -150,7 +150,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-running",
         type=int,
-        help="executions this instance runs at once at most (default 100)",
+        help="executions this instance runs at once at most (default 1000)",
     )
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     parser.add_argument(

@@ -30,6 +30,7 @@ __all__ = [
     "MissedFires",
     "OverlapPolicy",
     "RetryPolicy",
+    "RunPolicy",
     "Trigger",
 ]
 
@@ -153,6 +154,14 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RunPolicy:
+    """What an instance running an execution needs of its job."""
+
+    timeout: timedelta | None = None
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+@dataclass(frozen=True, kw_only=True)
 class MissedFires:
     """Scheduled fires that did not run, summarised in one execution."""
 
@@ -193,6 +202,10 @@ class Job:
     @property
     def etag(self) -> str:
         return str(self.version)
+
+    @property
+    def run_policy(self) -> RunPolicy:
+        return RunPolicy(timeout=self.timeout, retry=self.retry)
 
     @property
     def coalesce(self) -> bool:

@@ -46,9 +46,12 @@ from chronoplane.server.models import (
     JSONObject,
     MissedFires,
     OverlapPolicy,
+    RetryPolicy,
+    RunPolicy,
 )
 from chronoplane.server.scheduling import jitter_delay, plan_fires
 from chronoplane.server.storage.abc import (
+    DISPLACED,
     Admission,
     Admitted,
     ExecutionFinish,
@@ -62,7 +65,7 @@ __all__ = ["DEFAULT_MAX_RUNNING", "Due", "Runner"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_RUNNING = 100
+DEFAULT_MAX_RUNNING = 1000
 MAX_BATCH = 2_000
 MAX_RESULT_BYTES = 1 << 20
 MAX_TRACEBACK_CHARS = 64 * 1024
@@ -131,7 +134,7 @@ class _Run:
     """An execution this instance claimed and runs."""
 
     execution: Execution
-    job: Job
+    policy: RunPolicy
     started: datetime
     stop: asyncio.Future[tuple[ExecutionState, str]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
@@ -175,7 +178,12 @@ class Runner:
         # execution's final state: both take room of max_running.
         self._runs: dict[str, _Run] = {}
         self._lingering = 0
+        # How many executions this instance runs at most of those it creates itself (its
+        # share of the cluster's room; the rest go to whoever claims them first).
+        self._share = max_running
         self._wake = asyncio.Event()
+        # Whether ready executions may be waiting for room here (a claim was full).
+        self._backlog = False
         self._next_due: float | None = None
         self._claimer: asyncio.Task[None] | None = None
         self._cancels: asyncio.Task[None] | None = None
@@ -270,6 +278,16 @@ class Runner:
     def max_running(self) -> int:
         return self._max_running
 
+    def cluster_size(self, instances: int) -> None:
+        """There are ``instances`` live instances: run at most a fair share of what this one
+        creates itself (docs/decisions/0010-execution-queue.md)."""
+        self._share = max(1, self._max_running // max(1, instances))
+
+    def _room_here(self) -> int:
+        """How many executions it creates this instance may run itself, now."""
+        busy = len(self._runs) + self._lingering
+        return max(0, min(self._max_running, self._share) - busy)
+
     # -- scheduled fires ----------------------------------------------------------------------
 
     def on_fires(self, fires: Sequence[Fire]) -> None:
@@ -349,7 +367,7 @@ class Runner:
                         epoch=epoch,
                     )
                 )
-        admitted = await self._admit_with_retry(admissions, epoch=epoch)
+        await self._admit_with_retry(admissions, epoch=epoch)
         # Next run times are written after, with progress: a task need not wait for them,
         # and a fire re-fired from a stale one after a crash finds its execution exists.
         for due in batch:
@@ -357,8 +375,6 @@ class Runner:
                 job_id=due.job.id, version=due.job.version, next_run_time=due.next_run_time
             )
         self._progress_ready.set()
-        if admitted is not None:
-            self._admitted(admitted)
 
     def _missed_record(self, job: Job, missed: MissedFires, now: datetime) -> Execution:
         first, last = _stamp(missed.first_time), _stamp(missed.last_time)
@@ -415,7 +431,14 @@ class Runner:
                 log.warning("no longer leading: %d fires left to the leader", len(admissions))
                 return None
             try:
-                return await self._store.admit_executions(admissions, epoch=epoch)
+                admitted = await self._store.admit_executions(
+                    admissions,
+                    epoch=epoch,
+                    claim_for=self._instance_id,
+                    claim_limit=0 if self._stopping else self._room_here(),
+                )
+                self._admitted(admitted)
+                return admitted
             except NotLeader as error:
                 log.warning("%s: %d fires left to the leader", error, len(admissions))
                 return None
@@ -432,19 +455,41 @@ class Runner:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
+    async def _admit(self, admissions: list[Admission]) -> Admitted:
+        """Writes admissions made for a call (a trigger, a backfill), running here what this
+        instance may of them."""
+        admitted = await self._store.admit_executions(
+            admissions, claim_for=self._instance_id, claim_limit=self._room_here()
+        )
+        self._admitted(admitted)
+        return admitted
+
     def _admitted(self, admitted: Admitted) -> None:
-        """After an admission: runs asked to stop for newer ones stop (those held here; the
-        others' instances are told by the database), and the claimer looks at the queue."""
-        for execution_id in admitted.cancel_requested:
-            run = self._runs.get(execution_id)
-            if run is not None:
-                self._request_stop(
-                    run,
-                    ExecutionState.CANCELLED,
-                    "cancelled for a newer run (overlap policy cancel_running)",
-                )
+        """After an admission: what was claimed for this instance starts, the claimer looks
+        at the queue, and runs displaced by newer ones (CANCEL_RUNNING) are asked to stop."""
+        for execution, policy in admitted.claimed:
+            started = execution.start_time or self._clock()
+            self._launch(_Run(execution=execution, policy=policy, started=started))
         if any(e.state is ExecutionState.PENDING for e in admitted.inserted):
             self._wake.set()
+        if admitted.displace:
+            self._spawn(self._displace(admitted.displace))
+
+    async def _displace(self, job_ids: list[str]) -> None:
+        try:
+            asked = await self._store.displace_oldest(job_ids)
+        except ChronoplaneError as error:
+            log.warning("could not stop runs displaced by newer ones: %s", error)
+            return
+        for execution_id in asked:
+            run = self._runs.get(execution_id)
+            if run is not None:  # the others' instances are told by the database
+                self._request_stop(run, ExecutionState.CANCELLED, DISPLACED)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- manual runs and backfills ------------------------------------------------------------
 
@@ -470,7 +515,7 @@ class Runner:
             request_id=request_id,
         )
         # Asked for explicitly, ALLOW means "run it now, whatever is running".
-        admitted = await self._store.admit_executions(
+        admitted = await self._admit(
             [
                 Admission(
                     execution=execution,
@@ -480,7 +525,6 @@ class Runner:
                 )
             ]
         )
-        self._admitted(admitted)
         if not admitted.inserted:
             existing = await self._store.get_execution_by_request_id(job.id, request_id)
             if existing is None:
@@ -496,7 +540,7 @@ class Runner:
         if job.task not in self._tasks:
             raise TaskNotRegistered(job.task)
         now = self._clock()
-        admitted = await self._store.admit_executions(
+        admitted = await self._admit(
             [
                 Admission(
                     execution=self._new_execution(job, ExecutionSource.BACKFILL, t, now),
@@ -506,7 +550,6 @@ class Runner:
                 for t in fire_times
             ]
         )
-        self._admitted(admitted)
         return admitted.inserted, len(fire_times) - len(admitted.inserted)
 
     # -- retries ------------------------------------------------------------------------------
@@ -514,36 +557,47 @@ class Runner:
     def retry_abandoned(self, execution: Execution, job: Job) -> bool:
         """Retries an execution a dead instance abandoned, if the job's retry policy says so
         (its error type is chronoplane.Abandoned)."""
-        return self._retry(execution, job, (execution.error_type or ABANDONED_ERROR_TYPE,))
+        return self._retry(execution, job.retry, (execution.error_type or ABANDONED_ERROR_TYPE,))
 
-    def _retry(self, execution: Execution, job: Job, error_types: tuple[str, ...]) -> bool:
-        if self._stopping or not job.retry.retries(execution.attempt, error_types):
+    def _retry(self, execution: Execution, policy: RetryPolicy, errors: tuple[str, ...]) -> bool:
+        if self._stopping or not policy.retries(execution.attempt, errors):
             return False
         now = self._clock()
         retry = replace(
-            self._new_execution(
-                job,
-                ExecutionSource.RETRY,
-                now + job.retry.backoff(execution.attempt),
-                now,
-            ),
-            task=execution.task,
-            args=execution.args,
+            execution,
+            id=new_execution_id(),
+            state=ExecutionState.PENDING,
+            source=ExecutionSource.RETRY,
+            scheduled_time=now + policy.backoff(execution.attempt),
+            create_time=now,
+            instance_id=self._instance_id,
+            start_time=None,
+            end_time=None,
+            result=None,
+            error_message="",
+            error_traceback="",
+            request_id="",
             attempt=execution.attempt + 1,
             first_execution_id=execution.first_execution_id or execution.id,
+            error_type="",
+            missed=None,
+            note="",
         )
         # Queued as it is, due at the end of its backoff: it waits its turn for a slot.
-        task = asyncio.create_task(self._admit_with_retry([Admission(execution=retry)]))
-        task.add_done_callback(lambda _: self._wake.set())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._spawn(self._queue_retry(retry))
         return True
+
+    async def _queue_retry(self, retry: Execution) -> None:
+        await self._admit_with_retry([Admission(execution=retry)])
+        self._wake.set()
 
     # -- claiming -----------------------------------------------------------------------------
 
-    def notified(self) -> None:
-        """Something was queued or a slot was freed somewhere: look at the queue."""
-        self._wake.set()
+    def notified(self, writer: str = "") -> None:
+        """Executions were made ready (by instance ``writer``): look at the queue. This
+        instance's own writes have woken it already."""
+        if writer != self._instance_id:
+            self._wake.set()
 
     async def _claim_forever(self) -> None:
         names = [definition.name for definition in self._tasks]
@@ -562,8 +616,12 @@ class Runner:
             try:
                 if self._free() > 0:
                     await self._claim(names)
+                else:
+                    self._backlog = True
                 if loop.time() - last_poll >= CLAIM_POLL_SECONDS:
                     last_poll = loop.time()
+                    if await self._store.promote_waiting():
+                        self._wake.set()
                     if self._runs:
                         await self._apply_cancel_requests()
             except Exception as error:
@@ -585,11 +643,11 @@ class Runner:
         self._next_due = (
             None if claim.next_due_in is None else loop.time() + claim.next_due_in.total_seconds()
         )
-        for execution, job in claim.executions:
+        for execution, policy in claim.executions:
             started = execution.start_time or self._clock()
-            self._launch(_Run(execution=execution, job=job, started=started))
-        if len(claim.executions) >= free:
-            self._wake.set()  # there may be more, once there is room
+            self._launch(_Run(execution=execution, policy=policy, started=started))
+        # There may be more: look again once there is room (when a run here ends).
+        self._backlog = len(claim.executions) >= free
 
     # -- cancellation -------------------------------------------------------------------------
 
@@ -647,7 +705,8 @@ class Runner:
                 return
 
     async def _apply_cancel_requests(self) -> None:
-        for execution_id, message in (await self._store.cancel_requests(self._instance_id)).items():
+        requests = await self._store.cancel_requests(list(self._runs))
+        for execution_id, message in requests.items():
             run = self._runs.get(execution_id)
             if run is not None:
                 self._request_stop(run, ExecutionState.CANCELLED, message)
@@ -681,7 +740,8 @@ class Runner:
                 # it returns.
                 self._lingering += 1
                 work.done.add_done_callback(lambda done: self._late(run, done))
-            self._wake.set()
+            elif self._backlog:
+                self._wake.set()
 
     def _start(self, run: _Run) -> Work | None:
         """Starts the task; None if it must not run."""
@@ -719,7 +779,7 @@ class Runner:
             execution_context.reset(token)
 
     async def _await_outcome(self, run: _Run, work: Work) -> None:
-        timeout = run.job.timeout.total_seconds() if run.job.timeout else None
+        timeout = run.policy.timeout.total_seconds() if run.policy.timeout else None
         await asyncio.wait([work.done, run.stop], timeout=timeout, return_when="FIRST_COMPLETED")
         if work.done.done() and not run.stop.done():
             self._settle(run, work.done)
@@ -728,7 +788,9 @@ class Runner:
             state, message = run.stop.result()
         else:
             state = ExecutionState.TIMED_OUT
-            message = f"ran longer than the timeout of {_seconds(run.job.timeout or timedelta())}"
+            message = (
+                f"ran longer than the timeout of {_seconds(run.policy.timeout or timedelta())}"
+            )
         interruptible = work.cancel()
         if interruptible and not work.done.done():
             # An async task: give it the chance to clean up, then it is done either way.
@@ -742,7 +804,9 @@ class Runner:
                 state.value,
             )
         if state is ExecutionState.TIMED_OUT:
-            self._retry(run.execution, run.job, ("builtins.TimeoutError", "builtins.OSError"))
+            self._retry(
+                run.execution, run.policy.retry, ("builtins.TimeoutError", "builtins.OSError")
+            )
 
     def _settle(self, run: _Run, done: asyncio.Future[Any]) -> None:
         """Records the outcome of a task that ended by itself."""
@@ -771,7 +835,7 @@ class Runner:
             error_traceback="".join(traceback.format_exception(error))[-MAX_TRACEBACK_CHARS:],
             error_type=names[0] if names else "",
         )
-        self._retry(run.execution, run.job, names)
+        self._retry(run.execution, run.policy.retry, names)
 
     def _late(self, run: _Run, done: asyncio.Future[Any]) -> None:
         """A task that outlived its execution's final state has ended: keep what it did as a
@@ -786,9 +850,10 @@ class Runner:
         when = self._clock().isoformat()
         final = run.final.value if run.final else "ended"
         note = f"after the execution was {final}, the task {outcome} at {when}"
-        self._releases[run.id] = SlotRelease(id=run.id, note=note)
+        self._releases[run.id] = SlotRelease(id=run.id, job_id=run.execution.job_id, note=note)
         self._progress_ready.set()
-        self._wake.set()
+        if self._backlog:
+            self._wake.set()
 
     # -- progress -----------------------------------------------------------------------------
 
@@ -809,6 +874,7 @@ class Runner:
         run.final = state
         self._finishes[run.id] = ExecutionFinish(
             id=run.id,
+            job_id=run.execution.job_id,
             state=state,
             start_time=run.started,
             end_time=self._clock(),
@@ -843,7 +909,7 @@ class Runner:
             if self._epoch is None:
                 next_runs = {}  # the leader's to write
             try:
-                await self._store.record_progress(
+                progress = await self._store.record_progress(
                     list(finishes.values()),
                     list(releases.values()),
                     list(next_runs.values()),
@@ -864,5 +930,5 @@ class Runner:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
-            if finishes or releases:
-                self._wake.set()  # slots were freed: waiting executions may go
+            if progress.readied:
+                self._wake.set()  # slots were freed: queued executions may go

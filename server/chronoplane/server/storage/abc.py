@@ -17,23 +17,33 @@ from chronoplane.server.models import (
     Job,
     JobPage,
     OverlapPolicy,
+    RunPolicy,
 )
 
 __all__ = [
+    "DISPLACED",
     "Admission",
     "Admitted",
     "CancelRequest",
     "Claim",
     "ExecutionFinish",
     "NextRun",
+    "Progress",
     "SlotRelease",
     "Store",
 ]
 
 
+# The error message of a run stopped for a newer one (overlap policy CANCEL_RUNNING).
+DISPLACED = "cancelled for a newer run (overlap policy cancel_running)"
+
+
 @dataclass(frozen=True, kw_only=True)
 class Admission:
-    """A new execution, with what decides whether and when it may run."""
+    """A new execution, with what decides whether and when it may run.
+
+    A job has ``max_concurrent`` slots: an execution takes one when it becomes ready and
+    keeps it while it runs (``holds_slot``), until its task has really ended."""
 
     execution: Execution
     due_time: datetime | None = None
@@ -53,15 +63,18 @@ class Admitted:
 
     inserted: list[Execution]
     """The executions inserted, in the state their admission gave them."""
-    cancel_requested: list[str]
-    """Running executions asked to stop for newer ones (CANCEL_RUNNING)."""
+    displace: list[str]
+    """Jobs whose oldest running execution should stop for a newer one (CANCEL_RUNNING):
+    see ``displace_oldest``."""
+    claimed: list[tuple[Execution, RunPolicy]]
+    """The inserted executions claimed for the writer (``claim_for``): RUNNING there."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class Claim:
     """What ``claim_executions`` took: executions now RUNNING here, with their jobs."""
 
-    executions: list[tuple[Execution, Job]]
+    executions: list[tuple[Execution, RunPolicy]]
     next_due_in: timedelta | None
     """How long until the next PENDING execution of these tasks becomes due, if any is
     waiting (by the database's clock)."""
@@ -72,6 +85,7 @@ class ExecutionFinish:
     """A RUNNING (or unclaimed PENDING) execution reached a final state."""
 
     id: str
+    job_id: str
     state: ExecutionState
     start_time: datetime | None
     end_time: datetime
@@ -90,7 +104,18 @@ class SlotRelease:
     ``note`` says what it did."""
 
     id: str
+    job_id: str
     note: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Progress:
+    """What ``record_progress`` did."""
+
+    moved: bool
+    """False when next run times were refused (the epoch was not the current one)."""
+    readied: int
+    """Queued executions that got a slot freed by these final states."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,18 +190,27 @@ class Store(ABC):
 
     @abstractmethod
     async def admit_executions(
-        self, admissions: Sequence[Admission], *, epoch: int | None = None
+        self,
+        admissions: Sequence[Admission],
+        *,
+        epoch: int | None = None,
+        claim_for: str = "",
+        claim_limit: int = 0,
     ) -> Admitted:
-        """Inserts executions in one transaction, unclaimed.
+        """Inserts executions in one transaction.
 
-        Each PENDING one with a ``policy`` is admitted by it (``scheduling.admit``), counted
-        against its job's slots in use and waiting executions as the database has them,
-        other writers of the same jobs kept out meanwhile: it stays PENDING, or becomes
-        SKIPPED, or asks the job's oldest running execution to stop. An execution whose
-        (job, scheduled fire) or (job, request_id) already has one is not inserted; neither
-        is one whose job no longer exists. With ``epoch`` (a leader's scheduled fires),
-        raises ``NotLeader`` and writes nothing unless it is the current leadership epoch.
-        Wakes the cluster's claimers when it queued something.
+        Each PENDING one is admitted by its ``policy`` (``scheduling.admit``; None is
+        BUFFER_ALL) against its job's slots as the database counts them, other writers of
+        the same jobs kept out meanwhile: it becomes SKIPPED, or it waits, *ready* (it has a
+        slot; any instance may claim it once due) or *queued* (until a slot frees), and
+        may want the job's oldest running execution stopped (CANCEL_RUNNING; the caller
+        asks with ``displace_oldest`` once this has committed). A forced one is
+        ready at once. An execution whose (job, scheduled fire) or (job, request_id) already
+        has one is not inserted; neither is one whose job no longer exists. Up to
+        ``claim_limit`` of the ready ones that are due at once are claimed for ``claim_for``
+        as they are inserted (the writer runs them itself). With ``epoch``
+        (a leader's scheduled fires), raises ``NotLeader`` and writes nothing unless it is
+        the current leadership epoch. Wakes the cluster's claimers when something is ready.
         """
 
     async def insert_executions(
@@ -192,11 +226,9 @@ class Store(ABC):
     async def claim_executions(
         self, *, instance_id: str, limit: int, tasks: Sequence[str]
     ) -> Claim:
-        """Takes up to ``limit`` due, unclaimed PENDING executions of ``tasks``, oldest due
-        first, for ``instance_id``: RUNNING from now, holding a slot of their job. A job gets
-        at most as many as its free slots (``max_concurrent`` less the slots in use; forced
-        executions need none). Several instances may claim at once; none takes what another
-        took, and none waits for another."""
+        """Takes up to ``limit`` ready executions of ``tasks`` that are due, oldest due first,
+        for ``instance_id``: RUNNING from now, each holding its slot. Several instances may
+        claim at once; none takes what another took, and none waits for another."""
 
     @abstractmethod
     async def record_progress(
@@ -206,12 +238,22 @@ class Store(ABC):
         next_runs: Sequence[NextRun] = (),
         *,
         epoch: int | None = None,
-    ) -> bool:
-        """Applies final states, frees slots and moves next run times, in one transaction. A
-        final state for an execution that is already final (or gone) is ignored: the first
-        final state wins. With ``epoch``, next run times are moved only while it is the
-        current leadership epoch; returns False when they were not. Wakes the cluster's
-        claimers when slots were freed."""
+    ) -> Progress:
+        """Applies final states, frees slots and moves next run times, in one transaction.
+        A final state for an execution that is already final (or gone) is ignored: the first
+        final state wins. Queued executions of the jobs whose slots were freed become
+        ready, and the cluster's claimers are woken. With ``epoch``, next run times are
+        moved only while it is the current leadership epoch."""
+
+    @abstractmethod
+    async def displace_oldest(self, job_ids: Sequence[str]) -> list[str]:
+        """Asks each job's oldest running execution (not already asked) to stop for a newer
+        one; returns the executions asked. Their instances are told by notification."""
+
+    @abstractmethod
+    async def promote_waiting(self) -> int:
+        """Makes ready every queued execution whose job has a free slot; returns how many.
+        The safety net for an admission that raced with the end of a run of its job."""
 
     @abstractmethod
     async def request_cancel(
@@ -224,8 +266,8 @@ class Store(ABC):
         """
 
     @abstractmethod
-    async def cancel_requests(self, instance_id: str) -> dict[str, str]:
-        """The RUNNING executions of ``instance_id`` someone asked to stop, with the message."""
+    async def cancel_requests(self, execution_ids: Sequence[str]) -> dict[str, str]:
+        """Which of these RUNNING executions someone asked to stop, with the message."""
 
     @abstractmethod
     async def get_execution(self, execution_id: str) -> Execution:
@@ -277,8 +319,11 @@ class Store(ABC):
         """Inserts (or refreshes) the instance's row; last seen now."""
 
     @abstractmethod
-    async def heartbeat_instance(self, instance_id: str, *, running: int) -> bool:
-        """Marks the instance seen now, running ``running`` executions; False if its row is
+    async def heartbeat_instance(
+        self, instance_id: str, *, running: int, live_after: timedelta
+    ) -> int:
+        """Marks the instance seen now, running ``running`` executions; returns how many
+        instances were seen within ``live_after`` (this one included), or 0 if its row is
         gone (it was taken for dead)."""
 
     @abstractmethod

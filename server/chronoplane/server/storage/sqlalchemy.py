@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -43,16 +43,19 @@ from chronoplane.server.models import (
     MissedFires,
     OverlapPolicy,
     RetryPolicy,
+    RunPolicy,
     Trigger,
 )
 from chronoplane.server.scheduling import admit
 from chronoplane.server.storage.abc import (
+    DISPLACED,
     Admission,
     Admitted,
     CancelRequest,
     Claim,
     ExecutionFinish,
     NextRun,
+    Progress,
     SlotRelease,
     Store,
 )
@@ -75,8 +78,9 @@ __all__ = [
     "trigger_to_json",
 ]
 
-# NOTIFY channels (PostgreSQL): job changes (the payload is the job id); executions queued or
-# slots freed, so claimers look again (no payload); a RUNNING execution asked to stop (its id).
+# NOTIFY channels (PostgreSQL): job changes (the writing instance's id, a space, the job id);
+# executions made ready, so claimers look again (the writing instance's id); a RUNNING
+# execution asked to stop (its id).
 JOBS_CHANNEL = "chronoplane_jobs"
 WORK_CHANNEL = "chronoplane_work"
 CANCEL_CHANNEL = "chronoplane_cancel"
@@ -89,8 +93,10 @@ _UNFINISHED = (ExecutionState.PENDING.value, ExecutionState.RUNNING.value)
 # PostgreSQL can use them with generic plans too.
 _PENDING: sa.ColumnElement[str] = sa.literal_column("'pending'")
 _RUNNING: sa.ColumnElement[str] = sa.literal_column("'running'")
-_UNCLAIMED: sa.ColumnElement[str] = sa.literal_column("''")
-_CLAIMABLE = (executions.c.state == _PENDING) & (executions.c.instance_id == _UNCLAIMED)
+# A PENDING execution is ready (it has a slot: any instance may claim it once it is due)
+# or queued (waiting for a slot of its job).
+_READY = (executions.c.state == _PENDING) & executions.c.ready
+_QUEUED = (executions.c.state == _PENDING) & sa.not_(executions.c.ready)
 _ACTIVE = executions.c.state.in_([_PENDING, _RUNNING]) | executions.c.holds_slot
 
 
@@ -341,8 +347,11 @@ def _dedupe_key(execution: Execution) -> str | None:
     return None
 
 
-def _execution_values(execution: Execution, admission: Admission | None = None) -> dict[str, Any]:
+def _execution_values(
+    execution: Execution, admission: Admission | None = None, *, ready: bool = False
+) -> dict[str, Any]:
     queued = execution.state is ExecutionState.PENDING
+    claimed = execution.state is ExecutionState.RUNNING
     due = admission.due_time if admission is not None else None
     return {
         "id": execution.id,
@@ -368,7 +377,8 @@ def _execution_values(execution: Execution, admission: Admission | None = None) 
         "missed": _missed_to_json(execution.missed),
         "note": execution.note,
         "due_time": due or execution.scheduled_time,
-        "holds_slot": False,
+        "ready": queued and ready,
+        "holds_slot": claimed,
         "force": bool(admission and admission.force),
         "cancel_reason": None,
         "epoch": admission.epoch if admission is not None else None,
@@ -386,6 +396,7 @@ _PG_ARRAY_TYPES = {
     "missed": "json",
     "attempt": "int",
     "due_time": "timestamptz",
+    "ready": "boolean",
     "holds_slot": "boolean",
     "force": "boolean",
     "cancel_reason": "text",
@@ -398,6 +409,33 @@ _PG_INSERT_EXECUTIONS = sa.text(
         f"CAST(:{name} AS {_PG_ARRAY_TYPES.get(name, 'varchar')}[])" for name in _EXECUTION_COLUMNS
     )
     + ") ON CONFLICT (job_id, dedupe_key) DO NOTHING RETURNING id"
+)
+
+_PG_CLAIM = sa.text(
+    "UPDATE executions SET state = :state, instance_id = :instance_id, ready = :ready, "
+    "holds_slot = :holds_slot, start_time = :start_time "
+    "FROM unnest(CAST(:ids AS varchar[])) AS claimed(id) WHERE executions.id = claimed.id"
+).bindparams(sa.bindparam("start_time", type_=UtcDateTime()))
+_PG_NEXT_RUNS = sa.text(
+    "UPDATE jobs SET next_run_time = n.next_run_time "
+    "FROM unnest(CAST(:ids AS varchar[]), CAST(:versions AS int[]), "
+    "CAST(:times AS timestamptz[])) AS n(id, version, next_run_time) "
+    "WHERE jobs.id = n.id AND jobs.version = n.version"
+)
+_PG_FINISH = sa.text(
+    "UPDATE executions SET state = f.state, start_time = f.start_time, end_time = f.end_time, "
+    "result = CAST(f.result AS json), error_message = f.message, error_traceback = f.traceback, "
+    "error_type = f.type, holds_slot = f.keeps "
+    "FROM unnest(CAST(:ids AS varchar[]), CAST(:states AS varchar[]), "
+    "CAST(:starts AS timestamptz[]), CAST(:ends AS timestamptz[]), CAST(:results AS text[]), "
+    "CAST(:messages AS text[]), CAST(:tracebacks AS text[]), CAST(:types AS varchar[]), "
+    "CAST(:keeps AS boolean[])) AS f(id, state, start_time, end_time, result, message, "
+    "traceback, type, keeps) "
+    "WHERE executions.id = f.id AND executions.state IN ('pending', 'running')"
+)
+_PG_ADMISSION_JOBS = sa.text("SELECT * FROM chronoplane_admission_jobs(:ids, :fenced)").bindparams(
+    sa.bindparam("ids", type_=postgresql.ARRAY(sa.String)),
+    sa.bindparam("fenced", type_=sa.Boolean),
 )
 
 _last_execution = (
@@ -439,9 +477,11 @@ def _job_with_summary(row: sa.Row[Any]) -> Job:
 
 
 class SqlAlchemyStore(Store):
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, instance_id: str = "") -> None:
         self._engine = engine
         self._dialect = engine.dialect.name
+        # Sent with work notifications, so that this instance's listener can ignore its own.
+        self._instance_id = instance_id
         # SQLite has one writer at a time, and a transaction that read before another one
         # wrote cannot write (SQLITE_BUSY, not waited for). One process uses the file (the
         # file lock), so its write transactions take turns here instead.
@@ -473,6 +513,15 @@ class SqlAlchemyStore(Store):
             return
         async with self._write_lock, self._engine.begin() as conn:
             yield conn
+
+    def _among(self, column: sa.ColumnElement[str], values: Iterable[str]) -> Any:
+        """``column IN values``; on PostgreSQL ``= ANY(array)``, one statement for any number
+        of values (asyncpg prepares each distinct text: a list of n parameters would be a new
+        statement for every n, and the statement cache would churn)."""
+        listed = list(values)
+        if self._dialect == "postgresql":
+            return column == sa.any_(sa.bindparam(None, listed, type_=postgresql.ARRAY(sa.String)))
+        return column.in_(listed)
 
     def _insert(self, table: sa.Table) -> Any:
         module = postgresql if self._dialect == "postgresql" else sqlite
@@ -543,6 +592,8 @@ class SqlAlchemyStore(Store):
             )
             if result.rowcount == 0:
                 await self._raise_missing_or_moved(conn, job.id, expected_version)
+            # A larger max_concurrent lets queued executions go.
+            await self._promote(conn, await self._queued_jobs(conn, [job.id]))
             await self._notify_job(conn, job.id)
         return await self.get_job(job.id)
 
@@ -561,8 +612,9 @@ class SqlAlchemyStore(Store):
             await self._notify_job(conn, job_id)
 
     async def _notify_job(self, conn: AsyncConnection, job_id: str) -> None:
-        """Wakes the leader of a cluster, to read the job now rather than at the next resync."""
-        await self._notify(conn, JOBS_CHANNEL, job_id)
+        """Wakes the leader of a cluster, to read the job now rather than at the next resync
+        (unless it made the change itself: the payload starts with the writer's id)."""
+        await self._notify(conn, JOBS_CHANNEL, f"{self._instance_id} {job_id}")
 
     async def _raise_missing_or_moved(
         self, conn: AsyncConnection, job_id: str, expected_version: int | None
@@ -578,54 +630,64 @@ class SqlAlchemyStore(Store):
 
     @_translate_errors
     async def admit_executions(
-        self, admissions: Sequence[Admission], *, epoch: int | None = None
+        self,
+        admissions: Sequence[Admission],
+        *,
+        epoch: int | None = None,
+        claim_for: str = "",
+        claim_limit: int = 0,
     ) -> Admitted:
         if not admissions:
-            return Admitted(inserted=[], cancel_requested=[])
+            return Admitted(inserted=[], displace=[], claimed=[])
         for attempt in range(3):
             try:
                 async with self._write() as conn:
-                    if epoch is not None:
-                        await self._check_epoch(conn, epoch)
-                    return await self._admit(conn, admissions)
+                    return await self._admit(conn, admissions, epoch, claim_for, claim_limit)
             except exc.IntegrityError:
                 # A job deleted between our check and our insert (foreign key): check again.
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
 
-    async def _admit(self, conn: AsyncConnection, admissions: Sequence[Admission]) -> Admitted:
-        deciding = {
-            a.execution.job_id
-            for a in admissions
-            if a.policy is not None and a.execution.state is ExecutionState.PENDING
+    async def _admit(
+        self,
+        conn: AsyncConnection,
+        admissions: Sequence[Admission],
+        epoch: int | None,
+        claim_for: str,
+        claim_limit: int,
+    ) -> Admitted:
+        queueing = {
+            a.execution.job_id for a in admissions if a.execution.state is ExecutionState.PENDING
         }
-        query = (
-            sa.select(jobs.c.id, jobs.c.max_concurrent)
-            .where(jobs.c.id.in_({a.execution.job_id for a in admissions}))
-            .order_by(jobs.c.id)
+        found, slots = await self._admitted_jobs(
+            conn, {a.execution.job_id for a in admissions}, lock=bool(queueing), epoch=epoch
         )
-        if deciding:
-            # Claims skip these jobs meanwhile, and two admissions of one job take turns.
-            query = query.with_for_update(key_share=True)
-        limits: dict[str, int] = {row.id: row.max_concurrent for row in await conn.execute(query)}
-        counts = await self._slot_counts(conn, sorted(deciding & set(limits)))
-        chosen: list[tuple[Admission, Execution]] = []
+        chosen: list[tuple[Admission, Execution, bool]] = []
         cancel_for: list[tuple[str, str]] = []
         for admission in admissions:
             execution = admission.execution
-            if execution.job_id not in limits:
+            if execution.job_id not in found:
                 continue
-            if execution.job_id in deciding and admission.policy is not None:
-                running, waiting = counts.get(execution.job_id, (0, 0))
+            ready = False
+            if execution.state is ExecutionState.PENDING:
+                limit = found[execution.job_id].max_concurrent
+                holding, ready_n, queued_n = slots.get(execution.job_id, (0, 0, 0))
                 decision = admit(
-                    admission.policy,
-                    0 if admission.force else limits[execution.job_id],
-                    running=running,
-                    waiting=waiting,
+                    admission.policy or OverlapPolicy.BUFFER_ALL,
+                    0 if admission.force else limit,
+                    running=holding,
+                    waiting=ready_n + queued_n,
                 )
-                if decision.waits:
-                    counts[execution.job_id] = (running, waiting + 1)
+                if admission.force:
+                    ready = True
+                elif decision.waits:
+                    ready = limit <= 0 or holding + ready_n < limit
+                    slots[execution.job_id] = (
+                        holding,
+                        ready_n + ready,
+                        queued_n + (not ready),
+                    )
                     if decision.cancel_oldest:
                         cancel_for.append((execution.id, execution.job_id))
                 else:
@@ -635,62 +697,201 @@ class SqlAlchemyStore(Store):
                         end_time=execution.create_time,
                         error_message=decision.reason,
                     )
-            chosen.append((admission, execution))
+            chosen.append((admission, execution, ready))
         if not chosen:
-            return Admitted(inserted=[], cancel_requested=[])
-        inserted = await self._insert_rows(conn, [_execution_values(e, a) for a, e in chosen])
-        cancelled: list[str] = []
-        for execution_id, job_id in cancel_for:
-            if execution_id in inserted:
-                cancelled += await self._ask_oldest_to_stop(conn, job_id)
-        written = [e for _, e in chosen if e.id in inserted]
-        if any(e.state is ExecutionState.PENDING for e in written):
-            await self._notify(conn, WORK_CHANNEL, "")
-        for execution_id in cancelled:
-            await self._notify(conn, CANCEL_CHANNEL, execution_id)
-        return Admitted(inserted=written, cancel_requested=cancelled)
+            return Admitted(inserted=[], displace=[], claimed=[])
+        # What is ready and due now, the writer may run itself, up to claim_limit: claimed in
+        # the insert (no other instance can see these rows before it commits).
+        claimed: list[tuple[Execution, RunPolicy]] = []
+        rows: list[tuple[Execution, dict[str, Any]]] = []
+        for admission, execution, ready in chosen:
+            due = admission.due_time or execution.scheduled_time
+            if ready and len(claimed) < claim_limit and due <= execution.create_time:
+                execution = replace(
+                    execution,
+                    state=ExecutionState.RUNNING,
+                    instance_id=claim_for,
+                    start_time=execution.create_time,
+                )
+                job = found[execution.job_id]
+                policy = RunPolicy(
+                    timeout=_delta(job.timeout_seconds), retry=_retry_from_json(job.retry)
+                )
+                claimed.append((execution, policy))
+            rows.append((execution, _execution_values(execution, admission, ready=ready)))
+        inserted = await self._insert_rows(conn, [values for _, values in rows])
+        if any(values["ready"] and e.id in inserted for e, values in rows):
+            await self._notify(conn, WORK_CHANNEL, self._instance_id)
+        return Admitted(
+            # As stored: a queued execution has no instance yet.
+            inserted=[
+                replace(e, instance_id=values["instance_id"])
+                for e, values in rows
+                if e.id in inserted
+            ],
+            displace=sorted({job_id for eid, job_id in cancel_for if eid in inserted}),
+            claimed=[(e, p) for e, p in claimed if e.id in inserted],
+        )
+
+    async def _admitted_jobs(
+        self, conn: AsyncConnection, job_ids: set[str], *, lock: bool, epoch: int | None
+    ) -> tuple[dict[str, Any], dict[str, tuple[int, int, int]]]:
+        """The jobs that exist (rows by id, with what admission needs of them) and, when
+        ``lock``, their slots (``_slot_counts``), counted after their rows were locked: two
+        writers of one job's slots take turns, in id order (no deadlock), and the count
+        sees what the one before committed. With ``epoch``, fenced as ``_check_epoch``.
+        On PostgreSQL one call of a function (migration 0004) does it all."""
+        if lock and self._dialect == "postgresql":
+            rows = (
+                await conn.execute(
+                    _PG_ADMISSION_JOBS,
+                    {"ids": sorted(job_ids), "fenced": epoch is not None},
+                )
+            ).all()
+            if epoch is not None:
+                if not rows:
+                    await self._check_epoch(conn, epoch)
+                elif rows[0].epoch != epoch:
+                    raise NotLeader(epoch, rows[0].epoch)
+            slots = {
+                r.id: (r.holding, r.ready, r.queued)
+                for r in rows
+                if r.holding or r.ready or r.queued
+            }
+            return {row.id: row for row in rows}, slots
+        if epoch is not None:
+            await self._check_epoch(conn, epoch)
+        query = (
+            sa.select(jobs.c.id, jobs.c.max_concurrent, jobs.c.timeout_seconds, jobs.c.retry)
+            .where(self._among(jobs.c.id, job_ids))
+            .order_by(jobs.c.id)
+        )
+        if lock:
+            query = query.with_for_update(key_share=True)
+        found = {row.id: row for row in await conn.execute(query)}
+        counted = await self._slot_counts(conn, sorted(found)) if lock else {}
+        return found, counted
 
     async def _slot_counts(
         self, conn: AsyncConnection, job_ids: Sequence[str]
-    ) -> dict[str, tuple[int, int]]:
-        """Per job: executions holding a slot, and executions queued for one (a retry still
-        waiting out its backoff is not queued yet)."""
+    ) -> dict[str, tuple[int, int, int]]:
+        """Per job: executions holding a slot, ready ones (forced ones aside), queued ones."""
         if not job_ids:
             return {}
-        waiting = _CLAIMABLE & ~(
-            (executions.c.source == ExecutionSource.RETRY.value)
-            & (executions.c.due_time > self._now())
-        )
         query = (
             sa.select(
                 executions.c.job_id,
                 sa.func.count().filter(executions.c.holds_slot),
-                sa.func.count().filter(waiting),
+                sa.func.count().filter(_READY & sa.not_(executions.c.force)),
+                sa.func.count().filter(_QUEUED),
             )
-            .where(executions.c.job_id.in_(job_ids), _ACTIVE)
+            .where(self._among(executions.c.job_id, job_ids), _ACTIVE)
             .group_by(executions.c.job_id)
         )
-        return {row[0]: (int(row[1]), int(row[2])) for row in await conn.execute(query)}
+        return {
+            row[0]: (int(row[1]), int(row[2]), int(row[3])) for row in await conn.execute(query)
+        }
 
-    async def _ask_oldest_to_stop(self, conn: AsyncConnection, job_id: str) -> list[str]:
-        oldest = (
-            sa.select(executions.c.id)
-            .where(
-                executions.c.job_id == job_id,
-                executions.c.state == _RUNNING,
-                executions.c.cancel_reason.is_(None),
+    async def _queued_jobs(self, conn: AsyncConnection, job_ids: Iterable[str] | None) -> list[str]:
+        """The jobs among ``job_ids`` (None: all) that have queued executions."""
+        query = sa.select(executions.c.job_id).where(_QUEUED).distinct()
+        if job_ids is not None:
+            wanted = sorted(set(job_ids))
+            if not wanted:
+                return []
+            query = query.where(self._among(executions.c.job_id, wanted))
+        return sorted(set((await conn.execute(query)).scalars()))
+
+    async def _promote(self, conn: AsyncConnection, job_ids: Sequence[str]) -> int:
+        """Makes queued executions of these jobs ready, oldest due first, as many as each
+        job's free slots; returns how many, and wakes the claimers if any.
+
+        Locks the jobs first, in id order, as admissions do: two writers never count one
+        job's slots at once, and the count (a later statement) sees what they committed. A
+        transaction calls it after its own execution rows are written (admissions write no
+        existing execution rows, so the two orders cannot deadlock)."""
+        if not job_ids:
+            return 0
+        await conn.execute(
+            sa.select(jobs.c.id)
+            .where(self._among(jobs.c.id, sorted(job_ids)))
+            .order_by(jobs.c.id)
+            .with_for_update(key_share=True)
+        )
+        counts = (
+            sa.select(
+                executions.c.job_id,
+                sa.func.count().filter(executions.c.holds_slot).label("holding"),
+                sa.func.count().filter(_READY & sa.not_(executions.c.force)).label("ready"),
             )
-            .order_by(executions.c.id)
-            .limit(1)
-            .scalar_subquery()
+            .where(self._among(executions.c.job_id, job_ids), _ACTIVE)
+            .group_by(executions.c.job_id)
+            .subquery()
+        )
+        ranked = (
+            sa.select(
+                executions.c.id,
+                executions.c.job_id,
+                sa.func.row_number()
+                .over(
+                    partition_by=executions.c.job_id,
+                    order_by=(executions.c.due_time, executions.c.id),
+                )
+                .label("rn"),
+            )
+            .where(self._among(executions.c.job_id, job_ids), _QUEUED)
+            .subquery()
+        )
+        free = (
+            jobs.c.max_concurrent
+            - sa.func.coalesce(counts.c.holding, 0)
+            - sa.func.coalesce(counts.c.ready, 0)
+        )
+        chosen = (
+            sa.select(ranked.c.id)
+            .join(jobs, jobs.c.id == ranked.c.job_id)
+            .outerjoin(counts, counts.c.job_id == ranked.c.job_id)
+            .where((jobs.c.max_concurrent <= 0) | (ranked.c.rn <= free))
+            .cte("chosen")
+            .prefix_with("MATERIALIZED")  # counted once, before any row changes
         )
         result = await conn.execute(
             executions.update()
-            .where(executions.c.id == oldest)
-            .values(cancel_reason="cancelled for a newer run (overlap policy cancel_running)")
-            .returning(executions.c.id)
+            .where(executions.c.id.in_(sa.select(chosen.c.id)), _QUEUED)
+            .values(ready=True)
+            .returning(executions.c.id)  # rowcount is -1 for WITH ... UPDATE on SQLite
         )
-        return list(result.scalars())
+        promoted = len(result.all())
+        if promoted:
+            await self._notify(conn, WORK_CHANNEL, self._instance_id)
+        return promoted
+
+    @_translate_errors
+    async def displace_oldest(self, job_ids: Sequence[str]) -> list[str]:
+        asked: list[str] = []
+        async with self._write() as conn:
+            for job_id in job_ids:
+                oldest = (
+                    sa.select(executions.c.id)
+                    .where(
+                        executions.c.job_id == job_id,
+                        executions.c.state == _RUNNING,
+                        executions.c.cancel_reason.is_(None),
+                    )
+                    .order_by(executions.c.id)
+                    .limit(1)
+                    .scalar_subquery()
+                )
+                result = await conn.execute(
+                    executions.update()
+                    .where(executions.c.id == oldest)
+                    .values(cancel_reason=DISPLACED)
+                    .returning(executions.c.id)
+                )
+                asked += result.scalars()
+            for execution_id in asked:
+                await self._notify(conn, CANCEL_CHANNEL, execution_id)
+        return asked
 
     async def _insert_rows(self, conn: AsyncConnection, rows: list[dict[str, Any]]) -> set[str]:
         if self._dialect == "postgresql":
@@ -712,119 +913,147 @@ class SqlAlchemyStore(Store):
     async def claim_executions(
         self, *, instance_id: str, limit: int, tasks: Sequence[str]
     ) -> Claim:
-        due = _CLAIMABLE & (executions.c.due_time <= self._now())
-        due = due & executions.c.task.in_(list(tasks))
-        claimed: list[Execution] = []
-        async with self._write() as conn:
-            job_ids = await self._lock_claimable_jobs(conn, due, limit) if limit > 0 else []
-            if job_ids:
-                claimed = await self._claim_for(conn, due, job_ids, instance_id, limit)
-            found: dict[str, Job] = {}
-            if claimed:
-                query = sa.select(jobs).where(jobs.c.id.in_({e.job_id for e in claimed}))
-                found = {row.id: _job_from_row(row) for row in await conn.execute(query)}
-            later = (
-                sa.select(sa.func.min(executions.c.due_time), self._now())
-                .where(_CLAIMABLE, executions.c.due_time > self._now())
-                .where(executions.c.task.in_(list(tasks)))
-            )
-            first, now = (await conn.execute(later)).one()
+        names = list(tasks)
+        claimed: list[tuple[Execution, RunPolicy]] = []
         next_due_in = None
-        if first is not None:
-            now = now if isinstance(now, datetime) else datetime.now(UTC)
-            next_due_in = first.astimezone(UTC) - now.astimezone(UTC)
-        return Claim(
-            executions=[(e, found[e.job_id]) for e in claimed if e.job_id in found],
-            next_due_in=next_due_in,
-        )
-
-    async def _lock_claimable_jobs(
-        self, conn: AsyncConnection, due: sa.ColumnElement[bool], limit: int
-    ) -> list[str]:
-        """The jobs with due executions and (as far as this snapshot knows) a free slot,
-        earliest due first, locked; those another claimer or admission holds are skipped."""
-        heads = (
-            sa.select(
-                executions.c.job_id,
-                sa.func.min(executions.c.due_time).label("due"),
-                sa.func.max(sa.cast(executions.c.force, sa.Integer)).label("forced"),
-            )
-            .where(due)
-            .group_by(executions.c.job_id)
-            .subquery()
-        )
-        held = (
-            sa.select(sa.func.count())
-            .where(executions.c.job_id == jobs.c.id, executions.c.holds_slot)
-            .correlate(jobs)
-            .scalar_subquery()
-        )
-        query = (
-            sa.select(jobs.c.id)
-            .join(heads, heads.c.job_id == jobs.c.id)
-            .where(
-                (jobs.c.max_concurrent <= 0) | (heads.c.forced > 0) | (held < jobs.c.max_concurrent)
-            )
-            .order_by(heads.c.due, jobs.c.id)
-            .limit(limit)
-            .with_for_update(key_share=True, skip_locked=True, of=jobs)
-        )
-        return list((await conn.execute(query)).scalars())
-
-    async def _claim_for(
-        self,
-        conn: AsyncConnection,
-        due: sa.ColumnElement[bool],
-        job_ids: list[str],
-        instance_id: str,
-        limit: int,
-    ) -> list[Execution]:
-        """Claims, for the locked jobs, what their free slots allow. A statement after the
-        locks were taken: it sees every claim committed before."""
-        held = (
-            sa.select(executions.c.job_id, sa.func.count().label("n"))
-            .where(executions.c.job_id.in_(job_ids), executions.c.holds_slot)
-            .group_by(executions.c.job_id)
-            .subquery()
-        )
-        ranked = (
-            sa.select(
-                executions.c.id,
-                executions.c.job_id,
-                executions.c.due_time,
-                executions.c.force,
-                sa.func.row_number()
-                .over(
-                    partition_by=(executions.c.job_id, executions.c.force),
-                    order_by=(executions.c.due_time, executions.c.id),
+        async with self._write() as conn:
+            if limit > 0:
+                # The first ``limit`` ready rows by due time: those due now are claimed, the
+                # first one not due yet says when to look again.
+                first = (
+                    sa.select(
+                        executions,
+                        jobs.c.timeout_seconds,
+                        jobs.c.retry.label("job_retry"),
+                        self._now().label("db_now"),
+                    )
+                    .join(jobs, jobs.c.id == executions.c.job_id)
+                    .where(_READY, executions.c.task.in_(names))
+                    .order_by(executions.c.due_time, executions.c.id)
+                    .limit(limit)
+                    .with_for_update(skip_locked=True, of=executions)
                 )
-                .label("rn"),
+                # Two statements, not UPDATE ... WHERE id IN (this): as a subquery PostgreSQL
+                # may run it again for each row it updates (and take more than the limit).
+                started = datetime.now(UTC)
+                for row in await conn.execute(first):
+                    if row.due_time > row.db_now:
+                        next_due_in = row.due_time - row.db_now
+                        break
+                    execution = replace(
+                        _execution_from_row(row),
+                        state=ExecutionState.RUNNING,
+                        instance_id=instance_id,
+                        start_time=started,
+                    )
+                    policy = RunPolicy(
+                        timeout=_delta(row.timeout_seconds), retry=_retry_from_json(row.job_retry)
+                    )
+                    claimed.append((execution, policy))
+            if claimed:
+                await self._mark_claimed(conn, [e.id for e, _ in claimed], instance_id, started)
+        return Claim(executions=claimed, next_due_in=next_due_in)
+
+    async def _mark_claimed(
+        self, conn: AsyncConnection, ids: list[str], instance_id: str, started: datetime
+    ) -> None:
+        """RUNNING for ``instance_id``, the rows (locked, so still ready) by their key: on
+        PostgreSQL one statement joined with the ids (a nested loop over the primary key,
+        even while the table's statistics lag behind its growth); on SQLite one each."""
+        values = {
+            "state": ExecutionState.RUNNING.value,
+            "instance_id": instance_id,
+            "ready": False,
+            "holds_slot": True,
+            "start_time": started,
+        }
+        if self._dialect == "postgresql":
+            await conn.execute(_PG_CLAIM, {"ids": ids} | values)
+            return
+        await conn.execute(
+            executions.update().where(executions.c.id == sa.bindparam("b_id")).values(**values),
+            [{"b_id": execution_id} for execution_id in ids],
+        )
+
+    async def _write_next_runs(self, conn: AsyncConnection, next_runs: list[NextRun]) -> None:
+        """Next run times, each applied only while its job is at the version it was computed
+        for; in id order, as every writer that locks several jobs."""
+        if self._dialect == "postgresql":
+            await conn.execute(
+                _PG_NEXT_RUNS,
+                {
+                    "ids": [n.job_id for n in next_runs],
+                    "versions": [n.version for n in next_runs],
+                    "times": [n.next_run_time for n in next_runs],
+                },
             )
-            .where(due, executions.c.job_id.in_(job_ids))
-            .subquery()
+            return
+        await conn.execute(
+            jobs.update()
+            .where(
+                jobs.c.id == sa.bindparam("b_job_id"),
+                jobs.c.version == sa.bindparam("b_version"),
+            )
+            .values(next_run_time=sa.bindparam("b_next_run_time")),
+            [
+                {"b_job_id": n.job_id, "b_version": n.version, "b_next_run_time": n.next_run_time}
+                for n in next_runs
+            ],
         )
-        free = jobs.c.max_concurrent - sa.func.coalesce(held.c.n, 0)
-        chosen = (
-            sa.select(ranked.c.id)
-            .join(jobs, jobs.c.id == ranked.c.job_id)
-            .outerjoin(held, held.c.job_id == ranked.c.job_id)
-            .where(ranked.c.force | (jobs.c.max_concurrent <= 0) | (ranked.c.rn <= free))
-            .order_by(ranked.c.due_time, ranked.c.id)
-            .limit(limit)
-        )
-        result = await conn.execute(
+
+    async def _write_finishes(
+        self, conn: AsyncConnection, finishes: Sequence[ExecutionFinish]
+    ) -> None:
+        """Final states, of executions not final yet (the first final state wins)."""
+        if self._dialect == "postgresql":
+            await conn.execute(
+                _PG_FINISH,
+                {
+                    "ids": [f.id for f in finishes],
+                    "states": [f.state.value for f in finishes],
+                    "starts": [f.start_time for f in finishes],
+                    "ends": [f.end_time for f in finishes],
+                    "results": [
+                        None if f.result is None else json.dumps(f.result) for f in finishes
+                    ],
+                    "messages": [f.error_message for f in finishes],
+                    "tracebacks": [f.error_traceback for f in finishes],
+                    "types": [f.error_type for f in finishes],
+                    "keeps": [f.keeps_slot for f in finishes],
+                },
+            )
+            return
+        await conn.execute(
             executions.update()
-            .where(executions.c.id.in_(chosen.scalar_subquery()), _CLAIMABLE)
-            .values(
-                state=ExecutionState.RUNNING.value,
-                instance_id=instance_id,
-                holds_slot=True,
-                start_time=datetime.now(UTC),
+            .where(
+                executions.c.id == sa.bindparam("b_id"),
+                # Not IN (...): expanding parameters cannot go into an executemany.
+                sa.or_(*(executions.c.state == state for state in _UNFINISHED)),
             )
-            .returning(*executions.c)
-        )
-        return sorted(
-            (_execution_from_row(row) for row in result), key=lambda e: (e.scheduled_time, e.id)
+            .values(
+                state=sa.bindparam("b_state"),
+                start_time=sa.bindparam("b_start_time"),
+                end_time=sa.bindparam("b_end_time"),
+                result=sa.bindparam("b_result", type_=executions.c.result.type),
+                error_message=sa.bindparam("b_error_message"),
+                error_traceback=sa.bindparam("b_error_traceback"),
+                error_type=sa.bindparam("b_error_type"),
+                holds_slot=sa.bindparam("b_keeps_slot"),
+            ),
+            [
+                {
+                    "b_id": f.id,
+                    "b_state": f.state.value,
+                    "b_start_time": f.start_time,
+                    "b_end_time": f.end_time,
+                    "b_result": f.result,
+                    "b_error_message": f.error_message,
+                    "b_error_traceback": f.error_traceback,
+                    "b_error_type": f.error_type,
+                    "b_keeps_slot": f.keeps_slot,
+                }
+                for f in finishes
+            ],
         )
 
     @_translate_errors
@@ -835,7 +1064,7 @@ class SqlAlchemyStore(Store):
         next_runs: Sequence[NextRun] = (),
         *,
         epoch: int | None = None,
-    ) -> bool:
+    ) -> Progress:
         moved = True
         async with self._write() as conn:
             if next_runs and epoch is not None:
@@ -844,56 +1073,9 @@ class SqlAlchemyStore(Store):
                 except NotLeader:
                     next_runs, moved = (), False
             if next_runs:
-                await conn.execute(
-                    jobs.update()
-                    .where(
-                        jobs.c.id == sa.bindparam("b_job_id"),
-                        jobs.c.version == sa.bindparam("b_version"),
-                    )
-                    .values(next_run_time=sa.bindparam("b_next_run_time")),
-                    [
-                        {
-                            "b_job_id": n.job_id,
-                            "b_version": n.version,
-                            "b_next_run_time": n.next_run_time,
-                        }
-                        # In id order, as admissions lock jobs: no deadlock between the two.
-                        for n in sorted(next_runs, key=lambda n: n.job_id)
-                    ],
-                )
+                await self._write_next_runs(conn, sorted(next_runs, key=lambda n: n.job_id))
             if finishes:
-                await conn.execute(
-                    executions.update()
-                    .where(
-                        executions.c.id == sa.bindparam("b_id"),
-                        # Not IN (...): expanding parameters cannot go into an executemany.
-                        sa.or_(*(executions.c.state == state for state in _UNFINISHED)),
-                    )
-                    .values(
-                        state=sa.bindparam("b_state"),
-                        start_time=sa.bindparam("b_start_time"),
-                        end_time=sa.bindparam("b_end_time"),
-                        result=sa.bindparam("b_result", type_=executions.c.result.type),
-                        error_message=sa.bindparam("b_error_message"),
-                        error_traceback=sa.bindparam("b_error_traceback"),
-                        error_type=sa.bindparam("b_error_type"),
-                        holds_slot=sa.bindparam("b_keeps_slot"),
-                    ),
-                    [
-                        {
-                            "b_id": f.id,
-                            "b_state": f.state.value,
-                            "b_start_time": f.start_time,
-                            "b_end_time": f.end_time,
-                            "b_result": f.result,
-                            "b_error_message": f.error_message,
-                            "b_error_traceback": f.error_traceback,
-                            "b_error_type": f.error_type,
-                            "b_keeps_slot": f.keeps_slot,
-                        }
-                        for f in finishes
-                    ],
-                )
+                await self._write_finishes(conn, finishes)
             if releases:
                 await conn.execute(
                     executions.update()
@@ -901,16 +1083,18 @@ class SqlAlchemyStore(Store):
                     .values(holds_slot=False, note=sa.bindparam("b_note")),
                     [{"b_id": r.id, "b_note": r.note} for r in releases],
                 )
-            if finishes or releases:
-                await self._notify(conn, WORK_CHANNEL, "")
-        return moved
+            freeing = {f.job_id for f in finishes if not f.keeps_slot} | {
+                r.job_id for r in releases
+            }
+            readied = await self._promote(conn, await self._queued_jobs(conn, freeing))
+        return Progress(moved=moved, readied=readied)
 
     @_translate_errors
     async def request_cancel(
         self, execution_id: str, *, message: str, now: datetime
     ) -> CancelRequest:
+        query = sa.select(executions).where(executions.c.id == execution_id)
         async with self._write() as conn:
-            query = sa.select(executions).where(executions.c.id == execution_id)
             row = (await conn.execute(query.with_for_update())).first()
             if row is None:
                 raise ExecutionNotFound(execution_id)
@@ -920,6 +1104,7 @@ class SqlAlchemyStore(Store):
                     "state": ExecutionState.CANCELLED.value,
                     "end_time": now,
                     "error_message": message,
+                    "ready": False,
                 }
                 done = True
             elif current.state is ExecutionState.RUNNING:
@@ -931,15 +1116,24 @@ class SqlAlchemyStore(Store):
             await conn.execute(
                 executions.update().where(executions.c.id == execution_id).values(**values)
             )
+            if done and row.ready:
+                await self._promote(conn, await self._queued_jobs(conn, [current.job_id]))
             after = (await conn.execute(query)).one()
         return CancelRequest(execution=_execution_from_row(after), done=done)
 
     @_translate_errors
-    async def cancel_requests(self, instance_id: str) -> dict[str, str]:
+    async def promote_waiting(self) -> int:
+        async with self._write() as conn:
+            return await self._promote(conn, await self._queued_jobs(conn, None))
+
+    @_translate_errors
+    async def cancel_requests(self, execution_ids: Sequence[str]) -> dict[str, str]:
+        if not execution_ids:
+            return {}
         async with self._begin() as conn:
             rows = await conn.execute(
                 sa.select(executions.c.id, executions.c.cancel_reason).where(
-                    executions.c.instance_id == instance_id,
+                    self._among(executions.c.id, execution_ids),
                     executions.c.state == _RUNNING,
                     executions.c.cancel_reason.is_not(None),
                 )
@@ -1018,6 +1212,7 @@ class SqlAlchemyStore(Store):
             await conn.execute(
                 executions.update().where(executions.c.holds_slot).values(holds_slot=False)
             )
+            await self._promote(conn, await self._queued_jobs(conn, None))
             return int(result.rowcount)
 
     @_translate_errors
@@ -1094,7 +1289,7 @@ class SqlAlchemyStore(Store):
             sa.select(executions.c.job_id, executions.c.scheduled_time, executions.c.missed)
             .select_from(jobs)
             .join(executions, executions.c.id == latest)
-            .where(jobs.c.id.in_(list(job_ids)))
+            .where(self._among(jobs.c.id, job_ids))
         )
         found: dict[str, datetime] = {}
         async with self._begin() as conn:
@@ -1143,14 +1338,21 @@ class SqlAlchemyStore(Store):
             )
 
     @_translate_errors
-    async def heartbeat_instance(self, instance_id: str, *, running: int) -> bool:
+    async def heartbeat_instance(
+        self, instance_id: str, *, running: int, live_after: timedelta
+    ) -> int:
         async with self._write() as conn:
             result = await conn.execute(
                 instances.update()
                 .where(instances.c.id == instance_id)
                 .values(last_seen=self._now(), running=running)
             )
-            return bool(result.rowcount)
+            if not result.rowcount:
+                return 0
+            live = sa.select(sa.func.count()).where(
+                instances.c.last_seen >= self._seen_since(live_after)
+            )
+            return max(1, int((await conn.execute(live)).scalar_one()))
 
     @_translate_errors
     async def remove_instance(self, instance_id: str) -> None:
@@ -1202,20 +1404,26 @@ class SqlAlchemyStore(Store):
     async def abandon_orphans(
         self, *, stale_after: timedelta, message: str, now: datetime
     ) -> list[Execution]:
-        live = sa.select(instances.c.id).where(
-            instances.c.last_seen >= self._seen_since(stale_after)
-        )
-        orphaned = (executions.c.state == _RUNNING) & executions.c.instance_id.not_in(live)
+        owned = (executions.c.state == _RUNNING) | executions.c.holds_slot  # ix_executions_owned
         abandoned_rows: list[Execution] = []
         async with self._write() as conn:
-            owners = list(
+            # The owners of running executions and slots, then those of them that are silent:
+            # two small reads each round, whatever the history holds.
+            owners = set(
                 (
-                    await conn.execute(
-                        sa.select(executions.c.instance_id).where(orphaned).distinct()
-                    )
+                    await conn.execute(sa.select(executions.c.instance_id).where(owned).distinct())
                 ).scalars()
             )
-            for instance_id in owners:
+            live = sa.select(instances.c.id).where(
+                instances.c.last_seen >= self._seen_since(stale_after)
+            )
+            dead = sorted(owners - set((await conn.execute(live)).scalars()))
+            if not dead:
+                return []
+            of_dead = owned & self._among(executions.c.instance_id, dead)
+            affected = sa.select(executions.c.job_id).where(of_dead).distinct()
+            freeing = list((await conn.execute(affected)).scalars())
+            for instance_id in dead:
                 seen = (
                     await conn.execute(
                         sa.select(instances.c.last_seen).where(instances.c.id == instance_id)
@@ -1224,7 +1432,7 @@ class SqlAlchemyStore(Store):
                 last = f"last seen {seen.isoformat()}" if seen else "no longer registered"
                 abandoned = await conn.execute(
                     executions.update()
-                    .where(orphaned, executions.c.instance_id == instance_id)
+                    .where(executions.c.state == _RUNNING, executions.c.instance_id == instance_id)
                     .values(
                         state=ExecutionState.ABANDONED.value,
                         end_time=now,
@@ -1236,13 +1444,8 @@ class SqlAlchemyStore(Store):
                 )
                 abandoned_rows.extend(_execution_from_row(row) for row in abandoned)
             # Slots of synchronous tasks that outlived their final state there.
-            freed = await conn.execute(
-                executions.update()
-                .where(executions.c.holds_slot, executions.c.instance_id.not_in(live))
-                .values(holds_slot=False)
-            )
-            if abandoned_rows or freed.rowcount:
-                await self._notify(conn, WORK_CHANNEL, "")
+            await conn.execute(executions.update().where(of_dead).values(holds_slot=False))
+            await self._promote(conn, await self._queued_jobs(conn, freeing))
         return abandoned_rows
 
     @_translate_errors

@@ -112,11 +112,13 @@ executions = sa.Table(
     # {"count", "count_is_lower_bound", "first_time", "last_time"} on a MISSED execution.
     sa.Column("missed", sa.JSON(none_as_null=True), nullable=True),
     sa.Column("note", sa.Text, nullable=False),
-    # The queue (docs/decisions/0010-execution-queue.md): a PENDING execution with no
-    # instance_id waits to be claimed, from due_time on; a claim sets holds_slot, which counts
-    # against the job's max_concurrent until the task has really ended. A forced execution
-    # (TriggerJob with overlap ALLOW) is claimed whatever the slots say.
+    # The queue (docs/decisions/0010-execution-queue.md). A PENDING execution is *ready* when
+    # it has one of its job's max_concurrent slots: any instance may claim it from
+    # due_time on; otherwise it is *queued* until a slot frees. A claim sets holds_slot,
+    # which holds the slot until the task has really ended. A forced execution (TriggerJob
+    # with overlap ALLOW) is ready at once, beyond max_concurrent.
     sa.Column("due_time", UtcDateTime, nullable=False),
+    sa.Column("ready", sa.Boolean, nullable=False),
     sa.Column("holds_slot", sa.Boolean, nullable=False),
     sa.Column("force", sa.Boolean, nullable=False),
     # Set when someone asked the instance running it to stop it (the error message to record).
@@ -125,21 +127,35 @@ executions = sa.Table(
     sa.Column("epoch", sa.BigInteger, nullable=True),
     sa.UniqueConstraint("job_id", "dedupe_key"),
     sa.Index(None, "job_id", "id"),
-    sa.Index(None, "state"),
     # The age-based purge.
     sa.Index(None, "end_time"),
-    # What a claim looks for, and what admission and claims count per job.
+    # What a claim looks for; what waits for a slot, per job; whose runs and slots an
+    # instance holds (the sweep of dead instances); what admission counts.
     sa.Index(
-        "ix_executions_claimable",
+        "ix_executions_ready",
         "due_time",
-        postgresql_where=sa.text("state = 'pending' AND instance_id = ''"),
-        sqlite_where=sa.text("state = 'pending' AND instance_id = ''"),
+        "id",
+        postgresql_where=sa.text("state = 'pending' AND ready"),
+        sqlite_where=sa.text("state = 'pending' AND ready = 1"),
+    ),
+    sa.Index(
+        "ix_executions_queued",
+        "job_id",
+        "due_time",
+        postgresql_where=sa.text("state = 'pending' AND NOT ready"),
+        sqlite_where=sa.text("state = 'pending' AND ready = 0"),
+    ),
+    sa.Index(
+        "ix_executions_owned",
+        "instance_id",
+        postgresql_where=sa.text("state = 'running' OR holds_slot"),
+        sqlite_where=sa.text("state = 'running' OR holds_slot = 1"),
     ),
     sa.Index(
         "ix_executions_active",
         "job_id",
         postgresql_where=sa.text("state IN ('pending', 'running') OR holds_slot"),
-        sqlite_where=sa.text("state IN ('pending', 'running') OR holds_slot"),
+        sqlite_where=sa.text("state IN ('pending', 'running') OR holds_slot = 1"),
     ),
 )
 
