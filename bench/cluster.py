@@ -10,7 +10,8 @@ executed, missed, abandoned (held by the killed leader: recorded, not run again)
 (expected fires with no execution), duplicates (executions of one (job, scheduled time)
 beyond the first; must be 0), executions_per_s (executed over the run), lateness_p50_ms and
 lateness_p99_ms (start_time - scheduled_time, over every fire that ran; the fires around the
-failover are in it), failover_s.
+failover are in it), failover_s, and run_share_max (the largest fraction of the runs that one
+instance ran: 1.0 means one instance ran everything).
 
 Run it (PostgreSQL: the local server with trust auth, or ``--postgres-url`` naming a
 maintenance database of a role that may CREATE DATABASE)::
@@ -152,6 +153,8 @@ async def run(size: int, options: argparse.Namespace, workdir: Path) -> None:
     emit(size, "lateness_p50_ms", percentile(lateness, 0.5), "ms")
     emit(size, "lateness_p99_ms", percentile(lateness, 0.99), "ms")
     emit(size, "failover_s", failover, "s")
+    by_instance = Counter(e.instance_id for e in ran)
+    emit(size, "run_share_max", max(by_instance.values()) / len(ran) if ran else None, "fraction")
 
 
 async def _main(options: argparse.Namespace) -> int:
