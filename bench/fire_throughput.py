@@ -283,7 +283,7 @@ async def _stop_process(process: asyncio.subprocess.Process) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running_server(database_url: str, log_path: Path) -> AsyncIterator[Server]:
+async def running_server(database_url: str, log_path: Path, *extra: str) -> AsyncIterator[Server]:
     command = [
         *_server_command(),
         "serve",
@@ -293,6 +293,7 @@ async def running_server(database_url: str, log_path: Path) -> AsyncIterator[Ser
         database_url,
         "--shutdown-grace",
         str(SHUTDOWN_GRACE),
+        *extra,
     ]
     log_file = _open_log(log_path)
     try:

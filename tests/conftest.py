@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import uuid
@@ -101,6 +102,32 @@ class InProcessServer:
     database_url: str
 
 
+@contextlib.asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[InProcessServer]:
+    """The real application on these settings, reached through a real grpc.aio channel."""
+    app = Application(settings.normalized())
+    running = asyncio.create_task(app.run())
+    ready = asyncio.create_task(app.ready.wait())
+    await asyncio.wait([running, ready], return_when=asyncio.FIRST_COMPLETED, timeout=30)
+    if not ready.done():
+        ready.cancel()
+        await running  # raises what stopped it
+        raise AssertionError("server did not start")
+    assert app.address is not None
+    channel = grpc.aio.insecure_channel(app.address)
+    try:
+        yield InProcessServer(
+            app,
+            channel,
+            scheduler_service_pb2_grpc.SchedulerServiceStub(channel),
+            settings.database_url,
+        )
+    finally:
+        await channel.close()
+        app.stop()
+        await asyncio.wait_for(running, 30)
+
+
 @pytest_asyncio.fixture
 async def server(database_url: str) -> AsyncIterator[InProcessServer]:
     """The real application on port 0, reached through a real grpc.aio channel."""
@@ -111,20 +138,6 @@ async def server(database_url: str) -> AsyncIterator[InProcessServer]:
         shutdown_grace=1.0,
         # Often, so that tests see history limits applied.
         purge_interval=0.5,
-    ).normalized()
-    app = Application(settings)
-    running = asyncio.create_task(app.run())
-    ready = asyncio.create_task(app.ready.wait())
-    await asyncio.wait([running, ready], return_when=asyncio.FIRST_COMPLETED, timeout=30)
-    if not ready.done():
-        ready.cancel()
-        await running  # raises what stopped it
-        raise AssertionError("server did not start")
-    assert app.address is not None
-    channel = grpc.aio.insecure_channel(app.address)
-    yield InProcessServer(
-        app, channel, scheduler_service_pb2_grpc.SchedulerServiceStub(channel), database_url
     )
-    await channel.close()
-    app.stop()
-    await asyncio.wait_for(running, 30)
+    async with serving(settings) as running:
+        yield running

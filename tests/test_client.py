@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -35,6 +36,7 @@ from chronoplane.client import (
 from chronoplane.client.cli import _execution_text
 from chronoplane.v1 import execution_pb2 as epb
 from chronoplane.v1 import job_pb2 as jpb
+from chronoplane.v1 import scheduler_service_pb2 as pb
 
 CHRONOCTL = str(Path(sys.executable).parent / "chronoctl")
 FINAL = {
@@ -816,3 +818,72 @@ async def test_instances_show_this_server_as_leader(
     [header, row] = (await ok(f"--address={server.app.address}", "instances")).splitlines()
     assert header.split()[:2] == ["ID", "NAME"]
     assert row.split()[0] == instance.id and "leader" in row.split()
+
+
+# -- watches --------------------------------------------------------------------------------------
+
+
+async def test_watch_executions_follows_a_run_and_resumes_after_a_cursor(
+    client: AsyncClient,
+) -> None:
+    await client.create_job("echo", task="chronoplane.echo", trigger=cron("0 3 * * *"), paused=True)
+    events: list[pb.WatchExecutionsResponse] = []
+
+    async def follow(after: int | None) -> None:
+        async for event in client.watch_executions(job_ids=["echo"], after_cursor=after):
+            if event.kind != pb.WATCH_EVENT_KIND_PROGRESS:
+                events.append(event)
+            if event.execution.state == epb.EXECUTION_STATE_SUCCEEDED:
+                return
+
+    following = asyncio.create_task(follow(None))
+    await asyncio.sleep(0.3)
+    first = await client.trigger_job("echo")
+    await asyncio.wait_for(following, 15)
+    assert [e.execution.id for e in events] == [first.id] * len(events)
+    assert events[0].kind == pb.WATCH_EVENT_KIND_ADDED
+    seen = events[-1].cursor
+    second = await client.trigger_job("echo")
+    await finished(client, second.id)
+    events.clear()
+    await asyncio.wait_for(follow(seen), 15)  # what happened while no one watched
+    assert {e.execution.id for e in events} == {second.id}
+    assert all(e.cursor > seen for e in events)
+
+    snapshot = client.watch_jobs(snapshot=True)
+    current = await anext(snapshot)
+    marker = await anext(snapshot)
+    await snapshot.aclose()
+    assert current.kind == pb.WATCH_EVENT_KIND_SNAPSHOT and current.job.id == "echo"
+    assert marker.kind == pb.WATCH_EVENT_KIND_SNAPSHOT_END
+
+
+async def test_chronoctl_watch_prints_events_as_json_lines(server: InProcessServer) -> None:
+    address = f"--address={server.app.address}"
+    await ok(address, "jobs", "create", "nightly", "--task=chronoplane.echo", "--cron=0 3 * * *")
+    process = await asyncio.create_subprocess_exec(
+        CHRONOCTL,
+        address,
+        "executions",
+        "watch",
+        "--job=nightly",
+        "--json",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await asyncio.sleep(1.0)  # the stream is open
+        await ok(address, "jobs", "trigger", "nightly")
+        lines: list[dict[str, Any]] = []
+        assert process.stdout is not None
+        while not lines or lines[-1]["execution"]["state"] != "EXECUTION_STATE_SUCCEEDED":
+            line = await asyncio.wait_for(process.stdout.readline(), 15)
+            assert line, (await process.stderr.read()).decode() if process.stderr else ""
+            lines.append(json.loads(line))
+    finally:
+        process.terminate()
+        await process.wait()
+    assert lines[0]["kind"] == "WATCH_EVENT_KIND_ADDED"
+    assert lines[0]["execution"]["jobId"] == "nightly"
+    cursors = [int(line["cursor"]) for line in lines]
+    assert cursors == sorted(set(cursors))

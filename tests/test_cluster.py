@@ -10,6 +10,7 @@ resolved. Timings are shortened: heartbeat 0.5 s, leader timeout 2.5 s, instance
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import signal
 import time
@@ -82,10 +83,10 @@ class Cluster:
         raise AssertionError(f"no leader within {within} s: {self.instances(avoid)}")
 
 
-@pytest.fixture
-def cluster(postgres_url: str, tmp_path: Path) -> Iterator[Cluster]:
-    url = postgres_url
-    made = Cluster(url, tmp_path, tmp_path / "ledger.txt", [])
+@contextlib.contextmanager
+def cluster_on(url: str, workdir: Path) -> Iterator[Cluster]:
+    """A cluster to start servers in; every one of them is killed at the end."""
+    made = Cluster(url, workdir, workdir / "ledger.txt", [])
     try:
         yield made
     finally:
@@ -94,6 +95,12 @@ def cluster(postgres_url: str, tmp_path: Path) -> Iterator[Cluster]:
                 server.process.send_signal(signal.SIGCONT)
                 server.process.kill()
                 server.process.wait(10)
+
+
+@pytest.fixture
+def cluster(postgres_url: str, tmp_path: Path) -> Iterator[Cluster]:
+    with cluster_on(postgres_url, tmp_path) as made:
+        yield made
 
 
 def ledger_job(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import asyncio
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, Self
 
@@ -20,7 +21,7 @@ from chronoplane.client._convert import (
     struct,
     timestamp,
 )
-from chronoplane.client.errors import from_rpc_error
+from chronoplane.client.errors import error_info, from_rpc_error
 from chronoplane.v1 import execution_pb2, instance_pb2, job_pb2, scheduler_service_pb2_grpc
 from chronoplane.v1 import scheduler_service_pb2 as pb
 
@@ -388,6 +389,80 @@ class AsyncClient:
         )
         response: pb.PurgeExecutionsResponse = await self._call(self._stub.PurgeExecutions, request)
         return response.purged_count
+
+    # -- watches ----------------------------------------------------------------------------------
+
+    def watch_executions(
+        self,
+        *,
+        job_ids: Iterable[str] = (),
+        states: Iterable[execution_pb2.ExecutionState.ValueType] = (),
+        labels: Mapping[str, str] | None = None,
+        after_cursor: int | None = None,
+        snapshot: bool = False,
+        resume: bool = True,
+    ) -> AsyncGenerator[pb.WatchExecutionsResponse, None]:
+        """Execution events as the cluster commits them, until the caller stops iterating.
+
+        With ``resume`` (the default), a stream the server ends (it shuts down or dies:
+        UNAVAILABLE; this client fell behind: RESOURCE_EXHAUSTED) is opened again after the
+        last cursor received, on the same address: no event is lost or repeated, as long as
+        the gap is shorter than the server's event retention. Other errors are raised.
+        """
+        request = pb.WatchExecutionsRequest(
+            job_ids=list(job_ids), states=list(states), labels=dict(labels or {}), snapshot=snapshot
+        )
+        if after_cursor is not None:
+            request.after_cursor = after_cursor
+        return self._watch(self._stub.WatchExecutions, request, resume)
+
+    def watch_jobs(
+        self,
+        *,
+        job_ids: Iterable[str] = (),
+        labels: Mapping[str, str] | None = None,
+        after_cursor: int | None = None,
+        snapshot: bool = False,
+        resume: bool = True,
+    ) -> AsyncGenerator[pb.WatchJobsResponse, None]:
+        """Job events (added, modified, deleted); see :meth:`watch_executions`."""
+        request = pb.WatchJobsRequest(
+            job_ids=list(job_ids), labels=dict(labels or {}), snapshot=snapshot
+        )
+        if after_cursor is not None:
+            request.after_cursor = after_cursor
+        return self._watch(self._stub.WatchJobs, request, resume)
+
+    async def _watch(
+        self, rpc: Callable[..., Any], request: Any, resume: bool
+    ) -> AsyncGenerator[Any, None]:
+        delay = 0.1
+        while True:
+            call = rpc(request)
+            try:
+                async for event in call:
+                    if event.kind != pb.WATCH_EVENT_KIND_SNAPSHOT:
+                        # From here on a reopened stream continues (a snapshot cut short is
+                        # taken again: its items all carry the cursor it is read at).
+                        request.after_cursor = event.cursor
+                        request.snapshot = False
+                    delay = 0.1
+                    yield event
+                return
+            except grpc.aio.AioRpcError as error:
+                info = error_info(error)
+                resumable = error.code() == grpc.StatusCode.UNAVAILABLE or (
+                    info is not None and info.reason == "WATCH_FELL_BEHIND"
+                )
+                if not resume or not resumable:
+                    raise from_rpc_error(error) from error
+                fresh = not request.HasField("after_cursor") and not request.snapshot
+                if fresh and info is not None and "cursor" in info.metadata:
+                    request.after_cursor = int(info.metadata["cursor"])
+            finally:
+                call.cancel()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     async def list_instances(self) -> list[instance_pb2.Instance]:
         """The server processes sharing the database, oldest first; ``leader`` marks the one

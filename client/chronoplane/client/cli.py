@@ -193,6 +193,77 @@ async def _executions_list(client: AsyncClient, args: argparse.Namespace) -> Mes
     return pb.ListExecutionsResponse(executions=executions)
 
 
+_KIND_WORDS = {
+    pb.WATCH_EVENT_KIND_ADDED: "added",
+    pb.WATCH_EVENT_KIND_MODIFIED: "modified",
+    pb.WATCH_EVENT_KIND_DELETED: "deleted",
+    pb.WATCH_EVENT_KIND_SNAPSHOT: "current",
+    pb.WATCH_EVENT_KIND_SNAPSHOT_END: "--",
+    pb.WATCH_EVENT_KIND_PROGRESS: "progress",
+}
+
+
+def _event_line(event: pb.WatchExecutionsResponse | pb.WatchJobsResponse, *, json: bool) -> str:
+    if json:
+        return json_format.MessageToJson(event, indent=None)
+    head = f"{event.cursor:>8}  {_KIND_WORDS.get(event.kind, '?'):<8}"
+    if isinstance(event, pb.WatchExecutionsResponse) and event.HasField("execution"):
+        e = event.execution
+        return f"{head}  {e.id}  {e.job_id}  {_state(e.state)}  {e.error_message[:60]}".rstrip()
+    if isinstance(event, pb.WatchJobsResponse) and event.HasField("job"):
+        job = event.job
+        return f"{head}  {job.id}  {'paused' if job.paused else 'active'}  {job.etag}"
+    return head.rstrip()
+
+
+async def _print_events(events: Any, args: argparse.Namespace) -> Message:
+    """Prints each event as it comes, until the stream ends or Ctrl-C."""
+    async for event in events:
+        if event.kind == pb.WATCH_EVENT_KIND_PROGRESS and not args.progress:
+            continue
+        sys.stdout.write(_event_line(event, json=args.json) + "\n")
+        sys.stdout.flush()
+    return pb.DeleteJobResponse()  # prints nothing
+
+
+async def _executions_watch(client: AsyncClient, args: argparse.Namespace) -> Message:
+    events = client.watch_executions(
+        job_ids=args.job,
+        states=[_STATES[name] for name in args.state],
+        labels=dict(args.label),
+        after_cursor=args.after,
+        snapshot=args.snapshot,
+    )
+    return await _print_events(events, args)
+
+
+async def _jobs_watch(client: AsyncClient, args: argparse.Namespace) -> Message:
+    events = client.watch_jobs(
+        job_ids=args.job, labels=dict(args.label), after_cursor=args.after, snapshot=args.snapshot
+    )
+    return await _print_events(events, args)
+
+
+def _add_watch_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--job", action="append", default=[], metavar="ID", help="only this job's (repeatable)"
+    )
+    parser.add_argument(
+        "--label",
+        type=_label,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only jobs with this label (repeatable)",
+    )
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument(
+        "--after", type=int, metavar="CURSOR", help="resume: the events after this cursor"
+    )
+    start.add_argument("--snapshot", action="store_true", help="start with what is there now")
+    parser.add_argument("--progress", action="store_true", help="print progress events too")
+
+
 async def _executions_get(client: AsyncClient, args: argparse.Namespace) -> Message:
     return await client.get_execution(args.id)
 
@@ -606,6 +677,9 @@ def _add_policy_options(create: argparse.ArgumentParser) -> None:
 
 def _add_job_commands(group: Any) -> None:
     _command(group, "list", _jobs_list, "list every job")
+    _add_watch_options(
+        _command(group, "watch", _jobs_watch, "print job events as they happen (Ctrl-C stops)")
+    )
     _command(group, "get", _jobs_get, "show one job").add_argument("id", metavar="ID")
     create = _command(group, "create", _jobs_create, "create a job")
     create.add_argument("id", metavar="ID")
@@ -652,20 +726,29 @@ def _add_job_commands(group: Any) -> None:
     _add_overlap_option(backfill, "when runs are all taken (default buffer_all)")
 
 
-def _add_execution_commands(group: Any) -> None:
-    listing = _command(group, "list", _executions_list, "list executions, newest first")
-    listing.add_argument("--job", default="", metavar="ID", help="only this job's")
-    listing.add_argument(
+def _add_state_option(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument(
         "--state",
         nargs="+",
         action="extend",
         default=[],
         choices=sorted(_STATES),
         metavar="STATE",
-        help="only executions in these states: " + ", ".join(sorted(_STATES)),
+        help=help_text,
     )
+
+
+def _add_execution_commands(group: Any) -> None:
+    listing = _command(group, "list", _executions_list, "list executions, newest first")
+    listing.add_argument("--job", default="", metavar="ID", help="only this job's")
+    _add_state_option(listing, "only executions in these states: " + ", ".join(sorted(_STATES)))
     listing.add_argument("--limit", type=int, default=20, metavar="N", help="default 20")
     _command(group, "get", _executions_get, "show one execution").add_argument("id", metavar="ID")
+    watch = _command(
+        group, "watch", _executions_watch, "print execution events as they happen (Ctrl-C stops)"
+    )
+    _add_watch_options(watch)
+    _add_state_option(watch, "only events after which the execution is in one of these states")
     cancel = _command(group, "cancel", _executions_cancel, "stop a pending or running execution")
     cancel.add_argument("id", metavar="ID")
     cancel.add_argument("--reason", default="", help="kept in the execution's error message")

@@ -33,6 +33,7 @@ __all__ = [
     "NotFound",
     "Unavailable",
     "Unimplemented",
+    "error_info",
     "from_rpc_error",
 ]
 
@@ -147,6 +148,15 @@ def _rich_status(error: grpc.aio.AioRpcError) -> status_pb2.Status | None:
     except ValueError:  # details that contradict the status: trust the status, drop them
         return None
     return status
+
+
+def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
+    """The ErrorInfo detail a failed call carries (reason and metadata), if any."""
+    status = _rich_status(error)
+    info = error_details_pb2.ErrorInfo()
+    if status is not None and any(detail.Unpack(info) for detail in status.details):
+        return info
+    return None
 
 
 def _reason(status: status_pb2.Status) -> str:

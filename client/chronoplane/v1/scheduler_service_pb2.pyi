@@ -13,6 +13,7 @@ from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -23,6 +24,50 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _WatchEventKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WatchEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WatchEventKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WATCH_EVENT_KIND_UNSPECIFIED: _WatchEventKind.ValueType  # 0
+    """Not used."""
+    WATCH_EVENT_KIND_ADDED: _WatchEventKind.ValueType  # 1
+    """The resource was created."""
+    WATCH_EVENT_KIND_MODIFIED: _WatchEventKind.ValueType  # 2
+    """The resource changed; it is sent as it is after the change."""
+    WATCH_EVENT_KIND_DELETED: _WatchEventKind.ValueType  # 3
+    """The resource was deleted; it is sent as it was."""
+    WATCH_EVENT_KIND_SNAPSHOT: _WatchEventKind.ValueType  # 4
+    """A resource as it was when the requested snapshot was taken."""
+    WATCH_EVENT_KIND_SNAPSHOT_END: _WatchEventKind.ValueType  # 5
+    """The snapshot is complete; the cursor is the one it was taken at. Live events follow."""
+    WATCH_EVENT_KIND_PROGRESS: _WatchEventKind.ValueType  # 6
+    """Nothing matching happened; the cursor is the position of the stream, a point to resume
+    from. No resource.
+    """
+
+class WatchEventKind(_WatchEventKind, metaclass=_WatchEventKindEnumTypeWrapper):
+    """What a watch event says."""
+
+WATCH_EVENT_KIND_UNSPECIFIED: WatchEventKind.ValueType  # 0
+"""Not used."""
+WATCH_EVENT_KIND_ADDED: WatchEventKind.ValueType  # 1
+"""The resource was created."""
+WATCH_EVENT_KIND_MODIFIED: WatchEventKind.ValueType  # 2
+"""The resource changed; it is sent as it is after the change."""
+WATCH_EVENT_KIND_DELETED: WatchEventKind.ValueType  # 3
+"""The resource was deleted; it is sent as it was."""
+WATCH_EVENT_KIND_SNAPSHOT: WatchEventKind.ValueType  # 4
+"""A resource as it was when the requested snapshot was taken."""
+WATCH_EVENT_KIND_SNAPSHOT_END: WatchEventKind.ValueType  # 5
+"""The snapshot is complete; the cursor is the one it was taken at. Live events follow."""
+WATCH_EVENT_KIND_PROGRESS: WatchEventKind.ValueType  # 6
+"""Nothing matching happened; the cursor is the position of the stream, a point to resume
+from. No resource.
+"""
+Global___WatchEventKind: _TypeAlias = WatchEventKind  # noqa: Y015
 
 @_typing.final
 class CreateJobRequest(_message.Message):
@@ -881,3 +926,193 @@ class ListInstancesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListInstancesResponse: _TypeAlias = ListInstancesResponse  # noqa: Y015
+
+@_typing.final
+class WatchExecutionsRequest(_message.Message):
+    """Request of WatchExecutions. Filters combine with AND; an empty filter matches all."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    JOB_IDS_FIELD_NUMBER: _builtins.int
+    STATES_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    AFTER_CURSOR_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    after_cursor: _builtins.int
+    """Resume: the events after this cursor, then live ones. Unset: from now on."""
+    snapshot: _builtins.bool
+    """Start with the matching PENDING and RUNNING executions (not with after_cursor)."""
+    @_builtins.property
+    def job_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only executions of these jobs (at most 100 ids)."""
+
+    @_builtins.property
+    def states(self) -> _containers.RepeatedScalarFieldContainer[_execution_pb2.ExecutionState.ValueType]:
+        """Only events after which the execution is in one of these states."""
+
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Only executions of jobs that carry all these labels (at most 64)."""
+
+    def __init__(
+        self,
+        *,
+        job_ids: _abc.Iterable[_builtins.str] | None = ...,
+        states: _abc.Iterable[_execution_pb2.ExecutionState.ValueType] | None = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        after_cursor: _builtins.int | None = ...,
+        snapshot: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_after_cursor", b"_after_cursor", "after_cursor", b"after_cursor"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_after_cursor", b"_after_cursor", "after_cursor", b"after_cursor", "job_ids", b"job_ids", "labels", b"labels", "snapshot", b"snapshot", "states", b"states"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__after_cursor: _TypeAlias = _typing.Literal["after_cursor"]  # noqa: Y015
+    _WhichOneofArgType__after_cursor: _TypeAlias = _typing.Literal["_after_cursor", b"_after_cursor"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__after_cursor) -> _WhichOneofReturnType__after_cursor | None: ...
+
+Global___WatchExecutionsRequest: _TypeAlias = WatchExecutionsRequest  # noqa: Y015
+
+@_typing.final
+class WatchExecutionsResponse(_message.Message):
+    """An event of WatchExecutions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURSOR_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    EXECUTION_FIELD_NUMBER: _builtins.int
+    cursor: _builtins.int
+    """The event's position in the cluster's event history; increases strictly along a stream."""
+    kind: Global___WatchEventKind.ValueType
+    """What happened."""
+    @_builtins.property
+    def execution(self) -> _execution_pb2.Execution:
+        """The execution, unless kind is SNAPSHOT_END or PROGRESS."""
+
+    def __init__(
+        self,
+        *,
+        cursor: _builtins.int = ...,
+        kind: Global___WatchEventKind.ValueType = ...,
+        execution: _execution_pb2.Execution | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["execution", b"execution"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "execution", b"execution", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchExecutionsResponse: _TypeAlias = WatchExecutionsResponse  # noqa: Y015
+
+@_typing.final
+class WatchJobsRequest(_message.Message):
+    """Request of WatchJobs. Filters combine with AND; an empty filter matches all."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    JOB_IDS_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    AFTER_CURSOR_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    after_cursor: _builtins.int
+    """Resume: the events after this cursor, then live ones. Unset: from now on."""
+    snapshot: _builtins.bool
+    """Start with every matching job (not with after_cursor)."""
+    @_builtins.property
+    def job_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only these jobs (at most 100 ids)."""
+
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Only jobs that carry all these labels (at most 64)."""
+
+    def __init__(
+        self,
+        *,
+        job_ids: _abc.Iterable[_builtins.str] | None = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        after_cursor: _builtins.int | None = ...,
+        snapshot: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_after_cursor", b"_after_cursor", "after_cursor", b"after_cursor"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_after_cursor", b"_after_cursor", "after_cursor", b"after_cursor", "job_ids", b"job_ids", "labels", b"labels", "snapshot", b"snapshot"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__after_cursor: _TypeAlias = _typing.Literal["after_cursor"]  # noqa: Y015
+    _WhichOneofArgType__after_cursor: _TypeAlias = _typing.Literal["_after_cursor", b"_after_cursor"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__after_cursor) -> _WhichOneofReturnType__after_cursor | None: ...
+
+Global___WatchJobsRequest: _TypeAlias = WatchJobsRequest  # noqa: Y015
+
+@_typing.final
+class WatchJobsResponse(_message.Message):
+    """An event of WatchJobs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CURSOR_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    JOB_FIELD_NUMBER: _builtins.int
+    cursor: _builtins.int
+    """The event's position in the cluster's event history (shared with WatchExecutions)."""
+    kind: Global___WatchEventKind.ValueType
+    """What happened."""
+    @_builtins.property
+    def job(self) -> _job_pb2.Job:
+        """The job, unless kind is SNAPSHOT_END or PROGRESS."""
+
+    def __init__(
+        self,
+        *,
+        cursor: _builtins.int = ...,
+        kind: Global___WatchEventKind.ValueType = ...,
+        job: _job_pb2.Job | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "job", b"job", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchJobsResponse: _TypeAlias = WatchJobsResponse  # noqa: Y015

@@ -120,6 +120,16 @@ class SchedulerServiceStub:
                 request_serializer=chronoplane_dot_v1_dot_scheduler__service__pb2.ListInstancesRequest.SerializeToString,
                 response_deserializer=chronoplane_dot_v1_dot_scheduler__service__pb2.ListInstancesResponse.FromString,
                 _registered_method=True)
+        self.WatchExecutions = channel.unary_stream(
+                '/chronoplane.v1.SchedulerService/WatchExecutions',
+                request_serializer=chronoplane_dot_v1_dot_scheduler__service__pb2.WatchExecutionsRequest.SerializeToString,
+                response_deserializer=chronoplane_dot_v1_dot_scheduler__service__pb2.WatchExecutionsResponse.FromString,
+                _registered_method=True)
+        self.WatchJobs = channel.unary_stream(
+                '/chronoplane.v1.SchedulerService/WatchJobs',
+                request_serializer=chronoplane_dot_v1_dot_scheduler__service__pb2.WatchJobsRequest.SerializeToString,
+                response_deserializer=chronoplane_dot_v1_dot_scheduler__service__pb2.WatchJobsResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServiceServicer:
@@ -266,6 +276,33 @@ class SchedulerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchExecutions(self, request, context):
+        """Streams changes of executions, cluster-wide, in commit order: ADDED when an execution is
+        created, MODIFIED when its state or outcome changes. Each event carries a cursor; a
+        client that reconnects with after_cursor gets exactly the events after it. With snapshot
+        set, the stream starts with the matching executions that are PENDING or RUNNING, then a
+        SNAPSHOT_END marker, then live events. Idle streams get a PROGRESS event (a cursor to
+        resume from) every few seconds. Executions deleted with their job or purged from the
+        history send no event.
+        Errors: INVALID_ARGUMENT (bad filter, after_cursor with snapshot), OUT_OF_RANGE
+        (after_cursor older than the kept event history, or newer than any event: the oldest and
+        newest cursors are in the ErrorInfo metadata), RESOURCE_EXHAUSTED (too many watchers, or
+        this stream fell a buffer behind: resume from the cursor in the ErrorInfo metadata).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchJobs(self, request, context):
+        """Streams changes of jobs like WatchExecutions: ADDED, MODIFIED (a change through
+        UpdateJob, PauseJob or ResumeJob) and DELETED (the job as it was). A job's
+        next_run_time and last_execution move with every fire and are not events. With
+        snapshot set, the stream starts with every matching job. Errors: as WatchExecutions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -348,6 +385,16 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.ListInstances,
                     request_deserializer=chronoplane_dot_v1_dot_scheduler__service__pb2.ListInstancesRequest.FromString,
                     response_serializer=chronoplane_dot_v1_dot_scheduler__service__pb2.ListInstancesResponse.SerializeToString,
+            ),
+            'WatchExecutions': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchExecutions,
+                    request_deserializer=chronoplane_dot_v1_dot_scheduler__service__pb2.WatchExecutionsRequest.FromString,
+                    response_serializer=chronoplane_dot_v1_dot_scheduler__service__pb2.WatchExecutionsResponse.SerializeToString,
+            ),
+            'WatchJobs': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchJobs,
+                    request_deserializer=chronoplane_dot_v1_dot_scheduler__service__pb2.WatchJobsRequest.FromString,
+                    response_serializer=chronoplane_dot_v1_dot_scheduler__service__pb2.WatchJobsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -788,6 +835,60 @@ class SchedulerService:
             '/chronoplane.v1.SchedulerService/ListInstances',
             chronoplane_dot_v1_dot_scheduler__service__pb2.ListInstancesRequest.SerializeToString,
             chronoplane_dot_v1_dot_scheduler__service__pb2.ListInstancesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchExecutions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/chronoplane.v1.SchedulerService/WatchExecutions',
+            chronoplane_dot_v1_dot_scheduler__service__pb2.WatchExecutionsRequest.SerializeToString,
+            chronoplane_dot_v1_dot_scheduler__service__pb2.WatchExecutionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/chronoplane.v1.SchedulerService/WatchJobs',
+            chronoplane_dot_v1_dot_scheduler__service__pb2.WatchJobsRequest.SerializeToString,
+            chronoplane_dot_v1_dot_scheduler__service__pb2.WatchJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -105,6 +105,25 @@ class SchedulerServiceStub:
     when each last heartbeat. A crashed instance stays listed, its last_seen_time ageing,
     until it has been silent for six instance timeouts (60 s by default).
     """
+    WatchExecutions: _grpc.UnaryStreamMultiCallable[_scheduler_service_pb2.WatchExecutionsRequest, _scheduler_service_pb2.WatchExecutionsResponse]
+    """Streams changes of executions, cluster-wide, in commit order: ADDED when an execution is
+    created, MODIFIED when its state or outcome changes. Each event carries a cursor; a
+    client that reconnects with after_cursor gets exactly the events after it. With snapshot
+    set, the stream starts with the matching executions that are PENDING or RUNNING, then a
+    SNAPSHOT_END marker, then live events. Idle streams get a PROGRESS event (a cursor to
+    resume from) every few seconds. Executions deleted with their job or purged from the
+    history send no event.
+    Errors: INVALID_ARGUMENT (bad filter, after_cursor with snapshot), OUT_OF_RANGE
+    (after_cursor older than the kept event history, or newer than any event: the oldest and
+    newest cursors are in the ErrorInfo metadata), RESOURCE_EXHAUSTED (too many watchers, or
+    this stream fell a buffer behind: resume from the cursor in the ErrorInfo metadata).
+    """
+    WatchJobs: _grpc.UnaryStreamMultiCallable[_scheduler_service_pb2.WatchJobsRequest, _scheduler_service_pb2.WatchJobsResponse]
+    """Streams changes of jobs like WatchExecutions: ADDED, MODIFIED (a change through
+    UpdateJob, PauseJob or ResumeJob) and DELETED (the job as it was). A job's
+    next_run_time and last_execution move with every fire and are not events. With
+    snapshot set, the stream starts with every matching job. Errors: as WatchExecutions.
+    """
 
 @_typing.type_check_only
 class SchedulerServiceAsyncStub(SchedulerServiceStub):
@@ -182,6 +201,25 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     """Lists the server processes sharing this database (one on SQLite), which one leads, and
     when each last heartbeat. A crashed instance stays listed, its last_seen_time ageing,
     until it has been silent for six instance timeouts (60 s by default).
+    """
+    WatchExecutions: _aio.UnaryStreamMultiCallable[_scheduler_service_pb2.WatchExecutionsRequest, _scheduler_service_pb2.WatchExecutionsResponse]  # type: ignore[assignment]
+    """Streams changes of executions, cluster-wide, in commit order: ADDED when an execution is
+    created, MODIFIED when its state or outcome changes. Each event carries a cursor; a
+    client that reconnects with after_cursor gets exactly the events after it. With snapshot
+    set, the stream starts with the matching executions that are PENDING or RUNNING, then a
+    SNAPSHOT_END marker, then live events. Idle streams get a PROGRESS event (a cursor to
+    resume from) every few seconds. Executions deleted with their job or purged from the
+    history send no event.
+    Errors: INVALID_ARGUMENT (bad filter, after_cursor with snapshot), OUT_OF_RANGE
+    (after_cursor older than the kept event history, or newer than any event: the oldest and
+    newest cursors are in the ErrorInfo metadata), RESOURCE_EXHAUSTED (too many watchers, or
+    this stream fell a buffer behind: resume from the cursor in the ErrorInfo metadata).
+    """
+    WatchJobs: _aio.UnaryStreamMultiCallable[_scheduler_service_pb2.WatchJobsRequest, _scheduler_service_pb2.WatchJobsResponse]  # type: ignore[assignment]
+    """Streams changes of jobs like WatchExecutions: ADDED, MODIFIED (a change through
+    UpdateJob, PauseJob or ResumeJob) and DELETED (the job as it was). A job's
+    next_run_time and last_execution move with every fire and are not events. With
+    snapshot set, the stream starts with every matching job. Errors: as WatchExecutions.
     """
 
 class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -353,6 +391,37 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         """Lists the server processes sharing this database (one on SQLite), which one leads, and
         when each last heartbeat. A crashed instance stays listed, its last_seen_time ageing,
         until it has been silent for six instance timeouts (60 s by default).
+        """
+
+    @_abc_1.abstractmethod
+    def WatchExecutions(
+        self,
+        request: _scheduler_service_pb2.WatchExecutionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_scheduler_service_pb2.WatchExecutionsResponse], _abc.AsyncIterator[_scheduler_service_pb2.WatchExecutionsResponse]]:
+        """Streams changes of executions, cluster-wide, in commit order: ADDED when an execution is
+        created, MODIFIED when its state or outcome changes. Each event carries a cursor; a
+        client that reconnects with after_cursor gets exactly the events after it. With snapshot
+        set, the stream starts with the matching executions that are PENDING or RUNNING, then a
+        SNAPSHOT_END marker, then live events. Idle streams get a PROGRESS event (a cursor to
+        resume from) every few seconds. Executions deleted with their job or purged from the
+        history send no event.
+        Errors: INVALID_ARGUMENT (bad filter, after_cursor with snapshot), OUT_OF_RANGE
+        (after_cursor older than the kept event history, or newer than any event: the oldest and
+        newest cursors are in the ErrorInfo metadata), RESOURCE_EXHAUSTED (too many watchers, or
+        this stream fell a buffer behind: resume from the cursor in the ErrorInfo metadata).
+        """
+
+    @_abc_1.abstractmethod
+    def WatchJobs(
+        self,
+        request: _scheduler_service_pb2.WatchJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_scheduler_service_pb2.WatchJobsResponse], _abc.AsyncIterator[_scheduler_service_pb2.WatchJobsResponse]]:
+        """Streams changes of jobs like WatchExecutions: ADDED, MODIFIED (a change through
+        UpdateJob, PauseJob or ResumeJob) and DELETED (the job as it was). A job's
+        next_run_time and last_execution move with every fire and are not events. With
+        snapshot set, the stream starts with every matching job. Errors: as WatchExecutions.
         """
 
 def add_SchedulerServiceServicer_to_server(servicer: SchedulerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

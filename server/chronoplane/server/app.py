@@ -28,6 +28,7 @@ from chronoplane.server.service import SchedulerService
 from chronoplane.server.storage.migrate import upgrade
 from chronoplane.server.storage.sqlalchemy import (
     CANCEL_CHANNEL,
+    EVENTS_CHANNEL,
     JOBS_CHANNEL,
     WORK_CHANNEL,
     SqlAlchemyStore,
@@ -35,6 +36,7 @@ from chronoplane.server.storage.sqlalchemy import (
 )
 from chronoplane.server.tasks import default_registry, load_modules
 from chronoplane.server.transport.server import GrpcServer
+from chronoplane.server.watch import WatchHub
 
 __all__ = ["Application", "serve"]
 
@@ -49,6 +51,7 @@ class Application:
         self.instance_id = new_instance_id()
         self.start_time = datetime.now(UTC)
         self.coordinator: Coordinator | None = None
+        self.hub: WatchHub | None = None
         self.address: str | None = None
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
@@ -91,6 +94,16 @@ class Application:
                 instance_id=self.instance_id,
                 max_running=settings.max_running,
             )
+            hub = WatchHub(
+                store,
+                buffer=settings.watch_buffer,
+                max_watchers=settings.max_watchers,
+                progress_interval=settings.watch_progress_interval,
+            )
+            store.on_events = hub.wake
+            self.hub = hub
+            await hub.start()
+            stack.push_async_callback(hub.stop)
             engine = ApschedulerEngine()
             service = SchedulerService(
                 store=store,
@@ -99,6 +112,7 @@ class Application:
                 tasks=default_registry,
                 page_tokens=PageTokens(key),
                 leader_timeout=timedelta(seconds=settings.leader_timeout),
+                watch_hub=hub,
             )
             member = Member(
                 instance=self._instance(settings.address),
@@ -135,8 +149,9 @@ class Application:
                         JOBS_CHANNEL: member.job_changed,
                         WORK_CHANNEL: runner.notified,
                         CANCEL_CHANNEL: runner.notified_cancel,
+                        EVENTS_CHANNEL: hub.wake,
                     },
-                    on_resync=member.resync,
+                    on_resync=lambda: _resync(member, hub),
                     instance_id=self.instance_id,
                 )
                 await listener.start()
@@ -155,10 +170,13 @@ class Application:
 
             purger = asyncio.create_task(self._purge_forever(service), name="purge")
             stack.push_async_callback(cancelled, purger)
+            event_purger = asyncio.create_task(self._purge_events_forever(store), name="events")
+            stack.push_async_callback(cancelled, event_purger)
 
             server = GrpcServer(service, settings.address)
             await server.start()
             stack.push_async_callback(server.stop, settings.shutdown_grace)
+            stack.callback(hub.close_streams)  # before the server waits for in-flight RPCs
             self.address = server.address
             await member.readdress(server.address)
             log.info(
@@ -201,6 +219,27 @@ class Application:
                 if purged:
                     log.info("purged %d executions from the history", purged)
             await asyncio.sleep(self.settings.purge_interval)
+
+    async def _purge_events_forever(self, store: SqlAlchemyStore) -> None:
+        """Keeps the watch history to ``event_retention``, on the leader (once a cluster)."""
+        retention = timedelta(seconds=self.settings.event_retention)
+        every = min(60.0, self.settings.event_retention / 4)
+        while True:
+            await asyncio.sleep(every)
+            if self.coordinator is None or self.coordinator.epoch is None:
+                continue
+            try:
+                purged = await store.purge_events(before=datetime.now(UTC) - retention)
+            except Exception:
+                log.exception("purging watch events failed; trying again later")
+            else:
+                if purged:
+                    log.debug("purged %d watch events", purged)
+
+
+async def _resync(member: Member, hub: WatchHub) -> None:
+    hub.wake()  # events committed while the listener was away are in the table
+    await member.resync()
 
 
 def _version() -> str:

@@ -42,6 +42,14 @@ class Settings:
     """A leader not heard from for this long is deposed (PostgreSQL)."""
     instance_timeout: float = 10.0
     """An instance not heard from for this long is taken for dead: what it ran is ABANDONED."""
+    max_watchers: int = 1000
+    """Watch streams this instance serves at once; more get RESOURCE_EXHAUSTED."""
+    watch_buffer: int = 1000
+    """Events a watch stream may have waiting for its client before it is ended."""
+    watch_progress_interval: float = 5.0
+    """Seconds of quiet after which a watch stream gets a PROGRESS event."""
+    event_retention: float = 3600.0
+    """Seconds the watch event history is kept (a watcher may resume within it)."""
 
     @property
     def host(self) -> str:
@@ -96,6 +104,10 @@ class Settings:
             )
         if self.history_max_age_days < 0 or self.purge_interval <= 0:
             raise ConfigError("history_max_age_days must be >= 0 and purge_interval > 0")
+        if self.max_watchers < 0 or self.watch_buffer < 1:
+            raise ConfigError("max_watchers must be >= 0 and watch_buffer >= 1")
+        if self.watch_progress_interval <= 0 or self.event_retention <= 0:
+            raise ConfigError("watch_progress_interval and event_retention must be > 0")
         self._check_timing()
         path = self.sqlite_path()
         if path is not None:
@@ -176,6 +188,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--instance-timeout",
         type=float,
         help="seconds of instance silence before its executions are ABANDONED (default 10)",
+    )
+    parser.add_argument(
+        "--max-watchers", type=int, help="watch streams served at once (default 1000)"
+    )
+    parser.add_argument(
+        "--watch-buffer",
+        type=int,
+        help="events a watch stream may have waiting before it is ended (default 1000)",
+    )
+    parser.add_argument(
+        "--watch-progress-interval",
+        type=float,
+        help="seconds of quiet before a watch stream gets a PROGRESS event (default 5)",
+    )
+    parser.add_argument(
+        "--event-retention",
+        type=float,
+        help="seconds the watch event history is kept (default 3600)",
     )
     parser.add_argument(
         "--insecure",

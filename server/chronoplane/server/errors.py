@@ -12,8 +12,13 @@ ChronoplaneError
 │   └── TaskNotRegistered
 ├── StorageUnavailable (ConnectionError) the database cannot be reached
 ├── CancellationPending (TimeoutError)  the instance running it has not stopped it yet
+├── ServerStopping                      a stream ended because this server shuts down
 ├── InstanceConflict                    another server already uses this database
-└── NotLeader                           a leader's write after it lost leadership (fenced)
+├── NotLeader                           a leader's write after it lost leadership (fenced)
+├── CursorOutOfRange                    a watch cursor outside the kept event history
+└── ResourceExhausted                   a limit reached
+    ├── TooManyWatchers
+    └── WatchFellBehind                 a watcher that did not keep up with its buffer
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ __all__ = [
     "AlreadyExists",
     "CancellationPending",
     "ChronoplaneError",
+    "CursorOutOfRange",
     "EtagMismatch",
     "ExecutionFinished",
     "ExecutionNotFound",
@@ -35,8 +41,12 @@ __all__ = [
     "JobNotFound",
     "NotFound",
     "NotLeader",
+    "ResourceExhausted",
+    "ServerStopping",
     "StorageUnavailable",
     "TaskNotRegistered",
+    "TooManyWatchers",
+    "WatchFellBehind",
 ]
 
 
@@ -44,6 +54,8 @@ class ChronoplaneError(Exception):
     """Root of every error the server raises on purpose."""
 
     reason = "CHRONOPLANE_ERROR"
+    # Machine-readable facts for the client (the ErrorInfo metadata on the wire).
+    metadata: dict[str, str] = {}  # noqa: RUF012 - replaced per instance, never mutated
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,6 +144,16 @@ class StorageUnavailable(ChronoplaneError, ConnectionError):
     reason = "STORAGE_UNAVAILABLE"
 
 
+class ServerStopping(ChronoplaneError):
+    reason = "SERVER_STOPPING"
+
+    def __init__(self, cursor: int) -> None:
+        super().__init__(
+            f"this server is shutting down; resume the watch on another with after_cursor {cursor}"
+        )
+        self.metadata = {"cursor": str(cursor)}
+
+
 class CancellationPending(ChronoplaneError, TimeoutError):
     """A cancel request was recorded, but the instance running the execution has not
     confirmed it in time; it stands, and is carried out when that instance sees it."""
@@ -161,3 +183,42 @@ class NotLeader(ChronoplaneError):
         self.epoch = epoch
         self.current = current
         super().__init__(f"fenced: this instance led epoch {epoch}; the current epoch is {current}")
+
+
+class CursorOutOfRange(ChronoplaneError):
+    reason = "CURSOR_OUT_OF_RANGE"
+
+    def __init__(self, cursor: int, *, oldest: int, newest: int) -> None:
+        if cursor < oldest - 1:
+            why = f"events up to {oldest - 1} have been purged"
+        else:
+            why = f"no event has a cursor past {newest} yet"
+        super().__init__(
+            f"after_cursor {cursor} is outside the kept event history ({why}); the oldest "
+            f"kept cursor is {oldest}, the newest {newest}: resume from one of them, or "
+            "start again with a snapshot"
+        )
+        self.metadata = {"oldest_cursor": str(oldest), "newest_cursor": str(newest)}
+
+
+class ResourceExhausted(ChronoplaneError):
+    reason = "RESOURCE_EXHAUSTED"
+
+
+class TooManyWatchers(ResourceExhausted):
+    reason = "TOO_MANY_WATCHERS"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"this server already serves max_watchers ({limit}) watch streams")
+        self.metadata = {"limit": "max_watchers", "max_watchers": str(limit)}
+
+
+class WatchFellBehind(ResourceExhausted):
+    reason = "WATCH_FELL_BEHIND"
+
+    def __init__(self, cursor: int, buffer: int) -> None:
+        super().__init__(
+            f"this stream fell watch_buffer ({buffer}) events behind and was ended; resume "
+            f"with after_cursor {cursor}"
+        )
+        self.metadata = {"cursor": str(cursor), "limit": "watch_buffer"}

@@ -15,6 +15,9 @@ __all__ = [
     "FINAL_STATES",
     "CronTrigger",
     "DateTrigger",
+    "Event",
+    "EventKind",
+    "EventWindow",
     "Execution",
     "ExecutionPage",
     "ExecutionQuery",
@@ -286,3 +289,31 @@ class Instance:
     """How many it ran at its last heartbeat."""
     last_seen_time: datetime | None = None
     leader: bool = False
+
+
+class EventKind(enum.StrEnum):
+    ADDED = "added"
+    MODIFIED = "modified"
+    DELETED = "deleted"
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Event:
+    """A change of an execution or a job, at its place in the cluster's history. Compared
+    by identity: one object is shared by every watcher it goes to."""
+
+    cursor: int
+    kind: EventKind
+    job_id: str
+    # The job's labels (of the execution's job, for an execution event).
+    labels: dict[str, str]
+    execution: Execution | None = None
+    job: Job | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class EventWindow:
+    """The kept event history: cursors ``oldest`` (purged_through + 1) to ``newest``."""
+
+    purged_through: int
+    newest: int

@@ -6,7 +6,7 @@ No gRPC, SQL or APScheduler here: the store, the engine and the runner do that.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
@@ -25,6 +25,7 @@ from chronoplane.server.models import (
     DateTrigger,
     Execution,
     ExecutionQuery,
+    ExecutionState,
     Instance,
     IntervalTrigger,
     Job,
@@ -38,12 +39,16 @@ from chronoplane.server.scheduling import plan_fires
 from chronoplane.server.storage.abc import Store
 from chronoplane.server.tasks import TaskDefinition, TaskRegistry
 from chronoplane.server.validation import (
+    JOB_ID,
+    MAX_LABEL_VALUE,
+    MAX_LABELS,
     MAX_REQUEST_ID,
     Violations,
     check_args,
     check_job,
     check_text,
 )
+from chronoplane.server.watch import StreamControl, WatchFilter, WatchHub, WatchItem
 
 __all__ = ["UPDATABLE_FIELDS", "Page", "SchedulerService"]
 
@@ -97,6 +102,9 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+MAX_WATCH_JOBS = 100
+
+
 def _expected_version(job_id: str, etag: str, current: Job) -> int:
     if etag and etag != current.etag:
         raise EtagMismatch(job_id, etag, current.etag)
@@ -114,8 +122,10 @@ class SchedulerService:
         page_tokens: PageTokens,
         leader_timeout: timedelta = timedelta(seconds=5),
         clock: Callable[[], datetime] = _utcnow,
+        watch_hub: WatchHub | None = None,
     ) -> None:
         self._store = store
+        self._hub = watch_hub or WatchHub(store)
         self._engine = engine
         self._runner = runner
         self._tasks = tasks
@@ -487,6 +497,50 @@ class SchedulerService:
             else ""
         )
         return Page(items=page.executions, next_page_token=next_token)
+
+    # -- watches ------------------------------------------------------------------------------
+
+    def watch(
+        self,
+        resource: str,
+        *,
+        job_ids: list[str],
+        states: frozenset[ExecutionState] = frozenset(),
+        labels: Mapping[str, str],
+        after: int | None,
+        snapshot: bool,
+        control: StreamControl | None = None,
+    ) -> AsyncIterator[WatchItem]:
+        """A stream of changes (see watch.py); ``resource`` is "execution" or "job"."""
+        violations = Violations()
+        if len(job_ids) > MAX_WATCH_JOBS:
+            violations.add("job_ids", f"names {len(job_ids)} jobs; at most {MAX_WATCH_JOBS}")
+        for n, job_id in enumerate(job_ids[:MAX_WATCH_JOBS]):
+            if not JOB_ID.match(job_id):
+                violations.add(f"job_ids[{n}]", "is not a job id ([A-Za-z0-9._-], 1-128)")
+        if len(labels) > MAX_LABELS:
+            violations.add("labels", f"has {len(labels)} entries; at most {MAX_LABELS}")
+        for key, value in list(labels.items())[:MAX_LABELS]:
+            check_text(violations, f"labels[{key[:64]!r}]", key, limit=63, required=True)
+            check_text(violations, f"labels[{key[:64]!r}]", value, limit=MAX_LABEL_VALUE)
+        if after is not None and after < 0:
+            violations.add("after_cursor", "must be 0 or more")
+        if after is not None and snapshot:
+            violations.add(
+                "snapshot", "cannot be combined with after_cursor (a snapshot starts afresh)"
+            )
+        violations.raise_if_any()
+        watch_filter = WatchFilter(
+            resource=resource,
+            job_ids=frozenset(job_ids),
+            states=states,
+            labels=tuple(sorted(labels.items())),
+        )
+        return self._hub.watch(watch_filter, after=after, snapshot=snapshot, control=control)
+
+    @property
+    def watch_buffer(self) -> int:
+        return self._hub.buffer
 
     # -- instances ----------------------------------------------------------------------------
 

@@ -311,6 +311,7 @@ class ChangeListener:
                         if not lost.is_set():
                             # A cheap round trip: a silently dead connection shows here.
                             await asyncio.wait_for(raw.execute("SELECT 1"), 5.0)
+                log.warning("change listener: connection lost; reconnecting in %.1f s", delay)
             except asyncio.CancelledError:
                 raise
             except Exception as error:

@@ -9,6 +9,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from chronoplane.server.models import (
+    Event,
+    EventWindow,
     Execution,
     ExecutionPage,
     ExecutionQuery,
@@ -351,3 +353,34 @@ class Store(ABC):
     async def take_leadership(self, instance_id: str) -> int:
         """Bumps the leadership epoch for ``instance_id`` (which must hold the leader lock, or
         be alone on its database); returns the new epoch."""
+
+    # -- the watch history (docs/decisions/0011-watch-events.md) --------------------------------
+    # Every method above that changes an execution's state or outcome, or creates, changes or
+    # deletes a job, appends an event in its own transaction.
+
+    @abstractmethod
+    async def events_after(
+        self, cursor: int, *, limit: int, job_ids: Sequence[str] = ()
+    ) -> tuple[list[Event], EventWindow]:
+        """Up to ``limit`` events after ``cursor`` in cursor order (of these jobs only, if
+        given), and the kept history as read after them: if ``window.purged_through`` is past
+        ``cursor``, some events after it may be gone."""
+
+    @abstractmethod
+    async def event_window(self) -> EventWindow:
+        """The cursors of the kept history."""
+
+    @abstractmethod
+    async def snapshot_executions(
+        self, job_ids: Sequence[str] = ()
+    ) -> tuple[int, list[tuple[Execution, dict[str, str]]]]:
+        """The PENDING and RUNNING executions (of these jobs, if given) with their jobs'
+        labels, and the cursor they are consistent with: every change up to it, none after."""
+
+    @abstractmethod
+    async def snapshot_jobs(self, job_ids: Sequence[str] = ()) -> tuple[int, list[Job]]:
+        """Every job (of these, if given), and the cursor they are consistent with."""
+
+    @abstractmethod
+    async def purge_events(self, *, before: datetime) -> int:
+        """Deletes the events created before ``before``; returns how many."""

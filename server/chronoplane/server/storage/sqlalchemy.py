@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
@@ -29,6 +30,9 @@ from chronoplane.server.models import (
     ABANDONED_ERROR_TYPE,
     CronTrigger,
     DateTrigger,
+    Event,
+    EventKind,
+    EventWindow,
     Execution,
     ExecutionPage,
     ExecutionQuery,
@@ -59,8 +63,11 @@ from chronoplane.server.storage.abc import (
     SlotRelease,
     Store,
 )
+from chronoplane.server.storage.events import EXECUTION, JOB, Changes, decode_body, encode_row
 from chronoplane.server.storage.tables import (
     UtcDateTime,
+    event_log,
+    events,
     executions,
     instances,
     jobs,
@@ -84,6 +91,8 @@ __all__ = [
 JOBS_CHANNEL = "chronoplane_jobs"
 WORK_CHANNEL = "chronoplane_work"
 CANCEL_CHANNEL = "chronoplane_cancel"
+# Events were appended (payload: the last cursor); every instance's watch hub reads them.
+EVENTS_CHANNEL = "chronoplane_events"
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -331,6 +340,25 @@ def _execution_from_row(row: sa.Row[Any]) -> Execution:
     )
 
 
+def _event_from_row(row: sa.Row[Any]) -> Event:
+    body = decode_body(row.body)
+    if row.resource == EXECUTION:
+        return Event(
+            cursor=row.cursor,
+            kind=EventKind(row.kind),
+            job_id=row.job_id,
+            labels=row.labels,
+            execution=_execution_from_row(body),
+        )
+    return Event(
+        cursor=row.cursor,
+        kind=EventKind(row.kind),
+        job_id=row.job_id,
+        labels=row.labels,
+        job=_job_from_row(body),
+    )
+
+
 def _dedupe_key(execution: Execution) -> str | None:
     """What makes an execution unique within its job (see tables.executions): one per
     scheduled fire (a MISSED record takes the key of the first fire it stands for), one per
@@ -431,7 +459,8 @@ _PG_FINISH = sa.text(
     "CAST(:messages AS text[]), CAST(:tracebacks AS text[]), CAST(:types AS varchar[]), "
     "CAST(:keeps AS boolean[])) AS f(id, state, start_time, end_time, result, message, "
     "traceback, type, keeps) "
-    "WHERE executions.id = f.id AND executions.state IN ('pending', 'running')"
+    "WHERE executions.id = f.id AND executions.state IN ('pending', 'running') "
+    "RETURNING executions.id"
 )
 _PG_ADMISSION_JOBS = sa.text("SELECT * FROM chronoplane_admission_jobs(:ids, :fenced)").bindparams(
     sa.bindparam("ids", type_=postgresql.ARRAY(sa.String)),
@@ -486,6 +515,8 @@ class SqlAlchemyStore(Store):
         # wrote cannot write (SQLITE_BUSY, not waited for). One process uses the file (the
         # file lock), so its write transactions take turns here instead.
         self._write_lock = asyncio.Lock() if self._dialect == "sqlite" else None
+        # Called after a transaction that appended events commits (the watch hub's wake-up).
+        self.on_events: Callable[[], None] | None = None
 
     @classmethod
     def from_url(cls, url: str) -> SqlAlchemyStore:
@@ -506,13 +537,79 @@ class SqlAlchemyStore(Store):
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
-        """A transaction that writes."""
-        if self._write_lock is None:
-            async with self._engine.begin() as conn:
+        """A transaction that writes; what it noted as changed (``_changed``) becomes events
+        just before it commits."""
+        appended = False
+        async with contextlib.AsyncExitStack() as stack:
+            if self._write_lock is not None:
+                await stack.enter_async_context(self._write_lock)
+            conn = await stack.enter_async_context(self._engine.begin())
+            changes = conn.info["chronoplane_changes"] = Changes()
+            try:
                 yield conn
+                if changes:
+                    await self._append_events(conn, changes)
+                    appended = True
+            finally:
+                conn.info.pop("chronoplane_changes", None)
+        if appended and self.on_events is not None:
+            self.on_events()
+
+    @staticmethod
+    def _changed(conn: AsyncConnection, resource: str, ids: Iterable[str], kind: EventKind) -> None:
+        changes: Changes | None = conn.info.get("chronoplane_changes")
+        if changes is not None:
+            changes.note(resource, ids, kind)
+
+    async def _append_events(self, conn: AsyncConnection, changes: Changes) -> None:
+        """One event per resource changed, as it now is, with the next cursors. The
+        ``event_log`` row stays locked until this transaction commits: cursors become visible
+        in order, and one that rolls back leaves no gap."""
+        bodies: dict[tuple[str, str], tuple[str, dict[str, Any], Any]] = {}
+        execution_ids = changes.ids(EXECUTION)
+        if execution_ids:
+            query = (
+                sa.select(executions, jobs.c.labels.label("job_labels"))
+                .outerjoin(jobs, jobs.c.id == executions.c.job_id)
+                .where(self._among(executions.c.id, execution_ids))
+            )
+            for row in await conn.execute(query):
+                bodies[(EXECUTION, row.id)] = (row.job_id, encode_row(row), row.job_labels or {})
+        job_ids = changes.ids(JOB)
+        if job_ids:
+            for row in await conn.execute(sa.select(jobs).where(self._among(jobs.c.id, job_ids))):
+                bodies[(JOB, row.id)] = (row.id, encode_row(row), row.labels or {})
+        for job_id, body in changes.deleted.items():
+            bodies[(JOB, job_id)] = (job_id, body, body.get("labels") or {})
+        ordered = [(key, kind) for key, kind in changes.kinds.items() if key in bodies]
+        if not ordered:
             return
-        async with self._write_lock, self._engine.begin() as conn:
-            yield conn
+        last = (
+            await conn.execute(
+                event_log.update()
+                .where(event_log.c.id == 1)
+                .values(last_cursor=event_log.c.last_cursor + len(ordered))
+                .returning(event_log.c.last_cursor)
+            )
+        ).scalar_one()
+        now = datetime.now(UTC)
+        first = last - len(ordered) + 1
+        await conn.execute(
+            events.insert(),
+            [
+                {
+                    "cursor": first + n,
+                    "resource": resource,
+                    "kind": kind.value,
+                    "job_id": bodies[(resource, rid)][0],
+                    "body": bodies[(resource, rid)][1],
+                    "labels": bodies[(resource, rid)][2],
+                    "create_time": now,
+                }
+                for n, ((resource, rid), kind) in enumerate(ordered)
+            ],
+        )
+        await self._notify(conn, EVENTS_CHANNEL, str(last))
 
     def _among(self, column: sa.ColumnElement[str], values: Iterable[str]) -> Any:
         """``column IN values``; on PostgreSQL ``= ANY(array)``, one statement for any number
@@ -542,6 +639,7 @@ class SqlAlchemyStore(Store):
         try:
             async with self._write() as conn:
                 await conn.execute(jobs.insert().values(**values))
+                self._changed(conn, JOB, [job.id], EventKind.ADDED)
                 await self._notify_job(conn, job.id)
         except exc.IntegrityError as error:
             raise JobAlreadyExists(job.id) from error
@@ -592,6 +690,7 @@ class SqlAlchemyStore(Store):
             )
             if result.rowcount == 0:
                 await self._raise_missing_or_moved(conn, job.id, expected_version)
+            self._changed(conn, JOB, [job.id], EventKind.MODIFIED)
             # A larger max_concurrent lets queued executions go.
             await self._promote(conn, await self._queued_jobs(conn, [job.id]))
             await self._notify_job(conn, job.id)
@@ -606,9 +705,15 @@ class SqlAlchemyStore(Store):
             # Children first: the foreign key cascade is not relied on (SQLite needs a pragma).
             exists = sa.select(jobs.c.id).where(condition)
             await conn.execute(executions.delete().where(executions.c.job_id.in_(exists)))
-            result = await conn.execute(jobs.delete().where(condition))
-            if result.rowcount == 0:
+            result = await conn.execute(jobs.delete().where(condition).returning(*jobs.c))
+            row = result.first()
+            if row is None:
                 await self._raise_missing_or_moved(conn, job_id, expected_version)
+            else:
+                changes: Changes | None = conn.info.get("chronoplane_changes")
+                if changes is not None:
+                    changes.deleted[job_id] = encode_row(row)
+                self._changed(conn, JOB, [job_id], EventKind.DELETED)
             await self._notify_job(conn, job_id)
 
     async def _notify_job(self, conn: AsyncConnection, job_id: str) -> None:
@@ -907,7 +1012,11 @@ class SqlAlchemyStore(Store):
                 .returning(executions.c.id)
             )
             result = await conn.execute(statement, rows)
-        return set(result.scalars())
+        inserted = set(result.scalars())
+        self._changed(
+            conn, EXECUTION, (r["id"] for r in rows if r["id"] in inserted), EventKind.ADDED
+        )
+        return inserted
 
     @_translate_errors
     async def claim_executions(
@@ -967,6 +1076,7 @@ class SqlAlchemyStore(Store):
             "holds_slot": True,
             "start_time": started,
         }
+        self._changed(conn, EXECUTION, ids, EventKind.MODIFIED)
         if self._dialect == "postgresql":
             await conn.execute(_PG_CLAIM, {"ids": ids} | values)
             return
@@ -1006,7 +1116,7 @@ class SqlAlchemyStore(Store):
     ) -> None:
         """Final states, of executions not final yet (the first final state wins)."""
         if self._dialect == "postgresql":
-            await conn.execute(
+            finished = await conn.execute(
                 _PG_FINISH,
                 {
                     "ids": [f.id for f in finishes],
@@ -1022,7 +1132,15 @@ class SqlAlchemyStore(Store):
                     "keeps": [f.keeps_slot for f in finishes],
                 },
             )
+            self._changed(conn, EXECUTION, finished.scalars(), EventKind.MODIFIED)
             return
+        # One writer at a time on SQLite: what is unfinished now is what the update changes.
+        unfinished = await conn.execute(
+            sa.select(executions.c.id).where(
+                executions.c.id.in_([f.id for f in finishes]), executions.c.state.in_(_UNFINISHED)
+            )
+        )
+        self._changed(conn, EXECUTION, unfinished.scalars(), EventKind.MODIFIED)
         await conn.execute(
             executions.update()
             .where(
@@ -1083,6 +1201,8 @@ class SqlAlchemyStore(Store):
                     .values(holds_slot=False, note=sa.bindparam("b_note")),
                     [{"b_id": r.id, "b_note": r.note} for r in releases],
                 )
+                noted = (r.id for r in releases if r.note is not None)
+                self._changed(conn, EXECUTION, noted, EventKind.MODIFIED)
             freeing = {f.job_id for f in finishes if not f.keeps_slot} | {
                 r.job_id for r in releases
             }
@@ -1116,6 +1236,8 @@ class SqlAlchemyStore(Store):
             await conn.execute(
                 executions.update().where(executions.c.id == execution_id).values(**values)
             )
+            if done:
+                self._changed(conn, EXECUTION, [execution_id], EventKind.MODIFIED)
             if done and row.ready:
                 await self._promote(conn, await self._queued_jobs(conn, [current.job_id]))
             after = (await conn.execute(query)).one()
@@ -1208,12 +1330,15 @@ class SqlAlchemyStore(Store):
                     error_message=message,
                     holds_slot=False,
                 )
+                .returning(executions.c.id)
             )
+            interrupted = list(result.scalars())
+            self._changed(conn, EXECUTION, interrupted, EventKind.MODIFIED)
             await conn.execute(
                 executions.update().where(executions.c.holds_slot).values(holds_slot=False)
             )
             await self._promote(conn, await self._queued_jobs(conn, None))
-            return int(result.rowcount)
+            return len(interrupted)
 
     @_translate_errors
     async def purge_executions(
@@ -1443,6 +1568,7 @@ class SqlAlchemyStore(Store):
                     .returning(*executions.c)
                 )
                 abandoned_rows.extend(_execution_from_row(row) for row in abandoned)
+            self._changed(conn, EXECUTION, (e.id for e in abandoned_rows), EventKind.MODIFIED)
             # Slots of synchronous tasks that outlived their final state there.
             await conn.execute(executions.update().where(of_dead).values(holds_slot=False))
             await self._promote(conn, await self._queued_jobs(conn, freeing))
@@ -1463,6 +1589,97 @@ class SqlAlchemyStore(Store):
                 .returning(leadership.c.epoch)
             )
             return int(result.scalar_one())
+
+    # -- the watch history --------------------------------------------------------------------
+
+    @_translate_errors
+    async def events_after(
+        self, cursor: int, *, limit: int, job_ids: Sequence[str] = ()
+    ) -> tuple[list[Event], EventWindow]:
+        query = sa.select(events).where(events.c.cursor > cursor).order_by(events.c.cursor)
+        if job_ids:
+            query = query.where(self._among(events.c.job_id, job_ids))
+        async with self._begin() as conn:
+            rows = (await conn.execute(query.limit(limit))).all()
+            # Read after the events: a purge that committed before them is seen here.
+            window = await self._event_window(conn)
+        return [_event_from_row(row) for row in rows], window
+
+    @_translate_errors
+    async def event_window(self) -> EventWindow:
+        async with self._begin() as conn:
+            return await self._event_window(conn)
+
+    @staticmethod
+    async def _event_window(conn: AsyncConnection) -> EventWindow:
+        row = (
+            await conn.execute(
+                sa.select(event_log.c.purged_through, event_log.c.last_cursor).where(
+                    event_log.c.id == 1
+                )
+            )
+        ).one()
+        return EventWindow(purged_through=row.purged_through, newest=row.last_cursor)
+
+    @asynccontextmanager
+    async def _snapshot(self) -> AsyncIterator[tuple[AsyncConnection, int]]:
+        """A read transaction that sees one instant, and the last cursor committed by then.
+        On PostgreSQL REPEATABLE READ; on SQLite the writers' turn, so that nothing commits
+        between its statements."""
+        async with contextlib.AsyncExitStack() as stack:
+            if self._write_lock is not None:
+                await stack.enter_async_context(self._write_lock)
+                conn = await stack.enter_async_context(self._engine.begin())
+            else:
+                plain = await stack.enter_async_context(self._engine.connect())
+                conn = await plain.execution_options(isolation_level="REPEATABLE READ")
+                await stack.enter_async_context(conn.begin())
+            window = await self._event_window(conn)
+            yield conn, window.newest
+
+    @_translate_errors
+    async def snapshot_executions(
+        self, job_ids: Sequence[str] = ()
+    ) -> tuple[int, list[tuple[Execution, dict[str, str]]]]:
+        query = (
+            sa.select(executions, jobs.c.labels.label("job_labels"))
+            .join(jobs, jobs.c.id == executions.c.job_id)
+            .where(executions.c.state.in_(_UNFINISHED))
+            .order_by(executions.c.id)
+        )
+        if job_ids:
+            query = query.where(self._among(executions.c.job_id, job_ids))
+        async with self._snapshot() as (conn, cursor):
+            rows = (await conn.execute(query)).all()
+        return cursor, [(_execution_from_row(row), row.job_labels or {}) for row in rows]
+
+    @_translate_errors
+    async def snapshot_jobs(self, job_ids: Sequence[str] = ()) -> tuple[int, list[Job]]:
+        query = sa.select(jobs).order_by(jobs.c.id)
+        if job_ids:
+            query = query.where(self._among(jobs.c.id, job_ids))
+        async with self._snapshot() as (conn, cursor):
+            rows = (await conn.execute(query)).all()
+        return cursor, [_job_from_row(row) for row in rows]
+
+    @_translate_errors
+    async def purge_events(self, *, before: datetime) -> int:
+        async with self._write() as conn:
+            through = (
+                await conn.execute(
+                    sa.select(sa.func.max(events.c.cursor)).where(events.c.create_time < before)
+                )
+            ).scalar()
+            if through is None:
+                return 0
+            result = await conn.execute(events.delete().where(events.c.cursor <= through))
+            # Last, so that the event_log row is locked only for the commit.
+            await conn.execute(
+                event_log.update()
+                .where(event_log.c.id == 1, event_log.c.purged_through < through)
+                .values(purged_through=through)
+            )
+            return int(result.rowcount)
 
     # -- server -------------------------------------------------------------------------------
 

@@ -10,6 +10,8 @@ from sqlalchemy.engine import Dialect
 
 __all__ = [
     "UtcDateTime",
+    "event_log",
+    "events",
     "executions",
     "instances",
     "jobs",
@@ -196,4 +198,32 @@ leadership = sa.Table(
     sa.Column("leader_id", sa.String(32), nullable=True),
     sa.Column("elected_at", UtcDateTime, nullable=True),
     sa.Column("heartbeat_at", UtcDateTime, nullable=True),
+)
+
+# The watch history (see docs/decisions/0011-watch-events.md): one row per change of an
+# execution or a job, appended in the transaction that made the change. Cursors come from
+# event_log's row, taken just before commit, so a cursor is visible only once every smaller
+# one is.
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("cursor", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("resource", sa.String(16), nullable=False),  # "execution" or "job"
+    sa.Column("kind", sa.String(16), nullable=False),  # ADDED, MODIFIED, DELETED
+    sa.Column("job_id", sa.String(64), nullable=False),
+    # The resource as it is after the change (as it was, for DELETED), and for an execution
+    # its job's labels, which watch filters match.
+    sa.Column("body", sa.JSON, nullable=False),
+    sa.Column("labels", sa.JSON, nullable=False),
+    sa.Column("create_time", UtcDateTime, nullable=False),
+    sa.Index(None, "create_time"),
+)
+
+# One row (id 1): the last cursor handed out, and the newest one purged (0: none).
+event_log = sa.Table(
+    "event_log",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("last_cursor", sa.BigInteger, nullable=False),
+    sa.Column("purged_through", sa.BigInteger, nullable=False),
 )

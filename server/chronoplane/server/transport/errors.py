@@ -20,12 +20,15 @@ from chronoplane.server.errors import (
     AlreadyExists,
     CancellationPending,
     ChronoplaneError,
+    CursorOutOfRange,
     EtagMismatch,
     FailedPrecondition,
     InstanceConflict,
     InvalidArgument,
     NotFound,
     NotLeader,
+    ResourceExhausted,
+    ServerStopping,
     StorageUnavailable,
 )
 
@@ -44,7 +47,10 @@ _TABLE: list[tuple[type[ChronoplaneError], grpc.StatusCode]] = [
     (InstanceConflict, grpc.StatusCode.FAILED_PRECONDITION),
     (StorageUnavailable, grpc.StatusCode.UNAVAILABLE),
     (CancellationPending, grpc.StatusCode.UNAVAILABLE),
+    (ServerStopping, grpc.StatusCode.UNAVAILABLE),
     (NotLeader, grpc.StatusCode.UNAVAILABLE),
+    (CursorOutOfRange, grpc.StatusCode.OUT_OF_RANGE),
+    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
 ]
 
 
@@ -58,7 +64,11 @@ def status_for(error: ChronoplaneError) -> grpc.Status:
     code = next(
         (code for kind, code in _TABLE if isinstance(error, kind)), grpc.StatusCode.INTERNAL
     )
-    details = [_pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN))]
+    details = [
+        _pack(
+            error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
+        )
+    ]
     if isinstance(error, InvalidArgument):
         details.insert(
             0,
@@ -127,6 +137,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         method: str = handler_call_details.method
         if handler is None or not method.startswith("/chronoplane."):
             return handler
-        if handler.request_streaming or handler.response_streaming:
-            raise NotImplementedError("streaming Chronoplane RPCs need a generator guard")
+        if handler.request_streaming:
+            raise NotImplementedError("client-streaming Chronoplane RPCs need a guard")
+        # Server-streaming handlers write with context.write and return: one guard fits both.
         return grpc.experimental.wrap_server_method_handler(_guard_unary, handler)

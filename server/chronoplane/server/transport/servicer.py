@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
+from functools import lru_cache
 from typing import Any, TypeAlias
 
-from chronoplane.server.models import ExecutionQuery
+from chronoplane.server.errors import ServerStopping, WatchFellBehind
+from chronoplane.server.models import Event, EventKind, ExecutionQuery
 from chronoplane.server.service import UPDATABLE_FIELDS, SchedulerService
 from chronoplane.server.transport.convert import (
     execution_to_proto,
@@ -19,6 +24,15 @@ from chronoplane.server.transport.convert import (
     timestamp_from_proto,
     timestamp_to_proto,
     trigger_from_proto,
+)
+from chronoplane.server.watch import (
+    EXECUTIONS,
+    JOBS,
+    Notice,
+    NoticeKind,
+    StopReason,
+    StreamControl,
+    WatchItem,
 )
 from chronoplane.v1 import scheduler_service_pb2 as pb
 from chronoplane.v1 import scheduler_service_pb2_grpc as pb_grpc
@@ -156,6 +170,36 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         instances = await self._service.list_instances()
         return pb.ListInstancesResponse(instances=[instance_to_proto(i) for i in instances])
 
+    # Streams written with context.write (grpc.aio allows it; the stubs only know generators).
+    async def WatchExecutions(  # type: ignore[override]
+        self, request: pb.WatchExecutionsRequest, context: Context
+    ) -> None:
+        control = StreamControl(asyncio.current_task())
+        stream = self._service.watch(
+            EXECUTIONS,
+            job_ids=list(request.job_ids),
+            states=frozenset(state_from_proto(s, "states") for s in request.states),
+            labels=dict(request.labels),
+            after=request.after_cursor if request.HasField("after_cursor") else None,
+            snapshot=request.snapshot,
+            control=control,
+        )
+        await _stream(stream, _execution_event, context, control, self._service.watch_buffer)
+
+    async def WatchJobs(  # type: ignore[override]
+        self, request: pb.WatchJobsRequest, context: Context
+    ) -> None:
+        control = StreamControl(asyncio.current_task())
+        stream = self._service.watch(
+            JOBS,
+            job_ids=list(request.job_ids),
+            labels=dict(request.labels),
+            after=request.after_cursor if request.HasField("after_cursor") else None,
+            snapshot=request.snapshot,
+            control=control,
+        )
+        await _stream(stream, _job_event, context, control, self._service.watch_buffer)
+
     async def PreviewTrigger(
         self, request: pb.PreviewTriggerRequest, context: Context
     ) -> pb.PreviewTriggerResponse:
@@ -173,3 +217,58 @@ def _optional_time(request: Any, name: str) -> datetime | None:
     if not request.HasField(name):
         return None
     return timestamp_from_proto(getattr(request, name), name)
+
+
+async def _stream(
+    stream: AsyncIterator[WatchItem],
+    encode: Callable[[WatchItem], Any],
+    context: Context,
+    control: StreamControl,
+    buffer: int,
+) -> None:
+    sent: int | None = None
+    try:
+        async with contextlib.aclosing(stream):  # type: ignore[type-var]
+            async for item in stream:
+                await context.write(encode(item))
+                sent = item.cursor
+    except asyncio.CancelledError:
+        if control.stopped is None:
+            raise  # the client went away
+    except WatchFellBehind:
+        pass
+    else:
+        return
+    # Ended by the server: say where the client may resume from (what it last got).
+    cursor = sent if sent is not None else (control.start or 0)
+    if control.stopped is StopReason.SERVER_STOPPING:
+        raise ServerStopping(cursor)
+    raise WatchFellBehind(cursor, buffer)
+
+
+_KINDS = {
+    EventKind.ADDED: pb.WATCH_EVENT_KIND_ADDED,
+    EventKind.MODIFIED: pb.WATCH_EVENT_KIND_MODIFIED,
+    EventKind.DELETED: pb.WATCH_EVENT_KIND_DELETED,
+    NoticeKind.SNAPSHOT: pb.WATCH_EVENT_KIND_SNAPSHOT,
+    NoticeKind.SNAPSHOT_END: pb.WATCH_EVENT_KIND_SNAPSHOT_END,
+    NoticeKind.PROGRESS: pb.WATCH_EVENT_KIND_PROGRESS,
+}
+
+
+# One encoding per event, whatever the number of streams it goes to (events and notices
+# hash by identity).
+@lru_cache(maxsize=4096)
+def _execution_event(item: Event | Notice) -> pb.WatchExecutionsResponse:
+    message = pb.WatchExecutionsResponse(cursor=item.cursor, kind=_KINDS[item.kind])
+    if item.execution is not None:
+        message.execution.CopyFrom(execution_to_proto(item.execution))
+    return message
+
+
+@lru_cache(maxsize=4096)
+def _job_event(item: Event | Notice) -> pb.WatchJobsResponse:
+    message = pb.WatchJobsResponse(cursor=item.cursor, kind=_KINDS[item.kind])
+    if item.job is not None:
+        message.job.CopyFrom(job_to_proto(item.job))
+    return message

@@ -1,0 +1,344 @@
+"""Watches: one reader of the event history per instance, fanned out to every stream.
+
+The hub reads events after its position whenever it is woken (an event committed here, a
+``NOTIFY`` from another instance, the listener reconnecting) and at least every
+``poll_interval``; the table is the truth, wake-ups only make it read sooner. Each event goes,
+as one shared object, into the buffer of every watcher whose filter it matches.
+
+A buffer is bounded. A watcher whose buffer is full stops receiving from the hub and
+*catches up* from the table instead, from the last event it sent, until it reaches the hub's
+position and rejoins: a burst or a slow reader costs reads, not memory, and holds no one up.
+A watcher that is behind like this and has not got a single message out to its client for
+``stall_timeout`` (a client that stopped reading) is ended (``WatchFellBehind``, with the
+cursor to resume from). A stream that resumes from a cursor starts out catching up. See
+docs/decisions/0011-watch-events.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from chronoplane.server.errors import CursorOutOfRange, TooManyWatchers
+from chronoplane.server.models import Event, EventWindow, Execution, ExecutionState, Job
+from chronoplane.server.storage.abc import Store
+
+__all__ = ["Notice", "NoticeKind", "StopReason", "StreamControl", "WatchFilter", "WatchHub"]
+
+log = logging.getLogger(__name__)
+
+EXECUTIONS = "execution"
+JOBS = "job"
+
+
+class NoticeKind(enum.StrEnum):
+    SNAPSHOT = "snapshot"
+    SNAPSHOT_END = "snapshot_end"
+    PROGRESS = "progress"
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Notice:
+    """What a stream sends besides changes: a snapshot item, its end, or progress."""
+
+    cursor: int
+    kind: NoticeKind
+    execution: Execution | None = None
+    job: Job | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class WatchFilter:
+    """Which events a stream wants; empty parts match everything."""
+
+    resource: str
+    job_ids: frozenset[str] = frozenset()
+    states: frozenset[ExecutionState] = frozenset()
+    labels: tuple[tuple[str, str], ...] = ()
+
+    def matches(self, event: Event) -> bool:
+        if (event.execution is not None) != (self.resource == EXECUTIONS):
+            return False
+        if self.job_ids and event.job_id not in self.job_ids:
+            return False
+        if self.states:
+            if event.execution is None or event.execution.state not in self.states:
+                return False
+        return all(event.labels.get(key) == value for key, value in self.labels)
+
+    def matches_labels(self, labels: dict[str, str]) -> bool:
+        return all(labels.get(key) == value for key, value in self.labels)
+
+
+class StopReason(enum.StrEnum):
+    FELL_BEHIND = "fell_behind"
+    SERVER_STOPPING = "server_stopping"
+
+
+class StreamControl:
+    """The transport's handle on one stream: ``stop`` ends it at once (cancelling the task,
+    which may be waiting for a client that does not read) when its buffer overflows or the
+    server stops; ``start`` is the cursor it began after (a point to resume from before
+    anything was sent)."""
+
+    def __init__(self, task: asyncio.Task[Any] | None = None) -> None:
+        self.start: int | None = None
+        self.stopped: StopReason | None = None
+        self._task = task
+
+    def stop(self, reason: StopReason) -> None:
+        if self.stopped is None:
+            self.stopped = reason
+            if self._task is not None:
+                self._task.cancel()
+
+
+class _Watcher:
+    __slots__ = ("active", "behind", "buffer", "control", "filter", "ready")
+
+    def __init__(self, watch_filter: WatchFilter, control: StreamControl) -> None:
+        self.filter = watch_filter
+        self.buffer: deque[Event] = deque()
+        self.ready = asyncio.Event()
+        # Not fed by the hub: reads the table until it is back at the hub's position.
+        self.behind = False
+        # When it last got a message out (or started).
+        self.active = time.monotonic()
+        self.control = control
+
+
+WatchItem = Event | Notice
+
+
+class WatchHub:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        buffer: int = 1000,
+        max_watchers: int = 2000,
+        progress_interval: float = 5.0,
+        poll_interval: float = 1.0,
+        page: int = 1000,
+        stall_timeout: float | None = None,
+    ) -> None:
+        self._store = store
+        self._buffer = buffer
+        self._max_watchers = max_watchers
+        self._progress_interval = progress_interval
+        self._poll_interval = poll_interval
+        self._page = page
+        self._stall_timeout = stall_timeout if stall_timeout is not None else 2 * progress_interval
+        # The last cursor handed to the watchers: every event up to it was dispatched.
+        self._position = 0
+        self._by_job: dict[tuple[str, str], set[_Watcher]] = {}
+        self._everything: dict[str, set[_Watcher]] = {EXECUTIONS: set(), JOBS: set()}
+        self._count = 0
+        self._watchers: set[_Watcher] = set()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def buffer(self) -> int:
+        return self._buffer
+
+    @property
+    def watchers(self) -> int:
+        return self._count
+
+    @property
+    def position(self) -> int:
+        return self._position
+
+    async def start(self) -> None:
+        self._position = (await self._store.event_window()).newest
+        self._task = asyncio.create_task(self._tail_forever(), name="watch-hub")
+
+    def close_streams(self) -> None:
+        """Ends every stream (the server stops): clients resume on another instance."""
+        for watcher in list(self._watchers):
+            watcher.control.stop(StopReason.SERVER_STOPPING)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def wake(self, _payload: str = "") -> None:
+        """Events were committed (here, or by another instance: the payload is unused)."""
+        self._wake.set()
+
+    async def _tail_forever(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._poll_interval)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            self._end_stalled()
+            try:
+                await self._read_new()
+            except Exception as error:
+                log.warning(
+                    "reading watch events failed, retrying: %s: %s", type(error).__name__, error
+                )
+                await asyncio.sleep(min(1.0, self._poll_interval))
+
+    async def _read_new(self) -> None:
+        while True:
+            batch, _ = await self._store.events_after(self._position, limit=self._page)
+            if batch:
+                for event in batch:
+                    self._dispatch(event)
+                self._position = batch[-1].cursor
+            if len(batch) < self._page:
+                return
+
+    def _dispatch(self, event: Event) -> None:
+        resource = EXECUTIONS if event.execution is not None else JOBS
+        for group in (
+            self._everything[resource],
+            self._by_job.get((resource, event.job_id), ()),
+        ):
+            for watcher in group:
+                if watcher.behind or not watcher.filter.matches(event):
+                    continue
+                if len(watcher.buffer) >= self._buffer:
+                    watcher.behind = True  # from here on it reads the table
+                else:
+                    watcher.buffer.append(event)
+                watcher.ready.set()
+
+    def _end_stalled(self) -> None:
+        """Ends the streams that are behind and have sent nothing for stall_timeout."""
+        now = time.monotonic()
+        for watcher in self._watchers:
+            if watcher.behind and now - watcher.active > self._stall_timeout:
+                watcher.control.stop(StopReason.FELL_BEHIND)
+
+    def _register(self, watcher: _Watcher) -> None:
+        if self._count >= self._max_watchers:
+            raise TooManyWatchers(self._max_watchers)
+        self._count += 1
+        self._watchers.add(watcher)
+        resource = watcher.filter.resource
+        if not watcher.filter.job_ids:
+            self._everything[resource].add(watcher)
+        for job_id in watcher.filter.job_ids:
+            self._by_job.setdefault((resource, job_id), set()).add(watcher)
+
+    def _unregister(self, watcher: _Watcher) -> None:
+        self._count -= 1
+        self._watchers.discard(watcher)
+        resource = watcher.filter.resource
+        self._everything[resource].discard(watcher)
+        for job_id in watcher.filter.job_ids:
+            group = self._by_job.get((resource, job_id))
+            if group is not None:
+                group.discard(watcher)
+                if not group:
+                    del self._by_job[(resource, job_id)]
+
+    async def watch(
+        self,
+        watch_filter: WatchFilter,
+        *,
+        after: int | None = None,
+        snapshot: bool = False,
+        control: StreamControl | None = None,
+    ) -> AsyncIterator[WatchItem]:
+        """The stream's items, until the caller stops iterating. Raises ``TooManyWatchers``
+        at once, ``CursorOutOfRange`` for a cursor outside the kept history; a stalled
+        stream is ended through ``control.stop()``."""
+        control = control or StreamControl()
+        watcher = _Watcher(watch_filter, control)
+        if after is not None:
+            _check_range(after, await self._store.event_window())
+            watcher.behind = True
+        self._register(watcher)
+        # Events after this position reach the buffer (unless it is behind).
+        last = after if after is not None else self._position
+        control.start = last
+        try:
+            if snapshot:
+                async for item in self._snapshot(watch_filter):
+                    last = item.cursor
+                    yield item
+                    watcher.active = time.monotonic()
+            while True:
+                buffer = watcher.buffer
+                while buffer:
+                    event = buffer.popleft()
+                    if event.cursor > last:
+                        last = event.cursor
+                        yield event
+                        watcher.active = time.monotonic()
+                if watcher.behind:
+                    async for event in self._catch_up(watcher, last):
+                        last = event.cursor
+                        if watch_filter.matches(event):
+                            yield event
+                            watcher.active = time.monotonic()
+                    continue
+                watcher.ready.clear()
+                try:
+                    await asyncio.wait_for(watcher.ready.wait(), self._progress_interval)
+                except TimeoutError:
+                    if not watcher.buffer and not watcher.behind:
+                        # Everything up to the hub's position that matched is delivered.
+                        last = max(last, self._position)
+                        yield Notice(cursor=last, kind=NoticeKind.PROGRESS)
+                        watcher.active = time.monotonic()
+        finally:
+            self._unregister(watcher)
+
+    async def _catch_up(self, watcher: _Watcher, after: int) -> AsyncIterator[Event]:
+        """The events after ``after`` from the table, matching or not (the caller filters,
+        and moves its cursor past both), until the watcher is back with the hub."""
+        job_ids = sorted(watcher.filter.job_ids)
+        position = after
+        while True:
+            batch, window = await self._store.events_after(
+                position, limit=self._page, job_ids=job_ids
+            )
+            if window.purged_through > position:
+                _check_range(position, window)  # purged while it was behind
+            for event in batch:
+                position = event.cursor
+                yield event
+            if len(batch) < self._page and self._position <= position:
+                # The hub has dispatched nothing past what was read: whatever comes next
+                # reaches the buffer (what it holds up to here is skipped as seen).
+                watcher.buffer.clear()
+                watcher.behind = False
+                return
+            if not batch:
+                # The hub is ahead of the table's reply (a commit in between): read again.
+                await asyncio.sleep(0)
+
+    async def _snapshot(self, watch_filter: WatchFilter) -> AsyncIterator[Notice]:
+        job_ids = sorted(watch_filter.job_ids)
+        if watch_filter.resource == EXECUTIONS:
+            cursor, rows = await self._store.snapshot_executions(job_ids)
+            for execution, labels in rows:
+                if watch_filter.states and execution.state not in watch_filter.states:
+                    continue
+                if watch_filter.matches_labels(labels):
+                    yield Notice(cursor=cursor, kind=NoticeKind.SNAPSHOT, execution=execution)
+        else:
+            cursor, jobs = await self._store.snapshot_jobs(job_ids)
+            for job in jobs:
+                if watch_filter.matches_labels(job.labels):
+                    yield Notice(cursor=cursor, kind=NoticeKind.SNAPSHOT, job=job)
+        yield Notice(cursor=cursor, kind=NoticeKind.SNAPSHOT_END)
+
+
+def _check_range(cursor: int, window: EventWindow) -> None:
+    if cursor < window.purged_through or cursor > window.newest:
+        raise CursorOutOfRange(cursor, oldest=window.purged_through + 1, newest=window.newest)
