@@ -17,6 +17,7 @@ docs/decisions/0011-watch-events.md.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import enum
 import logging
 import time
@@ -127,6 +128,8 @@ class WatchHub:
         poll_interval: float = 1.0,
         page: int = 1000,
         stall_timeout: float | None = None,
+        recent: int = 4096,
+        coalesce: float = 0.005,
     ) -> None:
         self._store = store
         self._buffer = buffer
@@ -134,6 +137,10 @@ class WatchHub:
         self._progress_interval = progress_interval
         self._poll_interval = poll_interval
         self._page = page
+        # The newest events dispatched, in cursor order, between recent and 2 x recent.
+        self._recent: list[Event] = []
+        self._recent_size = recent
+        self._coalesce = coalesce
         self._stall_timeout = stall_timeout if stall_timeout is not None else 2 * progress_interval
         # The last cursor handed to the watchers: every event up to it was dispatched.
         self._position = 0
@@ -180,6 +187,8 @@ class WatchHub:
                 await asyncio.wait_for(self._wake.wait(), self._poll_interval)
             except TimeoutError:
                 pass
+            # Commits come in bursts: one read for all of those of the next few ms.
+            await asyncio.sleep(self._coalesce)
             self._wake.clear()
             self._end_stalled()
             try:
@@ -192,11 +201,12 @@ class WatchHub:
 
     async def _read_new(self) -> None:
         while True:
-            batch, _ = await self._store.events_after(self._position, limit=self._page)
+            batch = await self._store.newest_events(self._position, limit=self._page)
             if batch:
                 for event in batch:
                     self._dispatch(event)
                 self._position = batch[-1].cursor
+                self._remember(batch)
             if len(batch) < self._page:
                 return
 
@@ -211,9 +221,21 @@ class WatchHub:
                     continue
                 if len(watcher.buffer) >= self._buffer:
                     watcher.behind = True  # from here on it reads the table
+                    log.info(
+                        "a watch stream is %d events behind (cursor %d); it catches up from "
+                        "the table",
+                        self._buffer,
+                        event.cursor,
+                    )
                 else:
                     watcher.buffer.append(event)
                 watcher.ready.set()
+
+    def _remember(self, batch: list[Event]) -> None:
+        """Keeps the newest ``recent`` events for watchers that catch up."""
+        self._recent.extend(batch)
+        if len(self._recent) > 2 * self._recent_size:
+            del self._recent[: len(self._recent) - self._recent_size]
 
     def _end_stalled(self) -> None:
         """Ends the streams that are behind and have sent nothing for stall_timeout."""
@@ -288,7 +310,8 @@ class WatchHub:
                     continue
                 watcher.ready.clear()
                 try:
-                    await asyncio.wait_for(watcher.ready.wait(), self._progress_interval)
+                    async with asyncio.timeout(self._progress_interval):
+                        await watcher.ready.wait()
                 except TimeoutError:
                     if not watcher.buffer and not watcher.behind:
                         # Everything up to the hub's position that matched is delivered.
@@ -299,11 +322,23 @@ class WatchHub:
             self._unregister(watcher)
 
     async def _catch_up(self, watcher: _Watcher, after: int) -> AsyncIterator[Event]:
-        """The events after ``after`` from the table, matching or not (the caller filters,
-        and moves its cursor past both), until the watcher is back with the hub."""
+        """The events after ``after``, matching or not (the caller filters, and moves its
+        cursor past both), until the watcher is back with the hub: from the hub's recent
+        events when they reach back that far (shared, already decoded), else from the table."""
         job_ids = sorted(watcher.filter.job_ids)
         position = after
         while True:
+            recent = self._recent
+            if recent and position >= recent[0].cursor - 1:
+                chunk = recent[bisect.bisect_right(recent, position, key=_cursor) :]
+                if not chunk:
+                    # Nothing dispatched past it: whatever comes next reaches the buffer.
+                    watcher.behind = False
+                    return
+                for event in chunk:
+                    position = event.cursor
+                    yield event
+                continue
             batch, window = await self._store.events_after(
                 position, limit=self._page, job_ids=job_ids
             )
@@ -312,15 +347,11 @@ class WatchHub:
             for event in batch:
                 position = event.cursor
                 yield event
-            if len(batch) < self._page and self._position <= position:
-                # The hub has dispatched nothing past what was read: whatever comes next
-                # reaches the buffer (what it holds up to here is skipped as seen).
-                watcher.buffer.clear()
+            if not batch and self._position <= position:
                 watcher.behind = False
                 return
             if not batch:
-                # The hub is ahead of the table's reply (a commit in between): read again.
-                await asyncio.sleep(0)
+                await asyncio.sleep(0)  # the hub read past the table's reply: read again
 
     async def _snapshot(self, watch_filter: WatchFilter) -> AsyncIterator[Notice]:
         job_ids = sorted(watch_filter.job_ids)
@@ -337,6 +368,10 @@ class WatchHub:
                 if watch_filter.matches_labels(job.labels):
                     yield Notice(cursor=cursor, kind=NoticeKind.SNAPSHOT, job=job)
         yield Notice(cursor=cursor, kind=NoticeKind.SNAPSHOT_END)
+
+
+def _cursor(event: Event) -> int:
+    return event.cursor
 
 
 def _check_range(cursor: int, window: EventWindow) -> None:

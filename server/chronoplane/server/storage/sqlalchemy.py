@@ -462,6 +462,17 @@ _PG_FINISH = sa.text(
     "WHERE executions.id = f.id AND executions.state IN ('pending', 'running') "
     "RETURNING executions.id"
 )
+_PG_APPEND_EVENTS = sa.text(
+    "WITH c AS (UPDATE event_log SET last_cursor = last_cursor "
+    "+ cardinality(CAST(:resources AS varchar[])) WHERE id = 1 RETURNING last_cursor), "
+    "appended AS (INSERT INTO events (cursor, resource, kind, job_id, body, labels, create_time) "
+    "SELECT c.last_cursor - cardinality(CAST(:resources AS varchar[])) + e.n, e.resource, "
+    "e.kind, e.job_id, CAST(e.body AS json), CAST(e.labels AS json), :now "
+    "FROM c, unnest(CAST(:resources AS varchar[]), CAST(:kinds AS varchar[]), "
+    "CAST(:job_ids AS varchar[]), CAST(:bodies AS text[]), CAST(:labels AS text[])) "
+    "WITH ORDINALITY AS e(resource, kind, job_id, body, labels, n) RETURNING 1) "
+    f"SELECT pg_notify('{EVENTS_CHANNEL}', last_cursor::text) FROM c"
+).bindparams(sa.bindparam("now", type_=UtcDateTime()))
 _PG_ADMISSION_JOBS = sa.text("SELECT * FROM chronoplane_admission_jobs(:ids, :fenced)").bindparams(
     sa.bindparam("ids", type_=postgresql.ARRAY(sa.String)),
     sa.bindparam("fenced", type_=sa.Boolean),
@@ -584,6 +595,22 @@ class SqlAlchemyStore(Store):
         ordered = [(key, kind) for key, kind in changes.kinds.items() if key in bodies]
         if not ordered:
             return
+        now = datetime.now(UTC)
+        if self._dialect == "postgresql":
+            # One round trip: cursors, rows and the notification (the event_log row is
+            # locked from here to the commit).
+            await conn.execute(
+                _PG_APPEND_EVENTS,
+                {
+                    "resources": [resource for (resource, _), _ in ordered],
+                    "kinds": [kind.value for _, kind in ordered],
+                    "job_ids": [bodies[key][0] for key, _ in ordered],
+                    "bodies": [json.dumps(bodies[key][1]) for key, _ in ordered],
+                    "labels": [json.dumps(bodies[key][2]) for key, _ in ordered],
+                    "now": now,
+                },
+            )
+            return
         last = (
             await conn.execute(
                 event_log.update()
@@ -592,7 +619,6 @@ class SqlAlchemyStore(Store):
                 .returning(event_log.c.last_cursor)
             )
         ).scalar_one()
-        now = datetime.now(UTC)
         first = last - len(ordered) + 1
         await conn.execute(
             events.insert(),
@@ -609,7 +635,6 @@ class SqlAlchemyStore(Store):
                 for n, ((resource, rid), kind) in enumerate(ordered)
             ],
         )
-        await self._notify(conn, EVENTS_CHANNEL, str(last))
 
     def _among(self, column: sa.ColumnElement[str], values: Iterable[str]) -> Any:
         """``column IN values``; on PostgreSQL ``= ANY(array)``, one statement for any number
@@ -1604,6 +1629,15 @@ class SqlAlchemyStore(Store):
             # Read after the events: a purge that committed before them is seen here.
             window = await self._event_window(conn)
         return [_event_from_row(row) for row in rows], window
+
+    @_translate_errors
+    async def newest_events(self, cursor: int, *, limit: int) -> list[Event]:
+        query = (
+            sa.select(events).where(events.c.cursor > cursor).order_by(events.c.cursor).limit(limit)
+        )
+        async with self._engine.connect() as conn:  # one statement: no transaction needed
+            rows = (await conn.execute(query)).all()
+        return [_event_from_row(row) for row in rows]
 
     @_translate_errors
     async def event_window(self) -> EventWindow:

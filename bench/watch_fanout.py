@@ -1,0 +1,353 @@
+"""Watch fan-out: 1,000 watchers of one job each plus 10 of everything, on a real server.
+
+First the ceiling: a trivial grpc.aio server (this file, ``--trivial-server``, in its own
+process) streams a message the size of a real watch event to as many streams as fast as it
+can; the same client counts what arrives. Then a real ``chronoplane serve`` on PostgreSQL
+with 1,000 jobs of ``chronoplane.echo`` whose intervals give each phase's execution rate
+(200/s first, then more), watched by 1,000 streams each filtered to one job and 10 streams
+of everything. Each execution is two events (ADDED as it starts, MODIFIED when it ends), and
+each event goes to 11 streams.
+
+Figures, one JSON line each (``"bench": "watch_fanout"``): ``ceiling_msgs_per_s``; then per
+phase (``"rate"``: executions/s asked): delivered_per_s (messages received by all watchers),
+expected_per_s (11 x 2 x executions/s), latency_p50_ms / latency_p99_ms (from the event's
+commit, the time the server stamps on the event row just before it commits, to its receipt),
+server_cpu_percent (of one core), server_rss_mb, behind (true once delivery fell behind:
+less than 90% of what was asked delivered, or p99 over 1 s). The last phase not behind is
+the saturation point: ``saturation_delivered_per_s`` and its ratio to the ceiling.
+
+Run it::
+
+    .venv/bin/python bench/watch_fanout.py
+    .venv/bin/python bench/watch_fanout.py --rates 200 --seconds 10   # a quick run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+from fire_throughput import (
+    _maintenance_dsn,
+    _timestamp,
+    _utcnow,
+    create_jobs,
+    note,
+    percentile,
+    postgres_database,
+    run_concurrently,
+    running_server,
+)
+from google.protobuf import duration_pb2, field_mask_pb2
+
+from chronoplane.v1 import execution_pb2, job_pb2
+from chronoplane.v1 import scheduler_service_pb2 as pb
+from chronoplane.v1 import scheduler_service_pb2_grpc as pb_grpc
+
+BENCH = "watch_fanout"
+JOBS = 1_000
+EVERYTHING = 10
+WARM_SECONDS = 4.0
+CHANGES = (pb.WATCH_EVENT_KIND_ADDED, pb.WATCH_EVENT_KIND_MODIFIED)
+
+
+def emit(figure: str, value: Any, unit: str, **extra: Any) -> None:
+    if isinstance(value, float):
+        value = round(value, 3)
+    line = {"bench": BENCH, **extra, "figure": figure, "value": value, "unit": unit}
+    print(json.dumps(line), flush=True)
+
+
+def sample_event() -> pb.WatchExecutionsResponse:
+    """A watch event as the real server sends it for an echo execution."""
+    execution = execution_pb2.Execution(
+        id="01a2315a94aa45775a29403bdf53",
+        job_id="j00042",
+        state=execution_pb2.EXECUTION_STATE_SUCCEEDED,
+        source=execution_pb2.EXECUTION_SOURCE_SCHEDULE,
+        instance_id="inst-1d3ab1e4662b",
+        task="chronoplane.echo",
+        attempt=1,
+    )
+    for field in ("scheduled_time", "create_time", "start_time", "end_time"):
+        getattr(execution, field).GetCurrentTime()
+    return pb.WatchExecutionsResponse(
+        cursor=123456, kind=pb.WATCH_EVENT_KIND_MODIFIED, execution=execution
+    )
+
+
+# -- the ceiling: a trivial streaming server --------------------------------------------------
+
+
+async def _trivial_stream(request: Any, context: Any) -> Any:
+    """Streams for ever, as fast as the transport takes them, a new message each time (as
+    perf-baseline.md measured it), the size of a real event."""
+    sample = sample_event()
+    cursor = 0
+    while True:
+        cursor += 1
+        yield pb.WatchExecutionsResponse(
+            cursor=cursor, kind=sample.kind, execution=sample.execution
+        )
+
+
+async def _serve_trivial(port: int) -> None:
+    server = grpc.aio.server()
+    handler = grpc.method_handlers_generic_handler(
+        "chronoplane.v1.SchedulerService",
+        {
+            "WatchExecutions": grpc.unary_stream_rpc_method_handler(
+                _trivial_stream,
+                request_deserializer=pb.WatchExecutionsRequest.FromString,
+                response_serializer=pb.WatchExecutionsResponse.SerializeToString,
+            )
+        },
+    )
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print("serving", flush=True)
+    await server.wait_for_termination()
+
+
+async def ceiling(streams: int, seconds: float) -> float:
+    port = _free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--trivial-server", str(port), stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert process.stdout is not None
+        await asyncio.wait_for(process.stdout.readline(), 30)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.SchedulerServiceStub(channel)
+            counts = [0] * streams
+            counting = False
+
+            async def read(k: int) -> None:
+                async for _ in stub.WatchExecutions(pb.WatchExecutionsRequest()):
+                    if counting:
+                        counts[k] += 1
+
+            readers = [asyncio.create_task(read(k)) for k in range(streams)]
+            await asyncio.sleep(WARM_SECONDS)
+            counting = True
+            began = time.monotonic()
+            await asyncio.sleep(seconds)
+            counting = False
+            elapsed = time.monotonic() - began
+            for reader in readers:
+                reader.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+        return sum(counts) / elapsed
+    finally:
+        process.kill()
+        await process.wait()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- the real server --------------------------------------------------------------------------
+
+
+class Watchers:
+    """1,000 streams of one job each and 10 of everything; what each received, and when."""
+
+    def __init__(self, stub: Any, job_ids: list[str], everything: int) -> None:
+        self.received: list[tuple[int, float]] = []
+        self.recording = False
+        self.errors: list[str] = []
+        requests = [pb.WatchExecutionsRequest(job_ids=[j]) for j in job_ids]
+        requests += [pb.WatchExecutionsRequest() for _ in range(everything)]
+        self._tasks = [asyncio.create_task(self._read(stub, r)) for r in requests]
+
+    async def _read(self, stub: Any, request: pb.WatchExecutionsRequest) -> None:
+        try:
+            async for event in stub.WatchExecutions(request):
+                if self.recording and event.kind in CHANGES:
+                    self.received.append((event.cursor, time.time()))
+        except grpc.aio.AioRpcError as error:
+            self.errors.append(f"{error.code()}: {error.details()}")
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def commit_times(url: str, first: int, last: int) -> dict[int, float]:
+    dsn = url.replace("postgresql+asyncpg://", "postgresql://")
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT cursor, create_time FROM events WHERE cursor BETWEEN $1 AND $2", first, last
+        )
+    finally:
+        await conn.close()
+    return {row["cursor"]: row["create_time"].timestamp() for row in rows}
+
+
+async def set_rate(stub: Any, job_ids: list[str], rate: float) -> None:
+    """Every job fires every len(jobs)/rate seconds, their phases spread evenly."""
+    every = len(job_ids) / rate
+    start = _utcnow() + timedelta(seconds=2)
+
+    async def update(n_job: tuple[int, str]) -> None:
+        n, job_id = n_job
+        first = start + timedelta(seconds=every * n / len(job_ids))
+        trigger = job_pb2.Trigger(
+            interval=job_pb2.IntervalTrigger(
+                every=duration_pb2.Duration(seconds=int(every), nanos=int(every % 1 * 1e9)),
+                start_time=_timestamp(first),
+            )
+        )
+        await stub.UpdateJob(
+            pb.UpdateJobRequest(
+                job=job_pb2.Job(id=job_id, trigger=trigger, paused=False),
+                update_mask=field_mask_pb2.FieldMask(paths=["trigger"]),
+            ),
+            timeout=60,
+        )
+        await stub.ResumeJob(pb.ResumeJobRequest(id=job_id), timeout=60)
+
+    await run_concurrently(list(enumerate(job_ids)), update, 32)
+
+
+async def phase(
+    server: Any,
+    url: str,
+    stub: Any,
+    watchers: Watchers,
+    job_ids: list[str],
+    rate: float,
+    seconds: float,
+) -> tuple[float, bool]:
+    await set_rate(stub, job_ids, rate)
+    await asyncio.sleep(2 + WARM_SECONDS)
+    pid = server.process.pid
+    cpu0, began = _cpu_seconds(pid), time.monotonic()
+    watchers.received.clear()
+    watchers.recording = True
+    await asyncio.sleep(seconds)
+    watchers.recording = False
+    elapsed = time.monotonic() - began
+    cpu = (_cpu_seconds(pid) - cpu0) / elapsed * 100
+    received = list(watchers.received)
+    delivered = len(received) / elapsed
+    expected = 11 * 2 * rate
+    latency: list[float] = []
+    if received:
+        cursors = [c for c, _ in received]
+        stamps = await commit_times(url, min(cursors), max(cursors))
+        latency = sorted((at - stamps[c]) * 1000 for c, at in received if c in stamps)
+    p99 = percentile(latency, 0.99) if latency else None
+    behind = delivered < 0.9 * expected or p99 is None or p99 > 1000
+    emit("delivered_per_s", delivered, "1/s", rate=rate)
+    emit("expected_per_s", expected, "1/s", rate=rate)
+    emit("latency_p50_ms", percentile(latency, 0.5) if latency else None, "ms", rate=rate)
+    emit("latency_p99_ms", p99, "ms", rate=rate)
+    emit("server_cpu_percent", cpu, "%", rate=rate)
+    emit("server_rss_mb", _rss_mb(pid), "MB", rate=rate)
+    emit("behind", behind, "bool", rate=rate)
+    return delivered, behind
+
+
+@contextlib.asynccontextmanager
+async def real_server(options: argparse.Namespace, workdir: Path) -> AsyncIterator[tuple[Any, str]]:
+    async with postgres_database(_maintenance_dsn(options.postgres_url)) as url:
+        streams = options.jobs + EVERYTHING
+        async with running_server(
+            url, workdir / "server.log", f"--max-watchers={streams + 10}"
+        ) as server:
+            yield server, url
+
+
+async def _main(options: argparse.Namespace) -> int:
+    streams = options.jobs + EVERYTHING
+    note(f"ceiling: a trivial grpc.aio server streaming to {streams} streams")
+    top = await ceiling(streams, options.seconds)
+    emit("ceiling_msgs_per_s", top, "1/s", streams=streams)
+    workdir = Path(tempfile.mkdtemp(prefix="chronoplane-bench-watch-"))
+    async with real_server(options, workdir) as (server, url):
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = pb_grpc.SchedulerServiceStub(channel)
+            job_ids = [f"j{n:05d}" for n in range(options.jobs)]
+            far = _timestamp(_utcnow() + timedelta(days=365))
+            jobs = [
+                job_pb2.Job(
+                    id=j,
+                    task="chronoplane.echo",
+                    paused=True,
+                    trigger=job_pb2.Trigger(date=job_pb2.DateTrigger(run_time=far)),
+                    misfire_grace=duration_pb2.Duration(seconds=60),
+                )
+                for j in job_ids
+            ]
+            await create_jobs(stub, jobs, 32, say=False)
+            note(f"{len(jobs)} jobs; opening {streams} watch streams")
+            watchers = Watchers(stub, job_ids, EVERYTHING)
+            await asyncio.sleep(3)
+            saturation: float | None = None
+            for rate in options.rates:
+                note(f"phase: {rate} executions/s")
+                delivered, behind = await phase(
+                    server, url, stub, watchers, job_ids, rate, options.seconds
+                )
+                if behind:
+                    break
+                saturation = delivered
+            if watchers.errors:
+                note(f"stream errors: {watchers.errors[:3]} ({len(watchers.errors)})")
+            emit("stream_errors", len(watchers.errors), "count")
+            await watchers.close()
+    emit("saturation_delivered_per_s", saturation, "1/s")
+    emit("saturation_to_ceiling", saturation / top if saturation and top else None, "ratio")
+    note(f"server log in {workdir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=JOBS)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rates", type=float, nargs="+", default=[200, 250, 300, 350, 400, 500])
+    parser.add_argument("--postgres-url")
+    parser.add_argument("--trivial-server", type=int, help=argparse.SUPPRESS)
+    options = parser.parse_args(argv)
+    if options.trivial_server:
+        asyncio.run(_serve_trivial(options.trivial_server))
+        return 0
+    return asyncio.run(_main(options))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
