@@ -198,7 +198,7 @@ _KIND_WORDS = {
     pb.WATCH_EVENT_KIND_MODIFIED: "modified",
     pb.WATCH_EVENT_KIND_DELETED: "deleted",
     pb.WATCH_EVENT_KIND_SNAPSHOT: "current",
-    pb.WATCH_EVENT_KIND_SNAPSHOT_END: "--",
+    pb.WATCH_EVENT_KIND_SNAPSHOT_END: "(the snapshot ends; live events follow)",
     pb.WATCH_EVENT_KIND_PROGRESS: "progress",
 }
 
@@ -207,12 +207,14 @@ def _event_line(event: pb.WatchExecutionsResponse | pb.WatchJobsResponse, *, jso
     if json:
         return json_format.MessageToJson(event, indent=None)
     head = f"{event.cursor:>8}  {_KIND_WORDS.get(event.kind, '?'):<8}"
+    if event.kind == pb.WATCH_EVENT_KIND_SNAPSHOT_END:
+        return head.rstrip()
     if isinstance(event, pb.WatchExecutionsResponse) and event.HasField("execution"):
         e = event.execution
         return f"{head}  {e.id}  {e.job_id}  {_state(e.state)}  {e.error_message[:60]}".rstrip()
     if isinstance(event, pb.WatchJobsResponse) and event.HasField("job"):
         job = event.job
-        return f"{head}  {job.id}  {'paused' if job.paused else 'active'}  {job.etag}"
+        return f"{head}  {job.id}  {'paused' if job.paused else 'active'}  etag {job.etag}"
     return head.rstrip()
 
 
@@ -825,6 +827,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # chronoctl executions watch | head
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     text = json_format.MessageToJson(message) if args.json else _RENDERERS[type(message)](message)
     if text:
         sys.stdout.write(text + "\n")

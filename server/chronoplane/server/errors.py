@@ -16,6 +16,8 @@ ChronoplaneError
 ├── InstanceConflict                    another server already uses this database
 ├── NotLeader                           a leader's write after it lost leadership (fenced)
 ├── CursorOutOfRange                    a watch cursor outside the kept event history
+├── Unauthenticated                     no credentials, or bad ones, where they are required
+├── PermissionDenied                    the caller's role may not make this call
 └── ResourceExhausted                   a limit reached
     ├── TooManyWatchers
     └── WatchFellBehind                 a watcher that did not keep up with its buffer
@@ -41,11 +43,13 @@ __all__ = [
     "JobNotFound",
     "NotFound",
     "NotLeader",
+    "PermissionDenied",
     "ResourceExhausted",
     "ServerStopping",
     "StorageUnavailable",
     "TaskNotRegistered",
     "TooManyWatchers",
+    "Unauthenticated",
     "WatchFellBehind",
 ]
 
@@ -222,3 +226,11 @@ class WatchFellBehind(ResourceExhausted):
             f"with after_cursor {cursor}"
         )
         self.metadata = {"cursor": str(cursor), "limit": "watch_buffer"}
+
+
+class Unauthenticated(ChronoplaneError):
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(ChronoplaneError):
+    reason = "PERMISSION_DENIED"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import cached_property
 from typing import Any, TypeAlias
 
 __all__ = [
@@ -300,15 +302,32 @@ class EventKind(enum.StrEnum):
 @dataclass(frozen=True, kw_only=True, eq=False)
 class Event:
     """A change of an execution or a job, at its place in the cluster's history. Compared
-    by identity: one object is shared by every watcher it goes to."""
+    by identity: one object is shared by every watcher it goes to. The resource is decoded
+    when first asked for (most events reach no watcher that needs it)."""
 
     cursor: int
     kind: EventKind
     job_id: str
     # The job's labels (of the execution's job, for an execution event).
     labels: dict[str, str]
-    execution: Execution | None = None
-    job: Job | None = None
+    resource: str  # "execution" or "job"
+    decode: Callable[[], Execution | Job] = field(repr=False)
+
+    @cached_property
+    def execution(self) -> Execution | None:
+        if self.resource != "execution":
+            return None
+        value = self.decode()
+        assert isinstance(value, Execution)
+        return value
+
+    @cached_property
+    def job(self) -> Job | None:
+        if self.resource != "job":
+            return None
+        value = self.decode()
+        assert isinstance(value, Job)
+        return value
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -64,7 +64,7 @@ class WatchFilter:
     labels: tuple[tuple[str, str], ...] = ()
 
     def matches(self, event: Event) -> bool:
-        if (event.execution is not None) != (self.resource == EXECUTIONS):
+        if event.resource != self.resource:
             return False
         if self.job_ids and event.job_id not in self.job_ids:
             return False
@@ -200,6 +200,14 @@ class WatchHub:
                 await asyncio.sleep(min(1.0, self._poll_interval))
 
     async def _read_new(self) -> None:
+        if not self._count:
+            # Nobody watches: move to the newest cursor without reading the events. What
+            # it skips is not in the recent events either (they must have no gap).
+            newest = (await self._store.event_window()).newest
+            if not self._count:
+                self._position = max(self._position, newest)
+                self._recent.clear()
+                return
         while True:
             batch = await self._store.newest_events(self._position, limit=self._page)
             if batch:
@@ -211,7 +219,7 @@ class WatchHub:
                 return
 
     def _dispatch(self, event: Event) -> None:
-        resource = EXECUTIONS if event.execution is not None else JOBS
+        resource = event.resource
         for group in (
             self._everything[resource],
             self._by_job.get((resource, event.job_id), ()),

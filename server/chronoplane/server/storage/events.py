@@ -14,7 +14,7 @@ from typing import Any
 
 from chronoplane.server.models import EventKind
 
-__all__ = ["Changes", "decode_body", "encode_row"]
+__all__ = ["Changes", "decode_body", "encode_row", "encode_values"]
 
 EXECUTION = "execution"
 JOB = "job"
@@ -43,6 +43,9 @@ class Changes:
         self.kinds: dict[tuple[str, str], EventKind] = {}
         # Deleted jobs, as they were: nothing is left to read at commit.
         self.deleted: dict[str, dict[str, Any]] = {}
+        # Executions whose row as written is known (an insert's values, an UPDATE's
+        # RETURNING): no need to read them again at commit.
+        self.known: dict[str, dict[str, Any]] = {}
 
     def __bool__(self) -> bool:
         return bool(self.kinds)
@@ -50,9 +53,17 @@ class Changes:
     def note(self, resource: str, ids: Any, kind: EventKind) -> None:
         for resource_id in ids:
             key = (resource, resource_id)
+            if resource == EXECUTION:
+                self.known.pop(resource_id, None)  # changed since: read it at commit
             # Created and then changed in one transaction is still an addition.
             if self.kinds.get(key) is not EventKind.ADDED:
                 self.kinds[key] = kind
+
+    def note_rows(self, rows: Any, kind: EventKind) -> None:
+        """Executions changed, with their rows as they now are (mappings of every column)."""
+        for row in rows:
+            self.note(EXECUTION, [row["id"]], kind)
+            self.known[row["id"]] = encode_values(row)
 
     def ids(self, resource: str) -> list[str]:
         return [
@@ -64,8 +75,12 @@ class Changes:
 
 def encode_row(row: Any) -> dict[str, Any]:
     """A job or execution row as a JSON-safe dict (what ``decode_body`` reads back)."""
+    return encode_values(row._mapping)
+
+
+def encode_values(values: Any) -> dict[str, Any]:
     body: dict[str, Any] = {}
-    for name, value in row._mapping.items():
+    for name, value in values.items():
         if name in _INTERNAL or name == "job_labels":
             continue
         body[name] = value.isoformat() if isinstance(value, datetime) else value

@@ -341,22 +341,32 @@ def _execution_from_row(row: sa.Row[Any]) -> Execution:
 
 
 def _event_from_row(row: sa.Row[Any]) -> Event:
-    body = decode_body(row.body)
-    if row.resource == EXECUTION:
-        return Event(
-            cursor=row.cursor,
-            kind=EventKind(row.kind),
-            job_id=row.job_id,
-            labels=row.labels,
-            execution=_execution_from_row(body),
-        )
+    text = row.body_text
+
+    def decode() -> Execution | Job:
+        body = decode_body(json.loads(text))
+        return _execution_from_row(body) if row.resource == EXECUTION else _job_from_row(body)
+
+    labels = row.labels if isinstance(row.labels, dict) else json.loads(row.labels)
     return Event(
         cursor=row.cursor,
         kind=EventKind(row.kind),
         job_id=row.job_id,
-        labels=row.labels,
-        job=_job_from_row(body),
+        labels=labels,
+        resource=row.resource,
+        decode=decode,
     )
+
+
+# Events as read: the body as text, parsed only if a watcher needs the resource.
+_EVENT_COLUMNS = (
+    events.c.cursor,
+    events.c.resource,
+    events.c.kind,
+    events.c.job_id,
+    events.c.labels,
+    sa.cast(events.c.body, sa.Text).label("body_text"),
+)
 
 
 def _dedupe_key(execution: Execution) -> str | None:
@@ -442,7 +452,8 @@ _PG_INSERT_EXECUTIONS = sa.text(
 _PG_CLAIM = sa.text(
     "UPDATE executions SET state = :state, instance_id = :instance_id, ready = :ready, "
     "holds_slot = :holds_slot, start_time = :start_time "
-    "FROM unnest(CAST(:ids AS varchar[])) AS claimed(id) WHERE executions.id = claimed.id"
+    "FROM unnest(CAST(:ids AS varchar[])) AS claimed(id) WHERE executions.id = claimed.id "
+    "RETURNING executions.*"
 ).bindparams(sa.bindparam("start_time", type_=UtcDateTime()))
 _PG_NEXT_RUNS = sa.text(
     "UPDATE jobs SET next_run_time = n.next_run_time "
@@ -460,7 +471,7 @@ _PG_FINISH = sa.text(
     "CAST(:keeps AS boolean[])) AS f(id, state, start_time, end_time, result, message, "
     "traceback, type, keeps) "
     "WHERE executions.id = f.id AND executions.state IN ('pending', 'running') "
-    "RETURNING executions.id"
+    "RETURNING executions.*"
 )
 _PG_APPEND_EVENTS = sa.text(
     "WITH c AS (UPDATE event_log SET last_cursor = last_cursor "
@@ -572,12 +583,33 @@ class SqlAlchemyStore(Store):
         if changes is not None:
             changes.note(resource, ids, kind)
 
+    @staticmethod
+    def _changed_rows(conn: AsyncConnection, rows: Iterable[Any], kind: EventKind) -> None:
+        changes: Changes | None = conn.info.get("chronoplane_changes")
+        if changes is not None:
+            changes.note_rows(rows, kind)
+
     async def _append_events(self, conn: AsyncConnection, changes: Changes) -> None:
         """One event per resource changed, as it now is, with the next cursors. The
         ``event_log`` row stays locked until this transaction commits: cursors become visible
         in order, and one that rolls back leaves no gap."""
         bodies: dict[tuple[str, str], tuple[str, dict[str, Any], Any]] = {}
-        execution_ids = changes.ids(EXECUTION)
+        execution_ids = [i for i in changes.ids(EXECUTION) if i not in changes.known]
+        if changes.known:
+            # Rows known as written: only their jobs' labels are read.
+            job_of = {i: body["job_id"] for i, body in changes.known.items()}
+            labels = dict(
+                (
+                    await conn.execute(
+                        sa.select(jobs.c.id, jobs.c.labels).where(
+                            self._among(jobs.c.id, sorted(set(job_of.values())))
+                        )
+                    )
+                ).all()
+            )
+            for execution_id, body in changes.known.items():
+                job_id = job_of[execution_id]
+                bodies[(EXECUTION, execution_id)] = (job_id, body, labels.get(job_id) or {})
         if execution_ids:
             query = (
                 sa.select(executions, jobs.c.labels.label("job_labels"))
@@ -1038,9 +1070,7 @@ class SqlAlchemyStore(Store):
             )
             result = await conn.execute(statement, rows)
         inserted = set(result.scalars())
-        self._changed(
-            conn, EXECUTION, (r["id"] for r in rows if r["id"] in inserted), EventKind.ADDED
-        )
+        self._changed_rows(conn, (r for r in rows if r["id"] in inserted), EventKind.ADDED)
         return inserted
 
     @_translate_errors
@@ -1101,10 +1131,11 @@ class SqlAlchemyStore(Store):
             "holds_slot": True,
             "start_time": started,
         }
-        self._changed(conn, EXECUTION, ids, EventKind.MODIFIED)
         if self._dialect == "postgresql":
-            await conn.execute(_PG_CLAIM, {"ids": ids} | values)
+            claimed = await conn.execute(_PG_CLAIM, {"ids": ids} | values)
+            self._changed_rows(conn, claimed.mappings(), EventKind.MODIFIED)
             return
+        self._changed(conn, EXECUTION, ids, EventKind.MODIFIED)
         await conn.execute(
             executions.update().where(executions.c.id == sa.bindparam("b_id")).values(**values),
             [{"b_id": execution_id} for execution_id in ids],
@@ -1157,7 +1188,7 @@ class SqlAlchemyStore(Store):
                     "keeps": [f.keeps_slot for f in finishes],
                 },
             )
-            self._changed(conn, EXECUTION, finished.scalars(), EventKind.MODIFIED)
+            self._changed_rows(conn, finished.mappings(), EventKind.MODIFIED)
             return
         # One writer at a time on SQLite: what is unfinished now is what the update changes.
         unfinished = await conn.execute(
@@ -1621,7 +1652,7 @@ class SqlAlchemyStore(Store):
     async def events_after(
         self, cursor: int, *, limit: int, job_ids: Sequence[str] = ()
     ) -> tuple[list[Event], EventWindow]:
-        query = sa.select(events).where(events.c.cursor > cursor).order_by(events.c.cursor)
+        query = sa.select(*_EVENT_COLUMNS).where(events.c.cursor > cursor).order_by(events.c.cursor)
         if job_ids:
             query = query.where(self._among(events.c.job_id, job_ids))
         async with self._begin() as conn:
@@ -1633,7 +1664,10 @@ class SqlAlchemyStore(Store):
     @_translate_errors
     async def newest_events(self, cursor: int, *, limit: int) -> list[Event]:
         query = (
-            sa.select(events).where(events.c.cursor > cursor).order_by(events.c.cursor).limit(limit)
+            sa.select(*_EVENT_COLUMNS)
+            .where(events.c.cursor > cursor)
+            .order_by(events.c.cursor)
+            .limit(limit)
         )
         async with self._engine.connect() as conn:  # one statement: no transaction needed
             rows = (await conn.execute(query)).all()

@@ -27,9 +27,11 @@ from chronoplane.server.errors import (
     InvalidArgument,
     NotFound,
     NotLeader,
+    PermissionDenied,
     ResourceExhausted,
     ServerStopping,
     StorageUnavailable,
+    Unauthenticated,
 )
 
 __all__ = ["DOMAIN", "ErrorInterceptor", "status_for"]
@@ -51,6 +53,8 @@ _TABLE: list[tuple[type[ChronoplaneError], grpc.StatusCode]] = [
     (NotLeader, grpc.StatusCode.UNAVAILABLE),
     (CursorOutOfRange, grpc.StatusCode.OUT_OF_RANGE),
     (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
 ]
 
 
