@@ -59,7 +59,7 @@ from chronoplane.v1 import scheduler_service_pb2_grpc as pb_grpc
 BENCH = "watch_fanout"
 JOBS = 1_000
 EVERYTHING = 10
-WARM_SECONDS = 4.0
+WARM_SECONDS = 10.0
 CHANGES = (pb.WATCH_EVENT_KIND_ADDED, pb.WATCH_EVENT_KIND_MODIFIED)
 
 

@@ -87,14 +87,38 @@ def _job(
 class AsyncClient:
     """A connection to a Chronoplane server, to use as ``async with AsyncClient(address)``.
 
-    ``timeout`` bounds each call, in seconds (None waits for ever). A failed call raises a
-    subclass of :class:`chronoplane.client.errors.ChronoplaneError`.
+    ``timeout`` bounds each call, in seconds (None waits for ever). ``token`` is sent as
+    ``authorization: Bearer <token>`` on every call. ``tls_ca`` (a PEM file; or
+    ``tls=True`` for the system's roots) makes the channel TLS; ``tls_cert`` and ``tls_key``
+    add a client certificate (mTLS). A failed call raises a subclass of
+    :class:`chronoplane.client.errors.ChronoplaneError`.
     """
 
-    def __init__(self, address: str, *, timeout: float | None = 30.0) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float | None = 30.0,
+        token: str | None = None,
+        tls: bool = False,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+    ) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(address)
+        interceptors: list[Any] | None = (
+            [_BearerUnary(token), _BearerStream(token)] if token else None
+        )
+        if tls or tls_ca or tls_cert:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(tls_ca),
+                private_key=_read(tls_key),
+                certificate_chain=_read(tls_cert),
+            )
+            self._channel = grpc.aio.secure_channel(address, credentials, interceptors=interceptors)
+        else:
+            self._channel = grpc.aio.insecure_channel(address, interceptors=interceptors)
         self._stub = scheduler_service_pb2_grpc.SchedulerServiceStub(self._channel)
 
     async def __aenter__(self) -> Self:
@@ -490,3 +514,32 @@ class AsyncClient:
         )
         response: pb.PreviewTriggerResponse = await self._call(self._stub.PreviewTrigger, request)
         return [from_timestamp(t) for t in response.fire_times]
+
+
+def _read(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as file:
+        return file.read()
+
+
+class _BearerToken:
+    """Adds ``authorization: Bearer <token>`` to a call's metadata."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: Any) -> Any:
+        metadata = [*(details.metadata or ()), self._header]
+        return details._replace(metadata=metadata)
+
+
+# grpc.aio files an interceptor under the first call kind it implements: one class each.
+class _BearerUnary(_BearerToken, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._with_token(details), request)
+
+
+class _BearerStream(_BearerToken, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._with_token(details), request)

@@ -787,7 +787,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _run(args: argparse.Namespace) -> Message:
-    async with AsyncClient(args.address) as client:
+    client = AsyncClient(
+        args.address,
+        token=os.environ.get("CHRONOPLANE_TOKEN") or None,
+        tls_ca=os.environ.get("CHRONOPLANE_TLS_CA") or None,
+        tls_cert=os.environ.get("CHRONOPLANE_TLS_CERT") or None,
+        tls_key=os.environ.get("CHRONOPLANE_TLS_KEY") or None,
+    )
+    async with client:
         message: Message = await args.run(client, args)
         return message
 

@@ -21,9 +21,10 @@ from chronoplane.server.coordination.postgres import ChangeListener, LeaderElect
 from chronoplane.server.engine.apscheduler import ApschedulerEngine
 from chronoplane.server.executors.inline import InlineExecutor
 from chronoplane.server.ids import new_instance_id
-from chronoplane.server.models import Instance
+from chronoplane.server.models import Instance, Role
 from chronoplane.server.pagination import PageTokens
 from chronoplane.server.runner import Runner
+from chronoplane.server.security import Authenticator
 from chronoplane.server.service import SchedulerService
 from chronoplane.server.storage.migrate import upgrade
 from chronoplane.server.storage.sqlalchemy import (
@@ -35,7 +36,7 @@ from chronoplane.server.storage.sqlalchemy import (
     create_engine,
 )
 from chronoplane.server.tasks import default_registry, load_modules
-from chronoplane.server.transport.server import GrpcServer
+from chronoplane.server.transport.server import GrpcServer, TlsFiles
 from chronoplane.server.watch import WatchHub
 
 __all__ = ["Application", "serve"]
@@ -173,19 +174,49 @@ class Application:
             event_purger = asyncio.create_task(self._purge_events_forever(store), name="events")
             stack.push_async_callback(cancelled, event_purger)
 
-            server = GrpcServer(service, settings.address)
+            required = settings.auth_required()
+            authenticator = Authenticator(
+                store.get_token,
+                required=required,
+                certificate_roles={
+                    subject: Role.parse(role)
+                    for subject, role in settings.certificate_roles().items()
+                },
+            )
+            reflection = settings.reflection
+            if reflection == "auto":
+                reflection = "authenticated" if required else "on"
+            tls = (
+                TlsFiles(
+                    cert=settings.tls_cert, key=settings.tls_key, client_ca=settings.tls_client_ca
+                )
+                if settings.tls
+                else None
+            )
+            server = GrpcServer(
+                service,
+                settings.address,
+                tls=tls,
+                authenticator=authenticator,
+                reflection=reflection,
+            )
             await server.start()
             stack.push_async_callback(server.stop, settings.shutdown_grace)
             stack.callback(hub.close_streams)  # before the server waits for in-flight RPCs
             self.address = server.address
             await member.readdress(server.address)
             log.info(
-                "chronoplane %s serving on %s (instance %s %s, %s, %d jobs scheduled, database %s)",
+                "chronoplane %s serving on %s%s (instance %s %s, %s, %d jobs scheduled, "
+                "database %s)",
                 _version(),
                 server.address,
+                " with TLS" + (" and client certificates" if settings.tls_client_ca else "")
+                if tls
+                else "",
                 settings.instance_name or socket.gethostname(),
                 self.instance_id,
-                "leader" if coordinator.epoch is not None else "follower",
+                ("leader" if coordinator.epoch is not None else "follower")
+                + (", credentials required" if required else ", no credentials required"),
                 member.scheduled if coordinator.epoch is not None else 0,
                 _redacted(settings.database_url),
             )

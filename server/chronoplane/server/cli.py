@@ -1,4 +1,4 @@
-"""``chronoplane``: serve, migrate."""
+"""``chronoplane``: serve, migrate, and manage API tokens."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import logging
 import os
 import sys
 import threading
+from datetime import UTC, datetime, timedelta
 
 from chronoplane.server.config import ConfigError, Settings, add_arguments, load_settings
-from chronoplane.server.errors import InstanceConflict, StorageUnavailable
+from chronoplane.server.errors import AlreadyExists, InstanceConflict, StorageUnavailable
 
 __all__ = ["main"]
 
@@ -24,7 +25,82 @@ def _parser() -> argparse.ArgumentParser:
     add_arguments(serve)
     migrate = commands.add_parser("migrate", help="bring the database schema up to date")
     add_arguments(migrate)
+    token = commands.add_parser("token", help="create, list and revoke API tokens")
+    tokens = token.add_subparsers(dest="token_command", required=True)
+    create = tokens.add_parser("create", help="create a token; it is shown once")
+    create.add_argument("--name", required=True, help="who or what it is for (unique)")
+    create.add_argument("--role", required=True, choices=["viewer", "operator", "admin"])
+    create.add_argument(
+        "--expires-in", type=_days, metavar="DAYS", help="it stops working after DAYS days"
+    )
+    add_arguments(create)
+    listing = tokens.add_parser("list", help="list tokens (never their secrets)")
+    add_arguments(listing)
+    revoke = tokens.add_parser("revoke", help="revoke a token (within 5 s on every server)")
+    revoke.add_argument("name")
+    add_arguments(revoke)
     return parser
+
+
+def _days(text: str) -> float:
+    try:
+        days = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days") from None
+    if not 0 < days <= 3650:
+        raise argparse.ArgumentTypeError("between 0 and 3650 days")
+    return days
+
+
+async def _token_command(settings: Settings, args: argparse.Namespace) -> int:
+    from chronoplane.server.models import Role, StoredToken
+    from chronoplane.server.security import hash_secret, new_token
+    from chronoplane.server.storage.migrate import upgrade
+    from chronoplane.server.storage.sqlalchemy import SqlAlchemyStore
+
+    await upgrade(settings.database_url)
+    store = SqlAlchemyStore.from_url(settings.database_url)
+    now = datetime.now(UTC)
+    try:
+        if args.token_command == "create":
+            token_id, secret, token = new_token()
+            expires = now + timedelta(days=args.expires_in) if args.expires_in else None
+            await store.create_token(
+                StoredToken(
+                    id=token_id,
+                    name=args.name,
+                    role=Role.parse(args.role),
+                    secret_hash=hash_secret(secret),
+                    create_time=now,
+                    expire_time=expires,
+                    revoke_time=None,
+                )
+            )
+            print(token)  # noqa: T201 - the one time it is shown
+            return 0
+        if args.token_command == "list":
+            print(f"{'NAME':<24} {'ROLE':<9} {'CREATED':<20} {'EXPIRES':<20} STATUS")  # noqa: T201
+            for stored in await store.list_tokens():
+                status = "revoked" if stored.revoke_time else "active"
+                if stored.expire_time and stored.expire_time <= now and not stored.revoke_time:
+                    status = "expired"
+                print(  # noqa: T201
+                    f"{stored.name:<24} {stored.role.name.lower():<9} "
+                    f"{_stamp(stored.create_time):<20} {_stamp(stored.expire_time):<20} {status}"
+                )
+            return 0
+        revoked = await store.revoke_token(args.name, now=now)
+        if revoked is None:
+            print(f"chronoplane: no token is named {args.name!r}", file=sys.stderr)  # noqa: T201
+            return 1
+        log.info("token %r revoked", args.name)
+        return 0
+    finally:
+        await store.close()
+
+
+def _stamp(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value else "-"
 
 
 def _configure_logging(level: str) -> None:
@@ -39,19 +115,25 @@ def _configure_logging(level: str) -> None:
 
 
 def _check_exposure(settings: Settings) -> None:
+    """Beyond loopback: TLS (and credentials, which auth_required then demands), or
+    --insecure, said loudly."""
     if settings.is_loopback():
         return
-    if not settings.insecure:
+    if settings.insecure:
+        log.warning(
+            "INSECURE: listening on %s without requiring credentials%s; anyone who can reach "
+            "it can create, change and run jobs",
+            settings.address,
+            "" if settings.tls else " or TLS",
+        )
+        return
+    if not settings.tls:
         raise ConfigError(
             f"refusing to listen on {settings.address}: beyond loopback the server needs TLS "
-            "and authentication, which this version does not have yet; pass --insecure to "
-            "accept anyone on the network as an administrator"
+            "(--tls-cert and --tls-key) and credentials (tokens: chronoplane token create; or "
+            "client certificates: --tls-client-ca); --insecure accepts anyone on the network "
+            "as an administrator"
         )
-    log.warning(
-        "INSECURE: listening on %s without TLS or authentication; anyone who can reach it "
-        "can create, change and run jobs",
-        settings.address,
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _configure_logging(settings.log_level)
     try:
+        if args.command == "token":
+            return asyncio.run(_token_command(settings, args))
         if args.command == "migrate":
             from chronoplane.server.storage.migrate import upgrade
 
@@ -73,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         from chronoplane.server.app import serve
 
         asyncio.run(serve(settings))
-    except (ConfigError, InstanceConflict, StorageUnavailable, OSError) as error:
+    except (ConfigError, InstanceConflict, StorageUnavailable, AlreadyExists, OSError) as error:
         log.error("%s", error)
         return 1
     busy = [t for t in threading.enumerate() if t.name.startswith("chronoplane-task")]

@@ -50,6 +50,38 @@ class Settings:
     """Seconds of quiet after which a watch stream gets a PROGRESS event."""
     event_retention: float = 3600.0
     """Seconds the watch event history is kept (a watcher may resume within it)."""
+    tls_cert: str = ""
+    """PEM file of the server's certificate (chain); with tls_key, the server speaks TLS."""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    """PEM file of the CA that signs client certificates: clients must present one (mTLS)."""
+    client_roles: list[str] = field(default_factory=list)
+    """``COMMON_NAME=role`` entries: the role of a client certificate with that subject CN."""
+    require_auth: bool = False
+    """Every call needs a token or a mapped client certificate (always, beyond loopback)."""
+    reflection: str = "auto"
+    """Server reflection: on, off, or authenticated (any valid identity); auto: on without
+    authentication, authenticated with it."""
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
+    def auth_required(self) -> bool:
+        """Credentials are required unless the server is on loopback (development) and not
+        told otherwise, or runs --insecure."""
+        if self.require_auth:
+            return True
+        return not self.is_loopback() and not self.insecure
+
+    def certificate_roles(self) -> dict[str, str]:
+        roles: dict[str, str] = {}
+        for entry in self.client_roles:
+            subject, sep, role = entry.rpartition("=")
+            if not sep or not subject:
+                raise ConfigError(f"client_roles: {entry!r} is not COMMON_NAME=role")
+            roles[subject] = role.strip().lower()
+        return roles
 
     @property
     def host(self) -> str:
@@ -108,6 +140,20 @@ class Settings:
             raise ConfigError("max_watchers must be >= 0 and watch_buffer >= 1")
         if self.watch_progress_interval <= 0 or self.event_retention <= 0:
             raise ConfigError("watch_progress_interval and event_retention must be > 0")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert and tls_key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError("tls_client_ca needs tls_cert and tls_key")
+        for pem in (self.tls_cert, self.tls_key, self.tls_client_ca):
+            if pem and not Path(pem).is_file():
+                raise ConfigError(f"{pem}: no such file")
+        if self.reflection not in {"auto", "on", "off", "authenticated"}:
+            raise ConfigError("reflection must be auto, on, off or authenticated")
+        for subject, role in self.certificate_roles().items():
+            if role not in {"viewer", "operator", "admin"}:
+                raise ConfigError(
+                    f"client_roles: {subject}={role}: roles are viewer, operator, admin"
+                )
         self._check_timing()
         path = self.sqlite_path()
         if path is not None:
@@ -207,6 +253,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="seconds the watch event history is kept (default 3600)",
     )
+    tls = parser.add_argument_group("TLS and authentication")
+    tls.add_argument("--tls-cert", metavar="PEM", help="the server's certificate (chain)")
+    tls.add_argument("--tls-key", metavar="PEM", help="the server's private key")
+    tls.add_argument(
+        "--tls-client-ca", metavar="PEM", help="require client certificates signed by this CA"
+    )
+    tls.add_argument(
+        "--client-role",
+        dest="client_roles",
+        action="append",
+        metavar="CN=ROLE",
+        help="the role of client certificates with this common name (repeatable)",
+    )
+    tls.add_argument(
+        "--require-auth",
+        action="store_true",
+        default=None,
+        help="require a token or client certificate on loopback too (always beyond it)",
+    )
+    tls.add_argument("--reflection", help="on, off, authenticated or auto (the default)")
     parser.add_argument(
         "--insecure",
         action="store_true",

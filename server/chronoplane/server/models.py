@@ -35,7 +35,9 @@ __all__ = [
     "MissedFires",
     "OverlapPolicy",
     "RetryPolicy",
+    "Role",
     "RunPolicy",
+    "StoredToken",
     "Trigger",
 ]
 
@@ -336,3 +338,29 @@ class EventWindow:
 
     purged_through: int
     newest: int
+
+
+class Role(enum.IntEnum):
+    """Each role may do what the ones below it may."""
+
+    VIEWER = 1
+    OPERATOR = 2
+    ADMIN = 3
+
+    @classmethod
+    def parse(cls, name: str) -> Role:
+        try:
+            return cls[name.upper()]
+        except KeyError:
+            raise ValueError(f"{name!r} is not a role: viewer, operator or admin") from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoredToken:
+    id: str
+    name: str
+    role: Role
+    secret_hash: str
+    create_time: datetime
+    expire_time: datetime | None
+    revoke_time: datetime | None

@@ -20,6 +20,7 @@ from chronoplane.server.models import (
     JobPage,
     OverlapPolicy,
     RunPolicy,
+    StoredToken,
 )
 
 __all__ = [
@@ -389,3 +390,20 @@ class Store(ABC):
     @abstractmethod
     async def purge_events(self, *, before: datetime) -> int:
         """Deletes the events created before ``before``; returns how many."""
+
+    # -- API tokens ---------------------------------------------------------------------------
+
+    @abstractmethod
+    async def create_token(self, token: StoredToken) -> None:
+        """Raises ``AlreadyExists`` if a token has that name."""
+
+    @abstractmethod
+    async def get_token(self, token_id: str) -> StoredToken | None: ...
+
+    @abstractmethod
+    async def list_tokens(self) -> list[StoredToken]:
+        """Every token, by name."""
+
+    @abstractmethod
+    async def revoke_token(self, name: str, *, now: datetime) -> StoredToken | None:
+        """Marks the named token revoked (once); returns it, or None if there is none."""

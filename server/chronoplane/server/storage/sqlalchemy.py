@@ -18,6 +18,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from chronoplane.server.errors import (
+    AlreadyExists,
     EtagMismatch,
     ExecutionFinished,
     ExecutionNotFound,
@@ -47,7 +48,9 @@ from chronoplane.server.models import (
     MissedFires,
     OverlapPolicy,
     RetryPolicy,
+    Role,
     RunPolicy,
+    StoredToken,
     Trigger,
 )
 from chronoplane.server.scheduling import admit
@@ -73,6 +76,7 @@ from chronoplane.server.storage.tables import (
     jobs,
     leadership,
     secrets,
+    tokens,
 )
 
 __all__ = [
@@ -337,6 +341,18 @@ def _execution_from_row(row: sa.Row[Any]) -> Execution:
         error_type=row.error_type,
         missed=_missed_from_json(row.missed),
         note=row.note,
+    )
+
+
+def _token_from_row(row: sa.Row[Any]) -> StoredToken:
+    return StoredToken(
+        id=row.id,
+        name=row.name,
+        role=Role.parse(row.role),
+        secret_hash=row.secret_hash,
+        create_time=row.create_time,
+        expire_time=row.expire_time,
+        revoke_time=row.revoke_time,
     )
 
 
@@ -1748,6 +1764,48 @@ class SqlAlchemyStore(Store):
                 .values(purged_through=through)
             )
             return int(result.rowcount)
+
+    # -- API tokens ---------------------------------------------------------------------------
+
+    @_translate_errors
+    async def create_token(self, token: StoredToken) -> None:
+        values = {
+            "id": token.id,
+            "name": token.name,
+            "role": token.role.name.lower(),
+            "secret_hash": token.secret_hash,
+            "create_time": token.create_time,
+            "expire_time": token.expire_time,
+            "revoke_time": token.revoke_time,
+        }
+        try:
+            async with self._write() as conn:
+                await conn.execute(tokens.insert().values(**values))
+        except exc.IntegrityError as error:
+            raise AlreadyExists(f"a token named {token.name!r} exists") from error
+
+    @_translate_errors
+    async def get_token(self, token_id: str) -> StoredToken | None:
+        async with self._begin() as conn:
+            row = (await conn.execute(sa.select(tokens).where(tokens.c.id == token_id))).first()
+        return None if row is None else _token_from_row(row)
+
+    @_translate_errors
+    async def list_tokens(self) -> list[StoredToken]:
+        async with self._begin() as conn:
+            rows = await conn.execute(sa.select(tokens).order_by(tokens.c.name))
+            return [_token_from_row(row) for row in rows]
+
+    @_translate_errors
+    async def revoke_token(self, name: str, *, now: datetime) -> StoredToken | None:
+        async with self._write() as conn:
+            await conn.execute(
+                tokens.update()
+                .where(tokens.c.name == name, tokens.c.revoke_time.is_(None))
+                .values(revoke_time=now)
+            )
+            row = (await conn.execute(sa.select(tokens).where(tokens.c.name == name))).first()
+        return None if row is None else _token_from_row(row)
 
     # -- server -------------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ __all__ = [
     "leadership",
     "metadata",
     "secrets",
+    "tokens",
 ]
 
 metadata = sa.MetaData(
@@ -226,4 +227,18 @@ event_log = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("last_cursor", sa.BigInteger, nullable=False),
     sa.Column("purged_through", sa.BigInteger, nullable=False),
+)
+
+# API tokens (see docs/decisions/0012-authentication.md): only a SHA-256 of the secret part is
+# kept; the token itself is shown once, when it is created.
+tokens = sa.Table(
+    "tokens",
+    metadata,
+    sa.Column("id", sa.String(16), primary_key=True),
+    sa.Column("name", sa.String(128), nullable=False, unique=True),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("secret_hash", sa.String(64), nullable=False),
+    sa.Column("create_time", UtcDateTime, nullable=False),
+    sa.Column("expire_time", UtcDateTime, nullable=True),
+    sa.Column("revoke_time", UtcDateTime, nullable=True),
 )

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.descriptor import FileDescriptor
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha import reflection as grpc_reflection
+from grpc_reflection.v1alpha import reflection_pb2
 
+from chronoplane.server.security import Authenticator
 from chronoplane.server.service import SchedulerService
+from chronoplane.server.transport.auth import AuthInterceptor
 from chronoplane.server.transport.errors import ErrorInterceptor
 from chronoplane.server.transport.servicer import SchedulerServicer
 from chronoplane.v1 import scheduler_service_pb2, scheduler_service_pb2_grpc
 
-__all__ = ["SERVICE_NAME", "GrpcServer"]
+__all__ = ["SERVICE_NAME", "GrpcServer", "TlsFiles"]
 
 SERVICE_NAME = scheduler_service_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -60,12 +66,41 @@ def reflection_pool(files: Iterable[FileDescriptor]) -> descriptor_pool.Descript
     return pool
 
 
+@dataclass(frozen=True, kw_only=True)
+class TlsFiles:
+    """PEM files: the server's certificate and key, and the CA of client certificates
+    (mTLS: when given, a client must present a certificate it signed)."""
+
+    cert: str
+    key: str
+    client_ca: str = ""
+
+    def credentials(self) -> Any:
+        ca = Path(self.client_ca).read_bytes() if self.client_ca else None
+        return grpc.ssl_server_credentials(
+            [(Path(self.key).read_bytes(), Path(self.cert).read_bytes())],
+            root_certificates=ca,
+            require_client_auth=ca is not None,
+        )
+
+
 class GrpcServer:
     """Owns the grpc.aio server and its health status."""
 
-    def __init__(self, service: SchedulerService, address: str) -> None:
+    def __init__(
+        self,
+        service: SchedulerService,
+        address: str,
+        *,
+        tls: TlsFiles | None = None,
+        authenticator: Authenticator | None = None,
+        reflection: str = "on",
+    ) -> None:
+        interceptors: list[Any] = [ErrorInterceptor()]
+        if authenticator is not None:
+            interceptors.append(AuthInterceptor(authenticator, reflection=reflection))
         self._server = grpc.aio.server(
-            interceptors=[ErrorInterceptor()],
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -76,20 +111,24 @@ class GrpcServer:
         )
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME],
-            self._server,
-            pool=reflection_pool(
-                [
-                    scheduler_service_pb2.DESCRIPTOR,
-                    health_pb2.DESCRIPTOR,
-                    reflection_pb2.DESCRIPTOR,
-                    # So that grpcurl can print the google.rpc details of errors.
-                    error_details_pb2.DESCRIPTOR,
-                ]
-            ),
-        )
-        self.port = self._server.add_insecure_port(address)
+        if reflection != "off":
+            grpc_reflection.enable_server_reflection(
+                [SERVICE_NAME, health.SERVICE_NAME, grpc_reflection.SERVICE_NAME],
+                self._server,
+                pool=reflection_pool(
+                    [
+                        scheduler_service_pb2.DESCRIPTOR,
+                        health_pb2.DESCRIPTOR,
+                        reflection_pb2.DESCRIPTOR,
+                        # So that grpcurl can print the google.rpc details of errors.
+                        error_details_pb2.DESCRIPTOR,
+                    ]
+                ),
+            )
+        if tls is None:
+            self.port = self._server.add_insecure_port(address)
+        else:
+            self.port = self._server.add_secure_port(address, tls.credentials())
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
         self.address = f"{address.rpartition(':')[0]}:{self.port}"
