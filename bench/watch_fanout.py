@@ -8,12 +8,17 @@ with 1,000 jobs of ``chronoplane.echo`` whose intervals give each phase's execut
 of everything. Each execution is two events (ADDED as it starts, MODIFIED when it ends), and
 each event goes to 11 streams.
 
+Two layouts: ``one`` server that runs the executions and serves the watchers, and ``split``,
+a cluster of two where the watchers are on the instance that does not run them.
+
 Figures, one JSON line each (``"bench": "watch_fanout"``): ``ceiling_msgs_per_s``; then per
-phase (``"rate"``: executions/s asked): delivered_per_s (messages received by all watchers),
-expected_per_s (11 x 2 x executions/s), latency_p50_ms / latency_p99_ms (from the event's
-commit, the time the server stamps on the event row just before it commits, to its receipt),
-server_cpu_percent (of one core), server_rss_mb, behind (true once delivery fell behind:
-less than 90% of what was asked delivered, or p99 over 1 s). The last phase not behind is
+layout and phase (``"rate"``: executions/s asked): delivered_per_s (messages received by
+all watchers), expected_per_s (11 x 2 x executions/s), latency_p50_ms / latency_p99_ms
+(from the event's commit, the time the server stamps on the event row just before it
+commits, to its receipt), server_cpu_percent (of one core, the watchers' server),
+runner_cpu_percent (split: the server running the executions), server_rss_mb, behind
+(true once delivery fell behind: less than 90% of what was asked delivered, or p99 over
+1 s). The last phase not behind is
 the saturation point: ``saturation_delivered_per_s`` and its ratio to the ceiling.
 
 Run it::
@@ -32,7 +37,6 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -243,24 +247,27 @@ async def set_rate(stub: Any, job_ids: list[str], rate: float) -> None:
 
 
 async def phase(
-    server: Any,
+    servers: list[Any],
     url: str,
     stub: Any,
     watchers: Watchers,
     job_ids: list[str],
     rate: float,
     seconds: float,
+    layout: str,
 ) -> tuple[float, bool]:
+    """One execution rate: the jobs are set through the first server, the watchers are on
+    the last (the same one, or another instance of the cluster)."""
     await set_rate(stub, job_ids, rate)
     await asyncio.sleep(2 + WARM_SECONDS)
-    pid = server.process.pid
-    cpu0, began = _cpu_seconds(pid), time.monotonic()
+    pids = [server.process.pid for server in servers]
+    cpu0, began = [_cpu_seconds(pid) for pid in pids], time.monotonic()
     watchers.received.clear()
     watchers.recording = True
     await asyncio.sleep(seconds)
     watchers.recording = False
     elapsed = time.monotonic() - began
-    cpu = (_cpu_seconds(pid) - cpu0) / elapsed * 100
+    cpu = [(_cpu_seconds(pid) - c0) / elapsed * 100 for pid, c0 in zip(pids, cpu0, strict=True)]
     received = list(watchers.received)
     delivered = len(received) / elapsed
     expected = 11 * 2 * rate
@@ -271,24 +278,71 @@ async def phase(
         latency = sorted((at - stamps[c]) * 1000 for c, at in received if c in stamps)
     p99 = percentile(latency, 0.99) if latency else None
     behind = delivered < 0.9 * expected or p99 is None or p99 > 1000
-    emit("delivered_per_s", delivered, "1/s", rate=rate)
-    emit("expected_per_s", expected, "1/s", rate=rate)
-    emit("latency_p50_ms", percentile(latency, 0.5) if latency else None, "ms", rate=rate)
-    emit("latency_p99_ms", p99, "ms", rate=rate)
-    emit("server_cpu_percent", cpu, "%", rate=rate)
-    emit("server_rss_mb", _rss_mb(pid), "MB", rate=rate)
-    emit("behind", behind, "bool", rate=rate)
+    tags = {"layout": layout, "rate": rate}
+    emit("delivered_per_s", delivered, "1/s", **tags)
+    emit("expected_per_s", expected, "1/s", **tags)
+    emit("latency_p50_ms", percentile(latency, 0.5) if latency else None, "ms", **tags)
+    emit("latency_p99_ms", p99, "ms", **tags)
+    emit("server_cpu_percent", cpu[-1], "%", **tags)  # the one the watchers are on
+    if len(cpu) > 1:
+        emit("runner_cpu_percent", cpu[0], "%", **tags)  # the one running the executions
+    emit("server_rss_mb", _rss_mb(pids[-1]), "MB", **tags)
+    emit("behind", behind, "bool", **tags)
     return delivered, behind
 
 
-@contextlib.asynccontextmanager
-async def real_server(options: argparse.Namespace, workdir: Path) -> AsyncIterator[tuple[Any, str]]:
-    async with postgres_database(_maintenance_dsn(options.postgres_url)) as url:
-        streams = options.jobs + EVERYTHING
-        async with running_server(
-            url, workdir / "server.log", f"--max-watchers={streams + 10}"
-        ) as server:
-            yield server, url
+async def run_layout(options: argparse.Namespace, workdir: Path, layout: str, top: float) -> None:
+    """``one``: the watchers on the server that runs the executions; ``split``: on a second
+    instance of the cluster, which runs none (the leader's share of --max-running holds
+    them all)."""
+    streams = options.jobs + EVERYTHING
+    saturation: float | None = None
+    async with contextlib.AsyncExitStack() as stack:
+        url = await stack.enter_async_context(
+            postgres_database(_maintenance_dsn(options.postgres_url))
+        )
+        servers = [
+            await stack.enter_async_context(
+                running_server(url, workdir / f"{layout}-{k}.log", f"--max-watchers={streams + 10}")
+            )
+            for k in range(1 if layout == "one" else 2)
+        ]
+        runner = grpc.aio.insecure_channel(servers[0].address)
+        stack.push_async_callback(runner.close)
+        watched = grpc.aio.insecure_channel(servers[-1].address)
+        stack.push_async_callback(watched.close)
+        stub = pb_grpc.SchedulerServiceStub(runner)
+        job_ids = [f"j{n:05d}" for n in range(options.jobs)]
+        far = _timestamp(_utcnow() + timedelta(days=365))
+        jobs = [
+            job_pb2.Job(
+                id=j,
+                task="chronoplane.echo",
+                paused=True,
+                trigger=job_pb2.Trigger(date=job_pb2.DateTrigger(run_time=far)),
+                misfire_grace=duration_pb2.Duration(seconds=60),
+            )
+            for j in job_ids
+        ]
+        await create_jobs(stub, jobs, 32, say=False)
+        note(f"[{layout}] {len(jobs)} jobs; opening {streams} watch streams")
+        watchers = Watchers(pb_grpc.SchedulerServiceStub(watched), job_ids, EVERYTHING)
+        await asyncio.sleep(3)
+        for rate in options.rates:
+            note(f"[{layout}] phase: {rate} executions/s")
+            delivered, behind = await phase(
+                servers, url, stub, watchers, job_ids, rate, options.seconds, layout
+            )
+            if behind:
+                break
+            saturation = delivered
+        if watchers.errors:
+            note(f"stream errors: {watchers.errors[:3]} ({len(watchers.errors)})")
+        emit("stream_errors", len(watchers.errors), "count", layout=layout)
+        await watchers.close()
+    emit("saturation_delivered_per_s", saturation, "1/s", layout=layout)
+    ratio = saturation / top if saturation and top else None
+    emit("saturation_to_ceiling", ratio, "ratio", layout=layout)
 
 
 async def _main(options: argparse.Namespace) -> int:
@@ -297,41 +351,9 @@ async def _main(options: argparse.Namespace) -> int:
     top = await ceiling(streams, options.seconds)
     emit("ceiling_msgs_per_s", top, "1/s", streams=streams)
     workdir = Path(tempfile.mkdtemp(prefix="chronoplane-bench-watch-"))
-    async with real_server(options, workdir) as (server, url):
-        async with grpc.aio.insecure_channel(server.address) as channel:
-            stub = pb_grpc.SchedulerServiceStub(channel)
-            job_ids = [f"j{n:05d}" for n in range(options.jobs)]
-            far = _timestamp(_utcnow() + timedelta(days=365))
-            jobs = [
-                job_pb2.Job(
-                    id=j,
-                    task="chronoplane.echo",
-                    paused=True,
-                    trigger=job_pb2.Trigger(date=job_pb2.DateTrigger(run_time=far)),
-                    misfire_grace=duration_pb2.Duration(seconds=60),
-                )
-                for j in job_ids
-            ]
-            await create_jobs(stub, jobs, 32, say=False)
-            note(f"{len(jobs)} jobs; opening {streams} watch streams")
-            watchers = Watchers(stub, job_ids, EVERYTHING)
-            await asyncio.sleep(3)
-            saturation: float | None = None
-            for rate in options.rates:
-                note(f"phase: {rate} executions/s")
-                delivered, behind = await phase(
-                    server, url, stub, watchers, job_ids, rate, options.seconds
-                )
-                if behind:
-                    break
-                saturation = delivered
-            if watchers.errors:
-                note(f"stream errors: {watchers.errors[:3]} ({len(watchers.errors)})")
-            emit("stream_errors", len(watchers.errors), "count")
-            await watchers.close()
-    emit("saturation_delivered_per_s", saturation, "1/s")
-    emit("saturation_to_ceiling", saturation / top if saturation and top else None, "ratio")
-    note(f"server log in {workdir}")
+    for layout in options.layouts:
+        await run_layout(options, workdir, layout, top)
+    note(f"server logs in {workdir}")
     return 0
 
 
@@ -341,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rates", type=float, nargs="+", default=[200, 250, 300, 350, 400, 500])
     parser.add_argument("--postgres-url")
+    parser.add_argument("--layouts", nargs="+", choices=["one", "split"], default=["one", "split"])
     parser.add_argument("--trivial-server", type=int, help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     if options.trivial_server:

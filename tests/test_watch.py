@@ -336,7 +336,7 @@ async def test_a_cursor_outside_the_kept_history_is_out_of_range(
     try:
         window = await store.event_window()
         purged = await store.purge_events(before=datetime.now(UTC) + timedelta(seconds=1))
-        assert purged >= 6
+        assert purged >= window.newest >= 4  # the job, and each trigger's events
     finally:
         await store.close()
     error = await fails(
