@@ -23,6 +23,7 @@ from chronoplane.server.errors import (
     CursorOutOfRange,
     EtagMismatch,
     FailedPrecondition,
+    FieldViolation,
     InstanceConflict,
     InvalidArgument,
     NotFound,
@@ -117,9 +118,44 @@ async def _abort_for(error: Exception, context: Any) -> None:
 Behaviour = Callable[[Any, Any], Awaitable[Any]]
 
 
+def nul_fields(message: Any, prefix: str = "") -> list[str]:
+    """The paths of the string fields (at any depth, map keys too) that hold a NUL byte:
+    PostgreSQL cannot store one, so they are refused before anything reaches the database."""
+    found: list[str] = []
+    for field, value in message.ListFields():
+        path = f"{prefix}{field.name}"
+        if field.type == field.TYPE_STRING:
+            values = value if field.is_repeated else [value]
+            found += [path for v in values if "\x00" in v][:1]
+        elif field.type == field.TYPE_MESSAGE:
+            if field.message_type.GetOptions().map_entry:
+                for key, item in value.items():
+                    if "\x00" in str(key):
+                        found.append(f"{path}[{key!r}]")
+                    elif hasattr(item, "ListFields"):
+                        found += nul_fields(item, f"{path}[{key!r}].")
+                    elif isinstance(item, str) and "\x00" in item:
+                        found.append(f"{path}[{key!r}]")
+            elif field.is_repeated:
+                for n, item in enumerate(value):
+                    found += nul_fields(item, f"{path}[{n}].")
+            else:
+                found += nul_fields(value, f"{path}.")
+    return found
+
+
+def _check_nul(request: Any) -> None:
+    paths = nul_fields(request) if hasattr(request, "ListFields") else []
+    if paths:
+        raise InvalidArgument(
+            [FieldViolation(field=path, description="contains a NUL character") for path in paths]
+        )
+
+
 def _guard_unary(behaviour: Behaviour) -> Behaviour:
     async def guarded(request: Any, context: Any) -> Any:
         try:
+            _check_nul(request)
             return await behaviour(request, context)
         except grpc.aio.AbortError:
             raise
