@@ -26,6 +26,7 @@ from chronoplane.server.config import Settings
 from chronoplane.server.models import Role, StoredToken
 from chronoplane.server.security import RPC_ROLES, hash_secret, new_token
 from chronoplane.server.storage.sqlalchemy import SqlAlchemyStore
+from chronoplane.v1 import job_pb2 as jpb
 from chronoplane.v1 import scheduler_service_pb2 as pb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["SchedulerService"]
@@ -378,3 +379,34 @@ def test_grpcurl_over_tls_with_a_token_and_the_token_cli(
         assert revoked.returncode == 0, revoked.stderr
     finally:
         server.stop()
+
+
+# -- limits -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_message_size_and_concurrent_calls_are_limited(database_url: str) -> None:
+    settings = Settings(
+        address="127.0.0.1:0",
+        database_url=database_url,
+        shutdown_grace=1.0,
+        max_message_bytes=8192,
+        max_concurrent_rpcs=3,
+    )
+    async with serving(settings) as server:
+        big = pb.CreateJobRequest(job=jpb.Job(id="big", description="x" * 10_000))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await server.stub.CreateJob(big)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "8192" in (caught.value.details() or "")
+        # Three streams held open take every slot; the fourth call is refused, not queued.
+        streams = [server.stub.WatchJobs(pb.WatchJobsRequest()) for _ in range(3)]
+        await asyncio.sleep(0.5)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await server.stub.ListJobs(pb.ListJobsRequest(), timeout=5)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for stream in streams:
+            stream.cancel()
+        await asyncio.sleep(0.5)
+        listed = await server.stub.ListJobs(pb.ListJobsRequest(), timeout=5)
+        assert list(listed.jobs) == []

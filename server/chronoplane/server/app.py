@@ -36,7 +36,7 @@ from chronoplane.server.storage.sqlalchemy import (
     create_engine,
 )
 from chronoplane.server.tasks import default_registry, load_modules
-from chronoplane.server.transport.server import GrpcServer, TlsFiles
+from chronoplane.server.transport.server import GrpcServer, Limits, TlsFiles
 from chronoplane.server.watch import WatchHub
 
 __all__ = ["Application", "serve"]
@@ -199,6 +199,13 @@ class Application:
                 tls=tls,
                 authenticator=authenticator,
                 reflection=reflection,
+                limits=Limits(
+                    max_message_bytes=settings.max_message_bytes,
+                    max_concurrent_rpcs=settings.max_concurrent_rpcs,
+                    keepalive_time=settings.keepalive_time,
+                    keepalive_timeout=settings.keepalive_timeout,
+                    min_ping_interval=settings.min_ping_interval,
+                ),
             )
             await server.start()
             stack.push_async_callback(server.stop, settings.shutdown_grace)

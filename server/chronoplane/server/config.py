@@ -59,6 +59,16 @@ class Settings:
     """``COMMON_NAME=role`` entries: the role of a client certificate with that subject CN."""
     require_auth: bool = False
     """Every call needs a token or a mapped client certificate (always, beyond loopback)."""
+    max_message_bytes: int = 4 * 1024 * 1024
+    """Largest request or response message; a larger one is RESOURCE_EXHAUSTED."""
+    max_concurrent_rpcs: int = 4000
+    """Calls (watch streams included) served at once; more are RESOURCE_EXHAUSTED."""
+    keepalive_time: float = 60.0
+    """Seconds between the server's pings of an idle connection."""
+    keepalive_timeout: float = 20.0
+    """Seconds a ping may go unanswered before the connection is closed."""
+    min_ping_interval: float = 10.0
+    """Clients may ping at most this often (seconds) without data; more often, they are cut."""
     reflection: str = "auto"
     """Server reflection: on, off, or authenticated (any valid identity); auto: on without
     authentication, authenticated with it."""
@@ -140,6 +150,10 @@ class Settings:
             raise ConfigError("max_watchers must be >= 0 and watch_buffer >= 1")
         if self.watch_progress_interval <= 0 or self.event_retention <= 0:
             raise ConfigError("watch_progress_interval and event_retention must be > 0")
+        if self.max_message_bytes < 1024 or self.max_concurrent_rpcs < 1:
+            raise ConfigError("max_message_bytes must be >= 1024 and max_concurrent_rpcs >= 1")
+        if min(self.keepalive_time, self.keepalive_timeout, self.min_ping_interval) <= 0:
+            raise ConfigError("keepalive_time, keepalive_timeout and min_ping_interval must be > 0")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_cert and tls_key go together")
         if self.tls_client_ca and not self.tls_cert:
@@ -252,6 +266,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--event-retention",
         type=float,
         help="seconds the watch event history is kept (default 3600)",
+    )
+    limits = parser.add_argument_group("limits")
+    limits.add_argument("--max-message-bytes", type=int, help="default 4194304 (4 MiB)")
+    limits.add_argument(
+        "--max-concurrent-rpcs", type=int, help="calls served at once, streams too (4000)"
+    )
+    limits.add_argument("--keepalive-time", type=float, help="seconds between server pings (60)")
+    limits.add_argument(
+        "--keepalive-timeout", type=float, help="seconds a ping may go unanswered (20)"
+    )
+    limits.add_argument(
+        "--min-ping-interval", type=float, help="clients may ping at most this often (10)"
     )
     tls = parser.add_argument_group("TLS and authentication")
     tls.add_argument("--tls-cert", metavar="PEM", help="the server's certificate (chain)")

@@ -35,7 +35,7 @@ from chronoplane.server.errors import (
     Unauthenticated,
 )
 
-__all__ = ["DOMAIN", "ErrorInterceptor", "status_for"]
+__all__ = ["DOMAIN", "ErrorInterceptor", "nul_fields", "status_for"]
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,35 @@ from chronoplane.server.transport.errors import ErrorInterceptor
 from chronoplane.server.transport.servicer import SchedulerServicer
 from chronoplane.v1 import scheduler_service_pb2, scheduler_service_pb2_grpc
 
-__all__ = ["SERVICE_NAME", "GrpcServer", "TlsFiles"]
+__all__ = ["SERVICE_NAME", "GrpcServer", "Limits", "TlsFiles"]
 
 SERVICE_NAME = scheduler_service_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """What the transport enforces itself (grpc answers RESOURCE_EXHAUSTED past each)."""
+
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_concurrent_rpcs: int = 4000
+    # Keepalive: the server pings idle connections every keepalive_time and drops one that
+    # does not answer within keepalive_timeout; a client pinging more often than every
+    # min_ping_interval (without data) is told to go away after two strikes.
+    keepalive_time: float = 60.0
+    keepalive_timeout: float = 20.0
+    min_ping_interval: float = 10.0
+
+    def options(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.keepalive_time_ms", int(self.keepalive_time * 1000)),
+            ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", int(self.min_ping_interval * 1000)),
+            ("grpc.http2.max_ping_strikes", 2),
+        ]
 
 
 def _json_name(name: str) -> str:
@@ -95,16 +120,16 @@ class GrpcServer:
         tls: TlsFiles | None = None,
         authenticator: Authenticator | None = None,
         reflection: str = "on",
+        limits: Limits | None = None,
     ) -> None:
+        limits = limits or Limits()
         interceptors: list[Any] = [ErrorInterceptor()]
         if authenticator is not None:
             interceptors.append(AuthInterceptor(authenticator, reflection=reflection))
         self._server = grpc.aio.server(
             interceptors=interceptors,
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ],
+            options=limits.options(),
+            maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
         )
         scheduler_service_pb2_grpc.add_SchedulerServiceServicer_to_server(
             SchedulerServicer(service), self._server
