@@ -9,7 +9,9 @@ of everything. Each execution is two events (ADDED as it starts, MODIFIED when i
 each event goes to 11 streams.
 
 Two layouts: ``one`` server that runs the executions and serves the watchers, and ``split``,
-a cluster of two where the watchers are on the instance that does not run them.
+a cluster of two where the watchers are on the instance that does not run them; and, on
+request (``--layouts none``), one server with no watcher at all, to see what running the
+executions alone costs (only server_cpu_percent, at the first rate).
 
 Figures, one JSON line each (``"bench": "watch_fanout"``): ``ceiling_msgs_per_s``; then per
 layout and phase (``"rate"``: executions/s asked): delivered_per_s (messages received by
@@ -268,6 +270,10 @@ async def phase(
     watchers.recording = False
     elapsed = time.monotonic() - began
     cpu = [(_cpu_seconds(pid) - c0) / elapsed * 100 for pid, c0 in zip(pids, cpu0, strict=True)]
+    tags = {"layout": layout, "rate": rate}
+    if layout == "none":
+        emit("server_cpu_percent", cpu[0], "%", **tags)  # what running the executions costs
+        return 0.0, False
     received = list(watchers.received)
     delivered = len(received) / elapsed
     expected = 11 * 2 * rate
@@ -278,7 +284,6 @@ async def phase(
         latency = sorted((at - stamps[c]) * 1000 for c, at in received if c in stamps)
     p99 = percentile(latency, 0.99) if latency else None
     behind = delivered < 0.9 * expected or p99 is None or p99 > 1000
-    tags = {"layout": layout, "rate": rate}
     emit("delivered_per_s", delivered, "1/s", **tags)
     emit("expected_per_s", expected, "1/s", **tags)
     emit("latency_p50_ms", percentile(latency, 0.5) if latency else None, "ms", **tags)
@@ -326,9 +331,14 @@ async def run_layout(options: argparse.Namespace, workdir: Path, layout: str, to
         ]
         await create_jobs(stub, jobs, 32, say=False)
         note(f"[{layout}] {len(jobs)} jobs; opening {streams} watch streams")
-        watchers = Watchers(pb_grpc.SchedulerServiceStub(watched), job_ids, EVERYTHING)
+        watching = layout != "none"
+        watchers = Watchers(
+            pb_grpc.SchedulerServiceStub(watched),
+            job_ids if watching else [],
+            EVERYTHING if watching else 0,
+        )
         await asyncio.sleep(3)
-        for rate in options.rates:
+        for rate in options.rates if watching else options.rates[:1]:
             note(f"[{layout}] phase: {rate} executions/s")
             delivered, behind = await phase(
                 servers, url, stub, watchers, job_ids, rate, options.seconds, layout
@@ -340,6 +350,8 @@ async def run_layout(options: argparse.Namespace, workdir: Path, layout: str, to
             note(f"stream errors: {watchers.errors[:3]} ({len(watchers.errors)})")
         emit("stream_errors", len(watchers.errors), "count", layout=layout)
         await watchers.close()
+    if layout == "none":
+        return
     emit("saturation_delivered_per_s", saturation, "1/s", layout=layout)
     ratio = saturation / top if saturation and top else None
     emit("saturation_to_ceiling", ratio, "ratio", layout=layout)
@@ -363,7 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rates", type=float, nargs="+", default=[200, 250, 300, 350, 400, 500])
     parser.add_argument("--postgres-url")
-    parser.add_argument("--layouts", nargs="+", choices=["one", "split"], default=["one", "split"])
+    parser.add_argument(
+        "--layouts", nargs="+", choices=["one", "split", "none"], default=["one", "split"]
+    )
     parser.add_argument("--trivial-server", type=int, help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     if options.trivial_server:

@@ -53,14 +53,18 @@ def violations(error: grpc.aio.AioRpcError | grpc.RpcError) -> dict[str, str]:
     return found
 
 
-def error_reason(error: grpc.RpcError) -> str:
+def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:
     status = rpc_status.from_call(error)
     assert status is not None
     for detail in status.details:
         info = error_details_pb2.ErrorInfo()
         if isinstance(detail, any_pb2.Any) and detail.Unpack(info):
-            return str(info.reason)
+            return info
     raise AssertionError("no ErrorInfo detail")
+
+
+def error_reason(error: grpc.RpcError) -> str:
+    return str(error_info(error).reason)
 
 
 @dataclass

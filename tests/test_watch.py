@@ -17,10 +17,7 @@ import grpc
 import pytest
 import pytest_asyncio
 from conftest import InProcessServer, serving
-from google.protobuf import any_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
-from harness import violations
+from harness import error_info, violations
 from test_api import create, fails, struct
 
 from chronoplane.server.config import Settings
@@ -98,13 +95,7 @@ def states_of(events: list[Any], execution_id: str) -> list[int]:
 
 
 def error_metadata(error: grpc.aio.AioRpcError) -> dict[str, str]:
-    status = rpc_status.from_call(error)
-    assert status is not None
-    for detail in status.details:
-        info = error_details_pb2.ErrorInfo()
-        if isinstance(detail, any_pb2.Any) and detail.Unpack(info):
-            return dict(info.metadata)
-    raise AssertionError("no ErrorInfo detail")
+    return dict(error_info(error).metadata)
 
 
 async def trigger(server: InProcessServer, job_id: str, **args: Any) -> epb.Execution:

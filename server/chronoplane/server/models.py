@@ -19,6 +19,7 @@ __all__ = [
     "DateTrigger",
     "Event",
     "EventKind",
+    "EventResource",
     "EventWindow",
     "Execution",
     "ExecutionPage",
@@ -295,6 +296,13 @@ class Instance:
     leader: bool = False
 
 
+class EventResource(enum.StrEnum):
+    """What an event is about (the value stored in events.resource)."""
+
+    EXECUTION = "execution"
+    JOB = "job"
+
+
 class EventKind(enum.StrEnum):
     ADDED = "added"
     MODIFIED = "modified"
@@ -312,12 +320,12 @@ class Event:
     job_id: str
     # The job's labels (of the execution's job, for an execution event).
     labels: dict[str, str]
-    resource: str  # "execution" or "job"
+    resource: EventResource
     decode: Callable[[], Execution | Job] = field(repr=False)
 
     @cached_property
     def execution(self) -> Execution | None:
-        if self.resource != "execution":
+        if self.resource is not EventResource.EXECUTION:
             return None
         value = self.decode()
         assert isinstance(value, Execution)
@@ -325,7 +333,7 @@ class Event:
 
     @cached_property
     def job(self) -> Job | None:
-        if self.resource != "job":
+        if self.resource is not EventResource.JOB:
             return None
         value = self.decode()
         assert isinstance(value, Job)

@@ -23,6 +23,7 @@ from chronoplane.server.ids import new_job_id
 from chronoplane.server.models import (
     DEFAULT_MAX_CONCURRENT,
     DateTrigger,
+    EventResource,
     Execution,
     ExecutionQuery,
     ExecutionState,
@@ -502,7 +503,7 @@ class SchedulerService:
 
     def watch(
         self,
-        resource: str,
+        resource: EventResource,
         *,
         job_ids: list[str],
         states: frozenset[ExecutionState] = frozenset(),
@@ -511,7 +512,7 @@ class SchedulerService:
         snapshot: bool,
         control: StreamControl | None = None,
     ) -> AsyncIterator[WatchItem]:
-        """A stream of changes (see watch.py); ``resource`` is "execution" or "job"."""
+        """A stream of changes of executions or of jobs (see watch.py)."""
         violations = Violations()
         if len(job_ids) > MAX_WATCH_JOBS:
             violations.add("job_ids", f"names {len(job_ids)} jobs; at most {MAX_WATCH_JOBS}")

@@ -27,15 +27,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from chronoplane.server.errors import CursorOutOfRange, TooManyWatchers
-from chronoplane.server.models import Event, EventWindow, Execution, ExecutionState, Job
+from chronoplane.server.models import (
+    Event,
+    EventResource,
+    EventWindow,
+    Execution,
+    ExecutionState,
+    Job,
+)
 from chronoplane.server.storage.abc import Store
 
 __all__ = ["Notice", "NoticeKind", "StopReason", "StreamControl", "WatchFilter", "WatchHub"]
 
 log = logging.getLogger(__name__)
-
-EXECUTIONS = "execution"
-JOBS = "job"
 
 
 class NoticeKind(enum.StrEnum):
@@ -58,7 +62,7 @@ class Notice:
 class WatchFilter:
     """Which events a stream wants; empty parts match everything."""
 
-    resource: str
+    resource: EventResource
     job_ids: frozenset[str] = frozenset()
     states: frozenset[ExecutionState] = frozenset()
     labels: tuple[tuple[str, str], ...] = ()
@@ -71,7 +75,7 @@ class WatchFilter:
         if self.states:
             if event.execution is None or event.execution.state not in self.states:
                 return False
-        return all(event.labels.get(key) == value for key, value in self.labels)
+        return self.matches_labels(event.labels)
 
     def matches_labels(self, labels: dict[str, str]) -> bool:
         return all(labels.get(key) == value for key, value in self.labels)
@@ -144,8 +148,8 @@ class WatchHub:
         self._stall_timeout = stall_timeout if stall_timeout is not None else 2 * progress_interval
         # The last cursor handed to the watchers: every event up to it was dispatched.
         self._position = 0
-        self._by_job: dict[tuple[str, str], set[_Watcher]] = {}
-        self._everything: dict[str, set[_Watcher]] = {EXECUTIONS: set(), JOBS: set()}
+        self._by_job: dict[tuple[EventResource, str], set[_Watcher]] = {}
+        self._everything: dict[EventResource, set[_Watcher]] = {r: set() for r in EventResource}
         self._count = 0
         self._watchers: set[_Watcher] = set()
         self._wake = asyncio.Event()
@@ -158,10 +162,6 @@ class WatchHub:
     @property
     def watchers(self) -> int:
         return self._count
-
-    @property
-    def position(self) -> int:
-        return self._position
 
     async def start(self) -> None:
         self._position = (await self._store.event_window()).newest
@@ -363,7 +363,7 @@ class WatchHub:
 
     async def _snapshot(self, watch_filter: WatchFilter) -> AsyncIterator[Notice]:
         job_ids = sorted(watch_filter.job_ids)
-        if watch_filter.resource == EXECUTIONS:
+        if watch_filter.resource is EventResource.EXECUTION:
             cursor, rows = await self._store.snapshot_executions(job_ids)
             for execution, labels in rows:
                 if watch_filter.states and execution.state not in watch_filter.states:

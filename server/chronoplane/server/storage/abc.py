@@ -367,10 +367,9 @@ class Store(ABC):
         given), and the kept history as read after them: if ``window.purged_through`` is past
         ``cursor``, some events after it may be gone."""
 
+    @abstractmethod
     async def newest_events(self, cursor: int, *, limit: int) -> list[Event]:
         """Up to ``limit`` events after ``cursor``, without the window (the hub's read)."""
-        found, _ = await self.events_after(cursor, limit=limit)
-        return found
 
     @abstractmethod
     async def event_window(self) -> EventWindow:

@@ -12,12 +12,9 @@ from datetime import datetime
 from types import SimpleNamespace
 from typing import Any
 
-from chronoplane.server.models import EventKind
+from chronoplane.server.models import EventKind, EventResource
 
 __all__ = ["Changes", "decode_body", "encode_row", "encode_values"]
-
-EXECUTION = "execution"
-JOB = "job"
 
 # Columns of a row that are times: ISO text in the JSON body.
 _TIMES = frozenset(
@@ -40,7 +37,7 @@ class Changes:
     """The resources one transaction changed, in the order it changed them."""
 
     def __init__(self) -> None:
-        self.kinds: dict[tuple[str, str], EventKind] = {}
+        self.kinds: dict[tuple[EventResource, str], EventKind] = {}
         # Deleted jobs, as they were: nothing is left to read at commit.
         self.deleted: dict[str, dict[str, Any]] = {}
         # Executions whose row as written is known (an insert's values, an UPDATE's
@@ -50,10 +47,10 @@ class Changes:
     def __bool__(self) -> bool:
         return bool(self.kinds)
 
-    def note(self, resource: str, ids: Any, kind: EventKind) -> None:
+    def note(self, resource: EventResource, ids: Any, kind: EventKind) -> None:
         for resource_id in ids:
             key = (resource, resource_id)
-            if resource == EXECUTION:
+            if resource is EventResource.EXECUTION:
                 self.known.pop(resource_id, None)  # changed since: read it at commit
             # Created and then changed in one transaction is still an addition.
             if self.kinds.get(key) is not EventKind.ADDED:
@@ -62,10 +59,10 @@ class Changes:
     def note_rows(self, rows: Any, kind: EventKind) -> None:
         """Executions changed, with their rows as they now are (mappings of every column)."""
         for row in rows:
-            self.note(EXECUTION, [row["id"]], kind)
+            self.note(EventResource.EXECUTION, [row["id"]], kind)
             self.known[row["id"]] = encode_values(row)
 
-    def ids(self, resource: str) -> list[str]:
+    def ids(self, resource: EventResource) -> list[str]:
         return [
             rid
             for (res, rid), kind in self.kinds.items()

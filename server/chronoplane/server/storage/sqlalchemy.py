@@ -33,6 +33,7 @@ from chronoplane.server.models import (
     DateTrigger,
     Event,
     EventKind,
+    EventResource,
     EventWindow,
     Execution,
     ExecutionPage,
@@ -66,7 +67,7 @@ from chronoplane.server.storage.abc import (
     SlotRelease,
     Store,
 )
-from chronoplane.server.storage.events import EXECUTION, JOB, Changes, decode_body, encode_row
+from chronoplane.server.storage.events import Changes, decode_body, encode_row
 from chronoplane.server.storage.tables import (
     UtcDateTime,
     event_log,
@@ -361,7 +362,9 @@ def _event_from_row(row: sa.Row[Any]) -> Event:
 
     def decode() -> Execution | Job:
         body = decode_body(json.loads(text))
-        return _execution_from_row(body) if row.resource == EXECUTION else _job_from_row(body)
+        if row.resource == EventResource.EXECUTION:
+            return _execution_from_row(body)
+        return _job_from_row(body)
 
     labels = row.labels if isinstance(row.labels, dict) else json.loads(row.labels)
     return Event(
@@ -369,7 +372,7 @@ def _event_from_row(row: sa.Row[Any]) -> Event:
         kind=EventKind(row.kind),
         job_id=row.job_id,
         labels=labels,
-        resource=row.resource,
+        resource=EventResource(row.resource),
         decode=decode,
     )
 
@@ -594,7 +597,9 @@ class SqlAlchemyStore(Store):
             self.on_events()
 
     @staticmethod
-    def _changed(conn: AsyncConnection, resource: str, ids: Iterable[str], kind: EventKind) -> None:
+    def _changed(
+        conn: AsyncConnection, resource: EventResource, ids: Iterable[str], kind: EventKind
+    ) -> None:
         changes: Changes | None = conn.info.get("chronoplane_changes")
         if changes is not None:
             changes.note(resource, ids, kind)
@@ -609,8 +614,8 @@ class SqlAlchemyStore(Store):
         """One event per resource changed, as it now is, with the next cursors. The
         ``event_log`` row stays locked until this transaction commits: cursors become visible
         in order, and one that rolls back leaves no gap."""
-        bodies: dict[tuple[str, str], tuple[str, dict[str, Any], Any]] = {}
-        execution_ids = [i for i in changes.ids(EXECUTION) if i not in changes.known]
+        bodies: dict[tuple[EventResource, str], tuple[str, dict[str, Any], Any]] = {}
+        execution_ids = [i for i in changes.ids(EventResource.EXECUTION) if i not in changes.known]
         if changes.known:
             # Rows known as written: only their jobs' labels are read.
             job_of = {i: body["job_id"] for i, body in changes.known.items()}
@@ -625,7 +630,11 @@ class SqlAlchemyStore(Store):
             )
             for execution_id, body in changes.known.items():
                 job_id = job_of[execution_id]
-                bodies[(EXECUTION, execution_id)] = (job_id, body, labels.get(job_id) or {})
+                bodies[(EventResource.EXECUTION, execution_id)] = (
+                    job_id,
+                    body,
+                    labels.get(job_id) or {},
+                )
         if execution_ids:
             query = (
                 sa.select(executions, jobs.c.labels.label("job_labels"))
@@ -633,13 +642,17 @@ class SqlAlchemyStore(Store):
                 .where(self._among(executions.c.id, execution_ids))
             )
             for row in await conn.execute(query):
-                bodies[(EXECUTION, row.id)] = (row.job_id, encode_row(row), row.job_labels or {})
-        job_ids = changes.ids(JOB)
+                bodies[(EventResource.EXECUTION, row.id)] = (
+                    row.job_id,
+                    encode_row(row),
+                    row.job_labels or {},
+                )
+        job_ids = changes.ids(EventResource.JOB)
         if job_ids:
             for row in await conn.execute(sa.select(jobs).where(self._among(jobs.c.id, job_ids))):
-                bodies[(JOB, row.id)] = (row.id, encode_row(row), row.labels or {})
+                bodies[(EventResource.JOB, row.id)] = (row.id, encode_row(row), row.labels or {})
         for job_id, body in changes.deleted.items():
-            bodies[(JOB, job_id)] = (job_id, body, body.get("labels") or {})
+            bodies[(EventResource.JOB, job_id)] = (job_id, body, body.get("labels") or {})
         ordered = [(key, kind) for key, kind in changes.kinds.items() if key in bodies]
         if not ordered:
             return
@@ -712,7 +725,7 @@ class SqlAlchemyStore(Store):
         try:
             async with self._write() as conn:
                 await conn.execute(jobs.insert().values(**values))
-                self._changed(conn, JOB, [job.id], EventKind.ADDED)
+                self._changed(conn, EventResource.JOB, [job.id], EventKind.ADDED)
                 await self._notify_job(conn, job.id)
         except exc.IntegrityError as error:
             raise JobAlreadyExists(job.id) from error
@@ -763,7 +776,7 @@ class SqlAlchemyStore(Store):
             )
             if result.rowcount == 0:
                 await self._raise_missing_or_moved(conn, job.id, expected_version)
-            self._changed(conn, JOB, [job.id], EventKind.MODIFIED)
+            self._changed(conn, EventResource.JOB, [job.id], EventKind.MODIFIED)
             # A larger max_concurrent lets queued executions go.
             await self._promote(conn, await self._queued_jobs(conn, [job.id]))
             await self._notify_job(conn, job.id)
@@ -786,7 +799,7 @@ class SqlAlchemyStore(Store):
                 changes: Changes | None = conn.info.get("chronoplane_changes")
                 if changes is not None:
                     changes.deleted[job_id] = encode_row(row)
-                self._changed(conn, JOB, [job_id], EventKind.DELETED)
+                self._changed(conn, EventResource.JOB, [job_id], EventKind.DELETED)
             await self._notify_job(conn, job_id)
 
     async def _notify_job(self, conn: AsyncConnection, job_id: str) -> None:
@@ -1151,7 +1164,7 @@ class SqlAlchemyStore(Store):
             claimed = await conn.execute(_PG_CLAIM, {"ids": ids} | values)
             self._changed_rows(conn, claimed.mappings(), EventKind.MODIFIED)
             return
-        self._changed(conn, EXECUTION, ids, EventKind.MODIFIED)
+        self._changed(conn, EventResource.EXECUTION, ids, EventKind.MODIFIED)
         await conn.execute(
             executions.update().where(executions.c.id == sa.bindparam("b_id")).values(**values),
             [{"b_id": execution_id} for execution_id in ids],
@@ -1212,7 +1225,7 @@ class SqlAlchemyStore(Store):
                 executions.c.id.in_([f.id for f in finishes]), executions.c.state.in_(_UNFINISHED)
             )
         )
-        self._changed(conn, EXECUTION, unfinished.scalars(), EventKind.MODIFIED)
+        self._changed(conn, EventResource.EXECUTION, unfinished.scalars(), EventKind.MODIFIED)
         await conn.execute(
             executions.update()
             .where(
@@ -1274,7 +1287,7 @@ class SqlAlchemyStore(Store):
                     [{"b_id": r.id, "b_note": r.note} for r in releases],
                 )
                 noted = (r.id for r in releases if r.note is not None)
-                self._changed(conn, EXECUTION, noted, EventKind.MODIFIED)
+                self._changed(conn, EventResource.EXECUTION, noted, EventKind.MODIFIED)
             freeing = {f.job_id for f in finishes if not f.keeps_slot} | {
                 r.job_id for r in releases
             }
@@ -1309,7 +1322,7 @@ class SqlAlchemyStore(Store):
                 executions.update().where(executions.c.id == execution_id).values(**values)
             )
             if done:
-                self._changed(conn, EXECUTION, [execution_id], EventKind.MODIFIED)
+                self._changed(conn, EventResource.EXECUTION, [execution_id], EventKind.MODIFIED)
             if done and row.ready:
                 await self._promote(conn, await self._queued_jobs(conn, [current.job_id]))
             after = (await conn.execute(query)).one()
@@ -1405,7 +1418,7 @@ class SqlAlchemyStore(Store):
                 .returning(executions.c.id)
             )
             interrupted = list(result.scalars())
-            self._changed(conn, EXECUTION, interrupted, EventKind.MODIFIED)
+            self._changed(conn, EventResource.EXECUTION, interrupted, EventKind.MODIFIED)
             await conn.execute(
                 executions.update().where(executions.c.holds_slot).values(holds_slot=False)
             )
@@ -1640,7 +1653,9 @@ class SqlAlchemyStore(Store):
                     .returning(*executions.c)
                 )
                 abandoned_rows.extend(_execution_from_row(row) for row in abandoned)
-            self._changed(conn, EXECUTION, (e.id for e in abandoned_rows), EventKind.MODIFIED)
+            self._changed(
+                conn, EventResource.EXECUTION, (e.id for e in abandoned_rows), EventKind.MODIFIED
+            )
             # Slots of synchronous tasks that outlived their final state there.
             await conn.execute(executions.update().where(of_dead).values(holds_slot=False))
             await self._promote(conn, await self._queued_jobs(conn, freeing))
@@ -1668,26 +1683,23 @@ class SqlAlchemyStore(Store):
     async def events_after(
         self, cursor: int, *, limit: int, job_ids: Sequence[str] = ()
     ) -> tuple[list[Event], EventWindow]:
-        query = sa.select(*_EVENT_COLUMNS).where(events.c.cursor > cursor).order_by(events.c.cursor)
-        if job_ids:
-            query = query.where(self._among(events.c.job_id, job_ids))
         async with self._begin() as conn:
-            rows = (await conn.execute(query.limit(limit))).all()
+            rows = (await conn.execute(self._events_query(cursor, limit, job_ids))).all()
             # Read after the events: a purge that committed before them is seen here.
             window = await self._event_window(conn)
         return [_event_from_row(row) for row in rows], window
 
     @_translate_errors
     async def newest_events(self, cursor: int, *, limit: int) -> list[Event]:
-        query = (
-            sa.select(*_EVENT_COLUMNS)
-            .where(events.c.cursor > cursor)
-            .order_by(events.c.cursor)
-            .limit(limit)
-        )
         async with self._engine.connect() as conn:  # one statement: no transaction needed
-            rows = (await conn.execute(query)).all()
+            rows = (await conn.execute(self._events_query(cursor, limit, ()))).all()
         return [_event_from_row(row) for row in rows]
+
+    def _events_query(self, cursor: int, limit: int, job_ids: Sequence[str]) -> Any:
+        query = sa.select(*_EVENT_COLUMNS).where(events.c.cursor > cursor)
+        if job_ids:
+            query = query.where(self._among(events.c.job_id, job_ids))
+        return query.order_by(events.c.cursor).limit(limit)
 
     @_translate_errors
     async def event_window(self) -> EventWindow:

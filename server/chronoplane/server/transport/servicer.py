@@ -10,7 +10,7 @@ from functools import lru_cache
 from typing import Any, TypeAlias
 
 from chronoplane.server.errors import ServerStopping, WatchFellBehind
-from chronoplane.server.models import Event, EventKind, ExecutionQuery
+from chronoplane.server.models import Event, EventKind, EventResource, ExecutionQuery
 from chronoplane.server.service import UPDATABLE_FIELDS, SchedulerService
 from chronoplane.server.transport.convert import (
     execution_to_proto,
@@ -26,8 +26,6 @@ from chronoplane.server.transport.convert import (
     trigger_from_proto,
 )
 from chronoplane.server.watch import (
-    EXECUTIONS,
-    JOBS,
     Notice,
     NoticeKind,
     StopReason,
@@ -176,7 +174,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     ) -> None:
         control = StreamControl(asyncio.current_task())
         stream = self._service.watch(
-            EXECUTIONS,
+            EventResource.EXECUTION,
             job_ids=list(request.job_ids),
             states=frozenset(state_from_proto(s, "states") for s in request.states),
             labels=dict(request.labels),
@@ -191,7 +189,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     ) -> None:
         control = StreamControl(asyncio.current_task())
         stream = self._service.watch(
-            JOBS,
+            EventResource.JOB,
             job_ids=list(request.job_ids),
             labels=dict(request.labels),
             after=request.after_cursor if request.HasField("after_cursor") else None,
@@ -235,8 +233,6 @@ async def _stream(
     except asyncio.CancelledError:
         if control.stopped is None:
             raise  # the client went away
-    except WatchFellBehind:
-        pass
     else:
         return
     # Ended by the server: say where the client may resume from (what it last got).
