@@ -19,7 +19,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from harness import BIN, free_port, start_server
+from google.protobuf import json_format, struct_pb2
+from harness import BIN, free_port, start_server, violations
 
 from chronoplane.client import AsyncClient, ChronoplaneError, cron
 from chronoplane.server.config import Settings
@@ -410,3 +411,88 @@ async def test_message_size_and_concurrent_calls_are_limited(database_url: str) 
         await asyncio.sleep(0.5)
         listed = await server.stub.ListJobs(pb.ListJobsRequest(), timeout=5)
         assert list(listed.jobs) == []
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_field_limits_are_settings_and_violations_name_them(database_url: str) -> None:
+    settings = Settings(
+        address="127.0.0.1:0",
+        database_url=database_url,
+        tasks=["testtasks"],
+        shutdown_grace=1.0,
+        max_args_bytes=64,
+        max_args_depth=2,
+        max_display_name=8,
+        max_description=16,
+        max_labels=2,
+        max_label_value=4,
+        max_page_size=3,
+    )
+
+    def job(job_id: str, **fields: Any) -> jpb.Job:
+        return jpb.Job(
+            id=job_id,
+            task="test.add",
+            trigger=jpb.Trigger(cron=jpb.CronTrigger(expression="0 0 1 1 *")),
+            **fields,
+        )
+
+    def args(value: dict[str, Any]) -> struct_pb2.Struct:
+        return json_format.ParseDict(value, struct_pb2.Struct())
+
+    async with serving(settings) as server:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await server.stub.CreateJob(
+                pb.CreateJobRequest(
+                    job=job(
+                        "too-much",
+                        display_name="a long name",
+                        description="x" * 17,
+                        labels={"a": "1", "b": "2", "c": "3"},
+                        args=args({"blob": "y" * 100}),
+                    )
+                )
+            )
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        found = violations(caught.value)
+        assert "max_display_name" in found["job.display_name"]
+        assert "max_description" in found["job.description"]
+        assert "max_labels" in found["job.labels"]
+        assert "max_args_bytes" in found["job.args"]
+        for bad_args, setting in [({"a": {"b": {"c": 1}}}, "max_args_depth")]:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await server.stub.CreateJob(
+                    pb.CreateJobRequest(job=job("deep", args=args(bad_args)))
+                )
+            assert setting in violations(caught.value)["job.args"]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await server.stub.CreateJob(pb.CreateJobRequest(job=job("lv", labels={"k": "12345"})))
+        assert "max_label_value" in violations(caught.value)["job.labels"]
+        # Within the limits all is well; pages hold at most max_page_size.
+        for n in range(5):
+            await server.stub.CreateJob(
+                pb.CreateJobRequest(job=job(f"ok{n}", display_name="short", labels={"k": "v"}))
+            )
+        page = await server.stub.ListJobs(pb.ListJobsRequest(page_size=100))
+        assert len(page.jobs) == 3 and page.next_page_token
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await server.stub.TriggerJob(
+                pb.TriggerJobRequest(id="ok0", args=args({"blob": "y" * 100}))
+            )
+        assert "max_args_bytes" in violations(caught.value)["args"]
+
+
+def test_a_limit_out_of_range_stops_the_server_from_starting(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            str(BIN / "chronoplane"),
+            "serve",
+            "--max-display-name=1000",
+            f"--database-url=sqlite+aiosqlite:///{tmp_path}/x.db",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "max_display_name must be between 1 and 256" in result.stderr

@@ -22,7 +22,13 @@ from chronoplane.client._convert import (
     timestamp,
 )
 from chronoplane.client.errors import error_info, from_rpc_error
-from chronoplane.v1 import execution_pb2, instance_pb2, job_pb2, scheduler_service_pb2_grpc
+from chronoplane.v1 import (
+    audit_pb2,
+    execution_pb2,
+    instance_pb2,
+    job_pb2,
+    scheduler_service_pb2_grpc,
+)
 from chronoplane.v1 import scheduler_service_pb2 as pb
 
 __all__ = ["AsyncClient"]
@@ -495,6 +501,29 @@ class AsyncClient:
             self._stub.ListInstances, pb.ListInstancesRequest()
         )
         return list(response.instances)
+
+    async def list_audit_events(
+        self,
+        *,
+        principal: str = "",
+        rpc: str = "",
+        job_id: str = "",
+        execution_id: str = "",
+        start_time: datetime | None = None,
+        end_time: datetime | None = None,
+        limit: int | None = None,
+    ) -> list[audit_pb2.AuditEvent]:
+        """The audit log of mutating calls, newest first (admin only): every event matching,
+        or the first ``limit``."""
+        request = pb.ListAuditEventsRequest(
+            principal=principal,
+            rpc=rpc,
+            job_id=job_id,
+            execution_id=execution_id,
+            start_time=timestamp(start_time) if start_time else None,
+            end_time=timestamp(end_time) if end_time else None,
+        )
+        return await self._pages(self._stub.ListAuditEvents, request, "audit_events", limit)
 
     async def list_tasks(self) -> list[job_pb2.Task]:
         """The tasks registered on the server, by name."""

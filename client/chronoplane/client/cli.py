@@ -128,6 +128,18 @@ async def _instances(client: AsyncClient, args: argparse.Namespace) -> Message:
     return pb.ListInstancesResponse(instances=await client.list_instances())
 
 
+async def _audit(client: AsyncClient, args: argparse.Namespace) -> Message:
+    events = await client.list_audit_events(
+        principal=args.principal,
+        rpc=args.rpc,
+        job_id=args.job,
+        execution_id=args.execution,
+        start_time=args.since,
+        limit=args.limit,
+    )
+    return pb.ListAuditEventsResponse(audit_events=events)
+
+
 async def _tasks(client: AsyncClient, args: argparse.Namespace) -> Message:
     return pb.ListTasksResponse(tasks=await client.list_tasks())
 
@@ -436,8 +448,8 @@ def _job_text(job: job_pb2.Job) -> str:
             ("timeout", _optional_span(job, "timeout")),
             ("history limit", str(job.history_limit) if job.history_limit else ""),
             ("labels", ", ".join(f"{k}={v}" for k, v in sorted(job.labels.items()))),
-            ("created", _time(job, "create_time")),
-            ("updated", _time(job, "update_time")),
+            ("created", " by ".join(filter(None, [_time(job, "create_time"), job.created_by]))),
+            ("updated", " by ".join(filter(None, [_time(job, "update_time"), job.updated_by]))),
             ("etag", job.etag),
         ]
     )
@@ -455,6 +467,8 @@ def _execution_text(execution: execution_pb2.Execution) -> str:
             ("attempt", str(execution.attempt) if execution.attempt else ""),
             ("first attempt", execution.first_execution_id),
             ("request id", execution.request_id),
+            ("triggered by", execution.triggered_by),
+            ("cancelled by", execution.cancelled_by),
             ("scheduled", _time(execution, "scheduled_time")),
             ("started", _time(execution, "start_time")),
             ("ended", _time(execution, "end_time")),
@@ -529,6 +543,16 @@ def _instances_table(response: pb.ListInstancesResponse) -> str:
     )
 
 
+def _audit_table(response: pb.ListAuditEventsResponse) -> str:
+    return _table(
+        ["TIME", "PRINCIPAL", "RPC", "JOB", "EXECUTION", "CODE"],
+        (
+            [_time(e, "time"), e.principal, e.rpc, e.job_id, e.execution_id, e.code]
+            for e in response.audit_events
+        ),
+    )
+
+
 def _jobs_table(response: pb.ListJobsResponse) -> str:
     return _table(["ID", "TASK", "TRIGGER", "NEXT RUN", "LAST"], map(_job_row, response.jobs))
 
@@ -573,6 +597,7 @@ _RENDERERS: dict[type[Message], Callable[[Any], str]] = {
     execution_pb2.Execution: _execution_text,
     pb.ListTasksResponse: _tasks_table,
     pb.ListInstancesResponse: _instances_table,
+    pb.ListAuditEventsResponse: _audit_table,
     pb.ListJobsResponse: _jobs_table,
     pb.ListExecutionsResponse: _executions_table,
     pb.PreviewTriggerResponse: _fire_times,
@@ -777,6 +802,15 @@ def _parser() -> argparse.ArgumentParser:
     _add_job_commands(jobs.add_subparsers(metavar="COMMAND", required=True))
     executions = commands.add_parser("executions", help="inspect, cancel and purge executions")
     _add_execution_commands(executions.add_subparsers(metavar="COMMAND", required=True))
+    audit = _command(commands, "audit", _audit, "list the audit log of changes, newest first")
+    audit.add_argument("--principal", default="", help="only calls by this: token:NAME, ...")
+    audit.add_argument("--rpc", default="", help="only calls of this RPC, e.g. TriggerJob")
+    audit.add_argument("--job", default="", metavar="ID", help="only calls about this job")
+    audit.add_argument("--execution", default="", metavar="ID", help="only about this execution")
+    audit.add_argument(
+        "--since", type=_when, metavar="TIME", help="an ISO 8601 time or a duration ago (1h)"
+    )
+    audit.add_argument("--limit", type=int, default=20, metavar="N", help="default 20")
     preview = _command(commands, "preview", _preview, "show when a trigger would fire")
     _add_trigger_options(preview, date=False)
     preview.add_argument("--count", type=int, default=10, metavar="N", help="default 10")

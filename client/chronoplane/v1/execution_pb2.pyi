@@ -140,6 +140,38 @@ EXECUTION_SOURCE_BACKFILL: ExecutionSource.ValueType  # 4
 """Someone called BackfillJob for a past time range."""
 Global___ExecutionSource: _TypeAlias = ExecutionSource  # noqa: Y015
 
+class _Executor:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ExecutorEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Executor.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EXECUTOR_UNSPECIFIED: _Executor.ValueType  # 0
+    """Means EXECUTOR_INLINE."""
+    EXECUTOR_INLINE: _Executor.ValueType  # 1
+    """On a Chronoplane server: the task must be registered there (ListTasks)."""
+    EXECUTOR_CELERY: _Executor.ValueType  # 2
+    """On a Celery worker: the server sends the task named by the job's task (a Celery task
+    name, registered on the workers with chronoplane.celery) to the broker, with the
+    execution's args as keyword arguments and the execution id as the Celery task id. The
+    server needs celery_broker_url; otherwise CreateJob fails with FAILED_PRECONDITION.
+    """
+
+class Executor(_Executor, metaclass=_ExecutorEnumTypeWrapper):
+    """Where a job's executions run."""
+
+EXECUTOR_UNSPECIFIED: Executor.ValueType  # 0
+"""Means EXECUTOR_INLINE."""
+EXECUTOR_INLINE: Executor.ValueType  # 1
+"""On a Chronoplane server: the task must be registered there (ListTasks)."""
+EXECUTOR_CELERY: Executor.ValueType  # 2
+"""On a Celery worker: the server sends the task named by the job's task (a Celery task
+name, registered on the workers with chronoplane.celery) to the broker, with the
+execution's args as keyword arguments and the execution id as the Celery task id. The
+server needs celery_broker_url; otherwise CreateJob fails with FAILED_PRECONDITION.
+"""
+Global___Executor: _TypeAlias = Executor  # noqa: Y015
+
 @_typing.final
 class MissedFires(_message.Message):
     """Scheduled fires that did not run, summarised in one MISSED execution."""
@@ -205,6 +237,13 @@ class Execution(_message.Message):
     ERROR_TYPE_FIELD_NUMBER: _builtins.int
     MISSED_FIELD_NUMBER: _builtins.int
     NOTE_FIELD_NUMBER: _builtins.int
+    TRIGGERED_BY_FIELD_NUMBER: _builtins.int
+    CANCELLED_BY_FIELD_NUMBER: _builtins.int
+    EXECUTOR_FIELD_NUMBER: _builtins.int
+    CELERY_TASK_ID_FIELD_NUMBER: _builtins.int
+    WORKER_FIELD_NUMBER: _builtins.int
+    PENDING_REASON_FIELD_NUMBER: _builtins.int
+    DISPATCH_TIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Identifier, unique in the server; sorts by creation time."""
     job_id: _builtins.str
@@ -232,6 +271,23 @@ class Execution(_message.Message):
     note: _builtins.str
     """What happened after the final state was recorded, for example what a synchronous task
     returned after it had been cancelled or had timed out.
+    """
+    triggered_by: _builtins.str
+    """Who asked for the run: the principal that called TriggerJob or BackfillJob
+    (token:<name>, cert:<common name>, anonymous), or system:schedule for a scheduled fire.
+    A retry keeps its first attempt's.
+    """
+    cancelled_by: _builtins.str
+    """Who cancelled it through CancelExecution; empty unless it ended CANCELLED that way."""
+    executor: Global___Executor.ValueType
+    """Where it runs: the job's executor when it was created."""
+    celery_task_id: _builtins.str
+    """For a Celery execution that was sent: its Celery task id (the execution id)."""
+    worker: _builtins.str
+    """For a Celery execution: the worker that ran it (its Celery host name)."""
+    pending_reason: _builtins.str
+    """For a PENDING execution: why it has not started yet, when something stands in the way
+    (for example, the broker could not be reached: the send is retried).
     """
     @_builtins.property
     def scheduled_time(self) -> _timestamp_pb2.Timestamp:
@@ -265,6 +321,10 @@ class Execution(_message.Message):
     def missed(self) -> Global___MissedFires:
         """For a MISSED execution: which fires it stands for."""
 
+    @_builtins.property
+    def dispatch_time(self) -> _timestamp_pb2.Timestamp:
+        """For a Celery execution: when it was sent to the broker."""
+
     def __init__(
         self,
         *,
@@ -289,10 +349,17 @@ class Execution(_message.Message):
         error_type: _builtins.str = ...,
         missed: Global___MissedFires | None = ...,
         note: _builtins.str = ...,
+        triggered_by: _builtins.str = ...,
+        cancelled_by: _builtins.str = ...,
+        executor: Global___Executor.ValueType = ...,
+        celery_task_id: _builtins.str = ...,
+        worker: _builtins.str = ...,
+        pending_reason: _builtins.str = ...,
+        dispatch_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "create_time", b"create_time", "duration", b"duration", "end_time", b"end_time", "missed", b"missed", "result", b"result", "scheduled_time", b"scheduled_time", "start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "create_time", b"create_time", "dispatch_time", b"dispatch_time", "duration", b"duration", "end_time", b"end_time", "missed", b"missed", "result", b"result", "scheduled_time", b"scheduled_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "attempt", b"attempt", "create_time", b"create_time", "duration", b"duration", "end_time", b"end_time", "error_message", b"error_message", "error_traceback", b"error_traceback", "error_type", b"error_type", "first_execution_id", b"first_execution_id", "id", b"id", "instance_id", b"instance_id", "job_id", b"job_id", "missed", b"missed", "note", b"note", "request_id", b"request_id", "result", b"result", "scheduled_time", b"scheduled_time", "source", b"source", "start_time", b"start_time", "state", b"state", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "attempt", b"attempt", "cancelled_by", b"cancelled_by", "celery_task_id", b"celery_task_id", "create_time", b"create_time", "dispatch_time", b"dispatch_time", "duration", b"duration", "end_time", b"end_time", "error_message", b"error_message", "error_traceback", b"error_traceback", "error_type", b"error_type", "executor", b"executor", "first_execution_id", b"first_execution_id", "id", b"id", "instance_id", b"instance_id", "job_id", b"job_id", "missed", b"missed", "note", b"note", "pending_reason", b"pending_reason", "request_id", b"request_id", "result", b"result", "scheduled_time", b"scheduled_time", "source", b"source", "start_time", b"start_time", "state", b"state", "task", b"task", "triggered_by", b"triggered_by", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -28,7 +28,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63hronoplane/v1/job.proto\x12\x0e\x63hronoplane.v1\x1a\x1e\x63hronoplane/v1/execution.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x81\x07\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0c\n\x04task\x18\x04 \x01(\t\x12%\n\x04\x61rgs\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12(\n\x07trigger\x18\x06 \x01(\x0b\x32\x17.chronoplane.v1.Trigger\x12\x0e\n\x06paused\x18\x07 \x01(\x08\x12\x30\n\rmisfire_grace\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x08\x63oalesce\x18\t \x01(\x08\x42\x02\x18\x01H\x00\x88\x01\x01\x12\x16\n\x0emax_concurrent\x18\n \x01(\x05\x12/\n\x06labels\x18\x0b \x03(\x0b\x32\x1f.chronoplane.v1.Job.LabelsEntry\x12/\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x0e \x01(\t\x12\x31\n\rnext_run_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x0elast_execution\x18\x10 \x01(\x0b\x32 .chronoplane.v1.ExecutionSummary\x12\x35\n\x0emisfire_policy\x18\x11 \x01(\x0e\x32\x1d.chronoplane.v1.MisfirePolicy\x12\x31\n\x0e\x63\x61tchup_window\x18\x12 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rcatchup_limit\x18\x13 \x01(\x05\x12\x35\n\x0eoverlap_policy\x18\x14 \x01(\x0e\x32\x1d.chronoplane.v1.OverlapPolicy\x12*\n\x05retry\x18\x15 \x01(\x0b\x32\x1b.chronoplane.v1.RetryPolicy\x12*\n\x07timeout\x18\x16 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rhistory_limit\x18\x17 \x01(\x05\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0b\n\t_coalesce\"\xb5\x01\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\x05\x12\x32\n\x0finitial_backoff\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1a\n\x12\x62\x61\x63koff_multiplier\x18\x03 \x01(\x01\x12.\n\x0bmax_backoff\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08retry_on\x18\x05 \x03(\t\"\xcb\x01\n\x07Trigger\x12+\n\x04\x63ron\x18\x01 \x01(\x0b\x32\x1b.chronoplane.v1.CronTriggerH\x00\x12\x33\n\x08interval\x18\x02 \x01(\x0b\x32\x1f.chronoplane.v1.IntervalTriggerH\x00\x12+\n\x04\x64\x61te\x18\x03 \x01(\x0b\x32\x1b.chronoplane.v1.DateTriggerH\x00\x12)\n\x06jitter\x18\x04 \x01(\x0b\x32\x19.google.protobuf.DurationB\x06\n\x04kind\"\x92\x01\n\x0b\x43ronTrigger\x12\x12\n\nexpression\x18\x01 \x01(\t\x12\x11\n\ttime_zone\x18\x02 \x01(\t\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x99\x01\n\x0fIntervalTrigger\x12(\n\x05\x65very\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\";\n\x0b\x44\x61teTrigger\x12,\n\x08run_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\")\n\x04Task\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t*\x81\x01\n\rMisfirePolicy\x12\x1e\n\x1aMISFIRE_POLICY_UNSPECIFIED\x10\x00\x12\x17\n\x13MISFIRE_POLICY_SKIP\x10\x01\x12\x1b\n\x17MISFIRE_POLICY_RUN_ONCE\x10\x02\x12\x1a\n\x16MISFIRE_POLICY_RUN_ALL\x10\x03*\xc3\x01\n\rOverlapPolicy\x12\x1e\n\x1aOVERLAP_POLICY_UNSPECIFIED\x10\x00\x12\x17\n\x13OVERLAP_POLICY_SKIP\x10\x01\x12\x18\n\x14OVERLAP_POLICY_ALLOW\x10\x02\x12\x1d\n\x19OVERLAP_POLICY_BUFFER_ONE\x10\x03\x12\x1d\n\x19OVERLAP_POLICY_BUFFER_ALL\x10\x04\x12!\n\x1dOVERLAP_POLICY_CANCEL_RUNNING\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63hronoplane/v1/job.proto\x12\x0e\x63hronoplane.v1\x1a\x1e\x63hronoplane/v1/execution.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x84\x08\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0c\n\x04task\x18\x04 \x01(\t\x12%\n\x04\x61rgs\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12(\n\x07trigger\x18\x06 \x01(\x0b\x32\x17.chronoplane.v1.Trigger\x12\x0e\n\x06paused\x18\x07 \x01(\x08\x12\x30\n\rmisfire_grace\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x08\x63oalesce\x18\t \x01(\x08\x42\x02\x18\x01H\x00\x88\x01\x01\x12\x16\n\x0emax_concurrent\x18\n \x01(\x05\x12/\n\x06labels\x18\x0b \x03(\x0b\x32\x1f.chronoplane.v1.Job.LabelsEntry\x12/\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x0e \x01(\t\x12\x31\n\rnext_run_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x0elast_execution\x18\x10 \x01(\x0b\x32 .chronoplane.v1.ExecutionSummary\x12\x35\n\x0emisfire_policy\x18\x11 \x01(\x0e\x32\x1d.chronoplane.v1.MisfirePolicy\x12\x31\n\x0e\x63\x61tchup_window\x18\x12 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rcatchup_limit\x18\x13 \x01(\x05\x12\x35\n\x0eoverlap_policy\x18\x14 \x01(\x0e\x32\x1d.chronoplane.v1.OverlapPolicy\x12*\n\x05retry\x18\x15 \x01(\x0b\x32\x1b.chronoplane.v1.RetryPolicy\x12*\n\x07timeout\x18\x16 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rhistory_limit\x18\x17 \x01(\x05\x12\x12\n\ncreated_by\x18\x18 \x01(\t\x12\x12\n\nupdated_by\x18\x19 \x01(\t\x12*\n\x08\x65xecutor\x18\x1a \x01(\x0e\x32\x18.chronoplane.v1.Executor\x12-\n\x06\x63\x65lery\x18\x1b \x01(\x0b\x32\x1d.chronoplane.v1.CeleryOptions\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0b\n\t_coalesce\"W\n\rCeleryOptions\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x13\n\x0brouting_key\x18\x02 \x01(\t\x12\x15\n\x08priority\x18\x03 \x01(\x05H\x00\x88\x01\x01\x42\x0b\n\t_priority\"\xb5\x01\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\x05\x12\x32\n\x0finitial_backoff\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1a\n\x12\x62\x61\x63koff_multiplier\x18\x03 \x01(\x01\x12.\n\x0bmax_backoff\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08retry_on\x18\x05 \x03(\t\"\xcb\x01\n\x07Trigger\x12+\n\x04\x63ron\x18\x01 \x01(\x0b\x32\x1b.chronoplane.v1.CronTriggerH\x00\x12\x33\n\x08interval\x18\x02 \x01(\x0b\x32\x1f.chronoplane.v1.IntervalTriggerH\x00\x12+\n\x04\x64\x61te\x18\x03 \x01(\x0b\x32\x1b.chronoplane.v1.DateTriggerH\x00\x12)\n\x06jitter\x18\x04 \x01(\x0b\x32\x19.google.protobuf.DurationB\x06\n\x04kind\"\x92\x01\n\x0b\x43ronTrigger\x12\x12\n\nexpression\x18\x01 \x01(\t\x12\x11\n\ttime_zone\x18\x02 \x01(\t\x12.\n\nstart_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x99\x01\n\x0fIntervalTrigger\x12(\n\x05\x65very\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\";\n\x0b\x44\x61teTrigger\x12,\n\x08run_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\")\n\x04Task\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t*\x81\x01\n\rMisfirePolicy\x12\x1e\n\x1aMISFIRE_POLICY_UNSPECIFIED\x10\x00\x12\x17\n\x13MISFIRE_POLICY_SKIP\x10\x01\x12\x1b\n\x17MISFIRE_POLICY_RUN_ONCE\x10\x02\x12\x1a\n\x16MISFIRE_POLICY_RUN_ALL\x10\x03*\xc3\x01\n\rOverlapPolicy\x12\x1e\n\x1aOVERLAP_POLICY_UNSPECIFIED\x10\x00\x12\x17\n\x13OVERLAP_POLICY_SKIP\x10\x01\x12\x18\n\x14OVERLAP_POLICY_ALLOW\x10\x02\x12\x1d\n\x19OVERLAP_POLICY_BUFFER_ONE\x10\x03\x12\x1d\n\x19OVERLAP_POLICY_BUFFER_ALL\x10\x04\x12!\n\x1dOVERLAP_POLICY_CANCEL_RUNNING\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,24 +39,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOB_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_JOB'].fields_by_name['coalesce']._loaded_options = None
   _globals['_JOB'].fields_by_name['coalesce']._serialized_options = b'\030\001'
-  _globals['_MISFIREPOLICY']._serialized_start=1871
-  _globals['_MISFIREPOLICY']._serialized_end=2000
-  _globals['_OVERLAPPOLICY']._serialized_start=2003
-  _globals['_OVERLAPPOLICY']._serialized_end=2198
+  _globals['_MISFIREPOLICY']._serialized_start=2091
+  _globals['_MISFIREPOLICY']._serialized_end=2220
+  _globals['_OVERLAPPOLICY']._serialized_start=2223
+  _globals['_OVERLAPPOLICY']._serialized_end=2418
   _globals['_JOB']._serialized_start=172
-  _globals['_JOB']._serialized_end=1069
-  _globals['_JOB_LABELSENTRY']._serialized_start=1011
-  _globals['_JOB_LABELSENTRY']._serialized_end=1056
-  _globals['_RETRYPOLICY']._serialized_start=1072
-  _globals['_RETRYPOLICY']._serialized_end=1253
-  _globals['_TRIGGER']._serialized_start=1256
-  _globals['_TRIGGER']._serialized_end=1459
-  _globals['_CRONTRIGGER']._serialized_start=1462
-  _globals['_CRONTRIGGER']._serialized_end=1608
-  _globals['_INTERVALTRIGGER']._serialized_start=1611
-  _globals['_INTERVALTRIGGER']._serialized_end=1764
-  _globals['_DATETRIGGER']._serialized_start=1766
-  _globals['_DATETRIGGER']._serialized_end=1825
-  _globals['_TASK']._serialized_start=1827
-  _globals['_TASK']._serialized_end=1868
+  _globals['_JOB']._serialized_end=1200
+  _globals['_JOB_LABELSENTRY']._serialized_start=1142
+  _globals['_JOB_LABELSENTRY']._serialized_end=1187
+  _globals['_CELERYOPTIONS']._serialized_start=1202
+  _globals['_CELERYOPTIONS']._serialized_end=1289
+  _globals['_RETRYPOLICY']._serialized_start=1292
+  _globals['_RETRYPOLICY']._serialized_end=1473
+  _globals['_TRIGGER']._serialized_start=1476
+  _globals['_TRIGGER']._serialized_end=1679
+  _globals['_CRONTRIGGER']._serialized_start=1682
+  _globals['_CRONTRIGGER']._serialized_end=1828
+  _globals['_INTERVALTRIGGER']._serialized_start=1831
+  _globals['_INTERVALTRIGGER']._serialized_end=1984
+  _globals['_DATETRIGGER']._serialized_start=1986
+  _globals['_DATETRIGGER']._serialized_end=2045
+  _globals['_TASK']._serialized_start=2047
+  _globals['_TASK']._serialized_end=2088
 # @@protoc_insertion_point(module_scope)

@@ -153,6 +153,10 @@ class Job(_message.Message):
     RETRY_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
     HISTORY_LIMIT_FIELD_NUMBER: _builtins.int
+    CREATED_BY_FIELD_NUMBER: _builtins.int
+    UPDATED_BY_FIELD_NUMBER: _builtins.int
+    EXECUTOR_FIELD_NUMBER: _builtins.int
+    CELERY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Identifier, unique in the server. 1 to 128 characters from [A-Za-z0-9._-], starting with a
     letter or a digit. Chosen by the client on create, or generated ("job-" and 12 hex digits)
@@ -209,6 +213,16 @@ class Job(_message.Message):
     are purged periodically. Unset (0) means no count limit (the server-wide maximum age
     still applies); at most 1,000,000.
     """
+    created_by: _builtins.str
+    """Output only. Who created the job: token:<name>, cert:<common name>, or anonymous (a
+    server that requires no credentials).
+    """
+    updated_by: _builtins.str
+    """Output only. Who last changed it through UpdateJob, PauseJob or ResumeJob (at first,
+    who created it).
+    """
+    executor: _execution_pb2.Executor.ValueType
+    """Where the job's executions run. Unset means EXECUTOR_INLINE."""
     @_builtins.property
     def args(self) -> _struct_pb2.Struct:
         """Keyword arguments passed to the task. At most 64 KiB once serialized as JSON."""
@@ -265,6 +279,10 @@ class Job(_message.Message):
         no timeout; at most 7 days.
         """
 
+    @_builtins.property
+    def celery(self) -> Global___CeleryOptions:
+        """With EXECUTOR_CELERY: how its Celery tasks are routed."""
+
     def __init__(
         self,
         *,
@@ -291,16 +309,54 @@ class Job(_message.Message):
         retry: Global___RetryPolicy | None = ...,
         timeout: _duration_pb2.Duration | None = ...,
         history_limit: _builtins.int = ...,
+        created_by: _builtins.str = ...,
+        updated_by: _builtins.str = ...,
+        executor: _execution_pb2.Executor.ValueType = ...,
+        celery: Global___CeleryOptions | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_coalesce", b"_coalesce", "args", b"args", "catchup_window", b"catchup_window", "coalesce", b"coalesce", "create_time", b"create_time", "last_execution", b"last_execution", "misfire_grace", b"misfire_grace", "next_run_time", b"next_run_time", "retry", b"retry", "timeout", b"timeout", "trigger", b"trigger", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_coalesce", b"_coalesce", "args", b"args", "catchup_window", b"catchup_window", "celery", b"celery", "coalesce", b"coalesce", "create_time", b"create_time", "last_execution", b"last_execution", "misfire_grace", b"misfire_grace", "next_run_time", b"next_run_time", "retry", b"retry", "timeout", b"timeout", "trigger", b"trigger", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_coalesce", b"_coalesce", "args", b"args", "catchup_limit", b"catchup_limit", "catchup_window", b"catchup_window", "coalesce", b"coalesce", "create_time", b"create_time", "description", b"description", "display_name", b"display_name", "etag", b"etag", "history_limit", b"history_limit", "id", b"id", "labels", b"labels", "last_execution", b"last_execution", "max_concurrent", b"max_concurrent", "misfire_grace", b"misfire_grace", "misfire_policy", b"misfire_policy", "next_run_time", b"next_run_time", "overlap_policy", b"overlap_policy", "paused", b"paused", "retry", b"retry", "task", b"task", "timeout", b"timeout", "trigger", b"trigger", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_coalesce", b"_coalesce", "args", b"args", "catchup_limit", b"catchup_limit", "catchup_window", b"catchup_window", "celery", b"celery", "coalesce", b"coalesce", "create_time", b"create_time", "created_by", b"created_by", "description", b"description", "display_name", b"display_name", "etag", b"etag", "executor", b"executor", "history_limit", b"history_limit", "id", b"id", "labels", b"labels", "last_execution", b"last_execution", "max_concurrent", b"max_concurrent", "misfire_grace", b"misfire_grace", "misfire_policy", b"misfire_policy", "next_run_time", b"next_run_time", "overlap_policy", b"overlap_policy", "paused", b"paused", "retry", b"retry", "task", b"task", "timeout", b"timeout", "trigger", b"trigger", "update_time", b"update_time", "updated_by", b"updated_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__coalesce: _TypeAlias = _typing.Literal["coalesce"]  # noqa: Y015
     _WhichOneofArgType__coalesce: _TypeAlias = _typing.Literal["_coalesce", b"_coalesce"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__coalesce) -> _WhichOneofReturnType__coalesce | None: ...
 
 Global___Job: _TypeAlias = Job  # noqa: Y015
+
+@_typing.final
+class CeleryOptions(_message.Message):
+    """How a Celery job's tasks are routed. Empty fields leave Celery's defaults."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: _builtins.int
+    ROUTING_KEY_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
+    """The queue to send to (at most 256 characters); empty means Celery's default ("celery")."""
+    routing_key: _builtins.str
+    """The routing key (at most 256 characters)."""
+    priority: _builtins.int
+    """The message priority, 0 to 9 (Redis and RabbitMQ both take that range); unset leaves
+    the queue's default.
+    """
+    def __init__(
+        self,
+        *,
+        queue: _builtins.str = ...,
+        routing_key: _builtins.str = ...,
+        priority: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "priority", b"priority"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "priority", b"priority", "queue", b"queue", "routing_key", b"routing_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__priority: _TypeAlias = _typing.Literal["priority"]  # noqa: Y015
+    _WhichOneofArgType__priority: _TypeAlias = _typing.Literal["_priority", b"_priority"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__priority) -> _WhichOneofReturnType__priority | None: ...
+
+Global___CeleryOptions: _TypeAlias = CeleryOptions  # noqa: Y015
 
 @_typing.final
 class RetryPolicy(_message.Message):

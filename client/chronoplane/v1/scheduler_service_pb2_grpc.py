@@ -130,6 +130,11 @@ class SchedulerServiceStub:
                 request_serializer=chronoplane_dot_v1_dot_scheduler__service__pb2.WatchJobsRequest.SerializeToString,
                 response_deserializer=chronoplane_dot_v1_dot_scheduler__service__pb2.WatchJobsResponse.FromString,
                 _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/chronoplane.v1.SchedulerService/ListAuditEvents',
+                request_serializer=chronoplane_dot_v1_dot_scheduler__service__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=chronoplane_dot_v1_dot_scheduler__service__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServiceServicer:
@@ -303,6 +308,16 @@ class SchedulerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAuditEvents(self, request, context):
+        """Lists the audit log, newest first: one event per call of a mutating RPC (create, update,
+        delete, pause, resume, trigger, backfill, cancel, purge), allowed or refused, with who
+        made it and how it ended. Kept for the server's audit_max_age_days. Admin only.
+        Errors: INVALID_ARGUMENT (bad filter, page size or page token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -395,6 +410,11 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.WatchJobs,
                     request_deserializer=chronoplane_dot_v1_dot_scheduler__service__pb2.WatchJobsRequest.FromString,
                     response_serializer=chronoplane_dot_v1_dot_scheduler__service__pb2.WatchJobsResponse.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=chronoplane_dot_v1_dot_scheduler__service__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=chronoplane_dot_v1_dot_scheduler__service__pb2.ListAuditEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -889,6 +909,33 @@ class SchedulerService:
             '/chronoplane.v1.SchedulerService/WatchJobs',
             chronoplane_dot_v1_dot_scheduler__service__pb2.WatchJobsRequest.SerializeToString,
             chronoplane_dot_v1_dot_scheduler__service__pb2.WatchJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chronoplane.v1.SchedulerService/ListAuditEvents',
+            chronoplane_dot_v1_dot_scheduler__service__pb2.ListAuditEventsRequest.SerializeToString,
+            chronoplane_dot_v1_dot_scheduler__service__pb2.ListAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

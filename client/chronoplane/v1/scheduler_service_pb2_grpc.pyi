@@ -124,6 +124,12 @@ class SchedulerServiceStub:
     next_run_time and last_execution move with every fire and are not events. With
     snapshot set, the stream starts with every matching job. Errors: as WatchExecutions.
     """
+    ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.ListAuditEventsRequest, _scheduler_service_pb2.ListAuditEventsResponse]
+    """Lists the audit log, newest first: one event per call of a mutating RPC (create, update,
+    delete, pause, resume, trigger, backfill, cancel, purge), allowed or refused, with who
+    made it and how it ended. Kept for the server's audit_max_age_days. Admin only.
+    Errors: INVALID_ARGUMENT (bad filter, page size or page token).
+    """
 
 @_typing.type_check_only
 class SchedulerServiceAsyncStub(SchedulerServiceStub):
@@ -220,6 +226,12 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     UpdateJob, PauseJob or ResumeJob) and DELETED (the job as it was). A job's
     next_run_time and last_execution move with every fire and are not events. With
     snapshot set, the stream starts with every matching job. Errors: as WatchExecutions.
+    """
+    ListAuditEvents: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.ListAuditEventsRequest, _scheduler_service_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
+    """Lists the audit log, newest first: one event per call of a mutating RPC (create, update,
+    delete, pause, resume, trigger, backfill, cancel, purge), allowed or refused, with who
+    made it and how it ended. Kept for the server's audit_max_age_days. Admin only.
+    Errors: INVALID_ARGUMENT (bad filter, page size or page token).
     """
 
 class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -422,6 +434,18 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         UpdateJob, PauseJob or ResumeJob) and DELETED (the job as it was). A job's
         next_run_time and last_execution move with every fire and are not events. With
         snapshot set, the stream starts with every matching job. Errors: as WatchExecutions.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAuditEvents(
+        self,
+        request: _scheduler_service_pb2.ListAuditEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_service_pb2.ListAuditEventsResponse, _abc.Awaitable[_scheduler_service_pb2.ListAuditEventsResponse]]:
+        """Lists the audit log, newest first: one event per call of a mutating RPC (create, update,
+        delete, pause, resume, trigger, backfill, cancel, purge), allowed or refused, with who
+        made it and how it ended. Kept for the server's audit_max_age_days. Admin only.
+        Errors: INVALID_ARGUMENT (bad filter, page size or page token).
         """
 
 def add_SchedulerServiceServicer_to_server(servicer: SchedulerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -36,7 +36,9 @@ from chronoplane.server.storage.sqlalchemy import (
     create_engine,
 )
 from chronoplane.server.tasks import default_registry, load_modules
+from chronoplane.server.transport.audit import AuditInterceptor
 from chronoplane.server.transport.server import GrpcServer, Limits, TlsFiles
+from chronoplane.server.validation import FieldLimits
 from chronoplane.server.watch import WatchHub
 
 __all__ = ["Application", "serve"]
@@ -114,6 +116,15 @@ class Application:
                 page_tokens=PageTokens(key),
                 leader_timeout=timedelta(seconds=settings.leader_timeout),
                 watch_hub=hub,
+                limits=FieldLimits(
+                    args_bytes=settings.max_args_bytes,
+                    args_depth=settings.max_args_depth,
+                    display_name=settings.max_display_name,
+                    description=settings.max_description,
+                    labels=settings.max_labels,
+                    label_value=settings.max_label_value,
+                    page_size=settings.max_page_size,
+                ),
             )
             member = Member(
                 instance=self._instance(settings.address),
@@ -206,6 +217,7 @@ class Application:
                     keepalive_timeout=settings.keepalive_timeout,
                     min_ping_interval=settings.min_ping_interval,
                 ),
+                audit=AuditInterceptor(service.record_audit, instance_id=self.instance_id),
             )
             await server.start()
             stack.push_async_callback(server.stop, settings.shutdown_grace)
@@ -248,9 +260,11 @@ class Application:
     async def _purge_forever(self, service: SchedulerService) -> None:
         days = self.settings.history_max_age_days
         max_age = timedelta(days=days) if days > 0 else None
+        audit_days = self.settings.audit_max_age_days
+        audit_max_age = timedelta(days=audit_days) if audit_days > 0 else None
         while True:
             try:
-                purged = await service.purge_history(max_age=max_age)
+                purged = await service.purge_history(max_age=max_age, audit_max_age=audit_max_age)
             except Exception:
                 log.exception("purging execution history failed; trying again later")
             else:

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import logging
 import os
+import socket
 import sys
 import threading
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 from chronoplane.server.config import ConfigError, Settings, add_arguments, load_settings
 from chronoplane.server.errors import AlreadyExists, InstanceConflict, StorageUnavailable
+from chronoplane.server.models import AuditEvent, JSONObject
+
+if TYPE_CHECKING:
+    from chronoplane.server.storage.sqlalchemy import SqlAlchemyStore
 
 __all__ = ["main"]
 
@@ -76,6 +83,7 @@ async def _token_command(settings: Settings, args: argparse.Namespace) -> int:
                     revoke_time=None,
                 )
             )
+            await _audit(store, "token create", now, {"name": args.name, "role": args.role})
             print(token)  # noqa: T201 - the one time it is shown
             return 0
         if args.token_command == "list":
@@ -93,10 +101,24 @@ async def _token_command(settings: Settings, args: argparse.Namespace) -> int:
         if revoked is None:
             print(f"chronoplane: no token is named {args.name!r}", file=sys.stderr)  # noqa: T201
             return 1
+        await _audit(store, "token revoke", now, {"name": args.name})
         log.info("token %r revoked", args.name)
         return 0
     finally:
         await store.close()
+
+
+async def _audit(store: SqlAlchemyStore, rpc: str, now: datetime, request: JSONObject) -> None:
+    """Token changes go into the audit log too, as made by the operating-system user."""
+    await store.record_audit(
+        AuditEvent(
+            time=now,
+            principal=f"cli:{getpass.getuser()}@{socket.gethostname()}",
+            role="admin",
+            rpc=rpc,
+            request=request,
+        )
+    )
 
 
 def _stamp(value: datetime | None) -> str:

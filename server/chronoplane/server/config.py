@@ -32,6 +32,8 @@ class Settings:
     insecure: bool = False
     history_max_age_days: float = 30.0
     """Executions that ended longer ago are purged; 0 keeps them forever."""
+    audit_max_age_days: float = 365.0
+    """Audit events older than this are purged (with the execution history); 0 keeps them."""
     purge_interval: float = 3600.0
     """Seconds between purges of execution history."""
     instance_name: str = ""
@@ -63,6 +65,20 @@ class Settings:
     """Largest request or response message; a larger one is RESOURCE_EXHAUSTED."""
     max_concurrent_rpcs: int = 4000
     """Calls (watch streams included) served at once; more are RESOURCE_EXHAUSTED."""
+    max_args_bytes: int = 64 * 1024
+    """Largest args of a job or a TriggerJob, as JSON; more is INVALID_ARGUMENT."""
+    max_args_depth: int = 32
+    """Deepest nesting of args."""
+    max_display_name: int = 256
+    """Longest display_name (at most 256, what the schema stores)."""
+    max_description: int = 4096
+    """Longest description."""
+    max_labels: int = 64
+    """Most labels on a job (and in a watch filter)."""
+    max_label_value: int = 255
+    """Longest label value."""
+    max_page_size: int = 1000
+    """Most items in a page of a list call; larger page sizes are cut to it."""
     keepalive_time: float = 60.0
     """Seconds between the server's pings of an idle connection."""
     keepalive_timeout: float = 20.0
@@ -146,10 +162,26 @@ class Settings:
             )
         if self.history_max_age_days < 0 or self.purge_interval <= 0:
             raise ConfigError("history_max_age_days must be >= 0 and purge_interval > 0")
+        if self.audit_max_age_days < 0:
+            raise ConfigError("audit_max_age_days must be >= 0")
         if self.max_watchers < 0 or self.watch_buffer < 1:
             raise ConfigError("max_watchers must be >= 0 and watch_buffer >= 1")
         if self.watch_progress_interval <= 0 or self.event_retention <= 0:
             raise ConfigError("watch_progress_interval and event_retention must be > 0")
+        if not 1 <= self.max_display_name <= 256:
+            raise ConfigError("max_display_name must be between 1 and 256")
+        if (
+            min(
+                self.max_args_bytes,
+                self.max_args_depth,
+                self.max_description,
+                self.max_labels,
+                self.max_label_value,
+                self.max_page_size,
+            )
+            < 1
+        ):
+            raise ConfigError("the max_* request limits must be at least 1")
         if self.max_message_bytes < 1024 or self.max_concurrent_rpcs < 1:
             raise ConfigError("max_message_bytes must be >= 1024 and max_concurrent_rpcs >= 1")
         if min(self.keepalive_time, self.keepalive_timeout, self.min_ping_interval) <= 0:
@@ -231,6 +263,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="purge executions that ended longer ago (default 30; 0 keeps them)",
     )
     parser.add_argument(
+        "--audit-max-age-days",
+        type=float,
+        help="purge audit events older than this (default 365; 0 keeps them)",
+    )
+    parser.add_argument(
         "--purge-interval", type=float, help="seconds between history purges (default 3600)"
     )
     parser.add_argument(
@@ -272,6 +309,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument(
         "--max-concurrent-rpcs", type=int, help="calls served at once, streams too (4000)"
     )
+    for flag, default in (
+        ("--max-args-bytes", "65536: args of a job or TriggerJob, as JSON"),
+        ("--max-args-depth", "32: nesting of args"),
+        ("--max-display-name", "256 characters (the most the schema stores)"),
+        ("--max-description", "4096 characters"),
+        ("--max-labels", "64 labels on a job"),
+        ("--max-label-value", "255 characters"),
+        ("--max-page-size", "1000 items in a page of a list call"),
+    ):
+        limits.add_argument(flag, type=int, help=f"default {default}")
     limits.add_argument("--keepalive-time", type=float, help="seconds between server pings (60)")
     limits.add_argument(
         "--keepalive-timeout", type=float, help="seconds a ping may go unanswered (20)"

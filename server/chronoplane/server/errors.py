@@ -9,7 +9,8 @@ ChronoplaneError
 │   └── JobAlreadyExists
 ├── EtagMismatch                        optimistic concurrency lost
 ├── FailedPrecondition                  the state of things forbids the call
-│   └── TaskNotRegistered
+│   ├── TaskNotRegistered
+│   └── CeleryNotEnabled                a Celery job on a server without a broker
 ├── StorageUnavailable (ConnectionError) the database cannot be reached
 ├── CancellationPending (TimeoutError)  the instance running it has not stopped it yet
 ├── ServerStopping                      a stream ended because this server shuts down
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 __all__ = [
     "AlreadyExists",
     "CancellationPending",
+    "CeleryNotEnabled",
     "ChronoplaneError",
     "CursorOutOfRange",
     "EtagMismatch",
@@ -134,6 +136,16 @@ class TaskNotRegistered(FailedPrecondition):
     def __init__(self, task: str) -> None:
         self.task = task
         super().__init__(f"task {task!r} is not registered on this server")
+
+
+class CeleryNotEnabled(FailedPrecondition):
+    reason = "CELERY_NOT_ENABLED"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "this server does not send executions to Celery: start it with celery_broker_url "
+            "(--celery-broker-url) to create jobs with executor EXECUTOR_CELERY"
+        )
 
 
 class ExecutionFinished(FailedPrecondition):

@@ -15,6 +15,11 @@ __all__ = [
     "DEFAULT_MAX_CONCURRENT",
     "DEFAULT_MISFIRE_GRACE",
     "FINAL_STATES",
+    "SCHEDULE_PRINCIPAL",
+    "AuditEvent",
+    "AuditPage",
+    "AuditQuery",
+    "CeleryOptions",
     "CronTrigger",
     "DateTrigger",
     "Event",
@@ -27,6 +32,7 @@ __all__ = [
     "ExecutionSource",
     "ExecutionState",
     "ExecutionSummary",
+    "ExecutorKind",
     "Instance",
     "IntervalTrigger",
     "JSONObject",
@@ -48,6 +54,8 @@ DEFAULT_MISFIRE_GRACE = timedelta(seconds=60)
 # The error type of an ABANDONED execution, as a job's retry_on names it ("Abandoned" too).
 ABANDONED_ERROR_TYPE = "chronoplane.Abandoned"
 DEFAULT_MAX_CONCURRENT = 1
+# Who triggers a scheduled fire (Execution.triggered_by).
+SCHEDULE_PRINCIPAL = "system:schedule"
 DEFAULT_CATCHUP_LIMIT = 10
 
 
@@ -93,6 +101,25 @@ class OverlapPolicy(enum.StrEnum):
     BUFFER_ONE = "buffer_one"
     BUFFER_ALL = "buffer_all"
     CANCEL_RUNNING = "cancel_running"
+
+
+class ExecutorKind(enum.StrEnum):
+    """Where a job's executions run."""
+
+    INLINE = "inline"
+    """On a Chronoplane server, from its task registry."""
+    CELERY = "celery"
+    """On a Celery worker: the server sends the task to the broker."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CeleryOptions:
+    """How a Celery job's tasks are routed; empty means Celery's defaults."""
+
+    queue: str = ""
+    routing_key: str = ""
+    priority: int | None = None
+    """0 to 9 (what both Redis and RabbitMQ transports take); None leaves it unset."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -200,6 +227,12 @@ class Job:
     timeout: timedelta | None = None
     history_limit: int = 0
     """Executions kept for this job (the newest); 0 means only the server's age limit."""
+    created_by: str = ""
+    """Who created it (an audit principal: token:<name>, cert:<subject>, anonymous)."""
+    updated_by: str = ""
+    """Who last changed it through the API."""
+    executor: ExecutorKind = ExecutorKind.INLINE
+    celery: CeleryOptions = field(default_factory=CeleryOptions)
     # Set by the store.
     version: int = 0
     create_time: datetime | None = None
@@ -246,6 +279,20 @@ class Execution:
     missed: MissedFires | None = None
     note: str = ""
     """What happened after the final state was recorded (a late result, say)."""
+    triggered_by: str = ""
+    """Who asked for the run: a principal, or system:schedule; a retry keeps its first
+    attempt's."""
+    cancelled_by: str = ""
+    """Who cancelled it (CancelExecution), or empty."""
+    executor: ExecutorKind = ExecutorKind.INLINE
+    celery_task_id: str = ""
+    """The Celery task id once it was sent (the execution id)."""
+    worker: str = ""
+    """The Celery worker that runs (or ran) it."""
+    pending_reason: str = ""
+    """Why a PENDING execution has not started, when something stands in the way."""
+    dispatch_time: datetime | None = None
+    """When it was sent to the broker."""
 
     @property
     def duration(self) -> timedelta | None:
@@ -372,3 +419,44 @@ class StoredToken:
     create_time: datetime
     expire_time: datetime | None
     revoke_time: datetime | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuditEvent:
+    """One call of a mutating RPC, allowed or refused."""
+
+    time: datetime
+    principal: str
+    """token:<name>, cert:<subject>, anonymous, or unauthenticated (credentials refused)."""
+    role: str
+    """The caller's role; empty when unauthenticated."""
+    rpc: str
+    job_id: str = ""
+    execution_id: str = ""
+    code: str = "OK"
+    """The gRPC status code's name."""
+    message: str = ""
+    request: JSONObject = field(default_factory=dict)
+    instance_id: str = ""
+    peer: str = ""
+    id: int = 0
+    """Set by the store: increases with every event."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuditQuery:
+    principal: str = ""
+    rpc: str = ""
+    job_id: str = ""
+    execution_id: str = ""
+    after: datetime | None = None
+    """Only events at or after this time."""
+    before: datetime | None = None
+    """Only events before this time."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuditPage:
+    events: list[AuditEvent]
+    next_before: int | None
+    """Id of the last event of this page when more may follow."""

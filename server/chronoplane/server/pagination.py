@@ -17,11 +17,11 @@ MAX_PAGE_SIZE = 1_000
 _MAX_TOKEN = 512
 
 
-def page_size(requested: int) -> int:
+def page_size(requested: int, maximum: int = MAX_PAGE_SIZE) -> int:
     """AIP-158: 0 means the default, above the maximum means the maximum, negative is wrong."""
     if requested < 0:
         raise InvalidArgument.field("page_size", "must not be negative")
-    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+    return min(requested or DEFAULT_PAGE_SIZE, maximum)
 
 
 def _b64(data: bytes) -> str:

@@ -39,9 +39,11 @@ from chronoplane.server.executors.abc import Executor, Work
 from chronoplane.server.ids import new_execution_id
 from chronoplane.server.models import (
     ABANDONED_ERROR_TYPE,
+    SCHEDULE_PRINCIPAL,
     Execution,
     ExecutionSource,
     ExecutionState,
+    ExecutorKind,
     Job,
     JSONObject,
     MissedFires,
@@ -142,6 +144,8 @@ class _Run:
     task: asyncio.Task[None] | None = None
     final: ExecutionState | None = None
     finalized: asyncio.Event = field(default_factory=asyncio.Event)
+    # Who asked, through CancelExecution here, to cancel it.
+    cancelled_by: str = ""
 
     @property
     def id(self) -> str:
@@ -354,7 +358,7 @@ class Runner:
                 admissions.append(Admission(execution=missed, epoch=epoch))
             for scheduled in due.run:
                 execution = self._new_execution(job, ExecutionSource.SCHEDULE, scheduled, now)
-                if job.task not in self._tasks:
+                if not self._runnable(job):
                     admissions.append(Admission(execution=self._unrunnable(execution, now)))
                     continue
                 # Catch-up runs the misfire policy chose queue up, one after another.
@@ -403,8 +407,19 @@ class Runner:
             error_message=f"task {execution.task!r} is not registered on this server",
         )
 
+    def _runnable(self, job: Job) -> bool:
+        """Whether the job's task can run: registered here, or sent to Celery (whose
+        workers have their own registry)."""
+        return job.executor is ExecutorKind.CELERY or job.task in self._tasks
+
     def _new_execution(
-        self, job: Job, source: ExecutionSource, scheduled: datetime, now: datetime
+        self,
+        job: Job,
+        source: ExecutionSource,
+        scheduled: datetime,
+        now: datetime,
+        *,
+        by: str = SCHEDULE_PRINCIPAL,
     ) -> Execution:
         return Execution(
             id=new_execution_id(),
@@ -417,6 +432,8 @@ class Runner:
             args=job.args,
             # Who recorded it; the store leaves it empty while the execution is queued.
             instance_id=self._instance_id,
+            triggered_by=by,
+            executor=job.executor,
         )
 
     async def _admit_with_retry(
@@ -500,9 +517,10 @@ class Runner:
         args: JSONObject | None,
         request_id: str,
         policy: OverlapPolicy | None = None,
+        by: str = "",
     ) -> Execution:
-        """Queues (or skips) a manual execution of ``job`` now."""
-        if job.task not in self._tasks:
+        """Queues (or skips) a manual execution of ``job`` now, asked for by ``by``."""
+        if not self._runnable(job):
             raise TaskNotRegistered(job.task)
         if request_id:
             existing = await self._store.get_execution_by_request_id(job.id, request_id)
@@ -510,7 +528,7 @@ class Runner:
                 return existing
         now = self._clock()
         execution = replace(
-            self._new_execution(job, ExecutionSource.MANUAL, now, now),
+            self._new_execution(job, ExecutionSource.MANUAL, now, now, by=by),
             args=job.args if args is None else args,
             request_id=request_id,
         )
@@ -533,17 +551,17 @@ class Runner:
         return admitted.inserted[0]
 
     async def backfill(
-        self, job: Job, fire_times: Sequence[datetime], *, policy: OverlapPolicy
+        self, job: Job, fire_times: Sequence[datetime], *, policy: OverlapPolicy, by: str = ""
     ) -> tuple[list[Execution], int]:
         """Queues the given past fires as BACKFILL executions; returns those created and how
         many had been backfilled before."""
-        if job.task not in self._tasks:
+        if not self._runnable(job):
             raise TaskNotRegistered(job.task)
         now = self._clock()
         admitted = await self._admit(
             [
                 Admission(
-                    execution=self._new_execution(job, ExecutionSource.BACKFILL, t, now),
+                    execution=self._new_execution(job, ExecutionSource.BACKFILL, t, now, by=by),
                     due_time=now,
                     policy=policy,
                 )
@@ -582,6 +600,7 @@ class Runner:
             error_type="",
             missed=None,
             note="",
+            cancelled_by="",
         )
         # Queued as it is, due at the end of its backoff: it waits its turn for a slot.
         self._spawn(self._queue_retry(retry))
@@ -651,7 +670,7 @@ class Runner:
 
     # -- cancellation -------------------------------------------------------------------------
 
-    async def cancel(self, execution_id: str, *, reason: str) -> Execution:
+    async def cancel(self, execution_id: str, *, reason: str, by: str = "") -> Execution:
         """Stops an execution, wherever it runs: PENDING ones never start, RUNNING ones are
         cancelled by the instance running them.
 
@@ -661,6 +680,7 @@ class Runner:
         message = f"cancelled: {reason}" if reason else "cancelled"
         run = self._runs.get(execution_id)
         if run is not None and run.final is None and not run.stop.done():
+            run.cancelled_by = by
             self._request_stop(run, ExecutionState.CANCELLED, message)
             await run.finalized.wait()
             await self._flush_progress()
@@ -669,7 +689,9 @@ class Runner:
             current = await self._store.get_execution(execution_id)
             raise ExecutionFinished(execution_id, current.state.value)
         await self._flush_progress()
-        request = await self._store.request_cancel(execution_id, message=message, now=self._clock())
+        request = await self._store.request_cancel(
+            execution_id, message=message, now=self._clock(), by=by
+        )
         if request.done:
             return request.execution
         owner = request.execution.instance_id
@@ -883,6 +905,7 @@ class Runner:
             error_traceback=error_traceback,
             error_type=error_type,
             keeps_slot=keeps_slot,
+            cancelled_by=run.cancelled_by if state is ExecutionState.CANCELLED else "",
         )
         run.finalized.set()
         self._progress_ready.set()

@@ -7,6 +7,7 @@ RPC. An RPC missing from the table is denied to everyone, admins too.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import hmac
 import secrets
@@ -19,10 +20,13 @@ from chronoplane.server.errors import PermissionDenied, Unauthenticated
 from chronoplane.server.models import Role, StoredToken
 
 __all__ = [
+    "MUTATING_RPCS",
     "RPC_ROLES",
     "Authenticator",
     "Identity",
     "allowed",
+    "current_identity",
+    "current_principal",
     "hash_secret",
     "new_token",
     "parse_token",
@@ -49,7 +53,24 @@ RPC_ROLES: Mapping[str, Role] = {
     "UpdateJob": Role.ADMIN,
     "DeleteJob": Role.ADMIN,
     "PurgeExecutions": Role.ADMIN,
+    "ListAuditEvents": Role.ADMIN,
 }
+
+
+# The RPCs that change something: what the audit log records.
+MUTATING_RPCS = frozenset(
+    {
+        "CreateJob",
+        "UpdateJob",
+        "DeleteJob",
+        "PauseJob",
+        "ResumeJob",
+        "TriggerJob",
+        "BackfillJob",
+        "CancelExecution",
+        "PurgeExecutions",
+    }
+)
 
 
 def allowed(role: Role, rpc: str) -> bool:
@@ -63,6 +84,18 @@ class Identity:
 
     principal: str
     role: Role
+
+
+# Who makes the call being served; set by the transport once the caller is identified.
+current_identity: contextvars.ContextVar[Identity | None] = contextvars.ContextVar(
+    "current_identity", default=None
+)
+
+
+def current_principal() -> str:
+    """The principal of the call being served; empty outside a call (the server itself)."""
+    identity = current_identity.get()
+    return identity.principal if identity is not None else ""
 
 
 TOKEN_PREFIX = "cpt"

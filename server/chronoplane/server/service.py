@@ -13,6 +13,7 @@ from typing import Any, Generic, TypeVar
 
 from chronoplane.server.engine.abc import Engine
 from chronoplane.server.errors import (
+    CeleryNotEnabled,
     EtagMismatch,
     InvalidArgument,
     JobAlreadyExists,
@@ -22,11 +23,14 @@ from chronoplane.server.errors import (
 from chronoplane.server.ids import new_job_id
 from chronoplane.server.models import (
     DEFAULT_MAX_CONCURRENT,
+    AuditEvent,
+    AuditQuery,
     DateTrigger,
     EventResource,
     Execution,
     ExecutionQuery,
     ExecutionState,
+    ExecutorKind,
     Instance,
     IntervalTrigger,
     Job,
@@ -37,13 +41,14 @@ from chronoplane.server.models import (
 from chronoplane.server.pagination import PageTokens, page_size
 from chronoplane.server.runner import Due, Runner
 from chronoplane.server.scheduling import plan_fires
+from chronoplane.server.security import current_principal
 from chronoplane.server.storage.abc import Store
 from chronoplane.server.tasks import TaskDefinition, TaskRegistry
 from chronoplane.server.validation import (
+    DEFAULT_LIMITS,
     JOB_ID,
-    MAX_LABEL_VALUE,
-    MAX_LABELS,
     MAX_REQUEST_ID,
+    FieldLimits,
     Violations,
     check_args,
     check_job,
@@ -72,6 +77,8 @@ UPDATABLE_FIELDS = frozenset(
         "retry",
         "timeout",
         "history_limit",
+        "executor",
+        "celery",
     }
 )
 MAX_PREVIEW = 1_000
@@ -124,8 +131,10 @@ class SchedulerService:
         leader_timeout: timedelta = timedelta(seconds=5),
         clock: Callable[[], datetime] = _utcnow,
         watch_hub: WatchHub | None = None,
+        limits: FieldLimits = DEFAULT_LIMITS,
     ) -> None:
         self._store = store
+        self._limits = limits
         self._hub = watch_hub or WatchHub(store)
         self._engine = engine
         self._runner = runner
@@ -133,6 +142,8 @@ class SchedulerService:
         self._tokens = page_tokens
         self._clock = clock
         self._leader_timeout = leader_timeout
+        # Whether this server sends Celery jobs' executions to a broker (celery_broker_url).
+        self.celery_enabled = False
         # Only the leader's engine keeps time; other instances' job changes reach it through
         # sync_job (a notification) and resync (the safety net).
         self.leading = False
@@ -224,7 +235,14 @@ class SchedulerService:
         trigger = fields.pop("trigger", None)
         draft = Job(id=job_id or new_job_id(), paused=paused, trigger=_NO_TRIGGER, **fields)
         job = self._prepare(draft, trigger, violations, now)
-        job = replace(job, create_time=now, next_run_time=self._first_run(job, now))
+        principal = current_principal()
+        job = replace(
+            job,
+            create_time=now,
+            next_run_time=self._first_run(job, now),
+            created_by=principal,
+            updated_by=principal,
+        )
         try:
             stored = await self._store.create_job(job, request_id=request_id or None)
         except JobAlreadyExists:
@@ -239,7 +257,7 @@ class SchedulerService:
         return await self._store.get_job(job_id)
 
     async def list_jobs(self, *, size: int, token: str) -> Page[Job]:
-        limit = page_size(size)
+        limit = page_size(size, self._limits.page_size)
         after = self._tokens.decode(token, "jobs", None)
         page = await self._store.list_jobs(after=after, limit=limit)
         next_token = self._tokens.encode("jobs", page.next_after, None) if page.next_after else ""
@@ -262,7 +280,12 @@ class SchedulerService:
             now = self._clock()
             fields = dict(changes)
             trigger = fields.pop("trigger") if "trigger" in fields else current.trigger
-            changed = self._prepare(replace(current, **fields), trigger, Violations(), now)
+            changed = self._prepare(
+                replace(current, **fields, updated_by=current_principal()),
+                trigger,
+                Violations(),
+                now,
+            )
             if "trigger" in changes:
                 changed = replace(changed, next_run_time=self._first_run(changed, now))
             try:
@@ -294,7 +317,7 @@ class SchedulerService:
         if current.paused == paused:
             return current
         now = self._clock()
-        changed = replace(current, paused=paused)
+        changed = replace(current, paused=paused, updated_by=current_principal())
         changed = replace(changed, next_run_time=self._first_run(changed, now))
         stored = await self._store.update_job(changed, expected_version=expected)
         self._schedule(stored, reschedule=True)
@@ -353,8 +376,10 @@ class SchedulerService:
         """Checks the job whole, with ``trigger`` as its trigger; fills defaults that depend
         on the time of creation."""
         prefix = "job"
-        check_job(violations, job, prefix)
-        if job.task and job.task not in self._tasks and len(job.task) <= 256:
+        check_job(violations, job, prefix, self._limits)
+        if job.executor is ExecutorKind.CELERY:
+            self._check_celery(job, prefix, violations)
+        elif job.task and job.task not in self._tasks and len(job.task) <= 256:
             violations.add(
                 f"{prefix}.task",
                 f"{job.task!r} is not a registered task (see ListTasks)",
@@ -365,6 +390,16 @@ class SchedulerService:
         if job.max_concurrent == 0 and job.overlap_policy is not OverlapPolicy.ALLOW:
             job = replace(job, max_concurrent=DEFAULT_MAX_CONCURRENT)
         return job
+
+    def _check_celery(self, job: Job, prefix: str, violations: Violations) -> None:
+        options = job.celery
+        check_text(violations, f"{prefix}.celery.queue", options.queue, limit=256)
+        check_text(violations, f"{prefix}.celery.routing_key", options.routing_key, limit=256)
+        if options.priority is not None and not 0 <= options.priority <= 9:
+            violations.add(f"{prefix}.celery.priority", "must be between 0 and 9")
+        if not self.celery_enabled:
+            violations.raise_if_any()
+            raise CeleryNotEnabled()
 
     def _check_trigger(
         self, trigger: Trigger | None, field: str, violations: Violations, now: datetime
@@ -400,11 +435,11 @@ class SchedulerService:
         violations = Violations()
         check_text(violations, "request_id", request_id, limit=MAX_REQUEST_ID)
         if args is not None:
-            check_args(violations, "args", args)
+            check_args(violations, "args", args, self._limits)
         violations.raise_if_any()
         job = await self._store.get_job(job_id)
         return await self._runner.trigger(
-            job, args=args, request_id=request_id, policy=overlap_policy
+            job, args=args, request_id=request_id, policy=overlap_policy, by=current_principal()
         )
 
     async def backfill_job(
@@ -430,7 +465,7 @@ class SchedulerService:
         violations.raise_if_any()
         assert start is not None and end is not None
         job = await self._store.get_job(job_id)
-        if job.task not in self._tasks:
+        if job.executor is ExecutorKind.INLINE and job.task not in self._tasks:
             raise TaskNotRegistered(job.task)
         fires = self._engine.fires_between(
             job.trigger, start=start, end=end - _TICK, limit=MAX_BACKFILL + 1
@@ -442,14 +477,14 @@ class SchedulerService:
                 f"at {fires[-1].isoformat()}); backfill it in parts",
             )
         return await self._runner.backfill(
-            job, fires, policy=overlap_policy or OverlapPolicy.BUFFER_ALL
+            job, fires, policy=overlap_policy or OverlapPolicy.BUFFER_ALL, by=current_principal()
         )
 
     async def cancel_execution(self, execution_id: str, *, reason: str) -> Execution:
         violations = Violations()
         check_text(violations, "reason", reason, limit=MAX_REASON)
         violations.raise_if_any()
-        return await self._runner.cancel(execution_id, reason=reason)
+        return await self._runner.cancel(execution_id, reason=reason, by=current_principal())
 
     async def purge_executions(
         self, *, job_id: str, older_than: datetime | None, keep_last: int
@@ -466,14 +501,55 @@ class SchedulerService:
             job_id=job_id or None, ended_before=older_than, keep_last=keep_last
         )
 
-    async def purge_history(self, *, max_age: timedelta | None) -> int:
-        """The periodic purge: every job's history_limit, and the server's maximum age."""
+    async def purge_history(
+        self, *, max_age: timedelta | None, audit_max_age: timedelta | None = None
+    ) -> int:
+        """The periodic purge: every job's history_limit, and the server's maximum ages of
+        executions and of audit events; returns how many executions went."""
         purged = await self._store.purge_history_limits()
         if max_age is not None:
             purged += await self._store.purge_executions(
                 job_id=None, ended_before=self._clock() - max_age, keep_last=0
             )
+        if audit_max_age is not None:
+            await self._store.purge_audit_events(before=self._clock() - audit_max_age)
         return purged
+
+    # -- the audit log ------------------------------------------------------------------------
+
+    async def record_audit(self, event: AuditEvent) -> None:
+        await self._store.record_audit(event)
+
+    async def list_audit_events(
+        self, query: AuditQuery, *, size: int, token: str
+    ) -> Page[AuditEvent]:
+        violations = Violations()
+        check_text(violations, "principal", query.principal, limit=256)
+        check_text(violations, "rpc", query.rpc, limit=64)
+        check_text(violations, "job_id", query.job_id, limit=128)
+        check_text(violations, "execution_id", query.execution_id, limit=32)
+        if query.after and query.before and query.after >= query.before:
+            violations.add("end_time", "must be after start_time")
+        violations.raise_if_any()
+        limit = page_size(size, self._limits.page_size)
+        fingerprint = [
+            query.principal,
+            query.rpc,
+            query.job_id,
+            query.execution_id,
+            query.after.isoformat() if query.after else None,
+            query.before.isoformat() if query.before else None,
+        ]
+        before = self._tokens.decode(token, "audit", fingerprint)
+        page = await self._store.list_audit_events(
+            query, before=None if before is None else int(before), limit=limit
+        )
+        next_token = (
+            self._tokens.encode("audit", str(page.next_before), fingerprint)
+            if page.next_before is not None
+            else ""
+        )
+        return Page(items=page.events, next_page_token=next_token)
 
     async def get_execution(self, execution_id: str) -> Execution:
         return await self._store.get_execution(execution_id)
@@ -481,7 +557,7 @@ class SchedulerService:
     async def list_executions(
         self, query: ExecutionQuery, *, size: int, token: str
     ) -> Page[Execution]:
-        limit = page_size(size)
+        limit = page_size(size, self._limits.page_size)
         if query.job_id:
             await self._store.get_job(query.job_id)
         fingerprint = [
@@ -519,11 +595,20 @@ class SchedulerService:
         for n, job_id in enumerate(job_ids[:MAX_WATCH_JOBS]):
             if not JOB_ID.match(job_id):
                 violations.add(f"job_ids[{n}]", "is not a job id ([A-Za-z0-9._-], 1-128)")
-        if len(labels) > MAX_LABELS:
-            violations.add("labels", f"has {len(labels)} entries; at most {MAX_LABELS}")
-        for key, value in list(labels.items())[:MAX_LABELS]:
+        labels_limit, value_limit = self._limits.labels, self._limits.label_value
+        if len(labels) > labels_limit:
+            violations.add(
+                "labels", f"has {len(labels)} entries; at most {labels_limit} (max_labels)"
+            )
+        for key, value in list(labels.items())[:labels_limit]:
             check_text(violations, f"labels[{key[:64]!r}]", key, limit=63, required=True)
-            check_text(violations, f"labels[{key[:64]!r}]", value, limit=MAX_LABEL_VALUE)
+            check_text(
+                violations,
+                f"labels[{key[:64]!r}]",
+                value,
+                limit=value_limit,
+                setting="max_label_value",
+            )
         if after is not None and after < 0:
             violations.add("after_cursor", "must be 0 or more")
         if after is not None and snapshot:

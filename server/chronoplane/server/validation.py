@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from chronoplane.server.errors import FieldViolation, InvalidArgument
 from chronoplane.server.models import Job
+from chronoplane.server.pagination import MAX_PAGE_SIZE
 
-__all__ = ["MAX_ARGS_BYTES", "Violations", "check_job", "check_text"]
+__all__ = ["MAX_ARGS_BYTES", "FieldLimits", "Violations", "check_job", "check_text"]
 
 
 def _positive_up_to(
@@ -44,6 +46,23 @@ MAX_RETRY_ON = 32
 MAX_MULTIPLIER = 100.0
 
 
+@dataclass(frozen=True, kw_only=True)
+class FieldLimits:
+    """The limits on what a request may carry that are settings (``max_*``); each violation
+    names its setting. The defaults are the largest the schema stores (names and labels)."""
+
+    args_bytes: int = MAX_ARGS_BYTES
+    args_depth: int = MAX_ARGS_DEPTH
+    display_name: int = MAX_DISPLAY_NAME
+    description: int = MAX_DESCRIPTION
+    labels: int = MAX_LABELS
+    label_value: int = MAX_LABEL_VALUE
+    page_size: int = MAX_PAGE_SIZE
+
+
+DEFAULT_LIMITS = FieldLimits()
+
+
 class Violations:
     """Collects field violations; ``raise_if_any`` turns them into one InvalidArgument."""
 
@@ -63,12 +82,21 @@ class Violations:
 
 
 def check_text(
-    violations: Violations, field: str, value: str, *, limit: int, required: bool = False
+    violations: Violations,
+    field: str,
+    value: str,
+    *,
+    limit: int,
+    required: bool = False,
+    setting: str = "",
 ) -> None:
     if required and not value:
         violations.add(field, "is required")
     elif len(value) > limit:
-        violations.add(field, f"is {len(value)} characters long; at most {limit} are allowed")
+        named = f" ({setting})" if setting else ""
+        violations.add(
+            field, f"is {len(value)} characters long; at most {limit} are allowed{named}"
+        )
     elif "\x00" in value:
         violations.add(field, "contains a NUL character")
 
@@ -88,50 +116,82 @@ def _strings(value: Any, depth: int = 0) -> Iterator[tuple[str, int]]:
         yield "", depth
 
 
-def check_args(violations: Violations, field: str, args: dict[str, Any]) -> None:
+def check_args(
+    violations: Violations,
+    field: str,
+    args: dict[str, Any],
+    limits: FieldLimits = DEFAULT_LIMITS,
+) -> None:
     size = len(json.dumps(args))
-    if size > MAX_ARGS_BYTES:
-        violations.add(field, f"is {size} bytes of JSON; at most {MAX_ARGS_BYTES} are allowed")
+    if size > limits.args_bytes:
+        violations.add(
+            field,
+            f"is {size} bytes of JSON; at most {limits.args_bytes} are allowed (max_args_bytes)",
+        )
         return
     for text, depth in _strings(args):
-        if depth > MAX_ARGS_DEPTH:
-            violations.add(field, f"nests deeper than {MAX_ARGS_DEPTH} levels")
+        if depth > limits.args_depth:
+            violations.add(field, f"nests deeper than {limits.args_depth} levels (max_args_depth)")
             return
         if "\x00" in text:
             violations.add(field, "contains a NUL character")
             return
 
 
-def check_job(violations: Violations, job: Job, prefix: str) -> None:
+def check_labels(
+    violations: Violations,
+    field: str,
+    labels: dict[str, str],
+    limits: FieldLimits = DEFAULT_LIMITS,
+) -> None:
+    if len(labels) > limits.labels:
+        violations.add(field, f"has {len(labels)} labels; at most {limits.labels} (max_labels)")
+    for key, value in list(labels.items())[: limits.labels + 1]:
+        if not LABEL_KEY.fullmatch(key):
+            violations.add(
+                field,
+                f"key {key[:70]!r} must be 1 to 63 characters from [a-z0-9_./-], "
+                "starting and ending with a letter or digit",
+            )
+        elif len(value) > limits.label_value or "\x00" in value:
+            violations.add(
+                field,
+                f"value of {key!r} must be at most {limits.label_value} characters, without "
+                "NUL (max_label_value)",
+            )
+
+
+def check_job(
+    violations: Violations, job: Job, prefix: str, limits: FieldLimits = DEFAULT_LIMITS
+) -> None:
     """The checks that need nothing but the job itself (not the task registry or engine)."""
     if not JOB_ID.fullmatch(job.id):
         violations.add(
             f"{prefix}.id",
             "must be 1 to 128 characters from [A-Za-z0-9._-], starting with a letter or digit",
         )
-    check_text(violations, f"{prefix}.display_name", job.display_name, limit=MAX_DISPLAY_NAME)
-    check_text(violations, f"{prefix}.description", job.description, limit=MAX_DESCRIPTION)
+    check_text(
+        violations,
+        f"{prefix}.display_name",
+        job.display_name,
+        limit=limits.display_name,
+        setting="max_display_name",
+    )
+    check_text(
+        violations,
+        f"{prefix}.description",
+        job.description,
+        limit=limits.description,
+        setting="max_description",
+    )
     check_text(violations, f"{prefix}.task", job.task, limit=MAX_TASK_NAME, required=True)
-    check_args(violations, f"{prefix}.args", job.args)
+    check_args(violations, f"{prefix}.args", job.args, limits)
     if job.misfire_grace <= timedelta(0) or job.misfire_grace > MAX_MISFIRE_GRACE:
         violations.add(f"{prefix}.misfire_grace", "must be more than 0 and at most 7 days")
     if not 0 <= job.max_concurrent <= MAX_CONCURRENT:
         violations.add(f"{prefix}.max_concurrent", f"must be between 0 and {MAX_CONCURRENT}")
     _check_policies(violations, job, prefix)
-    if len(job.labels) > MAX_LABELS:
-        violations.add(f"{prefix}.labels", f"has {len(job.labels)} labels; at most {MAX_LABELS}")
-    for key, value in job.labels.items():
-        if not LABEL_KEY.fullmatch(key):
-            violations.add(
-                f"{prefix}.labels",
-                f"key {key[:70]!r} must be 1 to 63 characters from [a-z0-9_./-], "
-                "starting and ending with a letter or digit",
-            )
-        elif len(value) > MAX_LABEL_VALUE or "\x00" in value:
-            violations.add(
-                f"{prefix}.labels",
-                f"value of {key!r} must be at most {MAX_LABEL_VALUE} characters, without NUL",
-            )
+    check_labels(violations, f"{prefix}.labels", job.labels, limits)
 
 
 def _check_policies(violations: Violations, job: Job, prefix: str) -> None:

@@ -9,6 +9,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from chronoplane.server.models import (
+    AuditEvent,
+    AuditPage,
+    AuditQuery,
     Event,
     EventWindow,
     Execution,
@@ -99,6 +102,9 @@ class ExecutionFinish:
     keeps_slot: bool = False
     """Its task still runs (a synchronous one past its timeout or cancelled): the slot stays
     held until a ``SlotRelease``."""
+    cancelled_by: str = ""
+    """Who cancelled it, when CancelExecution reached the instance running it; empty keeps
+    what the cancel request recorded."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -260,10 +266,11 @@ class Store(ABC):
 
     @abstractmethod
     async def request_cancel(
-        self, execution_id: str, *, message: str, now: datetime
+        self, execution_id: str, *, message: str, now: datetime, by: str = ""
     ) -> CancelRequest:
         """Cancels a PENDING execution at once, or asks the instance running a RUNNING one to
-        stop it with ``message`` (kept until it does).
+        stop it with ``message`` (kept until it does); ``by`` is who asks (cancelled_by, once
+        it ends CANCELLED).
 
         Raises ``ExecutionNotFound``, or ``ExecutionFinished`` when it had already ended.
         """
@@ -406,3 +413,19 @@ class Store(ABC):
     @abstractmethod
     async def revoke_token(self, name: str, *, now: datetime) -> StoredToken | None:
         """Marks the named token revoked (once); returns it, or None if there is none."""
+
+    # -- the audit log ------------------------------------------------------------------------
+
+    @abstractmethod
+    async def record_audit(self, event: AuditEvent) -> None:
+        """Appends one audit event (its id is the store's)."""
+
+    @abstractmethod
+    async def list_audit_events(
+        self, query: AuditQuery, *, before: int | None, limit: int
+    ) -> AuditPage:
+        """Matching events, newest first, with ids below ``before``."""
+
+    @abstractmethod
+    async def purge_audit_events(self, *, before: datetime) -> int:
+        """Deletes the events recorded before ``before``; returns how many."""

@@ -25,11 +25,21 @@ _TIMES = frozenset(
         "end_time",
         "update_time",
         "next_run_time",
+        "dispatch_time",
     }
 )
 # Execution columns that are the queue's bookkeeping, not the resource.
 _INTERNAL = frozenset(
-    {"dedupe_key", "due_time", "ready", "holds_slot", "force", "cancel_reason", "epoch"}
+    {
+        "dedupe_key",
+        "due_time",
+        "ready",
+        "holds_slot",
+        "force",
+        "cancel_reason",
+        "epoch",
+        "lease_expire_time",
+    }
 )
 
 

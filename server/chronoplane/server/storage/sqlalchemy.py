@@ -29,6 +29,10 @@ from chronoplane.server.errors import (
 )
 from chronoplane.server.models import (
     ABANDONED_ERROR_TYPE,
+    AuditEvent,
+    AuditPage,
+    AuditQuery,
+    CeleryOptions,
     CronTrigger,
     DateTrigger,
     Event,
@@ -41,6 +45,7 @@ from chronoplane.server.models import (
     ExecutionSource,
     ExecutionState,
     ExecutionSummary,
+    ExecutorKind,
     Instance,
     IntervalTrigger,
     Job,
@@ -70,6 +75,7 @@ from chronoplane.server.storage.abc import (
 from chronoplane.server.storage.events import Changes, decode_body, encode_row
 from chronoplane.server.storage.tables import (
     UtcDateTime,
+    audit_events,
     event_log,
     events,
     executions,
@@ -290,7 +296,28 @@ def _job_values(job: Job) -> dict[str, Any]:
         "timeout_seconds": _seconds(job.timeout),
         "history_limit": job.history_limit,
         "next_run_time": job.next_run_time,
+        "updated_by": job.updated_by,
+        "executor": job.executor.value,
+        "celery": _celery_to_json(job.celery) if job.executor is ExecutorKind.CELERY else None,
     }
+
+
+def _celery_to_json(options: CeleryOptions) -> dict[str, Any]:
+    return {
+        "queue": options.queue,
+        "routing_key": options.routing_key,
+        "priority": options.priority,
+    }
+
+
+def _celery_from_json(data: dict[str, Any] | None) -> CeleryOptions:
+    if not data:
+        return CeleryOptions()
+    return CeleryOptions(
+        queue=data.get("queue", ""),
+        routing_key=data.get("routing_key", ""),
+        priority=data.get("priority"),
+    )
 
 
 def _job_from_row(row: sa.Row[Any], summary: ExecutionSummary | None = None) -> Job:
@@ -317,6 +344,11 @@ def _job_from_row(row: sa.Row[Any], summary: ExecutionSummary | None = None) -> 
         update_time=row.update_time,
         next_run_time=row.next_run_time,
         last_execution=summary,
+        # Rows of events written before migration 0007 lack them.
+        created_by=getattr(row, "created_by", ""),
+        updated_by=getattr(row, "updated_by", ""),
+        executor=ExecutorKind(getattr(row, "executor", "inline")),
+        celery=_celery_from_json(getattr(row, "celery", None)),
     )
 
 
@@ -342,6 +374,13 @@ def _execution_from_row(row: sa.Row[Any]) -> Execution:
         error_type=row.error_type,
         missed=_missed_from_json(row.missed),
         note=row.note,
+        triggered_by=getattr(row, "triggered_by", ""),
+        cancelled_by=getattr(row, "cancelled_by", ""),
+        executor=ExecutorKind(getattr(row, "executor", "inline")),
+        celery_task_id=getattr(row, "celery_task_id", None) or "",
+        worker=getattr(row, "worker", ""),
+        pending_reason=getattr(row, "pending_reason", ""),
+        dispatch_time=getattr(row, "dispatch_time", None),
     )
 
 
@@ -354,6 +393,23 @@ def _token_from_row(row: sa.Row[Any]) -> StoredToken:
         create_time=row.create_time,
         expire_time=row.expire_time,
         revoke_time=row.revoke_time,
+    )
+
+
+def _audit_from_row(row: sa.Row[Any]) -> AuditEvent:
+    return AuditEvent(
+        id=row.id,
+        time=row.time,
+        principal=row.principal,
+        role=row.role,
+        rpc=row.rpc,
+        job_id=row.job_id,
+        execution_id=row.execution_id,
+        code=row.code,
+        message=row.message,
+        request=row.request,
+        instance_id=row.instance_id,
+        peer=row.peer,
     )
 
 
@@ -439,6 +495,14 @@ def _execution_values(
         "force": bool(admission and admission.force),
         "cancel_reason": None,
         "epoch": admission.epoch if admission is not None else None,
+        "triggered_by": execution.triggered_by,
+        "cancelled_by": execution.cancelled_by,
+        "executor": execution.executor.value,
+        "celery_task_id": execution.celery_task_id or None,
+        "worker": execution.worker,
+        "pending_reason": execution.pending_reason,
+        "dispatch_time": execution.dispatch_time,
+        "lease_expire_time": None,
     }
 
 
@@ -458,6 +522,9 @@ _PG_ARRAY_TYPES = {
     "force": "boolean",
     "cancel_reason": "text",
     "epoch": "bigint",
+    "pending_reason": "text",
+    "dispatch_time": "timestamptz",
+    "lease_expire_time": "timestamptz",
 }
 _PG_INSERT_EXECUTIONS = sa.text(
     f"INSERT INTO executions ({', '.join(_EXECUTION_COLUMNS)}) "
@@ -483,12 +550,13 @@ _PG_NEXT_RUNS = sa.text(
 _PG_FINISH = sa.text(
     "UPDATE executions SET state = f.state, start_time = f.start_time, end_time = f.end_time, "
     "result = CAST(f.result AS json), error_message = f.message, error_traceback = f.traceback, "
-    "error_type = f.type, holds_slot = f.keeps "
+    "error_type = f.type, holds_slot = f.keeps, cancelled_by = CASE WHEN f.state = 'cancelled' "
+    "THEN COALESCE(NULLIF(f.by, ''), executions.cancelled_by) ELSE '' END "
     "FROM unnest(CAST(:ids AS varchar[]), CAST(:states AS varchar[]), "
     "CAST(:starts AS timestamptz[]), CAST(:ends AS timestamptz[]), CAST(:results AS text[]), "
     "CAST(:messages AS text[]), CAST(:tracebacks AS text[]), CAST(:types AS varchar[]), "
-    "CAST(:keeps AS boolean[])) AS f(id, state, start_time, end_time, result, message, "
-    "traceback, type, keeps) "
+    "CAST(:keeps AS boolean[]), CAST(:bys AS varchar[])) AS f(id, state, start_time, end_time, "
+    "result, message, traceback, type, keeps, by) "
     "WHERE executions.id = f.id AND executions.state IN ('pending', 'running') "
     "RETURNING executions.*"
 )
@@ -717,6 +785,7 @@ class SqlAlchemyStore(Store):
         now = job.create_time or datetime.now(UTC)
         values = _job_values(job) | {
             "id": job.id,
+            "created_by": job.created_by,
             "version": 1,
             "request_id": request_id,
             "create_time": now,
@@ -1215,6 +1284,7 @@ class SqlAlchemyStore(Store):
                     "tracebacks": [f.error_traceback for f in finishes],
                     "types": [f.error_type for f in finishes],
                     "keeps": [f.keeps_slot for f in finishes],
+                    "bys": [f.cancelled_by for f in finishes],
                 },
             )
             self._changed_rows(conn, finished.mappings(), EventKind.MODIFIED)
@@ -1242,6 +1312,17 @@ class SqlAlchemyStore(Store):
                 error_traceback=sa.bindparam("b_error_traceback"),
                 error_type=sa.bindparam("b_error_type"),
                 holds_slot=sa.bindparam("b_keeps_slot"),
+                # Who cancelled it: said here, or when the cancel was requested.
+                cancelled_by=sa.case(
+                    (
+                        sa.bindparam("b_state") == ExecutionState.CANCELLED.value,
+                        sa.func.coalesce(
+                            sa.func.nullif(sa.bindparam("b_cancelled_by"), ""),
+                            executions.c.cancelled_by,
+                        ),
+                    ),
+                    else_="",
+                ),
             ),
             [
                 {
@@ -1254,6 +1335,7 @@ class SqlAlchemyStore(Store):
                     "b_error_traceback": f.error_traceback,
                     "b_error_type": f.error_type,
                     "b_keeps_slot": f.keeps_slot,
+                    "b_cancelled_by": f.cancelled_by,
                 }
                 for f in finishes
             ],
@@ -1296,7 +1378,7 @@ class SqlAlchemyStore(Store):
 
     @_translate_errors
     async def request_cancel(
-        self, execution_id: str, *, message: str, now: datetime
+        self, execution_id: str, *, message: str, now: datetime, by: str = ""
     ) -> CancelRequest:
         query = sa.select(executions).where(executions.c.id == execution_id)
         async with self._write() as conn:
@@ -1310,10 +1392,11 @@ class SqlAlchemyStore(Store):
                     "end_time": now,
                     "error_message": message,
                     "ready": False,
+                    "cancelled_by": by,
                 }
                 done = True
             elif current.state is ExecutionState.RUNNING:
-                values = {"cancel_reason": message}
+                values = {"cancel_reason": message, "cancelled_by": by}
                 done = False
                 await self._notify(conn, CANCEL_CHANNEL, execution_id)
             else:
@@ -1818,6 +1901,57 @@ class SqlAlchemyStore(Store):
             )
             row = (await conn.execute(sa.select(tokens).where(tokens.c.name == name))).first()
         return None if row is None else _token_from_row(row)
+
+    # -- the audit log ------------------------------------------------------------------------
+
+    @_translate_errors
+    async def record_audit(self, event: AuditEvent) -> None:
+        async with self._write() as conn:
+            await conn.execute(
+                audit_events.insert().values(
+                    time=event.time,
+                    principal=event.principal,
+                    role=event.role,
+                    rpc=event.rpc,
+                    job_id=event.job_id,
+                    execution_id=event.execution_id,
+                    code=event.code,
+                    message=event.message,
+                    request=event.request,
+                    instance_id=event.instance_id,
+                    peer=event.peer,
+                )
+            )
+
+    @_translate_errors
+    async def list_audit_events(
+        self, query: AuditQuery, *, before: int | None, limit: int
+    ) -> AuditPage:
+        select = sa.select(audit_events).order_by(audit_events.c.id.desc()).limit(limit + 1)
+        for column, value in (
+            (audit_events.c.principal, query.principal),
+            (audit_events.c.rpc, query.rpc),
+            (audit_events.c.job_id, query.job_id),
+            (audit_events.c.execution_id, query.execution_id),
+        ):
+            if value:
+                select = select.where(column == value)
+        if query.after is not None:
+            select = select.where(audit_events.c.time >= query.after)
+        if query.before is not None:
+            select = select.where(audit_events.c.time < query.before)
+        if before is not None:
+            select = select.where(audit_events.c.id < before)
+        async with self._begin() as conn:
+            rows = (await conn.execute(select)).all()
+        page = [_audit_from_row(row) for row in rows[:limit]]
+        return AuditPage(events=page, next_before=page[-1].id if len(rows) > limit else None)
+
+    @_translate_errors
+    async def purge_audit_events(self, *, before: datetime) -> int:
+        async with self._write() as conn:
+            result = await conn.execute(audit_events.delete().where(audit_events.c.time < before))
+            return int(result.rowcount)
 
     # -- server -------------------------------------------------------------------------------
 

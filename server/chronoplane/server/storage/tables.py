@@ -10,6 +10,7 @@ from sqlalchemy.engine import Dialect
 
 __all__ = [
     "UtcDateTime",
+    "audit_events",
     "event_log",
     "events",
     "executions",
@@ -80,6 +81,13 @@ jobs = sa.Table(
     sa.Column("create_time", UtcDateTime, nullable=False),
     sa.Column("update_time", UtcDateTime, nullable=False),
     sa.Column("next_run_time", UtcDateTime, nullable=True),
+    # Who created the job, and who last changed it through the API (an audit principal).
+    sa.Column("created_by", sa.String(256), nullable=False, server_default=""),
+    sa.Column("updated_by", sa.String(256), nullable=False, server_default=""),
+    # Where its executions run: "inline" (on a server) or "celery" (on a Celery worker, with
+    # {"queue", "routing_key", "priority"}); docs/decisions/0014-celery-dispatch.md.
+    sa.Column("executor", sa.String(16), nullable=False, server_default="inline"),
+    sa.Column("celery", sa.JSON(none_as_null=True), nullable=True),
 )
 
 executions = sa.Table(
@@ -128,6 +136,20 @@ executions = sa.Table(
     sa.Column("cancel_reason", sa.Text, nullable=True),
     # The leadership term whose leader wrote a scheduled fire (fencing can be checked).
     sa.Column("epoch", sa.BigInteger, nullable=True),
+    # Who asked for the run (system:schedule for a scheduled fire; a retry keeps its first
+    # attempt's), and who cancelled it.
+    sa.Column("triggered_by", sa.String(256), nullable=False, server_default=""),
+    sa.Column("cancelled_by", sa.String(256), nullable=False, server_default=""),
+    # Celery dispatch: a celery execution is claimed by an instance, sent (task id = the
+    # execution id) and, once sent, owned by no instance (instance_id ""); the worker that
+    # starts it holds a lease it renews, which the leader lets expire into ABANDONED.
+    sa.Column("executor", sa.String(16), nullable=False, server_default="inline"),
+    sa.Column("celery_task_id", sa.String(64), nullable=True),
+    sa.Column("worker", sa.String(256), nullable=False, server_default=""),
+    # Why a PENDING execution is still pending (the broker could not be reached, say).
+    sa.Column("pending_reason", sa.Text, nullable=False, server_default=""),
+    sa.Column("dispatch_time", UtcDateTime, nullable=True),
+    sa.Column("lease_expire_time", UtcDateTime, nullable=True),
     sa.UniqueConstraint("job_id", "dedupe_key"),
     sa.Index(None, "job_id", "id"),
     # The age-based purge.
@@ -153,6 +175,12 @@ executions = sa.Table(
         "instance_id",
         postgresql_where=sa.text("state = 'running' OR holds_slot"),
         sqlite_where=sa.text("state = 'running' OR holds_slot = 1"),
+    ),
+    sa.Index(
+        "ix_executions_leased",
+        "lease_expire_time",
+        postgresql_where=sa.text("state = 'running' AND executor = 'celery'"),
+        sqlite_where=sa.text("state = 'running' AND executor = 'celery'"),
     ),
     sa.Index(
         "ix_executions_active",
@@ -241,4 +269,32 @@ tokens = sa.Table(
     sa.Column("create_time", UtcDateTime, nullable=False),
     sa.Column("expire_time", UtcDateTime, nullable=True),
     sa.Column("revoke_time", UtcDateTime, nullable=True),
+)
+
+# One row per call of a mutating RPC, allowed or refused (docs/decisions/0013-audit.md).
+audit_events = sa.Table(
+    "audit_events",
+    metadata,
+    sa.Column(
+        "id",
+        sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    sa.Column("time", UtcDateTime, nullable=False),
+    sa.Column("principal", sa.String(256), nullable=False),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("rpc", sa.String(64), nullable=False),
+    sa.Column("job_id", sa.String(128), nullable=False),
+    sa.Column("execution_id", sa.String(32), nullable=False),
+    # The gRPC status code's name: OK, PERMISSION_DENIED, NOT_FOUND, ...
+    sa.Column("code", sa.String(32), nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+    # The request as proto3 JSON (truncated past 16 KiB).
+    sa.Column("request", sa.JSON, nullable=False),
+    sa.Column("instance_id", sa.String(32), nullable=False),
+    sa.Column("peer", sa.String(256), nullable=False),
+    sa.Index(None, "time"),
+    sa.Index(None, "job_id", "id"),
+    sa.Index(None, "principal", "id"),
 )

@@ -8,7 +8,6 @@ Unary and streaming calls alike get UNAUTHENTICATED or PERMISSION_DENIED.
 
 from __future__ import annotations
 
-import contextvars
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -16,19 +15,14 @@ from typing import Any
 import grpc
 
 from chronoplane.server.errors import ChronoplaneError
-from chronoplane.server.security import Authenticator, Identity
+from chronoplane.server.security import Authenticator, current_identity
 from chronoplane.server.transport.errors import status_for
 
-__all__ = ["AuthInterceptor", "current_identity"]
+__all__ = ["AuthInterceptor"]
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
 REFLECTION_PREFIX = "grpc.reflection."
 SCHEDULER_SERVICE = "chronoplane.v1.SchedulerService"
-
-# Who makes the call being served (for the service layer's records).
-current_identity: contextvars.ContextVar[Identity | None] = contextvars.ContextVar(
-    "current_identity", default=None
-)
 
 
 def _credentials(context: Any) -> tuple[str | None, str | None]:
@@ -70,9 +64,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         async def check(context: Any) -> None:
             identity = await self._authenticator.identify(*_credentials(context))
+            current_identity.set(identity)  # known to the audit log, even if refused
             if rpc is not None:
                 self._authenticator.authorize(identity, rpc)
-            current_identity.set(identity)
 
         return check
 

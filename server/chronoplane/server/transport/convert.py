@@ -14,12 +14,15 @@ from chronoplane.server.errors import InvalidArgument
 from chronoplane.server.models import (
     DEFAULT_CATCHUP_LIMIT,
     DEFAULT_MISFIRE_GRACE,
+    AuditEvent,
+    CeleryOptions,
     CronTrigger,
     DateTrigger,
     Execution,
     ExecutionSource,
     ExecutionState,
     ExecutionSummary,
+    ExecutorKind,
     Instance,
     IntervalTrigger,
     Job,
@@ -32,7 +35,7 @@ from chronoplane.server.models import (
 )
 from chronoplane.server.tasks import TaskDefinition
 from chronoplane.server.validation import Violations
-from chronoplane.v1 import execution_pb2, instance_pb2, job_pb2
+from chronoplane.v1 import audit_pb2, execution_pb2, instance_pb2, job_pb2
 
 __all__ = [
     "duration_from_proto",
@@ -316,6 +319,12 @@ def job_fields_from_proto(message: job_pb2.Job, names: set[str]) -> dict[str, An
         "retry": lambda: _retry_from_proto(message),
         "timeout": lambda: _optional_duration(message, "timeout", "job.timeout"),
         "history_limit": lambda: message.history_limit,
+        "executor": lambda: _executor_from_proto(message.executor, "job.executor"),
+        "celery": lambda: CeleryOptions(
+            queue=message.celery.queue,
+            routing_key=message.celery.routing_key,
+            priority=message.celery.priority if message.celery.HasField("priority") else None,
+        ),
     }
     for name in names:
         decode = decoders.get(name)
@@ -325,6 +334,30 @@ def job_fields_from_proto(message: job_pb2.Job, names: set[str]) -> dict[str, An
             violations.extend(error, "")
     violations.raise_if_any()
     return values
+
+
+_EXECUTORS: dict[int, ExecutorKind] = {
+    execution_pb2.EXECUTOR_UNSPECIFIED: ExecutorKind.INLINE,
+    execution_pb2.EXECUTOR_INLINE: ExecutorKind.INLINE,
+    execution_pb2.EXECUTOR_CELERY: ExecutorKind.CELERY,
+}
+
+
+def _executor_from_proto(value: int, field: str) -> ExecutorKind:
+    executor = _EXECUTORS.get(value)
+    if executor is None:
+        raise InvalidArgument.field(field, f"{value} is not an executor")
+    return executor
+
+
+def _executor_to_proto(executor: ExecutorKind) -> execution_pb2.Executor.ValueType:
+    return execution_pb2.Executor.Value("EXECUTOR_" + executor.name)
+
+
+def _celery_to_proto(options: CeleryOptions) -> job_pb2.CeleryOptions:
+    return job_pb2.CeleryOptions(
+        queue=options.queue, routing_key=options.routing_key, priority=options.priority
+    )
 
 
 def _summary_to_proto(summary: ExecutionSummary) -> execution_pb2.ExecutionSummary:
@@ -364,6 +397,10 @@ def job_to_proto(job: Job) -> job_pb2.Job:
         retry=_retry_to_proto(job.retry),
         timeout=_duration_to_proto(job.timeout) if job.timeout else None,
         history_limit=job.history_limit,
+        created_by=job.created_by,
+        updated_by=job.updated_by,
+        executor=_executor_to_proto(job.executor),
+        celery=_celery_to_proto(job.celery) if job.executor is ExecutorKind.CELERY else None,
     )
 
 
@@ -414,6 +451,13 @@ def execution_to_proto(execution: Execution) -> execution_pb2.Execution:
         error_type=execution.error_type,
         missed=_missed_to_proto(execution.missed) if execution.missed else None,
         note=execution.note,
+        triggered_by=execution.triggered_by,
+        cancelled_by=execution.cancelled_by,
+        executor=_executor_to_proto(execution.executor),
+        celery_task_id=execution.celery_task_id,
+        worker=execution.worker,
+        pending_reason=execution.pending_reason,
+        dispatch_time=timestamp_to_proto(execution.dispatch_time),
     )
 
 
@@ -444,4 +488,21 @@ def instance_to_proto(instance: Instance) -> instance_pb2.Instance:
         address=instance.address,
         max_running=instance.max_running,
         running=instance.running,
+    )
+
+
+def audit_event_to_proto(event: AuditEvent) -> audit_pb2.AuditEvent:
+    return audit_pb2.AuditEvent(
+        id=event.id,
+        time=timestamp_to_proto(event.time),
+        principal=event.principal,
+        role=event.role,
+        rpc=event.rpc,
+        job_id=event.job_id,
+        execution_id=event.execution_id,
+        code=event.code,
+        message=event.message,
+        request=_struct_to_proto(event.request),
+        instance_id=event.instance_id,
+        peer=event.peer,
     )

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 
 from chronoplane.server.security import Authenticator
 from chronoplane.server.service import SchedulerService
+from chronoplane.server.transport.audit import AuditInterceptor
 from chronoplane.server.transport.auth import AuthInterceptor
 from chronoplane.server.transport.errors import ErrorInterceptor
 from chronoplane.server.transport.servicer import SchedulerServicer
@@ -121,9 +122,14 @@ class GrpcServer:
         authenticator: Authenticator | None = None,
         reflection: str = "on",
         limits: Limits | None = None,
+        audit: AuditInterceptor | None = None,
     ) -> None:
         limits = limits or Limits()
-        interceptors: list[Any] = [ErrorInterceptor()]
+        # Outermost first: the audit log sees how every call ended, refusals included.
+        interceptors: list[Any] = []
+        if audit is not None:
+            interceptors.append(audit)
+        interceptors.append(ErrorInterceptor())
         if authenticator is not None:
             interceptors.append(AuthInterceptor(authenticator, reflection=reflection))
         self._server = grpc.aio.server(

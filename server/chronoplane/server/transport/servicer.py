@@ -10,9 +10,10 @@ from functools import lru_cache
 from typing import Any, TypeAlias
 
 from chronoplane.server.errors import ServerStopping, WatchFellBehind
-from chronoplane.server.models import Event, EventKind, EventResource, ExecutionQuery
+from chronoplane.server.models import AuditQuery, Event, EventKind, EventResource, ExecutionQuery
 from chronoplane.server.service import UPDATABLE_FIELDS, SchedulerService
 from chronoplane.server.transport.convert import (
+    audit_event_to_proto,
     execution_to_proto,
     instance_to_proto,
     job_fields_from_proto,
@@ -197,6 +198,25 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             control=control,
         )
         await _stream(stream, _job_event, context, control, self._service.watch_buffer)
+
+    async def ListAuditEvents(
+        self, request: pb.ListAuditEventsRequest, context: Context
+    ) -> pb.ListAuditEventsResponse:
+        query = AuditQuery(
+            principal=request.principal,
+            rpc=request.rpc,
+            job_id=request.job_id,
+            execution_id=request.execution_id,
+            after=_optional_time(request, "start_time"),
+            before=_optional_time(request, "end_time"),
+        )
+        page = await self._service.list_audit_events(
+            query, size=request.page_size, token=request.page_token
+        )
+        return pb.ListAuditEventsResponse(
+            audit_events=[audit_event_to_proto(e) for e in page.items],
+            next_page_token=page.next_page_token,
+        )
 
     async def PreviewTrigger(
         self, request: pb.PreviewTriggerRequest, context: Context

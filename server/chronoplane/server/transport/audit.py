@@ -1,0 +1,151 @@
+"""The audit log: one record per call of a mutating RPC, allowed or refused (decision 0013).
+
+Outermost of the interceptors, so that it sees how every call ended, refusals by the
+authentication check included. The record is written before the response is sent: a client
+that got an answer finds its call in ListAuditEvents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from chronoplane.server.models import AuditEvent, JSONObject
+from chronoplane.server.security import MUTATING_RPCS, current_identity
+
+__all__ = ["AuditInterceptor"]
+
+SCHEDULER_SERVICE = "chronoplane.v1.SchedulerService"
+# A request's JSON is kept whole up to this size; beyond, its larger values are replaced by
+# their size (a job's args can be 64 KiB).
+MAX_REQUEST_JSON = 16 * 1024
+MAX_VALUE_JSON = 4 * 1024
+MAX_MESSAGE = 4 * 1024
+
+log = logging.getLogger(__name__)
+
+Record = Callable[[AuditEvent], Awaitable[None]]
+
+
+def _bounded(value: Any, limit: int) -> Any:
+    size = len(json.dumps(value))
+    if size <= limit:
+        return value
+    if isinstance(value, dict):
+        return {key: _bounded(item, MAX_VALUE_JSON) for key, item in value.items()}
+    return f"({size:,} bytes, not kept)"
+
+
+def request_json(request: Any) -> JSONObject:
+    body = json_format.MessageToDict(request)
+    bounded: JSONObject = _bounded(body, MAX_REQUEST_JSON)
+    return bounded
+
+
+def _text(value: str) -> str:
+    """A string PostgreSQL can store: a refused request may have carried NUL characters."""
+    return value.replace("\x00", "\\x00")
+
+
+def _subjects(rpc: str, request: Any, response: Any) -> tuple[str, str]:
+    """The job and the execution a call was about (or made)."""
+    if rpc == "CreateJob":
+        return (response.job.id if response is not None else request.job.id), ""
+    if rpc == "UpdateJob":
+        return request.job.id, ""
+    if rpc == "PurgeExecutions":
+        return request.job_id, ""
+    if rpc == "CancelExecution":
+        return (response.execution.job_id if response is not None else ""), request.id
+    if rpc == "TriggerJob":
+        return request.id, (response.execution.id if response is not None else "")
+    return request.id, ""
+
+
+class AuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    def __init__(self, record: Record, *, instance_id: str) -> None:
+        self._record = record
+        self._instance_id = instance_id
+        self._pending: set[asyncio.Task[None]] = set()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[Any], Awaitable[Any]],
+        handler_call_details: Any,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        service, _, rpc = handler_call_details.method.lstrip("/").partition("/")
+        if handler is None or service != SCHEDULER_SERVICE or rpc not in MUTATING_RPCS:
+            return handler
+        if handler.request_streaming or handler.response_streaming:
+            raise NotImplementedError(f"{rpc}: only unary mutating RPCs are audited")
+        return grpc.experimental.wrap_server_method_handler(
+            lambda behaviour: self._audited(rpc, behaviour), handler
+        )
+
+    def _audited(self, rpc: str, behaviour: Any) -> Any:
+        async def call(request: Any, context: Any) -> Any:
+            current_identity.set(None)
+            response = None
+            code, message = "OK", ""
+            try:
+                response = await behaviour(request, context)
+                return response
+            except grpc.aio.AbortError:
+                status = context.code()
+                code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
+                message = context.details() or ""
+                raise
+            except asyncio.CancelledError:
+                # The client went away; record it without delaying the cancellation.
+                code = "CANCELLED"
+                event = self._event(rpc, request, None, context, code, "")
+                task = asyncio.create_task(self._write(event))
+                self._pending.add(task)
+                task.add_done_callback(self._pending.discard)
+                raise
+            except Exception as error:
+                code, message = "INTERNAL", type(error).__name__
+                raise
+            finally:
+                if code != "CANCELLED":
+                    await self._write(self._event(rpc, request, response, context, code, message))
+
+        return call
+
+    def _event(
+        self, rpc: str, request: Any, response: Any, context: Any, code: str, message: str
+    ) -> AuditEvent:
+        identity = current_identity.get()
+        job_id, execution_id = _subjects(rpc, request, response)
+        return AuditEvent(
+            time=datetime.now(UTC),
+            principal=identity.principal if identity is not None else "unauthenticated",
+            role=identity.role.name.lower() if identity is not None else "",
+            rpc=rpc,
+            job_id=_text(job_id)[:128],
+            execution_id=_text(execution_id)[:32],
+            code=code,
+            message=_text(message)[:MAX_MESSAGE],
+            request=request_json(request),
+            instance_id=self._instance_id,
+            peer=_text(context.peer() or "")[:256],
+        )
+
+    async def _write(self, event: AuditEvent) -> None:
+        try:
+            await self._record(event)
+        except Exception:
+            log.exception(
+                "the audit event of %s by %s (%s) could not be written",
+                event.rpc,
+                event.principal,
+                event.code,
+            )
