@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from conftest import InProcessServer, serving
 from google.protobuf import duration_pb2, json_format, struct_pb2
 from harness import BIN, violations
-from test_security import bearer, make_token
+from test_security import bearer, guarded_server, make_token
 
 from chronoplane.server.config import Settings
 from chronoplane.server.models import Role
@@ -30,14 +30,7 @@ from chronoplane.v1 import scheduler_service_pb2 as pb
 
 @pytest_asyncio.fixture
 async def guarded(database_url: str) -> AsyncIterator[InProcessServer]:
-    settings = Settings(
-        address="127.0.0.1:0",
-        database_url=database_url,
-        tasks=["testtasks"],
-        shutdown_grace=1.0,
-        require_auth=True,
-    )
-    async with serving(settings) as server:
+    async with guarded_server(database_url) as server:
         yield server
 
 
@@ -360,14 +353,7 @@ async def test_chronoctl_audit_lists_calls_and_token_changes(database_url: str) 
             f"--database-url={database_url}",
         )
     ).strip()
-    settings = Settings(
-        address="127.0.0.1:0",
-        database_url=database_url,
-        tasks=["testtasks"],
-        shutdown_grace=1.0,
-        require_auth=True,
-    )
-    async with serving(settings) as server:
+    async with guarded_server(database_url) as server:
         await server.stub.CreateJob(pb.CreateJobRequest(job=_job("etl")), metadata=bearer(token))
         address = f"--address={server.app.address}"
         table = await run(str(BIN / "chronoctl"), address, "audit", token=token)

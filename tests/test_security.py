@@ -5,6 +5,7 @@ certificates from that CA and from another."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -130,8 +131,7 @@ async def make_token(url: str, name: str, role: Role, *, expires: datetime | Non
     return token
 
 
-@pytest_asyncio.fixture
-async def guarded(database_url: str) -> Any:
+def guarded_server(database_url: str) -> contextlib.AbstractAsyncContextManager[InProcessServer]:
     """A loopback server that requires credentials."""
     settings = Settings(
         address="127.0.0.1:0",
@@ -140,7 +140,12 @@ async def guarded(database_url: str) -> Any:
         shutdown_grace=1.0,
         require_auth=True,
     )
-    async with serving(settings) as server:
+    return serving(settings)
+
+
+@pytest_asyncio.fixture
+async def guarded(database_url: str) -> Any:
+    async with guarded_server(database_url) as server:
         yield server
 
 

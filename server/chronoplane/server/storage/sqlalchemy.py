@@ -396,21 +396,12 @@ def _token_from_row(row: sa.Row[Any]) -> StoredToken:
     )
 
 
+# The audit columns are the event's fields, id aside (the database numbers them).
+_AUDIT_COLUMNS = [column.name for column in audit_events.columns if column.name != "id"]
+
+
 def _audit_from_row(row: sa.Row[Any]) -> AuditEvent:
-    return AuditEvent(
-        id=row.id,
-        time=row.time,
-        principal=row.principal,
-        role=row.role,
-        rpc=row.rpc,
-        job_id=row.job_id,
-        execution_id=row.execution_id,
-        code=row.code,
-        message=row.message,
-        request=row.request,
-        instance_id=row.instance_id,
-        peer=row.peer,
-    )
+    return AuditEvent(id=row.id, **{name: getattr(row, name) for name in _AUDIT_COLUMNS})
 
 
 def _event_from_row(row: sa.Row[Any]) -> Event:
@@ -1907,21 +1898,8 @@ class SqlAlchemyStore(Store):
     @_translate_errors
     async def record_audit(self, event: AuditEvent) -> None:
         async with self._write() as conn:
-            await conn.execute(
-                audit_events.insert().values(
-                    time=event.time,
-                    principal=event.principal,
-                    role=event.role,
-                    rpc=event.rpc,
-                    job_id=event.job_id,
-                    execution_id=event.execution_id,
-                    code=event.code,
-                    message=event.message,
-                    request=event.request,
-                    instance_id=event.instance_id,
-                    peer=event.peer,
-                )
-            )
+            values = {name: getattr(event, name) for name in _AUDIT_COLUMNS}
+            await conn.execute(audit_events.insert().values(**values))
 
     @_translate_errors
     async def list_audit_events(
