@@ -18,6 +18,7 @@ from chronoplane.server.config import Settings
 from chronoplane.server.coordination.abc import Coordinator
 from chronoplane.server.coordination.local import FileLock, SoleLeader
 from chronoplane.server.coordination.postgres import ChangeListener, LeaderElection
+from chronoplane.server.dispatch import Dispatcher
 from chronoplane.server.engine.apscheduler import ApschedulerEngine
 from chronoplane.server.executors.inline import InlineExecutor
 from chronoplane.server.ids import new_instance_id
@@ -126,6 +127,20 @@ class Application:
                     page_size=settings.max_page_size,
                 ),
             )
+            if settings.celery_broker_url:
+                from chronoplane.server.executors.celery import CeleryBroker
+
+                dispatcher = Dispatcher(
+                    store=store,
+                    broker=CeleryBroker(
+                        settings.celery_broker_url, send_timeout=settings.celery_send_timeout
+                    ),
+                    instance_id=self.instance_id,
+                )
+                runner.also_wake(dispatcher.notified)
+                service.dispatcher = dispatcher
+                dispatcher.start()
+                stack.push_async_callback(dispatcher.stop)
             member = Member(
                 instance=self._instance(settings.address),
                 store=store,

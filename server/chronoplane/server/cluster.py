@@ -109,7 +109,8 @@ class Member:
         if self._shared:
             self._spawn(self._sync_forever(), "job-sync")
             self._spawn(self._resync_forever(), "job-resync")
-            self._spawn(self._sweep_forever(), "orphan-sweep")
+        # Dead instances (a cluster) and Celery workers whose lease ran out (both).
+        self._spawn(self._sweep_forever(), "orphan-sweep")
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -248,6 +249,9 @@ class Member:
             message="abandoned: the instance running it stopped heartbeating",
             now=self._clock(),
         )
+        abandoned += await self._store.abandon_expired_leases(
+            message="abandoned: the Celery worker running it stopped renewing its lease"
+        )
         jobs: dict[str, Job | None] = {}
         retried = 0
         for execution in abandoned:
@@ -261,7 +265,8 @@ class Member:
                 retried += 1
         if abandoned:
             log.warning(
-                "dead instances left %d running executions: marked ABANDONED (%d retried)",
+                "dead instances or workers left %d running executions: marked ABANDONED "
+                "(%d retried)",
                 len(abandoned),
                 retried,
             )

@@ -52,6 +52,11 @@ class Settings:
     """Seconds of quiet after which a watch stream gets a PROGRESS event."""
     event_retention: float = 3600.0
     """Seconds the watch event history is kept (a watcher may resume within it)."""
+    celery_broker_url: str = ""
+    """A Celery broker (redis://… or amqp://…): this server sends the executions of jobs
+    with executor EXECUTOR_CELERY there. Empty: no Celery jobs."""
+    celery_send_timeout: float = 5.0
+    """Seconds a send to the broker may take before it counts as failed (and is retried)."""
     tls_cert: str = ""
     """PEM file of the server's certificate (chain); with tls_key, the server speaks TLS."""
     tls_key: str = ""
@@ -162,6 +167,12 @@ class Settings:
             )
         if self.history_max_age_days < 0 or self.purge_interval <= 0:
             raise ConfigError("history_max_age_days must be >= 0 and purge_interval > 0")
+        if self.celery_broker_url and not self.celery_broker_url.startswith(
+            ("redis://", "rediss://", "amqp://", "amqps://", "pyamqp://")
+        ):
+            raise ConfigError("celery_broker_url must be a redis:// or amqp:// URL")
+        if self.celery_send_timeout <= 0:
+            raise ConfigError("celery_send_timeout must be > 0")
         if self.audit_max_age_days < 0:
             raise ConfigError("audit_max_age_days must be >= 0")
         if self.max_watchers < 0 or self.watch_buffer < 1:
@@ -303,6 +314,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--event-retention",
         type=float,
         help="seconds the watch event history is kept (default 3600)",
+    )
+    celery = parser.add_argument_group("Celery")
+    celery.add_argument(
+        "--celery-broker-url",
+        metavar="URL",
+        help="send the executions of Celery jobs to this broker (redis://… or amqp://…)",
+    )
+    celery.add_argument(
+        "--celery-send-timeout", type=float, help="seconds a send may take (default 5)"
     )
     limits = parser.add_argument_group("limits")
     limits.add_argument("--max-message-bytes", type=int, help="default 4194304 (4 MiB)")

@@ -63,7 +63,7 @@ from chronoplane.server.storage.abc import (
 )
 from chronoplane.server.tasks import ExecutionContext, TaskRegistry, execution_context
 
-__all__ = ["DEFAULT_MAX_RUNNING", "Due", "Runner"]
+__all__ = ["DEFAULT_MAX_RUNNING", "Due", "Runner", "json_result", "retry_of", "type_names"]
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _json_result(value: Any) -> Any:
+def json_result(value: Any) -> Any:
     """What a task returned, as JSON, or ValueError saying why it cannot be stored."""
     if value is None:
         return None
@@ -99,7 +99,7 @@ def _json_result(value: Any) -> Any:
     return json.loads(text)
 
 
-def _type_names(error: BaseException) -> tuple[str, ...]:
+def type_names(error: BaseException) -> tuple[str, ...]:
     """The qualified names of the error's class and its bases, most specific first."""
     return tuple(
         f"{cls.__module__}.{cls.__qualname__}"
@@ -118,6 +118,37 @@ def _stamp(value: datetime) -> str:
 
 def _seconds(value: timedelta) -> str:
     return f"{value.total_seconds():g} s"
+
+
+def retry_of(
+    execution: Execution, policy: RetryPolicy, *, now: datetime, instance_id: str
+) -> Execution:
+    """The next attempt of a failed execution: PENDING, due once its backoff has passed."""
+    return replace(
+        execution,
+        id=new_execution_id(),
+        state=ExecutionState.PENDING,
+        source=ExecutionSource.RETRY,
+        scheduled_time=now + policy.backoff(execution.attempt),
+        create_time=now,
+        instance_id=instance_id,
+        start_time=None,
+        end_time=None,
+        result=None,
+        error_message="",
+        error_traceback="",
+        request_id="",
+        attempt=execution.attempt + 1,
+        first_execution_id=execution.first_execution_id or execution.id,
+        error_type="",
+        missed=None,
+        note="",
+        cancelled_by="",
+        celery_task_id="",
+        worker="",
+        pending_reason="",
+        dispatch_time=None,
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,6 +181,19 @@ class _Run:
     @property
     def id(self) -> str:
         return self.execution.id
+
+
+class _Alarm(asyncio.Event):
+    """An event that also tells its listeners when it is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.listeners: list[Callable[[], None]] = []
+
+    def set(self) -> None:
+        super().set()
+        for listener in self.listeners:
+            listener()
 
 
 class Runner:
@@ -185,7 +229,7 @@ class Runner:
         # How many executions this instance runs at most of those it creates itself (its
         # share of the cluster's room; the rest go to whoever claims them first).
         self._share = max_running
-        self._wake = asyncio.Event()
+        self._wake = _Alarm()
         # Whether ready executions may be waiting for room here (a claim was full).
         self._backlog = False
         self._next_due: float | None = None
@@ -198,6 +242,11 @@ class Runner:
         # Scheduled fires and next run times are written only while leading, with the epoch.
         self._epoch: int | None = None
         self._acting: Callable[[], bool] = lambda: False
+
+    def also_wake(self, listener: Callable[[], None]) -> None:
+        """``listener`` is called whenever the claimer is woken: executions may be ready
+        (the Celery dispatcher looks at the queue then too)."""
+        self._wake.listeners.append(listener)
 
     # -- leadership ---------------------------------------------------------------------------
 
@@ -580,28 +629,7 @@ class Runner:
     def _retry(self, execution: Execution, policy: RetryPolicy, errors: tuple[str, ...]) -> bool:
         if self._stopping or not policy.retries(execution.attempt, errors):
             return False
-        now = self._clock()
-        retry = replace(
-            execution,
-            id=new_execution_id(),
-            state=ExecutionState.PENDING,
-            source=ExecutionSource.RETRY,
-            scheduled_time=now + policy.backoff(execution.attempt),
-            create_time=now,
-            instance_id=self._instance_id,
-            start_time=None,
-            end_time=None,
-            result=None,
-            error_message="",
-            error_traceback="",
-            request_id="",
-            attempt=execution.attempt + 1,
-            first_execution_id=execution.first_execution_id or execution.id,
-            error_type="",
-            missed=None,
-            note="",
-            cancelled_by="",
-        )
+        retry = retry_of(execution, policy, now=self._clock(), instance_id=self._instance_id)
         # Queued as it is, due at the end of its backoff: it waits its turn for a slot.
         self._spawn(self._queue_retry(retry))
         return True
@@ -840,7 +868,7 @@ class Runner:
         error = done.exception()
         if error is None:
             try:
-                result = _json_result(done.result())
+                result = json_result(done.result())
             except ValueError as bad:
                 self._fail(run, bad)
             else:
@@ -849,7 +877,7 @@ class Runner:
         self._fail(run, error)
 
     def _fail(self, run: _Run, error: BaseException) -> None:
-        names = _type_names(error)
+        names = type_names(error)
         self._finish_now(
             run,
             ExecutionState.FAILED,

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
+from chronoplane.server.dispatch import Dispatcher
 from chronoplane.server.engine.abc import Engine
 from chronoplane.server.errors import (
     CeleryNotEnabled,
@@ -142,8 +143,8 @@ class SchedulerService:
         self._tokens = page_tokens
         self._clock = clock
         self._leader_timeout = leader_timeout
-        # Whether this server sends Celery jobs' executions to a broker (celery_broker_url).
-        self.celery_enabled = False
+        # Sends Celery jobs' executions to a broker, when celery_broker_url is set.
+        self.dispatcher: Dispatcher | None = None
         # Only the leader's engine keeps time; other instances' job changes reach it through
         # sync_job (a notification) and resync (the safety net).
         self.leading = False
@@ -397,7 +398,7 @@ class SchedulerService:
         check_text(violations, f"{prefix}.celery.routing_key", options.routing_key, limit=256)
         if options.priority is not None and not 0 <= options.priority <= 9:
             violations.add(f"{prefix}.celery.priority", "must be between 0 and 9")
-        if not self.celery_enabled:
+        if self.dispatcher is None:
             violations.raise_if_any()
             raise CeleryNotEnabled()
 
@@ -484,7 +485,17 @@ class SchedulerService:
         violations = Violations()
         check_text(violations, "reason", reason, limit=MAX_REASON)
         violations.raise_if_any()
-        return await self._runner.cancel(execution_id, reason=reason, by=current_principal())
+        cancelled = await self._runner.cancel(execution_id, reason=reason, by=current_principal())
+        if cancelled.executor is ExecutorKind.CELERY and cancelled.celery_task_id:
+            if self.dispatcher is not None:
+                await self.dispatcher.revoke(cancelled.celery_task_id)
+            else:
+                log.warning(
+                    "execution %s is cancelled, but this server has no Celery broker to revoke "
+                    "its task: a worker that has it finds it cancelled before it starts",
+                    execution_id,
+                )
+        return cancelled
 
     async def purge_executions(
         self, *, job_id: str, older_than: datetime | None, keep_last: int

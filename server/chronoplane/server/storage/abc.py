@@ -12,6 +12,7 @@ from chronoplane.server.models import (
     AuditEvent,
     AuditPage,
     AuditQuery,
+    CeleryOptions,
     Event,
     EventWindow,
     Execution,
@@ -32,6 +33,8 @@ __all__ = [
     "Admitted",
     "CancelRequest",
     "Claim",
+    "Dispatch",
+    "DispatchClaim",
     "ExecutionFinish",
     "NextRun",
     "Progress",
@@ -74,6 +77,21 @@ class Admitted:
     see ``displace_oldest``."""
     claimed: list[tuple[Execution, RunPolicy]]
     """The inserted executions claimed for the writer (``claim_for``): RUNNING there."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Dispatch:
+    """A Celery execution claimed to be sent: its job's routing and timeout."""
+
+    execution: Execution
+    options: CeleryOptions
+    timeout: timedelta | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class DispatchClaim:
+    dispatches: list[Dispatch]
+    next_due_in: timedelta | None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -413,6 +431,36 @@ class Store(ABC):
     @abstractmethod
     async def revoke_token(self, name: str, *, now: datetime) -> StoredToken | None:
         """Marks the named token revoked (once); returns it, or None if there is none."""
+
+    # -- Celery dispatch ----------------------------------------------------------------------
+
+    @abstractmethod
+    async def claim_dispatches(self, *, instance_id: str, limit: int) -> DispatchClaim:
+        """Takes up to ``limit`` due, ready Celery executions to send: still PENDING, their
+        slots held, this instance's until ``record_dispatches`` says how sending went."""
+
+    @abstractmethod
+    async def record_dispatches(
+        self,
+        *,
+        instance_id: str,
+        sent: Sequence[tuple[str, datetime]],
+        failed: Sequence[tuple[str, str, datetime]],
+    ) -> None:
+        """``sent``: (id, when); ``failed``: (id, reason, when to try again)."""
+
+    @abstractmethod
+    async def start_dispatched(
+        self, execution_id: str, *, worker: str, lease_until: datetime
+    ) -> tuple[Execution, RunPolicy] | None: ...
+
+    @abstractmethod
+    async def renew_lease(self, execution_id: str, *, worker: str, until: datetime) -> bool:
+        """False when the execution is no longer RUNNING on ``worker``."""
+
+    @abstractmethod
+    async def abandon_expired_leases(self, *, message: str) -> list[Execution]:
+        """RUNNING Celery executions whose worker's lease ran out: ABANDONED."""
 
     # -- the audit log ------------------------------------------------------------------------
 

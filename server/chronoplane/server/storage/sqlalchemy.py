@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequen
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any, ParamSpec, TypeVar
 
 import sqlalchemy as sa
@@ -66,6 +67,8 @@ from chronoplane.server.storage.abc import (
     Admitted,
     CancelRequest,
     Claim,
+    Dispatch,
+    DispatchClaim,
     ExecutionFinish,
     NextRun,
     Progress,
@@ -118,6 +121,8 @@ _RUNNING: sa.ColumnElement[str] = sa.literal_column("'running'")
 _READY = (executions.c.state == _PENDING) & executions.c.ready
 _QUEUED = (executions.c.state == _PENDING) & sa.not_(executions.c.ready)
 _ACTIVE = executions.c.state.in_([_PENDING, _RUNNING]) | executions.c.holds_slot
+_INLINE = executions.c.executor == ExecutorKind.INLINE.value
+_CELERY = executions.c.executor == ExecutorKind.CELERY.value
 
 
 def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
@@ -382,6 +387,11 @@ def _execution_from_row(row: sa.Row[Any]) -> Execution:
         pending_reason=getattr(row, "pending_reason", ""),
         dispatch_time=getattr(row, "dispatch_time", None),
     )
+
+
+def _execution_from_mapping(values: Any) -> Execution:
+    """An execution from a RETURNING row's mapping."""
+    return _execution_from_row(SimpleNamespace(**values))  # type: ignore[arg-type]
 
 
 def _token_from_row(row: sa.Row[Any]) -> StoredToken:
@@ -957,7 +967,12 @@ class SqlAlchemyStore(Store):
         rows: list[tuple[Execution, dict[str, Any]]] = []
         for admission, execution, ready in chosen:
             due = admission.due_time or execution.scheduled_time
-            if ready and len(claimed) < claim_limit and due <= execution.create_time:
+            if (
+                ready
+                and execution.executor is ExecutorKind.INLINE
+                and len(claimed) < claim_limit
+                and due <= execution.create_time
+            ):
                 execution = replace(
                     execution,
                     state=ExecutionState.RUNNING,
@@ -1181,7 +1196,7 @@ class SqlAlchemyStore(Store):
                         self._now().label("db_now"),
                     )
                     .join(jobs, jobs.c.id == executions.c.job_id)
-                    .where(_READY, executions.c.task.in_(names))
+                    .where(_READY, _INLINE, executions.c.task.in_(names))
                     .order_by(executions.c.due_time, executions.c.id)
                     .limit(limit)
                     .with_for_update(skip_locked=True, of=executions)
@@ -1377,12 +1392,18 @@ class SqlAlchemyStore(Store):
             if row is None:
                 raise ExecutionNotFound(execution_id)
             current = _execution_from_row(row)
-            if current.state is ExecutionState.PENDING:
+            # A Celery execution ends here and now: its worker, if it has one, is told to
+            # stop (revoked), and whatever it reports later no longer counts.
+            celery = current.executor is ExecutorKind.CELERY
+            if current.state is ExecutionState.PENDING or (
+                celery and current.state is ExecutionState.RUNNING
+            ):
                 values: dict[str, Any] = {
                     "state": ExecutionState.CANCELLED.value,
                     "end_time": now,
                     "error_message": message,
                     "ready": False,
+                    "holds_slot": False,
                     "cancelled_by": by,
                 }
                 done = True
@@ -1397,10 +1418,182 @@ class SqlAlchemyStore(Store):
             )
             if done:
                 self._changed(conn, EventResource.EXECUTION, [execution_id], EventKind.MODIFIED)
-            if done and row.ready:
+            if done and (row.ready or row.holds_slot):
                 await self._promote(conn, await self._queued_jobs(conn, [current.job_id]))
             after = (await conn.execute(query)).one()
         return CancelRequest(execution=_execution_from_row(after), done=done)
+
+    # -- Celery dispatch (docs/decisions/0014-celery-dispatch.md) ----------------------------
+
+    @_translate_errors
+    async def claim_dispatches(self, *, instance_id: str, limit: int) -> DispatchClaim:
+        claimed: list[Dispatch] = []
+        next_due_in = None
+        async with self._write() as conn:
+            query = (
+                sa.select(
+                    executions,
+                    jobs.c.celery.label("job_celery"),
+                    jobs.c.timeout_seconds,
+                    self._now().label("db_now"),
+                )
+                .join(jobs, jobs.c.id == executions.c.job_id)
+                .where(_READY, _CELERY)
+                .order_by(executions.c.due_time, executions.c.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True, of=executions)
+            )
+            for row in await conn.execute(query):
+                if row.due_time > row.db_now:
+                    next_due_in = row.due_time - row.db_now
+                    break
+                execution = replace(
+                    _execution_from_row(row), instance_id=instance_id, celery_task_id=row.id
+                )
+                claimed.append(
+                    Dispatch(
+                        execution=execution,
+                        options=_celery_from_json(row.job_celery),
+                        timeout=_delta(row.timeout_seconds),
+                    )
+                )
+            if claimed:
+                # The slot is taken now; the row is this instance's until it is sent.
+                await conn.execute(
+                    executions.update()
+                    .where(self._among(executions.c.id, [d.execution.id for d in claimed]))
+                    .values(
+                        ready=False,
+                        holds_slot=True,
+                        instance_id=instance_id,
+                        celery_task_id=executions.c.id,
+                    )
+                )
+        return DispatchClaim(dispatches=claimed, next_due_in=next_due_in)
+
+    @_translate_errors
+    async def record_dispatches(
+        self,
+        *,
+        instance_id: str,
+        sent: Sequence[tuple[str, datetime]],
+        failed: Sequence[tuple[str, str, datetime]],
+    ) -> None:
+        """Sent ones belong to no instance from now on (a worker will start them); those the
+        broker did not take are ready again at their retry time, with the reason."""
+        mine = (executions.c.state == _PENDING) & (executions.c.instance_id == instance_id)
+        async with self._write() as conn:
+            for execution_id, when in sent:
+                # A worker may have started it already (and made it no instance's).
+                changed = await conn.execute(
+                    executions.update()
+                    .where(executions.c.id == execution_id, executions.c.dispatch_time.is_(None))
+                    .values(
+                        instance_id=sa.case(
+                            (executions.c.instance_id == instance_id, ""),
+                            else_=executions.c.instance_id,
+                        ),
+                        dispatch_time=when,
+                    )
+                    .returning(*executions.c)
+                )
+                self._changed_rows(conn, changed.mappings(), EventKind.MODIFIED)
+            for execution_id, reason, retry_at in failed:
+                changed = await conn.execute(
+                    executions.update()
+                    .where(executions.c.id == execution_id, mine)
+                    .values(
+                        instance_id="",
+                        ready=True,
+                        holds_slot=False,
+                        due_time=retry_at,
+                        pending_reason=reason,
+                    )
+                    .returning(*executions.c)
+                )
+                self._changed_rows(conn, changed.mappings(), EventKind.MODIFIED)
+            if failed:
+                await self._notify(conn, WORK_CHANNEL, self._instance_id)
+
+    @_translate_errors
+    async def start_dispatched(
+        self, execution_id: str, *, worker: str, lease_until: datetime
+    ) -> tuple[Execution, RunPolicy] | None:
+        """The conditional claim of a worker: RUNNING on ``worker`` if it is still PENDING;
+        None when it was started before (a redelivered message), cancelled or finished."""
+        async with self._write() as conn:
+            started = await conn.execute(
+                executions.update()
+                .where(executions.c.id == execution_id, executions.c.state == _PENDING, _CELERY)
+                .values(
+                    state=ExecutionState.RUNNING.value,
+                    start_time=self._now(),
+                    worker=worker,
+                    instance_id="",
+                    ready=False,
+                    holds_slot=True,
+                    lease_expire_time=lease_until,
+                    pending_reason="",
+                )
+                .returning(*executions.c)
+            )
+            rows = list(started.mappings())
+            if not rows:
+                return None
+            self._changed_rows(conn, rows, EventKind.MODIFIED)
+            job = (
+                await conn.execute(
+                    sa.select(jobs.c.timeout_seconds, jobs.c.retry).where(
+                        jobs.c.id == rows[0]["job_id"]
+                    )
+                )
+            ).first()
+        policy = RunPolicy(
+            timeout=_delta(job.timeout_seconds) if job else None,
+            retry=_retry_from_json(job.retry) if job else RetryPolicy(),
+        )
+        return _execution_from_mapping(rows[0]), policy
+
+    @_translate_errors
+    async def renew_lease(self, execution_id: str, *, worker: str, until: datetime) -> bool:
+        async with self._write() as conn:
+            renewed = await conn.execute(
+                executions.update()
+                .where(
+                    executions.c.id == execution_id,
+                    executions.c.state == _RUNNING,
+                    executions.c.worker == worker,
+                )
+                .values(lease_expire_time=until)
+            )
+            return bool(renewed.rowcount)
+
+    @_translate_errors
+    async def abandon_expired_leases(self, *, message: str) -> list[Execution]:
+        async with self._write() as conn:
+            expired = (
+                (executions.c.state == _RUNNING)
+                & _CELERY
+                & (executions.c.lease_expire_time < self._now())
+            )
+            abandoned = await conn.execute(
+                executions.update()
+                .where(expired)
+                .values(
+                    state=ExecutionState.ABANDONED.value,
+                    end_time=self._now(),
+                    error_message=sa.literal(f"{message}: worker ") + executions.c.worker,
+                    error_type=ABANDONED_ERROR_TYPE,
+                    holds_slot=False,
+                )
+                .returning(*executions.c)
+            )
+            rows = list(abandoned.mappings())
+            self._changed_rows(conn, rows, EventKind.MODIFIED)
+            if rows:
+                jobs_freed = sorted({row["job_id"] for row in rows})
+                await self._promote(conn, await self._queued_jobs(conn, jobs_freed))
+        return [_execution_from_mapping(row) for row in rows]
 
     @_translate_errors
     async def promote_waiting(self) -> int:
@@ -1482,7 +1675,7 @@ class SqlAlchemyStore(Store):
         async with self._write() as conn:
             result = await conn.execute(
                 executions.update()
-                .where(executions.c.state == _RUNNING)
+                .where(executions.c.state == _RUNNING, _INLINE)
                 .values(
                     state=ExecutionState.INTERRUPTED.value,
                     end_time=now,
@@ -1493,9 +1686,9 @@ class SqlAlchemyStore(Store):
             )
             interrupted = list(result.scalars())
             self._changed(conn, EventResource.EXECUTION, interrupted, EventKind.MODIFIED)
-            await conn.execute(
-                executions.update().where(executions.c.holds_slot).values(holds_slot=False)
-            )
+            # Slots held here: those of inline runs, and of Celery executions being sent.
+            held = executions.c.holds_slot & (_INLINE | (executions.c.state == _PENDING))
+            await conn.execute(executions.update().where(held).values(holds_slot=False))
             await self._promote(conn, await self._queued_jobs(conn, None))
             return len(interrupted)
 
@@ -1701,7 +1894,8 @@ class SqlAlchemyStore(Store):
             live = sa.select(instances.c.id).where(
                 instances.c.last_seen >= self._seen_since(stale_after)
             )
-            dead = sorted(owners - set((await conn.execute(live)).scalars()))
+            # "" owns what a Celery worker runs: its lease decides (abandon_expired_leases).
+            dead = sorted(owners - set((await conn.execute(live)).scalars()) - {""})
             if not dead:
                 return []
             of_dead = owned & self._among(executions.c.instance_id, dead)

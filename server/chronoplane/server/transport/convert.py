@@ -38,6 +38,7 @@ from chronoplane.server.validation import Violations
 from chronoplane.v1 import audit_pb2, execution_pb2, instance_pb2, job_pb2
 
 __all__ = [
+    "audit_event_to_proto",
     "duration_from_proto",
     "execution_to_proto",
     "instance_to_proto",

@@ -1,0 +1,317 @@
+"""Chronoplane tasks on Celery workers: ``pip install 'chronoplane[celery]'`` on the workers.
+
+.. code-block:: python
+
+    from celery import Celery
+    from chronoplane.celery import Chronoplane
+
+    app = Celery("reports", broker="redis://localhost:6379/0")
+    chronoplane = Chronoplane(app, database_url="postgresql+asyncpg://…")
+
+    @chronoplane.task("reports.nightly")
+    def nightly(day: str = "") -> dict:
+        ...
+
+A job with ``executor: EXECUTOR_CELERY`` and ``task: "reports.nightly"`` is then sent to the
+broker at each fire, with the execution's args as keyword arguments and the execution id as
+the Celery task id. The wrapper around the function writes the execution's story to the
+Chronoplane database itself, as an inline run's is written (watchers see it the same way):
+
+1. *Start*, a conditional claim: the execution becomes RUNNING on this worker only if it is
+   still PENDING. A message delivered again (``acks_late``: a worker died before it
+   acknowledged) finds it RUNNING or ended and is acknowledged without running anything, so
+   an execution never runs twice; a cancelled one is never started.
+2. *Lease*: while the function runs, a thread renews the worker's lease on the execution.
+   A worker that dies stops renewing; the server's leader then records the execution
+   ABANDONED (and retries it if the job's retry policy says so).
+3. *End*: SUCCEEDED with the result (JSON), or FAILED with the error, its type and the
+   traceback, or TIMED_OUT past the job's timeout (Celery's soft time limit); a retry is
+   queued as the job's retry policy says. An execution cancelled meanwhile stays CANCELLED.
+
+Each step runs its coroutine with :func:`run_async`, which works in prefork and gevent
+workers alike: the database engine is made and disposed inside the coroutine, and the
+result is returned after its ``finally`` block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import inspect
+import logging
+import os
+import socket
+import sys
+import threading
+import traceback
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from chronoplane.server.models import Execution, ExecutionState, RunPolicy
+from chronoplane.server.runner import (
+    MAX_TRACEBACK_CHARS,
+    json_result,
+    retry_of,
+    type_names,
+)
+from chronoplane.server.storage.abc import Admission, ExecutionFinish
+from chronoplane.server.storage.sqlalchemy import SqlAlchemyStore
+
+__all__ = ["DEFAULT_LEASE", "Chronoplane", "run_async"]
+
+log = logging.getLogger("chronoplane.celery")
+
+T = TypeVar("T")
+
+# A worker's lease on an execution it runs: renewed every third of it.
+DEFAULT_LEASE = timedelta(seconds=30)
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Runs a coroutine to its end from a Celery task, whatever the pool (the seeds'
+    ``_run_async``, made safe for gevent).
+
+    In a gevent worker every greenlet shares one OS thread, and asyncio's idea of the
+    running loop is per OS thread: a second greenlet would find the first one's loop
+    "running" (and ``asyncio.run`` on a patched, greenlet-based thread refuses). So there
+    the coroutine runs in a fresh loop on one of gevent's native threads, the greenlet
+    waiting cooperatively. Elsewhere: with a loop running in this thread, in a fresh loop
+    on a thread of its own; otherwise on this thread's loop, made if there is none or it
+    was closed, and left open for the next task.
+    """
+    if _gevent_patched():
+        import gevent
+
+        result: T = gevent.get_hub().threadpool.apply(asyncio.run, (coro,))
+        return result
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as executor:
+            return executor.submit(asyncio.run, coro).result()
+    try:
+        loop = asyncio.get_event_loop_policy().get_event_loop()
+        if loop.is_closed():
+            raise RuntimeError("closed")
+    except RuntimeError:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+    return loop.run_until_complete(coro)
+
+
+def _gevent_patched() -> bool:
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and bool(monkey.is_module_patched("threading"))
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    state: ExecutionState
+    result: Any = None
+    error_message: str = ""
+    error_traceback: str = ""
+    error_type: str = ""
+    retry_as: tuple[str, ...] = ()
+    """The error types a job's retry_on is matched against."""
+
+
+class Chronoplane:
+    """Registers Chronoplane tasks on a Celery app, and sets what they rely on:
+    ``task_acks_late`` with ``task_reject_on_worker_lost`` (a message is taken back when the
+    worker dies before the task ends) and a prefetch of one."""
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        database_url: str | None = None,
+        lease: timedelta = DEFAULT_LEASE,
+    ) -> None:
+        url = database_url or os.environ.get("CHRONOPLANE_DATABASE_URL")
+        if not url:
+            raise ValueError(
+                "chronoplane.celery needs the Chronoplane database: database_url= or "
+                "CHRONOPLANE_DATABASE_URL"
+            )
+        self.app = app
+        self.database_url = url
+        self.lease = lease
+        app.conf.update(
+            task_acks_late=True,
+            task_reject_on_worker_lost=True,
+            worker_prefetch_multiplier=1,
+        )
+
+    def task(self, name: str, **options: Any) -> Callable[[Callable[..., Any]], Any]:
+        """A decorator: the function becomes the Celery task ``name`` (what a job's ``task``
+        names), run as an execution. ``options`` go to ``app.task``."""
+
+        def register(function: Callable[..., Any]) -> Any:
+            def run(celery_task: Any, **kwargs: Any) -> Any:
+                return self._run(celery_task, function, kwargs)
+
+            run.__name__ = getattr(function, "__name__", name)
+            run.__doc__ = function.__doc__
+            return self.app.task(name=name, bind=True, **options)(run)
+
+        return register
+
+    # -- one execution ---------------------------------------------------------------------
+
+    def _run(self, celery_task: Any, function: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+        execution_id: str = celery_task.request.id
+        worker = _worker_name(celery_task)
+        started = run_async(self._start(execution_id, worker))
+        if started is None:
+            log.info(
+                "execution %s was started before, cancelled or has ended: this delivery of "
+                "its task is acknowledged without running it",
+                execution_id,
+            )
+            return None
+        execution, policy = started
+        lease = _Lease(self, execution_id, worker)
+        lease.start()
+        try:
+            outcome = _call(function, kwargs, policy.timeout)
+        finally:
+            lease.stop()
+        run_async(self._finish(execution, policy, outcome))
+        return outcome.result
+
+    async def _using_store(self, work: Callable[[SqlAlchemyStore], Awaitable[T]]) -> T:
+        """``work`` with a store of its own, disposed inside this coroutine (before the loop
+        that runs it may close); the result is returned after the ``finally``."""
+        store = SqlAlchemyStore.from_url(self.database_url)
+        try:
+            result = await work(store)
+        finally:
+            await store.close()
+        return result
+
+    async def _start(self, execution_id: str, worker: str) -> tuple[Execution, RunPolicy] | None:
+        until = datetime.now(UTC) + self.lease
+        return await self._using_store(
+            lambda store: store.start_dispatched(execution_id, worker=worker, lease_until=until)
+        )
+
+    async def _renew(self, execution_id: str, worker: str) -> bool:
+        until = datetime.now(UTC) + self.lease
+        return await self._using_store(
+            lambda store: store.renew_lease(execution_id, worker=worker, until=until)
+        )
+
+    async def _finish(self, execution: Execution, policy: RunPolicy, outcome: _Outcome) -> None:
+        async def finish(store: SqlAlchemyStore) -> None:
+            end = ExecutionFinish(
+                id=execution.id,
+                job_id=execution.job_id,
+                state=outcome.state,
+                start_time=execution.start_time,
+                end_time=datetime.now(UTC),
+                result=outcome.result,
+                error_message=outcome.error_message,
+                error_traceback=outcome.error_traceback,
+                error_type=outcome.error_type,
+            )
+            await store.record_progress([end])
+            ended = await store.get_execution(execution.id)
+            failed = outcome.state in (ExecutionState.FAILED, ExecutionState.TIMED_OUT)
+            # Only the attempt whose end this was is retried (not one cancelled meanwhile).
+            if failed and ended.state is outcome.state:
+                if policy.retry.retries(execution.attempt, outcome.retry_as):
+                    retry = retry_of(ended, policy.retry, now=datetime.now(UTC), instance_id="")
+                    await store.admit_executions([Admission(execution=retry)])
+
+        await self._using_store(finish)
+
+
+def _worker_name(celery_task: Any) -> str:
+    hostname = getattr(celery_task.request, "hostname", None) or socket.gethostname()
+    return f"{hostname}/{os.getpid()}"
+
+
+class _TimedOut(Exception):
+    """The job's timeout passed in a gevent worker."""
+
+
+def _call(
+    function: Callable[..., Any], kwargs: dict[str, Any], timeout: timedelta | None
+) -> _Outcome:
+    """Runs the task's function. Its timeout is Celery's soft time limit (set when the task
+    was sent) in a prefork worker; a gevent worker has no time limits, so there the wrapper
+    keeps it (a greenlet that never yields cannot be stopped, gevent's rule)."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    try:
+        with _greenlet_timeout(timeout):
+            value = function(**kwargs)
+            if inspect.isawaitable(value):
+                value = run_async(_awaited(value))
+        return _Outcome(ExecutionState.SUCCEEDED, result=json_result(value))
+    except (SoftTimeLimitExceeded, _TimedOut) as error:
+        return _Outcome(
+            ExecutionState.TIMED_OUT,
+            error_message="timed out: the job's timeout passed",
+            error_traceback=_traceback(error),
+            # As an inline run that timed out.
+            retry_as=("builtins.TimeoutError", "builtins.OSError"),
+        )
+    except Exception as error:
+        names = type_names(error)
+        return _Outcome(
+            ExecutionState.FAILED,
+            error_message=f"{type(error).__name__}: {error}"[:4096],
+            error_traceback=_traceback(error),
+            error_type=names[0],
+            retry_as=names,
+        )
+
+
+def _greenlet_timeout(timeout: timedelta | None) -> Any:
+    if timeout is None or not _gevent_patched():
+        return contextlib.nullcontext()
+    import gevent
+
+    return gevent.Timeout(timeout.total_seconds(), _TimedOut)
+
+
+async def _awaited(value: Any) -> Any:
+    return await value
+
+
+def _traceback(error: BaseException) -> str:
+    return "".join(traceback.format_exception(error))[-MAX_TRACEBACK_CHARS:]
+
+
+class _Lease(threading.Thread):
+    """Renews the worker's lease on an execution every third of the lease while it runs."""
+
+    def __init__(self, owner: Chronoplane, execution_id: str, worker: str) -> None:
+        super().__init__(name=f"chronoplane-lease-{execution_id}", daemon=True)
+        self._owner = owner
+        self._execution_id = execution_id
+        self._worker = worker
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        every = self._owner.lease.total_seconds() / 3
+        while not self._stopped.wait(every):
+            try:
+                if not run_async(self._owner._renew(self._execution_id, self._worker)):
+                    log.warning(
+                        "execution %s is no longer this worker's (cancelled, or abandoned "
+                        "after a lost lease): what it does now is not recorded",
+                        self._execution_id,
+                    )
+                    return
+            except Exception as error:
+                log.warning("could not renew the lease on %s: %s", self._execution_id, error)
+
+    def stop(self) -> None:
+        self._stopped.set()
