@@ -18,7 +18,7 @@ import pytest_asyncio
 from brokers import Worker, amqp_url, ledger_lines, redis_url, start_redis, start_worker
 from conftest import InProcessServer, serving
 from google.protobuf import duration_pb2, json_format, struct_pb2
-from harness import error_reason, violations
+from harness import BIN, error_reason, violations
 
 from chronoplane.server.config import Settings
 from chronoplane.v1 import execution_pb2 as epb
@@ -219,8 +219,24 @@ async def test_celery_on_sqlite_with_a_worker_on_the_same_host(
         workers.append(
             start_worker(tmp_path, broker=broker, database_url=database_url, queue=queue)
         )
-        job = celery_job("sum", "celery.add", queue, args={"a": 20, "b": 22})
-        await server.stub.CreateJob(pb.CreateJobRequest(job=job))
+        # Made with chronoctl this time.
+        created = await asyncio.create_subprocess_exec(
+            str(BIN / "chronoctl"),
+            f"--address={server.app.address}",
+            "jobs",
+            "create",
+            "sum",
+            "--task=celery.add",
+            "--cron=0 0 1 1 *",
+            '--args={"a": 20, "b": 22}',
+            "--celery",
+            f"--queue={queue}",
+            "--priority=3",
+            stdout=asyncio.subprocess.PIPE,
+        )
+        shown, _ = await created.communicate()
+        assert created.returncode == 0
+        assert f"celery (queue {queue}, priority 3)" in shown.decode()
         triggered = (await server.stub.TriggerJob(pb.TriggerJobRequest(id="sum"))).execution
         done = await wait_for(server, triggered.id, ended)
         assert done.state == epb.EXECUTION_STATE_SUCCEEDED

@@ -179,6 +179,7 @@ class AsyncClient:
         labels: Mapping[str, str] | None = None,
         request_id: str = "",
         coalesce: bool | None = None,
+        celery: job_pb2.CeleryOptions | None = None,
     ) -> job_pb2.Job:
         """Creates a job (the server picks its id when ``job_id`` is empty) and returns it.
 
@@ -194,6 +195,10 @@ class AsyncClient:
           ``"cancel_running"``.
         - ``retry``: from :func:`retry_policy`; ``timeout``: runs longer than this end
           TIMED_OUT; ``history_limit``: keep this many executions, the newest (0: no limit).
+
+        ``celery``: run the job's executions on Celery workers, routed so (``task`` is then a
+        Celery task name registered with ``chronoplane.celery``; the server needs
+        ``celery_broker_url``).
 
         ``coalesce`` is deprecated: use ``misfire_policy`` (``coalesce=False`` is
         ``misfire_policy="run_all"``).
@@ -218,6 +223,9 @@ class AsyncClient:
             timeout=timeout,
             history_limit=history_limit,
         )
+        if celery is not None:
+            job.executor = execution_pb2.EXECUTOR_CELERY
+            job.celery.CopyFrom(celery)
         request = pb.CreateJobRequest(job=job, request_id=request_id)
         response: pb.CreateJobResponse = await self._call(self._stub.CreateJob, request)
         return response.job

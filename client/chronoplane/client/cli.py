@@ -170,7 +170,17 @@ async def _jobs_create(client: AsyncClient, args: argparse.Namespace) -> Message
         timeout=args.timeout,
         history_limit=args.history_limit,
         labels=dict(args.label),
+        celery=_celery(args),
     )
+
+
+def _celery(args: argparse.Namespace) -> job_pb2.CeleryOptions | None:
+    if not args.celery:
+        return None
+    options = job_pb2.CeleryOptions(queue=args.queue, routing_key=args.routing_key)
+    if args.priority is not None:
+        options.priority = args.priority
+    return options
 
 
 async def _jobs_pause(client: AsyncClient, args: argparse.Namespace) -> Message:
@@ -447,12 +457,26 @@ def _job_text(job: job_pb2.Job) -> str:
             ("retry", _retry_text(job)),
             ("timeout", _optional_span(job, "timeout")),
             ("history limit", str(job.history_limit) if job.history_limit else ""),
+            ("executor", _celery_text(job)),
             ("labels", ", ".join(f"{k}={v}" for k, v in sorted(job.labels.items()))),
             ("created", " by ".join(filter(None, [_time(job, "create_time"), job.created_by]))),
             ("updated", " by ".join(filter(None, [_time(job, "update_time"), job.updated_by]))),
             ("etag", job.etag),
         ]
     )
+
+
+def _celery_text(job: job_pb2.Job) -> str:
+    """celery (queue reports, routing key r, priority 5), or "" for an inline job."""
+    if job.executor != execution_pb2.EXECUTOR_CELERY:
+        return ""
+    options = job.celery
+    parts = [f"queue {options.queue or 'celery'}"]
+    if options.routing_key:
+        parts.append(f"routing key {options.routing_key}")
+    if options.HasField("priority"):
+        parts.append(f"priority {options.priority}")
+    return f"celery ({', '.join(parts)})"
 
 
 def _execution_text(execution: execution_pb2.Execution) -> str:
@@ -479,6 +503,10 @@ def _execution_text(execution: execution_pb2.Execution) -> str:
             ("missed", _missed_text(execution)),
             ("note", execution.note),
             ("instance", execution.instance_id),
+            ("executor", "celery" if execution.executor == execution_pb2.EXECUTOR_CELERY else ""),
+            ("dispatched", _time(execution, "dispatch_time")),
+            ("worker", execution.worker),
+            ("pending because", execution.pending_reason),
             ("traceback", execution.error_traceback.rstrip()),
         ]
     )
@@ -687,6 +715,15 @@ def _add_policy_options(create: argparse.ArgumentParser) -> None:
     policies.add_argument(
         "--history-limit", type=int, default=0, metavar="N", help="keep the newest N executions"
     )
+    celery = create.add_argument_group("Celery (the server needs --celery-broker-url)")
+    celery.add_argument(
+        "--celery",
+        action="store_true",
+        help="run on Celery workers: --task names a task registered with chronoplane.celery",
+    )
+    celery.add_argument("--queue", default="", help="the Celery queue (default: celery)")
+    celery.add_argument("--routing-key", default="", metavar="KEY", help="the routing key")
+    celery.add_argument("--priority", type=int, metavar="0-9", help="the message priority")
     retry = create.add_argument_group("retries (of failed and timed-out runs)")
     retry.add_argument("--max-attempts", type=int, metavar="N", help="runs in all, the first too")
     retry.add_argument("--initial-backoff", type=_duration, metavar="DURATION", help="default 1s")
@@ -853,6 +890,9 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         retry = [args.initial_backoff, args.backoff_multiplier, args.max_backoff]
         if args.max_attempts is None and (any(v is not None for v in retry) or args.retry_on):
             parser.error("the retry options go with --max-attempts")
+    if args.run is _jobs_create and not args.celery:
+        if args.queue or args.routing_key or args.priority is not None:
+            parser.error("--queue, --routing-key and --priority go with --celery")
     if args.run is _executions_purge and args.older_than is None and not args.keep_last:
         parser.error("say what to purge: --older-than, --keep-last or both")
 
