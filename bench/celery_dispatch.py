@@ -80,7 +80,13 @@ def emit(broker: str, scenario: str, figure: str, value: Any, unit: str) -> None
 @contextlib.contextmanager
 def celery_worker(broker: str, database_url: str, queue: str, workdir: Path) -> Any:
     worker = start_worker(
-        workdir, broker=broker, database_url=database_url, queue=queue, concurrency=2
+        workdir,
+        broker=broker,
+        database_url=database_url,
+        queue=queue,
+        concurrency=2,
+        # Redis's default: the backlog waits in the queue far longer than the tests' 5 s.
+        env={"CHRONOPLANE_TEST_VISIBILITY": "3600"},
     )
     note(f"celery worker pid {worker.process.pid}, 2 prefork processes, queue {queue}")
     try:

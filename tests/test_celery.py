@@ -209,6 +209,26 @@ async def test_a_celery_job_runs_on_a_worker_and_its_story_reaches_watchers(
         )
         assert second.state == epb.EXECUTION_STATE_FAILED and second.executor == epb.EXECUTOR_CELERY
 
+        # Many at once, beyond any slot limit: each sent once, each run once.
+        many = celery_job(
+            "many",
+            "celery.add",
+            queue,
+            args={"a": 1, "b": 1},
+            max_concurrent=0,
+            overlap_policy=jpb.OVERLAP_POLICY_ALLOW,
+        )
+        await stub.CreateJob(pb.CreateJobRequest(job=many))
+        ids = [
+            (await stub.TriggerJob(pb.TriggerJobRequest(id="many"))).execution.id for _ in range(30)
+        ]
+        assert {(await wait_for(server, i, ended)).state for i in ids} == {
+            epb.EXECUTION_STATE_SUCCEEDED
+        }
+        received = workers[0].log.count("] received")
+        assert "was started before" not in workers[0].log
+        assert received == workers[0].log.count("succeeded in")
+
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_celery_on_sqlite_with_a_worker_on_the_same_host(
@@ -241,6 +261,23 @@ async def test_celery_on_sqlite_with_a_worker_on_the_same_host(
         done = await wait_for(server, triggered.id, ended)
         assert done.state == epb.EXECUTION_STATE_SUCCEEDED
         assert json_format.MessageToDict(done.result)["sum"] == 42
+        # Scheduled fires take the same way.
+        every = celery_job("often", "celery.add", queue, args={"a": 1, "b": 1})
+        every.trigger.CopyFrom(
+            jpb.Trigger(interval=jpb.IntervalTrigger(every=duration_pb2.Duration(seconds=1)))
+        )
+        await server.stub.CreateJob(pb.CreateJobRequest(job=every))
+        for _ in range(100):
+            runs = (
+                await server.stub.ListExecutions(
+                    pb.ListExecutionsRequest(job_id="often", states=[epb.EXECUTION_STATE_SUCCEEDED])
+                )
+            ).executions
+            if runs:
+                break
+            await asyncio.sleep(0.1)
+        assert runs and runs[0].source == epb.EXECUTION_SOURCE_SCHEDULE
+        assert runs[0].triggered_by == "system:schedule" and runs[0].worker.startswith("w1@")
 
 
 async def test_celery_jobs_are_checked_and_refused_without_a_broker(

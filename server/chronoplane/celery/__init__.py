@@ -141,6 +141,11 @@ class Chronoplane:
         self.app = app
         self.database_url = url
         self.lease = lease
+        # (pid, loop, store): the prefork process's store, on its main thread's loop.
+        self._kept: tuple[int, asyncio.AbstractEventLoop, SqlAlchemyStore] | None = None
+        from celery.signals import worker_process_shutdown
+
+        worker_process_shutdown.connect(self._close_process_store, weak=False)
         app.conf.update(
             task_acks_late=True,
             task_reject_on_worker_lost=True,
@@ -185,14 +190,37 @@ class Chronoplane:
         return outcome.result
 
     async def _using_store(self, work: Callable[[SqlAlchemyStore], Awaitable[T]]) -> T:
-        """``work`` with a store of its own, disposed inside this coroutine (before the loop
-        that runs it may close); the result is returned after the ``finally``."""
+        """``work`` with a store: the process's own on a prefork (or solo) worker's main
+        thread, whose loop ``run_async`` keeps open from task to task; otherwise one of its
+        own, disposed inside this coroutine (before the loop that runs it may close), the
+        result returned after the ``finally``."""
+        kept = self._process_store()
+        if kept is not None:
+            return await work(kept)
         store = SqlAlchemyStore.from_url(self.database_url)
         try:
             result = await work(store)
         finally:
             await store.close()
         return result
+
+    def _process_store(self) -> SqlAlchemyStore | None:
+        """The store kept for this process's tasks, made on first use after the fork and
+        again if the main thread's loop was replaced; None where a store cannot outlive the
+        call (gevent, other threads)."""
+        if _gevent_patched() or threading.current_thread() is not threading.main_thread():
+            return None
+        loop = asyncio.get_running_loop()
+        kept = self._kept
+        if kept is None or kept[0] != os.getpid() or kept[1] is not loop:
+            kept = self._kept = (os.getpid(), loop, SqlAlchemyStore.from_url(self.database_url))
+        return kept[2]
+
+    def _close_process_store(self, **_: Any) -> None:
+        """At the worker process's end (Celery's worker_process_shutdown)."""
+        kept, self._kept = self._kept, None
+        if kept is not None and kept[0] == os.getpid() and not kept[1].is_closed():
+            kept[1].run_until_complete(kept[2].close())
 
     async def _start(self, execution_id: str, worker: str) -> tuple[Execution, RunPolicy] | None:
         until = datetime.now(UTC) + self.lease
@@ -220,13 +248,14 @@ class Chronoplane:
                 error_type=outcome.error_type,
             )
             await store.record_progress([end])
-            ended = await store.get_execution(execution.id)
             failed = outcome.state in (ExecutionState.FAILED, ExecutionState.TIMED_OUT)
+            if not failed or not policy.retry.retries(execution.attempt, outcome.retry_as):
+                return
+            ended = await store.get_execution(execution.id)
             # Only the attempt whose end this was is retried (not one cancelled meanwhile).
-            if failed and ended.state is outcome.state:
-                if policy.retry.retries(execution.attempt, outcome.retry_as):
-                    retry = retry_of(ended, policy.retry, now=datetime.now(UTC), instance_id="")
-                    await store.admit_executions([Admission(execution=retry)])
+            if ended.state is outcome.state:
+                retry = retry_of(ended, policy.retry, now=datetime.now(UTC), instance_id="")
+                await store.admit_executions([Admission(execution=retry)])
 
         await self._using_store(finish)
 

@@ -150,6 +150,7 @@ class Application:
                 heartbeat_interval=settings.heartbeat_interval,
                 instance_timeout=settings.instance_timeout,
                 shared=shared,
+                leases=bool(settings.celery_broker_url),
             )
             # Unwound in reverse: the row goes last, once every execution here has ended.
             stack.push_async_callback(member.leave)

@@ -56,6 +56,7 @@ class Member:
         heartbeat_interval: float,
         instance_timeout: float,
         shared: bool,
+        leases: bool = False,
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
         self.instance = instance
@@ -66,6 +67,8 @@ class Member:
         self._hb = heartbeat_interval
         self._instance_timeout = timedelta(seconds=instance_timeout)
         self._shared = shared
+        # Whether to look for Celery workers' lapsed leases alone on SQLite (with a broker).
+        self._leases = leases
         self._clock = clock
         self._coordinator: Coordinator | None = None
         self._terms: asyncio.Queue[int | None] = asyncio.Queue()
@@ -109,8 +112,9 @@ class Member:
         if self._shared:
             self._spawn(self._sync_forever(), "job-sync")
             self._spawn(self._resync_forever(), "job-resync")
-        # Dead instances (a cluster) and Celery workers whose lease ran out (both).
-        self._spawn(self._sweep_forever(), "orphan-sweep")
+        if self._shared or self._leases:
+            # Dead instances (a cluster), and Celery workers whose lease ran out.
+            self._spawn(self._sweep_forever(), "orphan-sweep")
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -239,16 +243,18 @@ class Member:
                 log.warning("sweeping dead instances' executions failed: %s", error)
 
     async def sweep(self) -> None:
-        removed = await self._store.remove_stale_instances(
-            stale_after=self._instance_timeout * REMOVE_AFTER_TIMEOUTS
-        )
-        if removed:
-            log.info("removed %d stale instances: %s", len(removed), ", ".join(removed))
-        abandoned = await self._store.abandon_orphans(
-            stale_after=self._instance_timeout,
-            message="abandoned: the instance running it stopped heartbeating",
-            now=self._clock(),
-        )
+        abandoned = []
+        if self._shared:
+            removed = await self._store.remove_stale_instances(
+                stale_after=self._instance_timeout * REMOVE_AFTER_TIMEOUTS
+            )
+            if removed:
+                log.info("removed %d stale instances: %s", len(removed), ", ".join(removed))
+            abandoned += await self._store.abandon_orphans(
+                stale_after=self._instance_timeout,
+                message="abandoned: the instance running it stopped heartbeating",
+                now=self._clock(),
+            )
         abandoned += await self._store.abandon_expired_leases(
             message="abandoned: the Celery worker running it stopped renewing its lease"
         )

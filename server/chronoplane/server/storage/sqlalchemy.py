@@ -120,6 +120,9 @@ _RUNNING: sa.ColumnElement[str] = sa.literal_column("'running'")
 # or queued (waiting for a slot of its job).
 _READY = (executions.c.state == _PENDING) & executions.c.ready
 _QUEUED = (executions.c.state == _PENDING) & sa.not_(executions.c.ready)
+# What waits for a slot: queued and not holding one (a Celery execution sent to the broker is
+# PENDING and not ready, but has its slot until it ends).
+_WAITING = _QUEUED & sa.not_(executions.c.holds_slot)
 _ACTIVE = executions.c.state.in_([_PENDING, _RUNNING]) | executions.c.holds_slot
 _INLINE = executions.c.executor == ExecutorKind.INLINE.value
 _CELERY = executions.c.executor == ExecutorKind.CELERY.value
@@ -1060,7 +1063,7 @@ class SqlAlchemyStore(Store):
 
     async def _queued_jobs(self, conn: AsyncConnection, job_ids: Iterable[str] | None) -> list[str]:
         """The jobs among ``job_ids`` (None: all) that have queued executions."""
-        query = sa.select(executions.c.job_id).where(_QUEUED).distinct()
+        query = sa.select(executions.c.job_id).where(_WAITING).distinct()
         if job_ids is not None:
             wanted = sorted(set(job_ids))
             if not wanted:
@@ -1105,7 +1108,7 @@ class SqlAlchemyStore(Store):
                 )
                 .label("rn"),
             )
-            .where(self._among(executions.c.job_id, job_ids), _QUEUED)
+            .where(self._among(executions.c.job_id, job_ids), _WAITING)
             .subquery()
         )
         free = (
@@ -1123,7 +1126,7 @@ class SqlAlchemyStore(Store):
         )
         result = await conn.execute(
             executions.update()
-            .where(executions.c.id.in_(sa.select(chosen.c.id)), _QUEUED)
+            .where(executions.c.id.in_(sa.select(chosen.c.id)), _WAITING)
             .values(ready=True)
             .returning(executions.c.id)  # rowcount is -1 for WITH ... UPDATE on SQLite
         )
