@@ -239,3 +239,36 @@ async def test_nul_characters_are_refused_naming_the_field(server: InProcessServ
             await call_
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert field in violations(caught.value), (field, violations(caught.value))
+
+
+# -- bytes that are no request at all --------------------------------------------------------
+
+SERVICE = pb.DESCRIPTOR.services_by_name["SchedulerService"]
+CORRUPT = b"\x0a\xff"  # a length-delimited field 1 whose length runs past the end
+BAD_UTF8 = b"\x0a\x03\xff\xfe\xfd"  # field 1, three bytes that are not UTF-8
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_requests_grpc_cannot_parse_are_invalid_argument_for_every_rpc(
+    server: InProcessServer,
+) -> None:
+    for method in SERVICE.methods:
+        field_1 = method.input_type.fields_by_number.get(1)
+        payloads = [CORRUPT]
+        if field_1 is not None and field_1.type == field_1.TYPE_STRING:
+            payloads.append(BAD_UTF8)
+        path = f"/{SERVICE.full_name}/{method.name}"
+        for payload in payloads:
+            if method.server_streaming:
+                stream = server.channel.unary_stream(path, request_serializer=bytes)(payload)
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await stream.read()
+            else:
+                call = server.channel.unary_unary(path, request_serializer=bytes)
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await call(payload)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method.name, payload)
+            assert "request" in violations(caught.value), method.name
+    health = health_pb2_grpc.HealthStub(server.channel)
+    answer = await health.Check(health_pb2.HealthCheckRequest())
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING

@@ -35,7 +35,7 @@ from chronoplane.server.errors import (
     Unauthenticated,
 )
 
-__all__ = ["DOMAIN", "ErrorInterceptor", "nul_fields", "status_for"]
+__all__ = ["DOMAIN", "DecodeInterceptor", "ErrorInterceptor", "nul_fields", "status_for"]
 
 log = logging.getLogger(__name__)
 
@@ -181,3 +181,41 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             raise NotImplementedError("client-streaming Chronoplane RPCs need a guard")
         # Server-streaming handlers write with context.write and return: one guard fits both.
         return grpc.experimental.wrap_server_method_handler(_guard_unary, handler)
+
+
+class DecodeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Parses Chronoplane requests itself, outermost, so that one grpc cannot parse (invalid
+    UTF-8 in a string field, a corrupt wire format) is INVALID_ARGUMENT naming the message,
+    not grpc's UNKNOWN, and never reaches a handler."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[Any], Awaitable[Any]],
+        handler_call_details: Any,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or not method.startswith("/chronoplane.") or handler.request_streaming:
+            return handler
+        parse = handler.request_deserializer
+        inner = handler.unary_stream if handler.response_streaming else handler.unary_unary
+
+        async def decoded(raw: bytes, context: Any) -> Any:
+            try:
+                request = parse(raw)
+            except Exception as error:  # DecodeError, and whatever a parser may raise
+                violation = FieldViolation(
+                    field="request",
+                    description=f"cannot be parsed ({error}); string fields must be UTF-8",
+                )
+                await context.abort_with_status(status_for(InvalidArgument([violation])))
+            return await inner(request, context)
+
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if handler.response_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        return make(
+            decoded, request_deserializer=None, response_serializer=handler.response_serializer
+        )

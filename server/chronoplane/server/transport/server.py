@@ -19,7 +19,7 @@ from chronoplane.server.security import Authenticator
 from chronoplane.server.service import SchedulerService
 from chronoplane.server.transport.audit import AuditInterceptor
 from chronoplane.server.transport.auth import AuthInterceptor
-from chronoplane.server.transport.errors import ErrorInterceptor
+from chronoplane.server.transport.errors import DecodeInterceptor, ErrorInterceptor
 from chronoplane.server.transport.servicer import SchedulerServicer
 from chronoplane.v1 import scheduler_service_pb2, scheduler_service_pb2_grpc
 
@@ -126,7 +126,7 @@ class GrpcServer:
     ) -> None:
         limits = limits or Limits()
         # Outermost first: the audit log sees how every call ended, refusals included.
-        interceptors: list[Any] = []
+        interceptors: list[Any] = [DecodeInterceptor()]
         if audit is not None:
             interceptors.append(audit)
         interceptors.append(ErrorInterceptor())
