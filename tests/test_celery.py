@@ -113,7 +113,8 @@ async def redis_server(postgres_url: str, tmp_path: Path) -> AsyncIterator[InPro
 
 
 @pytest.mark.parametrize(
-    ("broker", "pool"), [("redis", "prefork"), ("redis", "gevent"), ("rabbitmq", "prefork")]
+    ("broker", "pool"),
+    [("redis", "prefork"), ("redis", "gevent"), ("rabbitmq", "prefork"), ("rabbitmq", "gevent")],
 )
 async def test_a_celery_job_runs_on_a_worker_and_its_story_reaches_watchers(
     postgres_url: str,
