@@ -44,19 +44,13 @@ import os
 import socket
 import sys
 import threading
-import traceback
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from chronoplane.server.models import Execution, ExecutionState, RunPolicy
-from chronoplane.server.runner import (
-    MAX_TRACEBACK_CHARS,
-    json_result,
-    retry_of,
-    type_names,
-)
+from chronoplane.server.runner import Failure, json_result, retry_of
 from chronoplane.server.storage.abc import Admission, ExecutionFinish
 from chronoplane.server.storage.sqlalchemy import SqlAlchemyStore
 
@@ -287,18 +281,18 @@ def _call(
         return _Outcome(
             ExecutionState.TIMED_OUT,
             error_message="timed out: the job's timeout passed",
-            error_traceback=_traceback(error),
+            error_traceback=Failure.of(error).traceback,
             # As an inline run that timed out.
             retry_as=("builtins.TimeoutError", "builtins.OSError"),
         )
     except Exception as error:
-        names = type_names(error)
+        failure = Failure.of(error)
         return _Outcome(
             ExecutionState.FAILED,
-            error_message=f"{type(error).__name__}: {error}"[:4096],
-            error_traceback=_traceback(error),
-            error_type=names[0],
-            retry_as=names,
+            error_message=failure.message[:4096],
+            error_traceback=failure.traceback,
+            error_type=failure.type,
+            retry_as=failure.types,
         )
 
 
@@ -312,10 +306,6 @@ def _greenlet_timeout(timeout: timedelta | None) -> Any:
 
 async def _awaited(value: Any) -> Any:
     return await value
-
-
-def _traceback(error: BaseException) -> str:
-    return "".join(traceback.format_exception(error))[-MAX_TRACEBACK_CHARS:]
 
 
 class _Lease(threading.Thread):

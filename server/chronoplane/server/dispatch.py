@@ -16,11 +16,11 @@ import contextlib
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
 
+from chronoplane.server.executors.abc import Broker, BrokerError
 from chronoplane.server.storage.abc import Dispatch, Store
 
-__all__ = ["Broker", "BrokerError", "Dispatcher"]
+__all__ = ["Dispatcher"]
 
 log = logging.getLogger(__name__)
 
@@ -30,18 +30,6 @@ MAX_BATCH = 500
 CONCURRENT_SENDS = 8
 # A send that failed is tried again after 1 s, 2 s, 4 s ... at most this long.
 MAX_RETRY_DELAY = 30.0
-
-
-class BrokerError(Exception):
-    """The broker did not take the message (the text says why)."""
-
-
-class Broker(Protocol):
-    async def send(self, dispatch: Dispatch) -> None: ...
-
-    async def revoke(self, task_id: str) -> None: ...
-
-    def close(self) -> None: ...
 
 
 def _utcnow() -> datetime:

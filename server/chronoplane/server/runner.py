@@ -63,7 +63,15 @@ from chronoplane.server.storage.abc import (
 )
 from chronoplane.server.tasks import ExecutionContext, TaskRegistry, execution_context
 
-__all__ = ["DEFAULT_MAX_RUNNING", "Due", "Runner", "json_result", "retry_of", "type_names"]
+__all__ = [
+    "DEFAULT_MAX_RUNNING",
+    "Due",
+    "Failure",
+    "Runner",
+    "json_result",
+    "retry_of",
+    "type_names",
+]
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +126,28 @@ def _stamp(value: datetime) -> str:
 
 def _seconds(value: timedelta) -> str:
     return f"{value.total_seconds():g} s"
+
+
+@dataclass(frozen=True)
+class Failure:
+    """How an execution's failure is recorded: the message, the traceback (its end), the
+    qualified type names (most specific first) that retry_on matches."""
+
+    message: str
+    traceback: str
+    types: tuple[str, ...]
+
+    @property
+    def type(self) -> str:
+        return self.types[0] if self.types else ""
+
+    @classmethod
+    def of(cls, error: BaseException) -> Failure:
+        return cls(
+            message=f"{type(error).__name__}: {error}",
+            traceback="".join(traceback.format_exception(error))[-MAX_TRACEBACK_CHARS:],
+            types=type_names(error),
+        )
 
 
 def retry_of(
@@ -877,15 +907,15 @@ class Runner:
         self._fail(run, error)
 
     def _fail(self, run: _Run, error: BaseException) -> None:
-        names = type_names(error)
+        failure = Failure.of(error)
         self._finish_now(
             run,
             ExecutionState.FAILED,
-            error_message=f"{type(error).__name__}: {error}",
-            error_traceback="".join(traceback.format_exception(error))[-MAX_TRACEBACK_CHARS:],
-            error_type=names[0] if names else "",
+            error_message=failure.message,
+            error_traceback=failure.traceback,
+            error_type=failure.type,
         )
-        self._retry(run.execution, run.policy.retry, names)
+        self._retry(run.execution, run.policy.retry, failure.types)
 
     def _late(self, run: _Run, done: asyncio.Future[Any]) -> None:
         """A task that outlived its execution's final state has ended: keep what it did as a

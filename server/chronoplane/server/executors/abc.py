@@ -6,12 +6,15 @@ import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from chronoplane.server.models import JSONObject
 from chronoplane.server.tasks import TaskDefinition
 
-__all__ = ["Executor", "StartCallback", "Work"]
+if TYPE_CHECKING:
+    from chronoplane.server.storage.abc import Dispatch
+
+__all__ = ["Broker", "BrokerError", "Executor", "StartCallback", "Work"]
 
 StartCallback = Callable[[datetime], None]
 """Told, on the event loop, the moment the task's code begins."""
@@ -48,3 +51,18 @@ class Executor(ABC):
     @abstractmethod
     async def shutdown(self) -> None:
         """Releases the worker threads without waiting for running ones."""
+
+
+class BrokerError(Exception):
+    """The broker did not take the message (the text says why)."""
+
+
+class Broker(Protocol):
+    """Where Celery executions are sent (executors/celery.py); dispatch.py drives it."""
+
+    async def send(self, dispatch: Dispatch) -> None:
+        """Raises ``BrokerError`` when the broker did not take it."""
+
+    async def revoke(self, task_id: str) -> None: ...
+
+    def close(self) -> None: ...

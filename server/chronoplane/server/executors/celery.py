@@ -15,7 +15,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from chronoplane.server.dispatch import BrokerError
+from chronoplane.server.executors.abc import BrokerError
 from chronoplane.server.storage.abc import Dispatch
 
 __all__ = ["CeleryBroker"]

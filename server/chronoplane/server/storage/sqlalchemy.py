@@ -261,6 +261,11 @@ def _retry_from_json(data: dict[str, Any] | None) -> RetryPolicy:
     )
 
 
+def _run_policy(timeout_seconds: float | None, retry: dict[str, Any] | None) -> RunPolicy:
+    """A job's timeout and retry policy, from its columns."""
+    return RunPolicy(timeout=_delta(timeout_seconds), retry=_retry_from_json(retry))
+
+
 def _missed_to_json(missed: MissedFires | None) -> dict[str, Any] | None:
     if missed is None:
         return None
@@ -983,10 +988,7 @@ class SqlAlchemyStore(Store):
                     start_time=execution.create_time,
                 )
                 job = found[execution.job_id]
-                policy = RunPolicy(
-                    timeout=_delta(job.timeout_seconds), retry=_retry_from_json(job.retry)
-                )
-                claimed.append((execution, policy))
+                claimed.append((execution, _run_policy(job.timeout_seconds, job.retry)))
             rows.append((execution, _execution_values(execution, admission, ready=ready)))
         inserted = await self._insert_rows(conn, [values for _, values in rows])
         if any(values["ready"] and e.id in inserted for e, values in rows):
@@ -1217,10 +1219,7 @@ class SqlAlchemyStore(Store):
                         instance_id=instance_id,
                         start_time=started,
                     )
-                    policy = RunPolicy(
-                        timeout=_delta(row.timeout_seconds), retry=_retry_from_json(row.job_retry)
-                    )
-                    claimed.append((execution, policy))
+                    claimed.append((execution, _run_policy(row.timeout_seconds, row.job_retry)))
             if claimed:
                 await self._mark_claimed(conn, [e.id for e, _ in claimed], instance_id, started)
         return Claim(executions=claimed, next_due_in=next_due_in)
@@ -1551,10 +1550,7 @@ class SqlAlchemyStore(Store):
                     )
                 )
             ).first()
-        policy = RunPolicy(
-            timeout=_delta(job.timeout_seconds) if job else None,
-            retry=_retry_from_json(job.retry) if job else RetryPolicy(),
-        )
+        policy = _run_policy(job.timeout_seconds, job.retry) if job else RunPolicy()
         return _execution_from_mapping(rows[0]), policy
 
     @_translate_errors
