@@ -85,7 +85,14 @@ class ServerProcess:
     def stop(self, timeout: float = 30) -> int:
         if self.process.poll() is None:
             self.process.terminate()
-        return self.process.wait(timeout)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(
+                f"the server did not stop within {timeout} s of SIGTERM:\n{self.log[-20000:]}"
+            ) from None
 
 
 def start_server(

@@ -153,12 +153,6 @@ def test_jobs_keep_firing_across_a_restart(database_url: str, tmp_path: Path) ->
         wait_for(stub, "tick", lambda ex: len(final(ex)) >= 2)
         assert server.stop() == 0
         stopped_at = datetime.now(UTC)
-        before = (
-            {e.id for e in stub.ListExecutions(pb.ListExecutionsRequest()).executions}
-            if False
-            else None
-        )
-        del before
 
         server = start_server(database_url, tmp_path)
         stub = server.stub()

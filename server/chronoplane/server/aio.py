@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import Any
 
-__all__ = ["cancelled"]
+__all__ = ["cancelled", "report_slow", "where"]
 
 RECANCEL_SECONDS = 0.5
 
@@ -24,3 +25,33 @@ async def cancelled(task: asyncio.Task[Any] | None) -> None:
             task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+def where(task: asyncio.Task[Any]) -> str:
+    """Where a task waits: its chain of awaits, outermost first (``Task.get_stack`` shows
+    only the outermost frame of a suspended coroutine)."""
+    steps: list[str] = []
+    awaited: Any = task.get_coro()
+    while awaited is not None:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+        if frame is not None:
+            steps.append(f"{frame.f_code.co_name} ({frame.f_code.co_filename}:{frame.f_lineno})")
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+    return " -> ".join(steps) or repr(task)
+
+
+async def report_slow(what: str, after: float, every: float, log: logging.Logger) -> None:
+    """Logs every task's await chain once ``what`` has taken ``after`` seconds, and again
+    every ``every`` seconds: a hang then names the step it hangs in."""
+    started = asyncio.get_running_loop().time()
+    await asyncio.sleep(after)
+    while True:
+        elapsed = asyncio.get_running_loop().time() - started
+        current = asyncio.current_task()
+        waiting = sorted(
+            f"  {task.get_name()}: {where(task)}"
+            for task in asyncio.all_tasks()
+            if task is not current
+        )
+        log.warning("%s has taken %.0f s; waiting on:\n%s", what, elapsed, "\n".join(waiting))
+        await asyncio.sleep(every)

@@ -12,7 +12,7 @@ from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from chronoplane.server.aio import cancelled
+from chronoplane.server.aio import cancelled, report_slow
 from chronoplane.server.cluster import Member
 from chronoplane.server.config import Settings
 from chronoplane.server.coordination.abc import Coordinator
@@ -258,6 +258,12 @@ class Application:
             self.ready.set()
             await self._stop.wait()
             log.info("shutting down: no new RPCs, %d executions running", runner.running)
+            # A hang in a step of the unwind is then named in the log.
+            watchdog = asyncio.create_task(
+                report_slow("shutting down", 10, 15, log),
+                name="shutdown-watchdog",
+            )
+        watchdog.cancel()
         log.info("stopped")
 
     def _instance(self, address: str) -> Instance:
