@@ -345,9 +345,14 @@ def test_sigterm_lets_short_runs_finish_and_interrupts_long_ones(
     create_idle_job(stub, "short", "chronoplane.sleep", seconds=0.5)
     short = stub.TriggerJob(pb.TriggerJobRequest(id="short")).execution
     long = start_long_run(stub)
+    # A synchronous task cannot be interrupted: the server exits without its thread.
+    create_idle_job(stub, "stuck", "test.sync_sleep", seconds=3600)
+    stuck = stub.TriggerJob(pb.TriggerJobRequest(id="stuck")).execution
+    wait_for(stub, "stuck", lambda ex: ex and ex[0].state == epb.EXECUTION_STATE_RUNNING)
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(30) == 0
     assert "shutting down" in server.log
+    assert "1 synchronous tasks still running; exiting without them" in server.log
 
     server = start_server(database_url, tmp_path)
     try:
@@ -357,6 +362,8 @@ def test_sigterm_lets_short_runs_finish_and_interrupts_long_ones(
         assert got_short.state == epb.EXECUTION_STATE_SUCCEEDED
         assert got_long.state == epb.EXECUTION_STATE_INTERRUPTED
         assert "shut down" in got_long.error_message
+        got_stuck = stub.GetExecution(pb.GetExecutionRequest(id=stuck.id)).execution
+        assert got_stuck.state == epb.EXECUTION_STATE_INTERRUPTED
     finally:
         server.stop()
 

@@ -10,6 +10,8 @@ import os
 import socket
 import sys
 import threading
+import time
+import traceback
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -182,13 +184,39 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, InstanceConflict, StorageUnavailable, AlreadyExists, OSError) as error:
         log.error("%s", error)
         return 1
-    busy = [t for t in threading.enumerate() if t.name.startswith("chronoplane-task")]
-    if busy:
-        # A synchronous task cannot be interrupted; do not let it hold the process open.
-        log.warning("%d synchronous tasks still running; exiting without them", len(busy))
-        logging.shutdown()
-        os._exit(0)
+    _exit_without_lingering_threads()
     return 0
+
+
+def _exit_without_lingering_threads(wait: float = 2.0) -> None:
+    """Python's exit waits for every non-daemon thread. A synchronous task cannot be
+    interrupted, and a database connection nobody closed keeps its driver thread: neither may
+    hold the process open once the server has stopped. Their names and places are logged."""
+    deadline = time.monotonic() + wait
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            if not thread.name.startswith("chronoplane-task"):
+                thread.join(max(0.0, deadline - time.monotonic()))
+    lingering = [
+        t
+        for t in threading.enumerate()
+        if t is not threading.main_thread() and not t.daemon and t.is_alive()
+    ]
+    if not lingering:
+        return
+    frames = sys._current_frames()
+    tasks = sum(t.name.startswith("chronoplane-task") for t in lingering)
+    if tasks:
+        log.warning("%d synchronous tasks still running; exiting without them", tasks)
+    for thread in lingering:
+        if not thread.name.startswith("chronoplane-task"):
+            frame = frames.get(thread.ident or -1)
+            place = "".join(traceback.format_stack(frame)) if frame is not None else "?"
+            log.warning(
+                "thread %s outlived the server; exiting without it:\n%s", thread.name, place
+            )
+    logging.shutdown()
+    os._exit(0)
 
 
 if __name__ == "__main__":
