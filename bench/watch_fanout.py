@@ -20,8 +20,13 @@ all watchers), expected_per_s (11 x 2 x executions/s), latency_p50_ms / latency_
 commits, to its receipt), server_cpu_percent (of one core, the watchers' server),
 runner_cpu_percent (split: the server running the executions), server_rss_mb, behind
 (true once delivery fell behind: less than 90% of what was asked delivered, or p99 over
-1 s). The last phase not behind is
-the saturation point: ``saturation_delivered_per_s`` and its ratio to the ceiling.
+1 s), server_cpu_us_per_msg (the watchers' server's CPU per message delivered),
+client_cpu_percent (this process, reading all streams) and machine_cpu_percent (every
+process, in % of one core: 200 is a full 2-core machine). The last phase not behind is the
+saturation point: ``saturation_delivered_per_s`` and its ratio to the ceiling; and
+``cpu_efficiency_to_ceiling``, the trivial server's CPU per message (``ceiling_cpu_us_per_msg``)
+over the watchers' server's at saturation, which is the ratio the fan-out would reach on a
+machine where the executions, PostgreSQL and the client did not share its cores.
 
 Run it::
 
@@ -128,7 +133,8 @@ async def _serve_trivial(port: int) -> None:
     await server.wait_for_termination()
 
 
-async def ceiling(streams: int, seconds: float) -> float:
+async def ceiling(streams: int, seconds: float) -> tuple[float, float]:
+    """Messages/s the trivial server streams, and its CPU per message (us)."""
     port = _free_port()
     process = await asyncio.create_subprocess_exec(
         sys.executable, __file__, "--trivial-server", str(port), stdout=asyncio.subprocess.PIPE
@@ -149,14 +155,14 @@ async def ceiling(streams: int, seconds: float) -> float:
             readers = [asyncio.create_task(read(k)) for k in range(streams)]
             await asyncio.sleep(WARM_SECONDS)
             counting = True
-            began = time.monotonic()
+            cpu0, began = _cpu_seconds(process.pid), time.monotonic()
             await asyncio.sleep(seconds)
             counting = False
-            elapsed = time.monotonic() - began
+            cpu, elapsed = _cpu_seconds(process.pid) - cpu0, time.monotonic() - began
             for reader in readers:
                 reader.cancel()
             await asyncio.gather(*readers, return_exceptions=True)
-        return sum(counts) / elapsed
+        return sum(counts) / elapsed, cpu / max(1, sum(counts)) * 1e6
     finally:
         process.kill()
         await process.wait()
@@ -201,6 +207,19 @@ class Watchers:
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _machine_busy() -> tuple[int, int]:
+    """The machine's busy and total CPU ticks so far (all cores), from /proc/stat."""
+    ticks = [int(t) for t in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    return sum(ticks) - idle, sum(ticks)
+
+
+def _busy_percent(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """How busy the whole machine was between two samples, in % of one core."""
+    busy, total = after[0] - before[0], after[1] - before[1]
+    return busy / max(1, total) * 100 * (os.cpu_count() or 1)
 
 
 def _rss_mb(pid: int) -> float:
@@ -257,23 +276,26 @@ async def phase(
     rate: float,
     seconds: float,
     layout: str,
-) -> tuple[float, bool]:
+) -> tuple[float, bool, float | None]:
     """One execution rate: the jobs are set through the first server, the watchers are on
     the last (the same one, or another instance of the cluster)."""
     await set_rate(stub, job_ids, rate)
     await asyncio.sleep(2 + WARM_SECONDS)
     pids = [server.process.pid for server in servers]
     cpu0, began = [_cpu_seconds(pid) for pid in pids], time.monotonic()
+    machine0, client0 = _machine_busy(), time.process_time()
     watchers.received.clear()
     watchers.recording = True
     await asyncio.sleep(seconds)
     watchers.recording = False
     elapsed = time.monotonic() - began
     cpu = [(_cpu_seconds(pid) - c0) / elapsed * 100 for pid, c0 in zip(pids, cpu0, strict=True)]
+    client = (time.process_time() - client0) / elapsed * 100
+    machine = _busy_percent(machine0, _machine_busy())
     tags = {"layout": layout, "rate": rate}
     if layout == "none":
         emit("server_cpu_percent", cpu[0], "%", **tags)  # what running the executions costs
-        return 0.0, False
+        return 0.0, False, None
     received = list(watchers.received)
     delivered = len(received) / elapsed
     expected = 11 * 2 * rate
@@ -291,17 +313,27 @@ async def phase(
     emit("server_cpu_percent", cpu[-1], "%", **tags)  # the one the watchers are on
     if len(cpu) > 1:
         emit("runner_cpu_percent", cpu[0], "%", **tags)  # the one running the executions
+    cost = cpu[-1] / 100 / delivered * 1e6 if received else None
+    if cost is not None:
+        # CPU of the watchers' server per message it delivered, to compare with the trivial
+        # server's: what the fan-out costs, whatever else shares the machine.
+        emit("server_cpu_us_per_msg", cost, "us", **tags)
+    emit("client_cpu_percent", client, "%", **tags)  # this process: 1,010 streams reading
+    emit("machine_cpu_percent", machine, "%", cores=os.cpu_count(), **tags)
     emit("server_rss_mb", _rss_mb(pids[-1]), "MB", **tags)
     emit("behind", behind, "bool", **tags)
-    return delivered, behind
+    return delivered, behind, cost
 
 
-async def run_layout(options: argparse.Namespace, workdir: Path, layout: str, top: float) -> None:
+async def run_layout(
+    options: argparse.Namespace, workdir: Path, layout: str, top: float, top_cost: float
+) -> None:
     """``one``: the watchers on the server that runs the executions; ``split``: on a second
     instance of the cluster, which runs none (the leader's share of --max-running holds
     them all)."""
     streams = options.jobs + EVERYTHING
     saturation: float | None = None
+    saturation_cost: float | None = None
     async with contextlib.AsyncExitStack() as stack:
         url = await stack.enter_async_context(
             postgres_database(_maintenance_dsn(options.postgres_url))
@@ -340,12 +372,12 @@ async def run_layout(options: argparse.Namespace, workdir: Path, layout: str, to
         await asyncio.sleep(3)
         for rate in options.rates if watching else options.rates[:1]:
             note(f"[{layout}] phase: {rate} executions/s")
-            delivered, behind = await phase(
+            delivered, behind, cost = await phase(
                 servers, url, stub, watchers, job_ids, rate, options.seconds, layout
             )
             if behind:
                 break
-            saturation = delivered
+            saturation, saturation_cost = delivered, cost
         if watchers.errors:
             note(f"stream errors: {watchers.errors[:3]} ({len(watchers.errors)})")
         emit("stream_errors", len(watchers.errors), "count", layout=layout)
@@ -355,16 +387,21 @@ async def run_layout(options: argparse.Namespace, workdir: Path, layout: str, to
     emit("saturation_delivered_per_s", saturation, "1/s", layout=layout)
     ratio = saturation / top if saturation and top else None
     emit("saturation_to_ceiling", ratio, "ratio", layout=layout)
+    # The trivial server's CPU per message over ours at saturation: the ratio the fan-out
+    # would reach where the executions and the clients had cores of their own.
+    efficiency = top_cost / saturation_cost if saturation_cost else None
+    emit("cpu_efficiency_to_ceiling", efficiency, "ratio", layout=layout)
 
 
 async def _main(options: argparse.Namespace) -> int:
     streams = options.jobs + EVERYTHING
     note(f"ceiling: a trivial grpc.aio server streaming to {streams} streams")
-    top = await ceiling(streams, options.seconds)
+    top, top_cost = await ceiling(streams, options.seconds)
     emit("ceiling_msgs_per_s", top, "1/s", streams=streams)
+    emit("ceiling_cpu_us_per_msg", top_cost, "us", streams=streams)
     workdir = Path(tempfile.mkdtemp(prefix="chronoplane-bench-watch-"))
     for layout in options.layouts:
-        await run_layout(options, workdir, layout, top)
+        await run_layout(options, workdir, layout, top, top_cost)
     note(f"server logs in {workdir}")
     return 0
 
