@@ -342,7 +342,7 @@ async def run_layout(
             await stack.enter_async_context(
                 running_server(url, workdir / f"{layout}-{k}.log", f"--max-watchers={streams + 10}")
             )
-            for k in range(1 if layout == "one" else 2)
+            for k in range(2 if layout == "split" else 1)
         ]
         runner = grpc.aio.insecure_channel(servers[0].address)
         stack.push_async_callback(runner.close)

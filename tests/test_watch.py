@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 import pytest
 import pytest_asyncio
+import sqlalchemy as sa
 from conftest import InProcessServer, serving
 from harness import error_info, violations
 from test_api import create, fails, struct
@@ -154,6 +155,46 @@ async def test_job_changes_are_streamed_with_the_job_as_it_is(
     assert dict(deleted.job.labels) == {"team": "data"}
     assert added.cursor < modified.cursor < deleted.cursor
     await watcher.close()
+
+
+async def test_a_server_nobody_watches_reads_no_events_and_a_first_watcher_starts_now(
+    watch_server: InProcessServer,
+) -> None:
+    server = watch_server
+    await create(server.stub, "echo", paused=True)
+    reads: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if "FROM events" in statement or "SELECT event_log." in statement:
+            reads.append(statement)
+
+    sa.event.listen(sa.engine.Engine, "before_cursor_execute", record)
+    try:
+        unseen = [await trigger(server, "echo", n=n) for n in range(5)]
+        for execution in unseen:
+            await wait_finished(server, execution.id)
+        await asyncio.sleep(0.3)  # every commit woke the hub
+    finally:
+        sa.event.remove(sa.engine.Engine, "before_cursor_execute", record)
+    assert reads == []
+
+    watcher = Collector(server.stub.WatchExecutions(pb.WatchExecutionsRequest()))
+    await asyncio.sleep(0.2)
+    seen = await trigger(server, "echo", n=9)
+    await watcher.until(
+        lambda c: any(finished(e.execution.state) for e in c.changes()), what="its end"
+    )
+    await watcher.close()
+    assert {e.execution.id for e in watcher.changes()} == {seen.id}
+
+
+async def wait_finished(server: InProcessServer, execution_id: str) -> None:
+    for _ in range(300):
+        response = await server.stub.GetExecution(pb.GetExecutionRequest(id=execution_id))
+        if finished(response.execution.state):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{execution_id} did not finish")
 
 
 async def test_a_snapshot_comes_first_then_a_marker_then_live_events(

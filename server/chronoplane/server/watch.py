@@ -3,7 +3,8 @@
 The hub reads events after its position whenever it is woken (an event committed here, a
 ``NOTIFY`` from another instance, the listener reconnecting) and at least every
 ``poll_interval``; the table is the truth, wake-ups only make it read sooner. Each event goes,
-as one shared object, into the buffer of every watcher whose filter it matches.
+as one shared object, into the buffer of every watcher whose filter it matches. While nobody
+watches, it reads nothing; the first watcher moves it to the newest cursor.
 
 A buffer is bounded. A watcher whose buffer is full stops receiving from the hub and
 *catches up* from the table instead, from the last event it sent, until it reaches the hub's
@@ -148,6 +149,8 @@ class WatchHub:
         self._stall_timeout = stall_timeout if stall_timeout is not None else 2 * progress_interval
         # The last cursor handed to the watchers: every event up to it was dispatched.
         self._position = 0
+        # Nobody watched at the last wake-up, so nothing was read: the position may be old.
+        self._idle = False
         self._by_job: dict[tuple[EventResource, str], set[_Watcher]] = {}
         self._everything: dict[EventResource, set[_Watcher]] = {r: set() for r in EventResource}
         self._count = 0
@@ -201,13 +204,10 @@ class WatchHub:
 
     async def _read_new(self) -> None:
         if not self._count:
-            # Nobody watches: move to the newest cursor without reading the events. What
-            # it skips is not in the recent events either (they must have no gap).
-            newest = (await self._store.event_window()).newest
-            if not self._count:
-                self._position = max(self._position, newest)
-                self._recent.clear()
-                return
+            # Nobody watches: no read at all (an instance without watchers would otherwise
+            # pay a query per commit of the cluster). The first watcher moves the position.
+            self._idle = True
+            return
         while True:
             batch = await self._store.newest_events(self._position, limit=self._page)
             if batch:
@@ -291,6 +291,14 @@ class WatchHub:
         if after is not None:
             _check_range(after, await self._store.event_window())
             watcher.behind = True
+        if self._idle:
+            newest = (await self._store.event_window()).newest
+            if self._idle and not self._count:
+                # The first watcher: skip what nobody was there to see. The recent events
+                # must have no gap, so they go too.
+                self._position = max(self._position, newest)
+                self._recent.clear()
+                self._idle = False
         self._register(watcher)
         # Events after this position reach the buffer (unless it is behind).
         last = after if after is not None else self._position
