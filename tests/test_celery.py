@@ -415,6 +415,54 @@ async def test_cancel_revokes_the_running_task_and_a_queued_one_never_starts(
     assert still.state == epb.EXECUTION_STATE_CANCELLED  # what the killed task did not say
 
 
+async def test_cancel_running_stops_the_worker_run_it_displaces(
+    redis_server: InProcessServer, tmp_path: Path, queue: str, workers: list[Worker]
+) -> None:
+    server = redis_server
+    workers.append(
+        start_worker(
+            tmp_path,
+            broker=redis_url(tmp_path),
+            database_url=server.database_url,
+            queue=queue,
+            concurrency=1,
+        )
+    )
+    path = tmp_path / "ledger.txt"
+    job = celery_job(
+        "latest",
+        "celery.ledger",
+        queue,
+        args={"path": str(path), "seconds": 20},
+        max_concurrent=1,
+        overlap_policy=jpb.OVERLAP_POLICY_CANCEL_RUNNING,
+    )
+    await server.stub.CreateJob(pb.CreateJobRequest(job=job))
+    older = (await server.stub.TriggerJob(pb.TriggerJobRequest(id="latest"))).execution
+    await wait_for(server, older.id, lambda e: e.state == epb.EXECUTION_STATE_RUNNING)
+    newer = (
+        await server.stub.TriggerJob(
+            pb.TriggerJobRequest(
+                id="latest", args=json_format.ParseDict({"path": str(path)}, struct_pb2.Struct())
+            )
+        )
+    ).execution
+    # The only worker process was busy with the older run for 20 s: the newer one runs only
+    # because that task was stopped.
+    done = await wait_for(server, newer.id, ended, within=15)
+    assert done.state == epb.EXECUTION_STATE_SUCCEEDED
+    displaced = (await server.stub.GetExecution(pb.GetExecutionRequest(id=older.id))).execution
+    assert displaced.state == epb.EXECUTION_STATE_CANCELLED
+    assert "overlap policy cancel_running" in displaced.error_message
+    assert displaced.end_time.ToDatetime() <= done.start_time.ToDatetime()
+    lines = ledger_lines(path)
+    assert [line.split()[:2] for line in lines] == [
+        ["start", older.id],
+        ["start", newer.id],
+        ["end", newer.id],
+    ], lines
+
+
 # -- the broker away -----------------------------------------------------------------------------
 
 

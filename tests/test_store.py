@@ -447,8 +447,10 @@ async def test_admission_applies_the_overlap_policy_to_what_the_database_holds(
     )
     assert newer.displace == ["j1"]
     assert newer.inserted[0].state is ExecutionState.PENDING
-    assert await store.displace_oldest(newer.displace) == [first.id]
-    assert await store.displace_oldest(newer.displace) == [forced.id], "the next oldest"
+    assert [e.id for e in await store.displace_oldest(newer.displace, now=T0)] == [first.id]
+    assert [e.id for e in await store.displace_oldest(newer.displace, now=T0)] == [forced.id], (
+        "the next oldest"
+    )
     assert await store.cancel_requests([first.id, forced.id, buffered.id]) == {
         first.id: "cancelled for a newer run (overlap policy cancel_running)",
         forced.id: "cancelled for a newer run (overlap policy cancel_running)",

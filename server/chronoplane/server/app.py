@@ -138,6 +138,7 @@ class Application:
                     instance_id=self.instance_id,
                 )
                 runner.also_wake(dispatcher.notified)
+                runner.revoke_with(dispatcher.revoke)
                 service.dispatcher = dispatcher
                 dispatcher.start()
                 stack.push_async_callback(dispatcher.stop)

@@ -21,7 +21,7 @@ import json
 import logging
 import traceback
 from collections import defaultdict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -272,11 +272,17 @@ class Runner:
         # Scheduled fires and next run times are written only while leading, with the epoch.
         self._epoch: int | None = None
         self._acting: Callable[[], bool] = lambda: False
+        self._revoke: Callable[[str], Awaitable[None]] | None = None
 
     def also_wake(self, listener: Callable[[], None]) -> None:
         """``listener`` is called whenever the claimer is woken: executions may be ready
         (the Celery dispatcher looks at the queue then too)."""
         self._wake.listeners.append(listener)
+
+    def revoke_with(self, revoke: Callable[[str], Awaitable[None]]) -> None:
+        """``revoke(task_id)`` stops a Celery task whose execution was displaced by a newer
+        one (CANCEL_RUNNING)."""
+        self._revoke = revoke
 
     # -- leadership ---------------------------------------------------------------------------
 
@@ -573,12 +579,16 @@ class Runner:
 
     async def _displace(self, job_ids: list[str]) -> None:
         try:
-            asked = await self._store.displace_oldest(job_ids)
+            displaced = await self._store.displace_oldest(job_ids, now=self._clock())
         except ChronoplaneError as error:
             log.warning("could not stop runs displaced by newer ones: %s", error)
             return
-        for execution_id in asked:
-            run = self._runs.get(execution_id)
+        for execution in displaced:
+            if execution.executor is ExecutorKind.CELERY:
+                if execution.celery_task_id and self._revoke is not None:
+                    await self._revoke(execution.celery_task_id)
+                continue
+            run = self._runs.get(execution.id)
             if run is not None:  # the others' instances are told by the database
                 self._request_stop(run, ExecutionState.CANCELLED, DISPLACED)
 

@@ -273,9 +273,11 @@ class Store(ABC):
         moved only while it is the current leadership epoch."""
 
     @abstractmethod
-    async def displace_oldest(self, job_ids: Sequence[str]) -> list[str]:
+    async def displace_oldest(self, job_ids: Sequence[str], *, now: datetime) -> list[Execution]:
         """Asks each job's oldest running execution (not already asked) to stop for a newer
-        one; returns the executions asked. Their instances are told by notification."""
+        one; returns them as they now are. Inline ones are asked through their instances (by
+        notification); a Celery one is CANCELLED at once, its slot freed, and the caller
+        revokes its task."""
 
     @abstractmethod
     async def promote_waiting(self) -> int:

@@ -1138,31 +1138,62 @@ class SqlAlchemyStore(Store):
         return promoted
 
     @_translate_errors
-    async def displace_oldest(self, job_ids: Sequence[str]) -> list[str]:
+    async def displace_oldest(self, job_ids: Sequence[str], *, now: datetime) -> list[Execution]:
         asked: list[str] = []
+        ended: list[str] = []
         async with self._write() as conn:
             for job_id in job_ids:
                 oldest = (
-                    sa.select(executions.c.id)
-                    .where(
-                        executions.c.job_id == job_id,
-                        executions.c.state == _RUNNING,
-                        executions.c.cancel_reason.is_(None),
+                    await conn.execute(
+                        sa.select(executions.c.id, executions.c.executor)
+                        .where(
+                            executions.c.job_id == job_id,
+                            executions.c.state == _RUNNING,
+                            executions.c.cancel_reason.is_(None),
+                        )
+                        .order_by(executions.c.id)
+                        .limit(1)
+                        .with_for_update()
                     )
-                    .order_by(executions.c.id)
-                    .limit(1)
-                    .scalar_subquery()
+                ).first()
+                if oldest is None:
+                    continue
+                if oldest.executor == ExecutorKind.CELERY.value:
+                    # Its worker is not ours to ask: it ends here, its slot goes to the newer
+                    # run, and the caller revokes its task (as CancelExecution does).
+                    values: dict[str, Any] = {
+                        "state": ExecutionState.CANCELLED.value,
+                        "end_time": now,
+                        "error_message": DISPLACED,
+                        "cancel_reason": DISPLACED,
+                        "ready": False,
+                        "holds_slot": False,
+                    }
+                    ended.append(oldest.id)
+                else:
+                    values = {"cancel_reason": DISPLACED}
+                    asked.append(oldest.id)
+                await conn.execute(
+                    executions.update().where(executions.c.id == oldest.id).values(**values)
                 )
-                result = await conn.execute(
-                    executions.update()
-                    .where(executions.c.id == oldest)
-                    .values(cancel_reason=DISPLACED)
-                    .returning(executions.c.id)
-                )
-                asked += result.scalars()
             for execution_id in asked:
                 await self._notify(conn, CANCEL_CHANNEL, execution_id)
-        return asked
+            if ended:
+                self._changed(conn, EventResource.EXECUTION, ended, EventKind.MODIFIED)
+                freed = (
+                    await conn.execute(
+                        sa.select(executions.c.job_id).where(self._among(executions.c.id, ended))
+                    )
+                ).scalars()
+                await self._promote(conn, await self._queued_jobs(conn, set(freed)))
+            rows = (
+                await conn.execute(
+                    sa.select(executions)
+                    .where(self._among(executions.c.id, [*asked, *ended]))
+                    .order_by(executions.c.id)
+                )
+            ).all()
+        return [_execution_from_row(row) for row in rows]
 
     async def _insert_rows(self, conn: AsyncConnection, rows: list[dict[str, Any]]) -> set[str]:
         if self._dialect == "postgresql":
