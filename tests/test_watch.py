@@ -105,6 +105,18 @@ async def trigger(server: InProcessServer, job_id: str, **args: Any) -> epb.Exec
     return response.execution
 
 
+async def registered(server: InProcessServer, count: int) -> None:
+    """Waits until the server has ``count`` watchers: a stream "from now" sees only what
+    commits after it is registered."""
+    hub = server.app.hub
+    assert hub is not None
+    for _ in range(500):
+        if hub.watchers == count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{hub.watchers} watchers registered, not {count}")
+
+
 def strictly_increasing(items: list[Any]) -> bool:
     cursors = [i.cursor for i in items if i.kind != K.WATCH_EVENT_KIND_SNAPSHOT]
     return all(a < b for a, b in itertools.pairwise(cursors))
@@ -119,7 +131,7 @@ async def test_an_execution_is_streamed_from_creation_to_its_end(
     server = watch_server
     await create(server.stub, "echo", paused=True)
     watcher = Collector(server.stub.WatchExecutions(pb.WatchExecutionsRequest()))
-    await asyncio.sleep(0.2)  # registered before the change
+    await registered(server, 1)  # before the change
     execution = await trigger(server, "echo", n=7)
     await watcher.until(
         lambda c: any(finished(e.execution.state) for e in c.changes()), what="its end"
@@ -142,7 +154,7 @@ async def test_job_changes_are_streamed_with_the_job_as_it_is(
 ) -> None:
     server = watch_server
     watcher = Collector(server.stub.WatchJobs(pb.WatchJobsRequest()))
-    await asyncio.sleep(0.2)
+    await registered(server, 1)  # before the change
     created = await create(server.stub, "nightly", paused=True, labels={"team": "data"})
     resumed = (await server.stub.ResumeJob(pb.ResumeJobRequest(id="nightly"))).job
     await server.stub.DeleteJob(pb.DeleteJobRequest(id="nightly"))
@@ -179,7 +191,7 @@ async def test_a_server_nobody_watches_reads_no_events_and_a_first_watcher_start
     assert reads == []
 
     watcher = Collector(server.stub.WatchExecutions(pb.WatchExecutionsRequest()))
-    await asyncio.sleep(0.2)
+    await registered(server, 1)  # before the change
     seen = await trigger(server, "echo", n=9)
     await watcher.until(
         lambda c: any(finished(e.execution.state) for e in c.changes()), what="its end"
@@ -239,7 +251,7 @@ async def test_resuming_after_a_cursor_returns_exactly_what_followed(
     server = watch_server
     await create(server.stub, "echo", paused=True, max_concurrent=100)
     first = Collector(server.stub.WatchExecutions(pb.WatchExecutionsRequest()))
-    await asyncio.sleep(0.2)
+    await registered(server, 1)  # before the change
     for n in range(5):
         await trigger(server, "echo", n=n)
     await first.until(lambda c: len(c.changes()) >= 10, what="five runs")
@@ -279,7 +291,7 @@ async def test_filters_by_job_state_and_labels(watch_server: InProcessServer) ->
             pb.WatchExecutionsRequest(states=[epb.EXECUTION_STATE_SUCCEEDED])
         )
     )
-    await asyncio.sleep(0.2)
+    await registered(server, 3)  # before the change
     red = await trigger(server, "red")
     blue = await trigger(server, "blue")
     await by_state.until(lambda c: len(c.changes()) >= 2, what="both successes")
@@ -302,7 +314,7 @@ async def test_an_idle_stream_gets_progress_with_a_cursor_to_resume_from(
     await create(server.stub, "quiet", paused=True)
     await create(server.stub, "busy", paused=True)
     watcher = Collector(server.stub.WatchExecutions(pb.WatchExecutionsRequest(job_ids=["quiet"])))
-    await asyncio.sleep(0.2)
+    await registered(server, 1)  # before the change
     await trigger(server, "busy")
     await watcher.until(
         lambda c: (
@@ -422,6 +434,7 @@ async def test_watchers_beyond_the_cap_are_refused_and_unary_calls_still_work(
         await asyncio.sleep(0.02)
     assert server.app.hub.watchers == 0
     again = Collector(server.stub.WatchJobs(pb.WatchJobsRequest()))
+    await registered(server, 1)
     await create(server.stub, "seen", paused=True)
     await again.until(lambda c: len(c.changes()) >= 1, what="a watcher accepted again")
     await again.close()

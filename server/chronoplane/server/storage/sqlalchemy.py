@@ -423,11 +423,14 @@ def _audit_from_row(row: sa.Row[Any]) -> AuditEvent:
 
 
 def _event_from_row(row: sa.Row[Any]) -> Event:
+    # The closure keeps the body's text, not the row: the hub keeps thousands of recent
+    # events, and each object they hold is one more for every full garbage collection.
     text = row.body_text
+    resource = EventResource(row.resource)
 
     def decode() -> Execution | Job:
         body = decode_body(json.loads(text))
-        if row.resource == EventResource.EXECUTION:
+        if resource is EventResource.EXECUTION:
             return _execution_from_row(body)
         return _job_from_row(body)
 
@@ -437,7 +440,7 @@ def _event_from_row(row: sa.Row[Any]) -> Event:
         kind=EventKind(row.kind),
         job_id=row.job_id,
         labels=labels,
-        resource=EventResource(row.resource),
+        resource=resource,
         decode=decode,
     )
 
