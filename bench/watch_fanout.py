@@ -410,7 +410,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=JOBS)
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--rates", type=float, nargs="+", default=[200, 250, 300, 350, 400, 500, 600, 700, 800, 1000])
+    parser.add_argument(
+        "--rates",
+        type=float,
+        nargs="+",
+        default=[200, 250, 300, 350, 400, 500, 600, 700, 800, 1000],
+    )
     parser.add_argument("--postgres-url")
     parser.add_argument(
         "--layouts", nargs="+", choices=["one", "split", "none"], default=["one", "split"]
