@@ -133,7 +133,7 @@ class WatchHub:
         poll_interval: float = 1.0,
         page: int = 1000,
         stall_timeout: float | None = None,
-        recent: int = 4096,
+        recent: int = 1024,
         coalesce: float = 0.005,
     ) -> None:
         self._store = store
@@ -142,7 +142,8 @@ class WatchHub:
         self._progress_interval = progress_interval
         self._poll_interval = poll_interval
         self._page = page
-        # The newest events dispatched, in cursor order, between recent and 2 x recent.
+        # The newest events dispatched, in cursor order, between recent and 2 x recent. Few:
+        # each is a dozen objects for every full garbage collection to scan.
         self._recent: list[Event] = []
         self._recent_size = recent
         self._coalesce = coalesce
