@@ -25,8 +25,9 @@ client_cpu_percent (this process, reading all streams) and machine_cpu_percent (
 process, in % of one core: 200 is a full 2-core machine). The last phase not behind is the
 saturation point: ``saturation_delivered_per_s`` and its ratio to the ceiling; and
 ``cpu_efficiency_to_ceiling``, the trivial server's CPU per message (``ceiling_cpu_us_per_msg``)
-over the watchers' server's at saturation, which is the ratio the fan-out would reach on a
-machine where the executions, PostgreSQL and the client did not share its cores.
+over the watchers' server's at saturation: an estimate (not measured here) of the ratio the
+fan-out would reach on a machine where the executions, PostgreSQL and the client did not
+share its cores.
 
 Run it::
 
@@ -387,8 +388,8 @@ async def run_layout(
     emit("saturation_delivered_per_s", saturation, "1/s", layout=layout)
     ratio = saturation / top if saturation and top else None
     emit("saturation_to_ceiling", ratio, "ratio", layout=layout)
-    # The trivial server's CPU per message over ours at saturation: the ratio the fan-out
-    # would reach where the executions and the clients had cores of their own.
+    # The trivial server's CPU per message over ours at saturation: an estimate of the ratio
+    # the fan-out would reach where the executions and the client had cores of their own.
     efficiency = top_cost / saturation_cost if saturation_cost else None
     emit("cpu_efficiency_to_ceiling", efficiency, "ratio", layout=layout)
 

@@ -366,16 +366,22 @@ async def test_a_worker_killed_mid_task_leaves_one_run_abandoned_then_retried(
 # -- cancellation ------------------------------------------------------------------------------
 
 
+def one_process_worker(server: InProcessServer, tmp_path: Path, queue: str) -> Worker:
+    """A worker on Redis with one process: while it runs a task, no other starts."""
+    return start_worker(
+        tmp_path,
+        broker=redis_url(tmp_path),
+        database_url=server.database_url,
+        queue=queue,
+        concurrency=1,
+    )
+
+
 async def test_cancel_revokes_the_running_task_and_a_queued_one_never_starts(
     redis_server: InProcessServer, tmp_path: Path, queue: str, workers: list[Worker]
 ) -> None:
     server = redis_server
-    url = redis_url(tmp_path)
-    workers.append(
-        start_worker(
-            tmp_path, broker=url, database_url=server.database_url, queue=queue, concurrency=1
-        )
-    )
+    workers.append(one_process_worker(server, tmp_path, queue))
     path = tmp_path / "ledger.txt"
     job = celery_job(
         "slow",
@@ -419,15 +425,7 @@ async def test_cancel_running_stops_the_worker_run_it_displaces(
     redis_server: InProcessServer, tmp_path: Path, queue: str, workers: list[Worker]
 ) -> None:
     server = redis_server
-    workers.append(
-        start_worker(
-            tmp_path,
-            broker=redis_url(tmp_path),
-            database_url=server.database_url,
-            queue=queue,
-            concurrency=1,
-        )
-    )
+    workers.append(one_process_worker(server, tmp_path, queue))
     path = tmp_path / "ledger.txt"
     job = celery_job(
         "latest",

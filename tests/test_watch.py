@@ -415,10 +415,7 @@ async def test_watchers_beyond_the_cap_are_refused_and_unary_calls_still_work(
         for _ in range(MAX_WATCHERS)
     ]
     assert server.app.hub is not None
-    for _ in range(200):
-        if server.app.hub.watchers == MAX_WATCHERS:
-            break
-        await asyncio.sleep(0.02)
+    await registered(server, MAX_WATCHERS)
     error = await fails(
         _first(server.stub.WatchJobs(pb.WatchJobsRequest())), grpc.StatusCode.RESOURCE_EXHAUSTED
     )
@@ -428,11 +425,7 @@ async def test_watchers_beyond_the_cap_are_refused_and_unary_calls_still_work(
     assert created.id == "still-served"
     for watcher in watchers:
         await watcher.close()
-    for _ in range(200):
-        if server.app.hub.watchers == 0:
-            break
-        await asyncio.sleep(0.02)
-    assert server.app.hub.watchers == 0
+    await registered(server, 0)
     again = Collector(server.stub.WatchJobs(pb.WatchJobsRequest()))
     await registered(server, 1)
     await create(server.stub, "seen", paused=True)
@@ -449,10 +442,7 @@ async def test_a_stream_that_never_reads_is_ended_and_others_keep_receiving(
     stuck = server.stub.WatchExecutions(pb.WatchExecutionsRequest())
     reader = Collector(server.stub.WatchExecutions(pb.WatchExecutionsRequest()))
     assert server.app.hub is not None
-    for _ in range(200):
-        if server.app.hub.watchers == 2:
-            break
-        await asyncio.sleep(0.02)
+    await registered(server, 2)
     # Two events each of some 16-32 kB: far more than the buffer and the transport's windows.
     runs, padding = 400, "x" * 16_000
     for start in range(0, runs, 50):

@@ -192,29 +192,22 @@ def _exit_without_lingering_threads(wait: float = 2.0) -> None:
     """Python's exit waits for every non-daemon thread. A synchronous task cannot be
     interrupted, and a database connection nobody closed keeps its driver thread: neither may
     hold the process open once the server has stopped. Their names and places are logged."""
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    tasks = [t for t in others if t.name.startswith("chronoplane-task")]
     deadline = time.monotonic() + wait
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            if not thread.name.startswith("chronoplane-task"):
-                thread.join(max(0.0, deadline - time.monotonic()))
-    lingering = [
-        t
-        for t in threading.enumerate()
-        if t is not threading.main_thread() and not t.daemon and t.is_alive()
-    ]
-    if not lingering:
+    for thread in others:
+        if thread not in tasks:  # tasks are not waited for: they had the shutdown grace
+            thread.join(max(0.0, deadline - time.monotonic()))
+    lingering = [t for t in others if t not in tasks and t.is_alive()]
+    if not tasks and not lingering:
         return
-    frames = sys._current_frames()
-    tasks = sum(t.name.startswith("chronoplane-task") for t in lingering)
     if tasks:
-        log.warning("%d synchronous tasks still running; exiting without them", tasks)
+        log.warning("%d synchronous tasks still running; exiting without them", len(tasks))
+    frames = sys._current_frames()
     for thread in lingering:
-        if not thread.name.startswith("chronoplane-task"):
-            frame = frames.get(thread.ident or -1)
-            place = "".join(traceback.format_stack(frame)) if frame is not None else "?"
-            log.warning(
-                "thread %s outlived the server; exiting without it:\n%s", thread.name, place
-            )
+        frame = frames.get(thread.ident or -1)
+        place = "".join(traceback.format_stack(frame)) if frame is not None else "?"
+        log.warning("thread %s outlived the server; exiting without it:\n%s", thread.name, place)
     logging.shutdown()
     os._exit(0)
 

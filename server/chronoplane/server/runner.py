@@ -280,8 +280,8 @@ class Runner:
         self._wake.listeners.append(listener)
 
     def revoke_with(self, revoke: Callable[[str], Awaitable[None]]) -> None:
-        """``revoke(task_id)`` stops a Celery task whose execution was displaced by a newer
-        one (CANCEL_RUNNING)."""
+        """``revoke(task_id)`` stops the Celery task of an execution this server ended
+        (cancelled, or displaced by a newer one: CANCEL_RUNNING)."""
         self._revoke = revoke
 
     # -- leadership ---------------------------------------------------------------------------
@@ -585,12 +585,24 @@ class Runner:
             return
         for execution in displaced:
             if execution.executor is ExecutorKind.CELERY:
-                if execution.celery_task_id and self._revoke is not None:
-                    await self._revoke(execution.celery_task_id)
+                await self._revoke_task(execution)
                 continue
             run = self._runs.get(execution.id)
             if run is not None:  # the others' instances are told by the database
                 self._request_stop(run, ExecutionState.CANCELLED, DISPLACED)
+
+    async def _revoke_task(self, execution: Execution) -> None:
+        """Stops the Celery task of an execution the server ended (cancelled, displaced)."""
+        if execution.executor is not ExecutorKind.CELERY or not execution.celery_task_id:
+            return
+        if self._revoke is None:
+            log.warning(
+                "execution %s is cancelled, but this server has no Celery broker to revoke "
+                "its task: a worker that has it finds it cancelled before it starts",
+                execution.id,
+            )
+            return
+        await self._revoke(execution.celery_task_id)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -761,6 +773,7 @@ class Runner:
             execution_id, message=message, now=self._clock(), by=by
         )
         if request.done:
+            await self._revoke_task(request.execution)
             return request.execution
         owner = request.execution.instance_id
         deadline = asyncio.get_running_loop().time() + CANCEL_WAIT_SECONDS

@@ -485,17 +485,7 @@ class SchedulerService:
         violations = Violations()
         check_text(violations, "reason", reason, limit=MAX_REASON)
         violations.raise_if_any()
-        cancelled = await self._runner.cancel(execution_id, reason=reason, by=current_principal())
-        if cancelled.executor is ExecutorKind.CELERY and cancelled.celery_task_id:
-            if self.dispatcher is not None:
-                await self.dispatcher.revoke(cancelled.celery_task_id)
-            else:
-                log.warning(
-                    "execution %s is cancelled, but this server has no Celery broker to revoke "
-                    "its task: a worker that has it finds it cancelled before it starts",
-                    execution_id,
-                )
-        return cancelled
+        return await self._runner.cancel(execution_id, reason=reason, by=current_principal())
 
     async def purge_executions(
         self, *, job_id: str, older_than: datetime | None, keep_last: int

@@ -266,6 +266,19 @@ def _run_policy(timeout_seconds: float | None, retry: dict[str, Any] | None) -> 
     return RunPolicy(timeout=_delta(timeout_seconds), retry=_retry_from_json(retry))
 
 
+def _cancelled_now(now: datetime, message: str, *, by: str = "") -> dict[str, Any]:
+    """The columns of an execution the server ends as CANCELLED at once (one that has not
+    started, or runs on a Celery worker): its slot goes to the next."""
+    return {
+        "state": ExecutionState.CANCELLED.value,
+        "end_time": now,
+        "error_message": message,
+        "ready": False,
+        "holds_slot": False,
+        "cancelled_by": by,
+    }
+
+
 def _missed_to_json(missed: MissedFires | None) -> dict[str, Any] | None:
     if missed is None:
         return None
@@ -1144,6 +1157,7 @@ class SqlAlchemyStore(Store):
     async def displace_oldest(self, job_ids: Sequence[str], *, now: datetime) -> list[Execution]:
         asked: list[str] = []
         ended: list[str] = []
+        freed: list[str] = []  # the jobs of those ended
         async with self._write() as conn:
             for job_id in job_ids:
                 oldest = (
@@ -1164,15 +1178,9 @@ class SqlAlchemyStore(Store):
                 if oldest.executor == ExecutorKind.CELERY.value:
                     # Its worker is not ours to ask: it ends here, its slot goes to the newer
                     # run, and the caller revokes its task (as CancelExecution does).
-                    values: dict[str, Any] = {
-                        "state": ExecutionState.CANCELLED.value,
-                        "end_time": now,
-                        "error_message": DISPLACED,
-                        "cancel_reason": DISPLACED,
-                        "ready": False,
-                        "holds_slot": False,
-                    }
+                    values = _cancelled_now(now, DISPLACED) | {"cancel_reason": DISPLACED}
                     ended.append(oldest.id)
+                    freed.append(job_id)
                 else:
                     values = {"cancel_reason": DISPLACED}
                     asked.append(oldest.id)
@@ -1183,12 +1191,7 @@ class SqlAlchemyStore(Store):
                 await self._notify(conn, CANCEL_CHANNEL, execution_id)
             if ended:
                 self._changed(conn, EventResource.EXECUTION, ended, EventKind.MODIFIED)
-                freed = (
-                    await conn.execute(
-                        sa.select(executions.c.job_id).where(self._among(executions.c.id, ended))
-                    )
-                ).scalars()
-                await self._promote(conn, await self._queued_jobs(conn, set(freed)))
+                await self._promote(conn, await self._queued_jobs(conn, freed))
             rows = (
                 await conn.execute(
                     sa.select(executions)
@@ -1434,14 +1437,7 @@ class SqlAlchemyStore(Store):
             if current.state is ExecutionState.PENDING or (
                 celery and current.state is ExecutionState.RUNNING
             ):
-                values: dict[str, Any] = {
-                    "state": ExecutionState.CANCELLED.value,
-                    "end_time": now,
-                    "error_message": message,
-                    "ready": False,
-                    "holds_slot": False,
-                    "cancelled_by": by,
-                }
+                values: dict[str, Any] = _cancelled_now(now, message, by=by)
                 done = True
             elif current.state is ExecutionState.RUNNING:
                 values = {"cancel_reason": message, "cancelled_by": by}

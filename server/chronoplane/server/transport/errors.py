@@ -165,6 +165,17 @@ def _guard_unary(behaviour: Behaviour) -> Behaviour:
     return guarded
 
 
+def _chronoplane(handler: Any, method: str) -> bool:
+    """Whether the handler serves a Chronoplane RPC (not health or reflection), which these
+    interceptors guard. All are unary or server-streaming; a client-streaming one would need
+    its own guard and decoder first."""
+    if handler is None or not method.startswith("/chronoplane."):
+        return False
+    if handler.request_streaming:
+        raise NotImplementedError("client-streaming Chronoplane RPCs need a guard")
+    return True
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Applies the table to every Chronoplane RPC."""
 
@@ -174,11 +185,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler_call_details: Any,
     ) -> Any:
         handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
-        if handler is None or not method.startswith("/chronoplane."):
+        if not _chronoplane(handler, handler_call_details.method):
             return handler
-        if handler.request_streaming:
-            raise NotImplementedError("client-streaming Chronoplane RPCs need a guard")
         # Server-streaming handlers write with context.write and return: one guard fits both.
         return grpc.experimental.wrap_server_method_handler(_guard_unary, handler)
 
@@ -194,8 +202,7 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler_call_details: Any,
     ) -> Any:
         handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
-        if handler is None or not method.startswith("/chronoplane.") or handler.request_streaming:
+        if not _chronoplane(handler, handler_call_details.method):
             return handler
         parse = handler.request_deserializer
         inner = handler.unary_stream if handler.response_streaming else handler.unary_unary
