@@ -23,6 +23,7 @@ from chronoplane.server.models import (
     ExecutionQuery,
     ExecutionSource,
     ExecutionState,
+    Instance,
     IntervalTrigger,
     Job,
     OverlapPolicy,
@@ -489,13 +490,66 @@ async def test_executions_of_a_silent_instance_are_abandoned_and_their_slots_fre
     await store.insert_executions(rows)
     assert len(await claimed_ids(store, "inst-dead", limit=2)) == 2
     await store.record_progress([finish(rows[1], keeps_slot=True)])
-    abandoned = await store.abandon_orphans(
-        stale_after=timedelta(seconds=10), message="abandoned", now=datetime.now(UTC)
+    assert await store.execution_owners() == {"inst-dead"}
+    abandoned = await store.abandon_instances(
+        {"inst-dead": None}, message="abandoned", now=datetime.now(UTC)
     )
     assert [e.id for e in abandoned] == [rows[0].id]
     assert abandoned[0].state is ExecutionState.ABANDONED
-    assert "inst-dead (no longer registered)" in abandoned[0].error_message
+    assert abandoned[0].error_message == "abandoned: instance inst-dead"
     assert await claimed_ids(store, "inst-b") == [rows[2].id]
+    # Judged dead, it claims nothing more until it registers again.
+    more = an_execution(scheduled_time=T0 + timedelta(seconds=9))
+    await store.insert_executions([more])
+    claim = await store.claim_executions(instance_id="inst-dead", limit=5, tasks=[TASK])
+    assert claim.fenced and not claim.executions
+
+
+def an_instance(instance_id: str) -> Instance:
+    return Instance(
+        id=instance_id,
+        name="node",
+        host="host",
+        pid=1,
+        version="0",
+        address="127.0.0.1:1",
+        insecure=False,
+        start_time=datetime.now(UTC),
+        max_running=10,
+    )
+
+
+async def beat(store: SqlAlchemyStore, instance_id: str) -> int:
+    return await store.heartbeat_instance(instance_id, running=0, live_after=timedelta(seconds=10))
+
+
+async def test_an_instance_is_fenced_only_while_as_silent_as_observed(
+    store: SqlAlchemyStore,
+) -> None:
+    """The judge fences an instance whose heartbeat is still the one it watched; one that
+    heartbeat meanwhile is left alone. A fenced instance's heartbeat says so (0), and it may
+    claim again once it has registered again."""
+    await store.create_job(a_job(max_concurrent=0), request_id=None)
+    await store.register_instance(an_instance("inst-x"))
+    seen = (await store.instance_heartbeats())["inst-x"]
+    await store.insert_executions([an_execution()])
+    assert len(await claimed_ids(store, "inst-x")) == 1
+    # It heartbeats after the judge looked: the stale observation fences nothing.
+    await asyncio.sleep(0.01)
+    assert await beat(store, "inst-x") == 1
+    now = datetime.now(UTC)
+    assert await store.abandon_instances({"inst-x": seen}, message="gone", now=now) == []
+    # Silent since the judge's last look: fenced, its run abandoned.
+    seen = (await store.instance_heartbeats())["inst-x"]
+    abandoned = await store.abandon_instances({"inst-x": seen}, message="gone", now=now)
+    assert [e.state for e in abandoned] == [ExecutionState.ABANDONED]
+    assert "inst-x" not in await store.instance_heartbeats()
+    assert await beat(store, "inst-x") == 0
+    await store.insert_executions([an_execution(scheduled_time=T0 + timedelta(seconds=1))])
+    assert await claimed_ids(store, "inst-x") == []
+    await store.register_instance(an_instance("inst-x"))
+    assert len(await claimed_ids(store, "inst-x")) == 1
+    assert await beat(store, "inst-x") == 1
 
 
 async def test_a_claim_takes_no_more_than_its_limit(store: SqlAlchemyStore) -> None:

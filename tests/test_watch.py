@@ -118,8 +118,13 @@ async def registered(server: InProcessServer, count: int) -> None:
 
 
 def strictly_increasing(items: list[Any]) -> bool:
-    cursors = [i.cursor for i in items if i.kind != K.WATCH_EVENT_KIND_SNAPSHOT]
-    return all(a < b for a, b in itertools.pairwise(cursors))
+    """Each change has a cursor past the one before; a PROGRESS event may repeat the cursor
+    of the item before it (nothing happened since: it says where to resume)."""
+    seen = [i for i in items if i.kind != K.WATCH_EVENT_KIND_SNAPSHOT]
+    return all(
+        a.cursor < b.cursor or (a.cursor == b.cursor and b.kind == K.WATCH_EVENT_KIND_PROGRESS)
+        for a, b in itertools.pairwise(seen)
+    )
 
 
 # -- what a stream says ------------------------------------------------------------------------

@@ -4,7 +4,8 @@ ChronoplaneError                      any failed call; .code, .message, .reason
 ├── InvalidArgument (ValueError)      a bad request; .field_violations names each bad field
 ├── NotFound (LookupError)            the job or execution does not exist
 ├── AlreadyExists                     the job id is taken
-├── Aborted                           the etag did not match: the job changed since it was read
+├── Aborted                           the etag did not match (reason ETAG_MISMATCH), or the
+│                                     database rolled the call back (STORAGE_CONFLICT): retry
 ├── FailedPrecondition                the state of things forbids the call: .reason is
 │                                     TASK_NOT_REGISTERED or EXECUTION_FINISHED
 ├── Unavailable (ConnectionError)     the server, or its database, cannot be reached
@@ -88,7 +89,9 @@ class AlreadyExists(ChronoplaneError):
 
 
 class Aborted(ChronoplaneError):
-    """Raised when the etag given does not match: the job changed since it was read."""
+    """Raised when the call was aborted. ``reason`` tells why: "ETAG_MISMATCH" (the job
+    changed since it was read: read it again) or "STORAGE_CONFLICT" (the database rolled the
+    call back because of another one; nothing was written, calling again is safe)."""
 
     code = grpc.StatusCode.ABORTED
 

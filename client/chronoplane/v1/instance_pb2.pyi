@@ -37,6 +37,7 @@ class Instance(_message.Message):
     ADDRESS_FIELD_NUMBER: _builtins.int
     MAX_RUNNING_FIELD_NUMBER: _builtins.int
     RUNNING_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Identifier, new for every process start ("inst-" and 12 hex digits); never shared by two
     processes, even with the same name.
@@ -65,6 +66,10 @@ class Instance(_message.Message):
     """
     running: _builtins.int
     """How many executions it was running at its last heartbeat."""
+    draining: _builtins.bool
+    """Whether it is stopping: it runs what it has to its end (heartbeating meanwhile) and takes
+    nothing new.
+    """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """When it started."""
@@ -88,10 +93,11 @@ class Instance(_message.Message):
         address: _builtins.str = ...,
         max_running: _builtins.int = ...,
         running: _builtins.int = ...,
+        draining: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_seen_time", b"last_seen_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "host", b"host", "id", b"id", "insecure", b"insecure", "last_seen_time", b"last_seen_time", "leader", b"leader", "max_running", b"max_running", "name", b"name", "pid", b"pid", "running", b"running", "start_time", b"start_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "draining", b"draining", "host", b"host", "id", b"id", "insecure", b"insecure", "last_seen_time", b"last_seen_time", "leader", b"leader", "max_running", b"max_running", "name", b"name", "pid", b"pid", "running", b"running", "start_time", b"start_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

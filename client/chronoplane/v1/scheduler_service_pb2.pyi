@@ -46,7 +46,8 @@ class _WatchEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WatchE
     """The snapshot is complete; the cursor is the one it was taken at. Live events follow."""
     WATCH_EVENT_KIND_PROGRESS: _WatchEventKind.ValueType  # 6
     """Nothing matching happened; the cursor is the position of the stream, a point to resume
-    from. No resource.
+    from. No resource. It may repeat the cursor of the message before it (nothing at all
+    happened since), never a smaller one.
     """
 
 class WatchEventKind(_WatchEventKind, metaclass=_WatchEventKindEnumTypeWrapper):
@@ -66,7 +67,8 @@ WATCH_EVENT_KIND_SNAPSHOT_END: WatchEventKind.ValueType  # 5
 """The snapshot is complete; the cursor is the one it was taken at. Live events follow."""
 WATCH_EVENT_KIND_PROGRESS: WatchEventKind.ValueType  # 6
 """Nothing matching happened; the cursor is the position of the stream, a point to resume
-from. No resource.
+from. No resource. It may repeat the cursor of the message before it (nothing at all
+happened since), never a smaller one.
 """
 Global___WatchEventKind: _TypeAlias = WatchEventKind  # noqa: Y015
 

@@ -10,6 +10,7 @@ import secrets
 import signal
 import socket
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -28,24 +29,34 @@ from chronoplane.server.pagination import PageTokens
 from chronoplane.server.runner import Runner
 from chronoplane.server.security import Authenticator
 from chronoplane.server.service import SchedulerService
+from chronoplane.server.stall import LoopMonitor
 from chronoplane.server.storage.migrate import upgrade
 from chronoplane.server.storage.sqlalchemy import (
     CANCEL_CHANNEL,
     EVENTS_CHANNEL,
     JOBS_CHANNEL,
     WORK_CHANNEL,
+    SessionLimits,
     SqlAlchemyStore,
     create_engine,
 )
 from chronoplane.server.tasks import default_registry, load_modules
 from chronoplane.server.transport.audit import AuditInterceptor
 from chronoplane.server.transport.server import GrpcServer, Limits, TlsFiles
-from chronoplane.server.validation import FieldLimits
 from chronoplane.server.watch import WatchHub
 
 __all__ = ["Application", "serve"]
 
 log = logging.getLogger("chronoplane.server")
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Parts:
+    runner: Runner
+    hub: WatchHub
+    engine: ApschedulerEngine
+    service: SchedulerService
+    member: Member
 
 
 class Application:
@@ -66,197 +77,55 @@ class Application:
         self._stop.set()
 
     async def run(self) -> None:
+        """Builds the parts, serves until ``stop``, then takes them down in this order: the
+        instance says it is draining; the timer stops and the fires it made are recorded;
+        leadership is handed over; streams end and in-flight calls and runs get the shutdown
+        grace (runs not done by then are INTERRUPTED); only then do the heartbeats end and the
+        instance's row go, so that no one takes a draining instance for dead."""
         settings = self.settings
         load_modules(settings.tasks)
-        sqlite_path = settings.sqlite_path()
-        shared = sqlite_path is None
         async with AsyncExitStack() as stack:
-            engine_sql = create_engine(settings.database_url)
-            stack.push_async_callback(engine_sql.dispose)
-            if sqlite_path is not None:
-                lock = FileLock(Path(sqlite_path))
-                await lock.acquire()
-                stack.push_async_callback(lock.release)
-            await upgrade(settings.database_url)
-
-            store = SqlAlchemyStore(engine_sql, instance_id=self.instance_id)
-            if not shared:
-                # Alone on this database: whatever is unfinished, a former process left.
-                interrupted = await store.interrupt_unfinished(
-                    message="the server stopped while the execution was pending or running",
-                    now=datetime.now(UTC),
-                )
-                if interrupted:
-                    log.warning("marked %d executions of a stopped server INTERRUPTED", interrupted)
-            key = await store.get_or_create_secret("page_tokens", secrets.token_bytes(32))
-
-            executor = InlineExecutor(threads=settings.worker_threads)
-            stack.push_async_callback(executor.shutdown)
-            runner = Runner(
-                store=store,
-                executor=executor,
-                tasks=default_registry,
-                instance_id=self.instance_id,
-                max_running=settings.max_running,
-            )
-            hub = WatchHub(
-                store,
-                buffer=settings.watch_buffer,
-                max_watchers=settings.max_watchers,
-                progress_interval=settings.watch_progress_interval,
-            )
-            store.on_events = hub.wake
-            self.hub = hub
-            await hub.start()
-            stack.push_async_callback(hub.stop)
-            engine = ApschedulerEngine()
-            service = SchedulerService(
-                store=store,
-                engine=engine,
-                runner=runner,
-                tasks=default_registry,
-                page_tokens=PageTokens(key),
-                leader_timeout=timedelta(seconds=settings.leader_timeout),
-                watch_hub=hub,
-                limits=FieldLimits(
-                    args_bytes=settings.max_args_bytes,
-                    args_depth=settings.max_args_depth,
-                    display_name=settings.max_display_name,
-                    description=settings.max_description,
-                    labels=settings.max_labels,
-                    label_value=settings.max_label_value,
-                    page_size=settings.max_page_size,
-                ),
-            )
-            if settings.celery_broker_url:
-                from chronoplane.server.executors.celery import CeleryBroker
-
-                dispatcher = Dispatcher(
-                    store=store,
-                    broker=CeleryBroker(
-                        settings.celery_broker_url, send_timeout=settings.celery_send_timeout
-                    ),
-                    instance_id=self.instance_id,
-                )
-                runner.also_wake(dispatcher.notified)
-                runner.revoke_with(dispatcher.revoke)
-                service.dispatcher = dispatcher
-                dispatcher.start()
-                stack.push_async_callback(dispatcher.stop)
-            member = Member(
-                instance=self._instance(settings.address),
-                store=store,
-                service=service,
-                runner=runner,
-                engine=engine,
-                heartbeat_interval=settings.heartbeat_interval,
-                instance_timeout=settings.instance_timeout,
-                shared=shared,
-                leases=bool(settings.celery_broker_url),
-            )
-            # Unwound in reverse: the row goes last, once every execution here has ended.
+            store = await self._open_store(stack)
+            parts = await self._build(stack, store)
+            member, runner, hub, service = parts.member, parts.runner, parts.hub, parts.service
+            monitor = LoopMonitor()
+            monitor.on_stall(member.stalled)
+            monitor.start()
+            stack.callback(monitor.stop)
+            # Pushed now, so that they unwind after the runs have drained: the row goes
+            # last, the heartbeats just before it, change notifications (cancels) before that.
             stack.push_async_callback(member.leave)
-            await runner.start()
-            stack.push_async_callback(runner.stop, settings.shutdown_grace)
-            stack.push_async_callback(engine.shutdown)
-            await member.start()
             stack.push_async_callback(member.stop)
-            runner.start_claiming()  # registered now: what it claims has a live owner
-
-            coordinator: Coordinator
-            if shared:
-                coordinator = LeaderElection(
-                    settings.database_url,
-                    self.instance_id,
-                    heartbeat_interval=settings.heartbeat_interval,
-                    leader_timeout=settings.leader_timeout,
-                    on_elected=member.elected,
-                    on_deposed=member.deposed,
-                )
-                listener = ChangeListener(
-                    settings.database_url,
-                    {
-                        JOBS_CHANNEL: member.job_changed,
-                        WORK_CHANNEL: runner.notified,
-                        CANCEL_CHANNEL: runner.notified_cancel,
-                        EVENTS_CHANNEL: hub.wake,
-                    },
-                    on_resync=lambda: _resync(member, hub),
-                    instance_id=self.instance_id,
-                )
-                await listener.start()
+            coordinator, listener = self._coordination(store, member, runner, hub)
+            if listener is not None:
                 stack.push_async_callback(listener.stop)
-            else:
-                coordinator = SoleLeader(
-                    lambda: store.take_leadership(self.instance_id), member.elected
-                )
+            await runner.start()
+            await member.start()
+            runner.start_claiming()  # registered now: what it claims has a live owner
+            if listener is not None:
+                await listener.start()
             member.attach(coordinator)
             self.coordinator = coordinator
-            await coordinator.start()
+            server = self._grpc_server(service, store)
+            stack.push_async_callback(self._drain, server, runner, hub)
             stack.push_async_callback(coordinator.stop)
+            stack.push_async_callback(runner.flush_fires)
+            stack.push_async_callback(parts.engine.shutdown)
+            await coordinator.start()
             # Serve once the first round is decided, so a lone server serves with its schedule.
             await asyncio.wait_for(coordinator.settled(), settings.leader_timeout * 2)
             await member.settled()
-
-            purger = asyncio.create_task(self._purge_forever(service), name="purge")
-            stack.push_async_callback(cancelled, purger)
-            event_purger = asyncio.create_task(self._purge_events_forever(store), name="events")
-            stack.push_async_callback(cancelled, event_purger)
-
-            required = settings.auth_required()
-            authenticator = Authenticator(
-                store.get_token,
-                required=required,
-                certificate_roles={
-                    subject: Role.parse(role)
-                    for subject, role in settings.certificate_roles().items()
-                },
-            )
-            reflection = settings.reflection
-            if reflection == "auto":
-                reflection = "authenticated" if required else "on"
-            tls = (
-                TlsFiles(
-                    cert=settings.tls_cert, key=settings.tls_key, client_ca=settings.tls_client_ca
-                )
-                if settings.tls
-                else None
-            )
-            server = GrpcServer(
-                service,
-                settings.address,
-                tls=tls,
-                authenticator=authenticator,
-                reflection=reflection,
-                limits=Limits(
-                    max_message_bytes=settings.max_message_bytes,
-                    max_concurrent_rpcs=settings.max_concurrent_rpcs,
-                    keepalive_time=settings.keepalive_time,
-                    keepalive_timeout=settings.keepalive_timeout,
-                    min_ping_interval=settings.min_ping_interval,
-                ),
-                audit=AuditInterceptor(service.record_audit, instance_id=self.instance_id),
-            )
+            for task in (
+                asyncio.create_task(self._purge_forever(service), name="purge"),
+                asyncio.create_task(self._purge_events_forever(store), name="events"),
+            ):
+                stack.push_async_callback(cancelled, task)
             await server.start()
-            stack.push_async_callback(server.stop, settings.shutdown_grace)
-            stack.callback(hub.close_streams)  # before the server waits for in-flight RPCs
+            member.on_health(server.serving)
+            stack.push_async_callback(member.drain)
             self.address = server.address
             await member.readdress(server.address)
-            log.info(
-                "chronoplane %s serving on %s%s (instance %s %s, %s, %d jobs scheduled, "
-                "database %s)",
-                _version(),
-                server.address,
-                " with TLS" + (" and client certificates" if settings.tls_client_ca else "")
-                if tls
-                else "",
-                settings.instance_name or socket.gethostname(),
-                self.instance_id,
-                ("leader" if coordinator.epoch is not None else "follower")
-                + (", credentials required" if required else ", no credentials required"),
-                member.scheduled if coordinator.epoch is not None else 0,
-                _redacted(settings.database_url),
-            )
+            self._log_serving(server, member)
             self.ready.set()
             await self._stop.wait()
             log.info("shutting down: no new RPCs, %d executions running", runner.running)
@@ -267,6 +136,204 @@ class Application:
             )
         watchdog.cancel()
         log.info("stopped")
+
+    async def _open_store(self, stack: AsyncExitStack) -> SqlAlchemyStore:
+        """The database, migrated; on SQLite locked to this process, and what a former
+        process left unfinished marked INTERRUPTED."""
+        settings = self.settings
+        engine_sql = create_engine(
+            settings.database_url,
+            application_name=f"chronoplane {self.instance_id}",
+            limits=SessionLimits(
+                lock_timeout=settings.leader_timeout,
+                idle_in_transaction=settings.leader_timeout,
+                statement=settings.statement_timeout,
+            ),
+        )
+        stack.push_async_callback(engine_sql.dispose)
+        sqlite_path = settings.sqlite_path()
+        if sqlite_path is not None:
+            lock = FileLock(Path(sqlite_path))
+            await lock.acquire()
+            stack.push_async_callback(lock.release)
+        await upgrade(settings.database_url)
+        store = SqlAlchemyStore(engine_sql, instance_id=self.instance_id)
+        if sqlite_path is not None:
+            # Alone on this database: whatever is unfinished, a former process left.
+            interrupted = await store.interrupt_unfinished(
+                message="the server stopped while the execution was pending or running",
+                now=datetime.now(UTC),
+            )
+            if interrupted:
+                log.warning("marked %d executions of a stopped server INTERRUPTED", interrupted)
+        return store
+
+    async def _build(self, stack: AsyncExitStack, store: SqlAlchemyStore) -> _Parts:
+        settings = self.settings
+        key = await store.get_or_create_secret("page_tokens", secrets.token_bytes(32))
+        executor = InlineExecutor(threads=settings.worker_threads)
+        stack.push_async_callback(executor.shutdown)
+        runner = Runner(
+            store=store,
+            executor=executor,
+            tasks=default_registry,
+            instance_id=self.instance_id,
+            max_running=settings.max_running,
+        )
+        hub = WatchHub(
+            store,
+            buffer=settings.watch_buffer,
+            max_watchers=settings.max_watchers,
+            progress_interval=settings.watch_progress_interval,
+        )
+        store.on_events = hub.wake
+        self.hub = hub
+        await hub.start()
+        stack.push_async_callback(hub.stop)
+        engine = ApschedulerEngine()
+        service = SchedulerService(
+            store=store,
+            engine=engine,
+            runner=runner,
+            tasks=default_registry,
+            page_tokens=PageTokens(key),
+            leader_timeout=timedelta(seconds=settings.leader_timeout),
+            watch_hub=hub,
+            limits=settings.field_limits(),
+        )
+        if settings.celery_broker_url:
+            self._start_dispatcher(stack, store, runner, service)
+        member = Member(
+            instance=self._instance(settings.address),
+            store=store,
+            service=service,
+            runner=runner,
+            engine=engine,
+            heartbeat_interval=settings.heartbeat_interval,
+            instance_timeout=settings.instance_timeout,
+            shared=settings.sqlite_path() is None,
+            leases=bool(settings.celery_broker_url),
+        )
+        runner.on_fenced(member.fenced)
+        return _Parts(runner=runner, hub=hub, engine=engine, service=service, member=member)
+
+    def _start_dispatcher(
+        self,
+        stack: AsyncExitStack,
+        store: SqlAlchemyStore,
+        runner: Runner,
+        service: SchedulerService,
+    ) -> None:
+        from chronoplane.server.executors.celery import CeleryBroker
+
+        settings = self.settings
+        dispatcher = Dispatcher(
+            store=store,
+            broker=CeleryBroker(
+                settings.celery_broker_url, send_timeout=settings.celery_send_timeout
+            ),
+            instance_id=self.instance_id,
+        )
+        runner.also_wake(dispatcher.notified)
+        runner.revoke_with(dispatcher.revoke)
+        service.dispatcher = dispatcher
+        dispatcher.start()
+        stack.push_async_callback(dispatcher.stop)
+
+    def _coordination(
+        self, store: SqlAlchemyStore, member: Member, runner: Runner, hub: WatchHub
+    ) -> tuple[Coordinator, ChangeListener | None]:
+        """Who leads: an election on PostgreSQL, with a listener for the others' changes;
+        the lone process on SQLite."""
+        settings = self.settings
+        if settings.sqlite_path() is not None:
+            leader = SoleLeader(lambda: store.take_leadership(self.instance_id), member.elected)
+            return leader, None
+        election = LeaderElection(
+            settings.database_url,
+            self.instance_id,
+            heartbeat_interval=settings.heartbeat_interval,
+            leader_timeout=settings.leader_timeout,
+            on_elected=member.elected,
+            on_deposed=member.deposed,
+        )
+        listener = ChangeListener(
+            settings.database_url,
+            {
+                JOBS_CHANNEL: member.job_changed,
+                WORK_CHANNEL: runner.notified,
+                CANCEL_CHANNEL: runner.notified_cancel,
+                EVENTS_CHANNEL: hub.wake,
+            },
+            on_resync=lambda: _resync(member, hub),
+            instance_id=self.instance_id,
+        )
+        return election, listener
+
+    def _grpc_server(self, service: SchedulerService, store: SqlAlchemyStore) -> GrpcServer:
+        settings = self.settings
+        required = settings.auth_required()
+        authenticator = Authenticator(
+            store.get_token,
+            required=required,
+            certificate_roles={
+                subject: Role.parse(role) for subject, role in settings.certificate_roles().items()
+            },
+        )
+        reflection = settings.reflection
+        if reflection == "auto":
+            reflection = "authenticated" if required else "on"
+        tls = (
+            TlsFiles(cert=settings.tls_cert, key=settings.tls_key, client_ca=settings.tls_client_ca)
+            if settings.tls
+            else None
+        )
+        return GrpcServer(
+            service,
+            settings.address,
+            tls=tls,
+            authenticator=authenticator,
+            reflection=reflection,
+            limits=Limits(
+                max_message_bytes=settings.max_message_bytes,
+                max_concurrent_rpcs=settings.max_concurrent_rpcs,
+                keepalive_time=settings.keepalive_time,
+                keepalive_timeout=settings.keepalive_timeout,
+                min_ping_interval=settings.min_ping_interval,
+            ),
+            audit=AuditInterceptor(service.record_audit, instance_id=self.instance_id),
+        )
+
+    async def _drain(self, server: GrpcServer, runner: Runner, hub: WatchHub) -> None:
+        """Streams end (clients resume elsewhere); in-flight calls and runs get the grace,
+        side by side; runs not done by then are INTERRUPTED."""
+        grace = self.settings.shutdown_grace
+        hub.close_streams()
+        await asyncio.gather(server.stop(grace), runner.stop(grace))
+
+    def _log_serving(self, server: GrpcServer, member: Member) -> None:
+        settings = self.settings
+        coordinator = self.coordinator
+        leading = coordinator is not None and coordinator.epoch is not None
+        tls = ""
+        if settings.tls:
+            tls = " with TLS" + (" and client certificates" if settings.tls_client_ca else "")
+        log.info(
+            "chronoplane %s serving on %s%s (instance %s %s, %s, %d jobs scheduled, database %s)",
+            _version(),
+            server.address,
+            tls,
+            settings.instance_name or socket.gethostname(),
+            self.instance_id,
+            ("leader" if leading else "follower")
+            + (
+                ", credentials required"
+                if settings.auth_required()
+                else ", no credentials required"
+            ),
+            member.scheduled if leading else 0,
+            _redacted(settings.database_url),
+        )
 
     def _instance(self, address: str) -> Instance:
         return Instance(

@@ -2,6 +2,17 @@
 elected (loads the schedule, keeps time), follows otherwise, and as leader resolves what dead
 instances left behind.
 
+*Who is dead* (docs/decisions/0015-faults.md). The leader judges an instance dead only once
+it has itself watched that instance's heartbeat stay the same for ``instance_timeout``,
+looking every heartbeat interval without a gap: after a database outage, a failover or a
+stall of its own, everyone gets a full ``instance_timeout`` to heartbeat again before anyone
+is judged. It never judges itself. Judging *fences* the instance (its row says so): it can
+no longer heartbeat or claim, and its RUNNING executions become ABANDONED in the same
+transaction. An instance that finds itself fenced (its heartbeat or a claim says so), or
+that was paused or starved for about as long as that (``_stalled``), stops what it runs
+before its tasks take another step, then registers again. A draining instance (stopping)
+heartbeats until its last run has ended.
+
 No SQL, gRPC or APScheduler here: the store, the coordinator and the engine do that.
 """
 
@@ -13,13 +24,14 @@ import logging
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from time import monotonic
 from typing import Any
 
 from chronoplane.server.aio import cancelled
 from chronoplane.server.coordination.abc import Coordinator
 from chronoplane.server.engine.abc import Engine
 from chronoplane.server.errors import JobNotFound
-from chronoplane.server.models import Instance, Job
+from chronoplane.server.models import Execution, Instance, Job
 from chronoplane.server.runner import Runner
 from chronoplane.server.service import SchedulerService
 from chronoplane.server.storage.abc import Store
@@ -32,6 +44,8 @@ RESYNC_INTERVAL = 30.0
 # Rows of instances unseen this many instance timeouts are removed (ListInstances shows a
 # dead one for a while: when it was last seen is worth knowing).
 REMOVE_AFTER_TIMEOUTS = 6
+# The judge's watch starts over when it did not look for this many heartbeat intervals.
+WATCH_GAP_HEARTBEATS = 3
 
 
 def _utcnow() -> datetime:
@@ -78,6 +92,18 @@ class Member:
         self._changed_ready = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self.scheduled = 0
+        # When (monotonic) the last heartbeat that got through was sent: the leader judges
+        # this instance by heartbeats, so past that plus instance_timeout it may have.
+        self._heard = monotonic()
+        self._beat_now = asyncio.Event()
+        self._draining = False
+        self._stopping = False
+        # The judge's watch (leader): each instance's last heartbeat as last seen, and since
+        # when (monotonic) it has been that; when it last looked.
+        self._seen: dict[str, tuple[datetime | None, float]] = {}
+        self._looked: float | None = None
+        # Told whether this instance can reach the database (health checking).
+        self._health: list[Callable[[bool], None]] = []
 
     # -- the coordinator's callbacks ----------------------------------------------------------
 
@@ -122,9 +148,56 @@ class Member:
         self._tasks.append(task)
 
     async def stop(self) -> None:
+        # The heartbeat loop ends by itself after the heartbeat it may be writing: a write
+        # cut short by a cancellation may leave its connection inside a transaction (SQLite
+        # then refuses the next writer until its busy timeout).
+        self._stopping = True
+        self._beat_now.set()
+        for task in self._tasks:
+            if task.get_name() == "instance-heartbeat":
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(task), 2 * self._hb)
         for task in self._tasks:
             await cancelled(task)
         self._tasks.clear()
+
+    def on_health(self, listener: Callable[[bool], None]) -> None:
+        """``listener(ok)`` is told after each heartbeat whether it reached the database."""
+        self._health.append(listener)
+
+    async def drain(self) -> None:
+        """The instance stops: says so in its row at once (it goes on heartbeating until
+        ``stop``, after its last run)."""
+        self._draining = True
+        self.instance = replace(self.instance, draining=True)
+        self._beat_now.set()  # the next heartbeat says so
+
+    def stalled(self, seconds: float) -> None:
+        """The loop did not run for ``seconds`` (the process was paused, or starved): called
+        before any task takes its next step. If the last heartbeat that got through is about
+        as old as instance_timeout, the leader may have judged this instance dead and given
+        its executions to others: they stop now, before they go on (those that were not
+        taken over are recorded INTERRUPTED), and a heartbeat says at once which it was."""
+        silent = monotonic() - self._heard
+        if silent < self._instance_timeout.total_seconds() - self._hb:
+            return
+        stopped = self._runner.disown(
+            f"interrupted: this instance was paused or starved for {seconds:.1f} s and not "
+            f"heard from for {silent:.1f} s, long enough to be taken for dead; it stopped "
+            "the execution in case another instance had taken it over"
+        )
+        log.warning(
+            "this instance was paused or starved for %.1f s (%.1f s since its last heartbeat "
+            "got through): it stopped its %d running executions, in case it was taken for dead",
+            seconds,
+            silent,
+            stopped,
+        )
+        self._beat_now.set()
+
+    def fenced(self) -> None:
+        """A claim found this instance fenced: heartbeat now (which finds it so and acts)."""
+        self._beat_now.set()
 
     async def readdress(self, address: str) -> None:
         """Records the address the server listens on, once it is known."""
@@ -162,7 +235,7 @@ class Member:
         if coordinator.epoch != epoch:
             return  # deposed before this term began
         await self._engine.shutdown()  # a clean slate, whatever a former term left
-        self._runner.lead(epoch, coordinator.acting)
+        self._runner.lead(epoch, coordinator.acting, lambda: self._lead_again(epoch))
         self._service.leading = True
         self.scheduled = await self._service.load_schedule()
         if coordinator.epoch != epoch:
@@ -170,28 +243,59 @@ class Member:
         await self._engine.start(self._runner.on_fires)
         log.info("leading (epoch %d): %d jobs scheduled", epoch, self.scheduled)
 
+    def _lead_again(self, epoch: int) -> None:
+        """Takes up the term again (fires that could not be recorded are then recorded from
+        the database, by the misfire policy), if it is still this instance's."""
+        if self._coordinator is not None and self._coordinator.epoch == epoch:
+            self._idle.clear()
+            self._terms.put_nowait(epoch)
+
     # -- membership ---------------------------------------------------------------------------
 
     async def _heartbeat_forever(self) -> None:
         while True:
-            await asyncio.sleep(self._hb)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._beat_now.wait(), self._hb)
+            self._beat_now.clear()
+            if self._stopping:
+                return
             try:
                 await self._heartbeat()
             except Exception as error:
                 log.warning("instance heartbeat failed: %s", error)
+                self._tell_health(False)
 
     async def _heartbeat(self) -> None:
+        sent = monotonic()
         live = await self._store.heartbeat_instance(
-            self.instance.id, running=self._runner.running, live_after=self._instance_timeout
+            self.instance.id,
+            running=self._runner.running,
+            live_after=self._instance_timeout,
+            draining=self._draining,
         )
         if live:
+            self._heard = sent
             self._runner.cluster_size(live)
+            self._tell_health(True)
             return
+        stopped = self._runner.disown(
+            "interrupted: this instance was taken for dead (not heard from for "
+            f"{self._instance_timeout.total_seconds():g} s); its executions were ABANDONED"
+        )
         log.warning(
-            "this instance's registration was removed (it was not seen for too long; "
-            "executions it ran may have been marked ABANDONED): registering again"
+            "this instance was taken for dead (not heard from for %g s, or its row was "
+            "removed): its executions were ABANDONED; it stopped the %d it still ran and "
+            "registers again",
+            self._instance_timeout.total_seconds(),
+            stopped,
         )
         await self._store.register_instance(self.instance)
+        self._heard = sent
+        self._tell_health(True)
+
+    def _tell_health(self, ok: bool) -> None:
+        for listener in self._health:
+            listener(ok)
 
     # -- job changes (cluster mode) -----------------------------------------------------------
 
@@ -250,14 +354,54 @@ class Member:
             )
             if removed:
                 log.info("removed %d stale instances: %s", len(removed), ", ".join(removed))
-            abandoned += await self._store.abandon_orphans(
-                stale_after=self._instance_timeout,
-                message="abandoned: the instance running it stopped heartbeating",
-                now=self._clock(),
-            )
+            silent = await self._silent()
+            if silent:
+                epoch = self._coordinator.epoch if self._coordinator is not None else None
+                if epoch is None:
+                    return
+                timeout = self._instance_timeout.total_seconds()
+                abandoned += await self._store.abandon_instances(
+                    silent,
+                    message=f"abandoned: not heard from for {timeout:g} s",
+                    now=self._clock(),
+                    epoch=epoch,
+                )
+                log.warning(
+                    "judged dead (not heard from for %g s): %s",
+                    timeout,
+                    ", ".join(f"{i} (last heard {_heard(seen)})" for i, seen in silent.items()),
+                )
         abandoned += await self._store.abandon_expired_leases(
             message="abandoned: the Celery worker running it stopped renewing its lease"
         )
+        await self._retry_abandoned(abandoned)
+
+    async def _silent(self) -> dict[str, datetime | None]:
+        """The instances this leader has watched stay silent for instance_timeout, with the
+        heartbeat they are stuck at (None: not registered, yet owning executions). Watching
+        starts over after a gap in it (the database was away, the leader stalled or just
+        took over): every instance gets a full instance_timeout from then on."""
+        heartbeats = await self._store.instance_heartbeats()
+        owners = await self._store.execution_owners()
+        now = monotonic()
+        if self._looked is None or now - self._looked > WATCH_GAP_HEARTBEATS * self._hb:
+            self._seen.clear()
+        self._looked = now
+        watched = (set(heartbeats) | owners) - {self.instance.id}
+        seen: dict[str, tuple[datetime | None, float]] = {}
+        for instance_id in watched:
+            last = heartbeats.get(instance_id)
+            before = self._seen.get(instance_id)
+            seen[instance_id] = before if before is not None and before[0] == last else (last, now)
+        self._seen = seen
+        timeout = self._instance_timeout.total_seconds()
+        return {
+            instance_id: last
+            for instance_id, (last, since) in seen.items()
+            if now - since >= timeout and (last is not None or instance_id in owners)
+        }
+
+    async def _retry_abandoned(self, abandoned: list[Execution]) -> None:
         jobs: dict[str, Job | None] = {}
         retried = 0
         for execution in abandoned:
@@ -276,6 +420,10 @@ class Member:
                 len(abandoned),
                 retried,
             )
+
+
+def _heard(seen: datetime | None) -> str:
+    return seen.isoformat(timespec="milliseconds") if seen is not None else "never: not registered"
 
 
 def _log_death(task: asyncio.Task[Any]) -> None:

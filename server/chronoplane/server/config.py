@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from chronoplane.server.validation import FieldLimits
+
 __all__ = ["ConfigError", "Settings", "add_arguments", "load_settings"]
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///chronoplane.db"
@@ -44,6 +46,9 @@ class Settings:
     """A leader not heard from for this long is deposed (PostgreSQL)."""
     instance_timeout: float = 10.0
     """An instance not heard from for this long is taken for dead: what it ran is ABANDONED."""
+    statement_timeout: float = 60.0
+    """Seconds a database statement may run (PostgreSQL); a lock is waited for at most
+    leader_timeout, and a transaction may idle at most leader_timeout between statements."""
     max_watchers: int = 1000
     """Watch streams this instance serves at once; more get RESOURCE_EXHAUSTED."""
     watch_buffer: int = 1000
@@ -97,6 +102,17 @@ class Settings:
     @property
     def tls(self) -> bool:
         return bool(self.tls_cert)
+
+    def field_limits(self) -> FieldLimits:
+        return FieldLimits(
+            args_bytes=self.max_args_bytes,
+            args_depth=self.max_args_depth,
+            display_name=self.max_display_name,
+            description=self.max_description,
+            labels=self.max_labels,
+            label_value=self.max_label_value,
+            page_size=self.max_page_size,
+        )
 
     def auth_required(self) -> bool:
         """Credentials are required unless the server is on loopback (development) and not
@@ -165,6 +181,8 @@ class Settings:
             raise ConfigError(
                 "shutdown_grace must be >= 0, worker_threads >= 1 and max_running >= 1"
             )
+        if self.statement_timeout <= 0:
+            raise ConfigError("statement_timeout must be > 0")
         if self.history_max_age_days < 0 or self.purge_interval <= 0:
             raise ConfigError("history_max_age_days must be >= 0 and purge_interval > 0")
         if self.celery_broker_url and not self.celery_broker_url.startswith(
@@ -296,6 +314,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--instance-timeout",
         type=float,
         help="seconds of instance silence before its executions are ABANDONED (default 10)",
+    )
+    parser.add_argument(
+        "--statement-timeout",
+        type=float,
+        help="seconds a database statement may run (PostgreSQL; default 60)",
     )
     parser.add_argument(
         "--max-watchers", type=int, help="watch streams served at once (default 1000)"

@@ -11,7 +11,9 @@ ChronoplaneError
 ├── FailedPrecondition                  the state of things forbids the call
 │   ├── TaskNotRegistered
 │   └── CeleryNotEnabled                a Celery job on a server without a broker
-├── StorageUnavailable (ConnectionError) the database cannot be reached
+├── StorageUnavailable (ConnectionError) the database cannot be reached (retry later)
+├── StorageConflict                     a transaction lost to another (deadlock, lock timeout,
+│                                       serialization failure) and was rolled back (retry)
 ├── CancellationPending (TimeoutError)  the instance running it has not stopped it yet
 ├── ServerStopping                      a stream ended because this server shuts down
 ├── InstanceConflict                    another server already uses this database
@@ -48,6 +50,7 @@ __all__ = [
     "PermissionDenied",
     "ResourceExhausted",
     "ServerStopping",
+    "StorageConflict",
     "StorageUnavailable",
     "TaskNotRegistered",
     "TooManyWatchers",
@@ -158,6 +161,14 @@ class ExecutionFinished(FailedPrecondition):
 
 class StorageUnavailable(ChronoplaneError, ConnectionError):
     reason = "STORAGE_UNAVAILABLE"
+
+
+class StorageConflict(ChronoplaneError):
+    """The database rolled the transaction back because of another one (a deadlock, a lock
+    not granted in time, a serialization failure), even after the store retried it: nothing
+    was written, and calling again is safe."""
+
+    reason = "STORAGE_CONFLICT"
 
 
 class ServerStopping(ChronoplaneError):

@@ -44,6 +44,7 @@ __all__ = [
     "RetryPolicy",
     "Role",
     "RunPolicy",
+    "SnapshotPoint",
     "StoredToken",
     "Trigger",
 ]
@@ -341,6 +342,8 @@ class Instance:
     """How many it ran at its last heartbeat."""
     last_seen_time: datetime | None = None
     leader: bool = False
+    draining: bool = False
+    """It is stopping: it runs what it has to its end and takes nothing new."""
 
 
 class EventResource(enum.StrEnum):
@@ -393,6 +396,17 @@ class EventWindow:
 
     purged_through: int
     newest: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class SnapshotPoint:
+    """Where a snapshot stands in the event history: every change up to ``cursor`` is in it,
+    and so are those of the later cursors ``included`` (committed before the snapshot was
+    read, numbered after ``cursor`` was decided); a stream that goes on from ``cursor`` skips
+    those."""
+
+    cursor: int
+    included: frozenset[int] = frozenset()
 
 
 class Role(enum.IntEnum):

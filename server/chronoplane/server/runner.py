@@ -80,8 +80,10 @@ MAX_BATCH = 2_000
 MAX_RESULT_BYTES = 1 << 20
 MAX_TRACEBACK_CHARS = 64 * 1024
 MAX_NOTE_CHARS = 4 * 1024
-# A batch that cannot be written is retried this long before its fires are given up (loudly).
+# A batch that fails with an error that is not the database's (a bug) is retried this long.
 WRITE_RETRY_SECONDS = 60.0
+# A retry that cannot be recorded while the server stops is given up (loudly) after this long.
+STOP_RETRY_SECONDS = 10.0
 # Claims are also tried this often, whatever notifications say: the safety net.
 CLAIM_POLL_SECONDS = 1.0
 # CancelExecution of a run on another instance waits this long for that instance to stop it.
@@ -203,6 +205,7 @@ class _Run:
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
     task: asyncio.Task[None] | None = None
+    work: Work | None = None
     final: ExecutionState | None = None
     finalized: asyncio.Event = field(default_factory=asyncio.Event)
     # Who asked, through CancelExecution here, to cancel it.
@@ -273,6 +276,28 @@ class Runner:
         self._epoch: int | None = None
         self._acting: Callable[[], bool] = lambda: False
         self._revoke: Callable[[str], Awaitable[None]] | None = None
+        # Called when fires could not be recorded: the leader takes up its term again.
+        self._relead: Callable[[], None] | None = None
+        # Called when a claim finds this instance fenced.
+        self._fenced: Callable[[], None] = lambda: None
+
+    def on_fenced(self, callback: Callable[[], None]) -> None:
+        """``callback`` is called when a claim finds this instance fenced (judged dead): it
+        must stop what it runs (``disown``) and register again."""
+        self._fenced = callback
+
+    def disown(self, message: str) -> int:
+        """Stops every execution running here, at once: this instance may have been taken
+        for dead and its executions given to others. An async task is cancelled before it
+        can take another step (called from a plain callback, this takes effect before any
+        task resumes); a synchronous one cannot be, and runs on in its thread, its outcome
+        kept as a note. Their final state is INTERRUPTED with ``message``, unless they were
+        ABANDONED already. Returns how many."""
+        for run in self._runs.values():
+            if run.work is not None:
+                run.work.cancel()
+            self._request_stop(run, ExecutionState.INTERRUPTED, message)
+        return len(self._runs)
 
     def also_wake(self, listener: Callable[[], None]) -> None:
         """``listener`` is called whenever the claimer is woken: executions may be ready
@@ -286,11 +311,15 @@ class Runner:
 
     # -- leadership ---------------------------------------------------------------------------
 
-    def lead(self, epoch: int, acting: Callable[[], bool]) -> None:
+    def lead(
+        self, epoch: int, acting: Callable[[], bool], relead: Callable[[], None] | None = None
+    ) -> None:
         """From now on, write scheduled fires and next run times with ``epoch``, while
-        ``acting()`` says the leadership holds."""
+        ``acting()`` says the leadership holds; ``relead()`` starts the term again (the
+        schedule reloaded from the database) when fires could not be recorded."""
         self._epoch = epoch
         self._acting = acting
+        self._relead = relead
 
     def follow(self) -> None:
         """No longer leading: fires not yet written are left to the next leader, which finds
@@ -357,6 +386,11 @@ class Runner:
             return_exceptions=True,
         )
         await self._flush_progress()
+
+    async def flush_fires(self) -> None:
+        """Records the fires queued so far (the timer has stopped: a leader that stops
+        records what it fired before it hands over)."""
+        await self._drain_fires()
 
     @property
     def running(self) -> int:
@@ -426,8 +460,11 @@ class Runner:
                 try:
                     await self._write_due_batch(batch)
                 except Exception:
-                    # A bug must not stop every later fire from being recorded.
-                    log.exception("could not record the fires of %d jobs; lost", len(batch))
+                    # A bug must not stop every later fire from being recorded; these are
+                    # recorded from the database when the leader takes up its term again.
+                    log.exception("could not record the fires of %d jobs", len(batch))
+                    if self._relead is not None:
+                        self._relead()
 
     async def _write_due_batch(self, batch: list[Due]) -> None:
         epoch = self._epoch
@@ -456,7 +493,10 @@ class Runner:
                         epoch=epoch,
                     )
                 )
-        await self._admit_with_retry(admissions, epoch=epoch)
+        if await self._admit_with_retry(admissions, epoch=epoch) is None:
+            # Not recorded, so the next run times stay where they were: whoever leads next
+            # finds these fires missing and applies the jobs' misfire policies.
+            return
         # Next run times are written after, with progress: a task need not wait for them,
         # and a fire re-fired from a stale one after a crash finds its execution exists.
         for due in batch:
@@ -524,10 +564,17 @@ class Runner:
     async def _admit_with_retry(
         self, admissions: list[Admission], *, epoch: int | None = None
     ) -> Admitted | None:
-        """Writes the admissions, retrying a failing database for a while; None when they
-        were given up (fenced, or the database stayed away)."""
+        """Writes the admissions, trying again whatever went wrong: a leader's fires (with
+        ``epoch``) for as long as it leads, a retry until the server stops. Every attempt
+        writes the same executions, whose dedupe keys make a repeat of an attempt that did
+        commit (its answer lost with the connection) a no-op. None when given up: fenced,
+        no longer leading (the next leader finds the fires missing and applies the misfire
+        policy), stopping, or an error that is not the database's for longer than
+        ``WRITE_RETRY_SECONDS`` (then the leader takes up its term again, which records the
+        fires from the database: run or MISSED, never nothing)."""
         delay = 0.1
-        deadline = asyncio.get_running_loop().time() + WRITE_RETRY_SECONDS
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         while True:
             if epoch is not None and (epoch != self._epoch or not self._acting()):
                 log.warning("no longer leading: %d fires left to the leader", len(admissions))
@@ -544,18 +591,38 @@ class Runner:
             except NotLeader as error:
                 log.warning("%s: %d fires left to the leader", error, len(admissions))
                 return None
-            except ChronoplaneError as error:
-                if asyncio.get_running_loop().time() > deadline:
-                    log.error(
-                        "gave up recording %d executions after %.0f s: %s",
-                        len(admissions),
-                        WRITE_RETRY_SECONDS,
-                        error,
+            except Exception as error:
+                waited = loop.time() - started
+                if isinstance(error, ChronoplaneError):
+                    log.warning(
+                        "recording %d executions failed, retrying: %s", len(admissions), error
                     )
-                    return None
-                log.warning("recording %d executions failed, retrying: %s", len(admissions), error)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                    if not (self._stopping and epoch is None and waited > STOP_RETRY_SECONDS):
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, 5.0)
+                        continue
+                else:
+                    log.exception("recording %d executions failed", len(admissions))
+                    if waited < WRITE_RETRY_SECONDS and not self._stopping:
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, 5.0)
+                        continue
+                    if epoch is not None and self._relead is not None:
+                        log.error(
+                            "gave up recording %d fires after %.0f s: taking up the term "
+                            "again, which records them from the database",
+                            len(admissions),
+                            waited,
+                        )
+                        self._relead()
+                        return None
+                log.error(
+                    "gave up recording %d executions after %.0f s: %s",
+                    len(admissions),
+                    waited,
+                    error,
+                )
+                return None
 
     async def _admit(self, admissions: list[Admission]) -> Admitted:
         """Writes admissions made for a call (a trigger, a backfill), running here what this
@@ -569,6 +636,8 @@ class Runner:
     def _admitted(self, admitted: Admitted) -> None:
         """After an admission: what was claimed for this instance starts, the claimer looks
         at the queue, and runs displaced by newer ones (CANCEL_RUNNING) are asked to stop."""
+        if admitted.fenced:
+            self._fenced()
         for execution, policy in admitted.claimed:
             started = execution.start_time or self._clock()
             self._launch(_Run(execution=execution, policy=policy, started=started))
@@ -742,6 +811,8 @@ class Runner:
         self._next_due = (
             None if claim.next_due_in is None else loop.time() + claim.next_due_in.total_seconds()
         )
+        if claim.fenced:
+            self._fenced()
         for execution, policy in claim.executions:
             started = execution.start_time or self._clock()
             self._launch(_Run(execution=execution, policy=policy, started=started))
@@ -828,7 +899,7 @@ class Runner:
     async def _run(self, run: _Run) -> None:
         work: Work | None = None
         try:
-            work = self._start(run)
+            work = run.work = self._start(run)
             if work is not None:
                 await self._await_outcome(run, work)
         except Exception:

@@ -35,12 +35,16 @@ from chronoplane.server.models import (
     Execution,
     ExecutionState,
     Job,
+    SnapshotPoint,
 )
 from chronoplane.server.storage.abc import Store
 
 __all__ = ["Notice", "NoticeKind", "StopReason", "StreamControl", "WatchFilter", "WatchHub"]
 
 log = logging.getLogger(__name__)
+
+# How soon the hub reads again while events are being written past what it could read.
+BEHIND_POLL_SECONDS = 0.05
 
 
 class NoticeKind(enum.StrEnum):
@@ -187,8 +191,11 @@ class WatchHub:
 
     async def _tail_forever(self) -> None:
         while True:
+            # Writers still in flight past the last read: they end with a commit (which wakes
+            # us) or a rollback (which does not), so look again soon either way.
+            wait = BEHIND_POLL_SECONDS if self._store.events_behind else self._poll_interval
             try:
-                await asyncio.wait_for(self._wake.wait(), self._poll_interval)
+                await asyncio.wait_for(self._wake.wait(), wait)
             except TimeoutError:
                 pass
             # Commits come in bursts: one read for all of those of the next few ms.
@@ -304,9 +311,13 @@ class WatchHub:
         # Events after this position reach the buffer (unless it is behind).
         last = after if after is not None else self._position
         control.start = last
+        # Events past the snapshot's cursor whose changes it already showed.
+        shown: frozenset[int] = frozenset()
         try:
             if snapshot:
-                async for item in self._snapshot(watch_filter):
+                point, notices = await self._snapshot(watch_filter)
+                shown = point.included
+                for item in notices:
                     last = item.cursor
                     yield item
                     watcher.active = time.monotonic()
@@ -316,12 +327,13 @@ class WatchHub:
                     event = buffer.popleft()
                     if event.cursor > last:
                         last = event.cursor
-                        yield event
-                        watcher.active = time.monotonic()
+                        if event.cursor not in shown:
+                            yield event
+                            watcher.active = time.monotonic()
                 if watcher.behind:
                     async for event in self._catch_up(watcher, last):
                         last = event.cursor
-                        if watch_filter.matches(event):
+                        if watch_filter.matches(event) and event.cursor not in shown:
                             yield event
                             watcher.active = time.monotonic()
                     continue
@@ -370,21 +382,27 @@ class WatchHub:
             if not batch:
                 await asyncio.sleep(0)  # the hub read past the table's reply: read again
 
-    async def _snapshot(self, watch_filter: WatchFilter) -> AsyncIterator[Notice]:
+    async def _snapshot(self, watch_filter: WatchFilter) -> tuple[SnapshotPoint, list[Notice]]:
         job_ids = sorted(watch_filter.job_ids)
+        notices: list[Notice] = []
         if watch_filter.resource is EventResource.EXECUTION:
-            cursor, rows = await self._store.snapshot_executions(job_ids)
+            point, rows = await self._store.snapshot_executions(job_ids)
             for execution, labels in rows:
                 if watch_filter.states and execution.state not in watch_filter.states:
                     continue
                 if watch_filter.matches_labels(labels):
-                    yield Notice(cursor=cursor, kind=NoticeKind.SNAPSHOT, execution=execution)
+                    notices.append(
+                        Notice(cursor=point.cursor, kind=NoticeKind.SNAPSHOT, execution=execution)
+                    )
         else:
-            cursor, jobs = await self._store.snapshot_jobs(job_ids)
-            for job in jobs:
-                if watch_filter.matches_labels(job.labels):
-                    yield Notice(cursor=cursor, kind=NoticeKind.SNAPSHOT, job=job)
-        yield Notice(cursor=cursor, kind=NoticeKind.SNAPSHOT_END)
+            point, jobs = await self._store.snapshot_jobs(job_ids)
+            notices += [
+                Notice(cursor=point.cursor, kind=NoticeKind.SNAPSHOT, job=job)
+                for job in jobs
+                if watch_filter.matches_labels(job.labels)
+            ]
+        notices.append(Notice(cursor=point.cursor, kind=NoticeKind.SNAPSHOT_END))
+        return point, notices
 
 
 def _cursor(event: Event) -> int:

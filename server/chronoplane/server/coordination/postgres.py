@@ -13,10 +13,14 @@ The protocol, in order (docs/decisions/0009-cluster-mode.md):
 * it acts as leader only while its *lease* holds: until ``2·hb`` after it sent its last
   successful heartbeat, measured on its own monotonic clock; past that it steps down;
 * a follower that sees the heartbeat older than ``leader_timeout`` on two polls in a row, held
-  by the same backend, ends that backend (``pg_terminate_backend``): a SIGSTOPped or
-  partitioned leader keeps its session, and its lock, until then;
-* every write the leader makes as leader reads the epoch ``FOR SHARE`` and aborts unless it
-  is its own, so nothing a deposed leader writes after the bump lands.
+  by the same backend, ends that backend and every other session of the stale leader's
+  instance (``pg_terminate_backend``): a SIGSTOPped or partitioned leader keeps its sessions,
+  its lock and whatever its transactions lock, until then; the follower then takes the lock
+  at once;
+* every write the leader makes as leader reads the epoch ``FOR KEY SHARE`` and aborts unless
+  it is its own; the bump locks the row ``FOR UPDATE`` first, so it waits for the fenced
+  writes in flight and nothing a deposed leader writes after the bump lands (the leader's
+  own heartbeat, a plain UPDATE, waits for neither).
 
 Safety needs the lease to end before anyone may take over: ``2·hb < leader_timeout``, checked
 at start-up with a second to spare for clock rates and scheduling (config.py).
@@ -37,6 +41,7 @@ from sqlalchemy.pool import NullPool
 
 from chronoplane.server.aio import cancelled
 from chronoplane.server.coordination.abc import Coordinator
+from chronoplane.server.storage.sqlalchemy import CONNECT_TIMEOUT, KEEPALIVES
 
 __all__ = [
     "LEADER_LOCK_KEY",
@@ -59,6 +64,20 @@ _HOLDER = sa.text(
 ).bindparams(high=LEADER_LOCK_KEY >> 32, low=LEADER_LOCK_KEY & 0xFFFFFFFF)
 
 
+_LOCK_TERM = sa.text("SELECT epoch FROM leadership WHERE id = 1 FOR UPDATE")
+# The stale leader's lock session, and every session its instance opened (their application
+# names end with its instance id: see storage/sqlalchemy.py create_engine), never our own.
+_TERMINATE = sa.text(
+    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+    "WHERE datname = current_database() AND pid <> pg_backend_pid() AND (pid = :holder OR "
+    "(:leader <> '' AND :leader <> :me AND application_name LIKE 'chronoplane%' "
+    "AND right(application_name, length(:leader)) = :leader))"
+)
+# After ending a stale leader's sessions: how often, and how far apart, to try its lock.
+TAKEOVER_TRIES = 10
+TAKEOVER_PAUSE = 0.05
+
+
 def dedicated_engine(url: str, application_name: str) -> AsyncEngine:
     """Connections that are never pooled, with TCP keepalives so that the server notices a
     vanished peer in seconds, not hours."""
@@ -66,13 +85,8 @@ def dedicated_engine(url: str, application_name: str) -> AsyncEngine:
         url,
         poolclass=NullPool,
         connect_args={
-            "server_settings": {
-                "application_name": application_name[:63],
-                "tcp_keepalives_idle": "5",
-                "tcp_keepalives_interval": "2",
-                "tcp_keepalives_count": "3",
-            },
-            "timeout": 5,
+            "server_settings": {"application_name": application_name[:63]} | KEEPALIVES,
+            "timeout": CONNECT_TIMEOUT,
         },
     )
 
@@ -166,14 +180,21 @@ class LeaderElection(Coordinator):
 
     async def _campaign(self) -> None:
         conn = await self._connection()
-        got = await asyncio.wait_for(
-            conn.scalar(sa.select(sa.func.pg_try_advisory_lock(LEADER_LOCK_KEY))), self._hb
-        )
-        await conn.commit()
+        got = await self._try_lock(conn)
         if not got:
-            await self._depose_stale(conn)
-            return
+            if not await self._depose_stale(conn):
+                return
+            # The stale leader's sessions are ending: its lock is free in a moment.
+            for _ in range(TAKEOVER_TRIES):
+                await asyncio.sleep(TAKEOVER_PAUSE)
+                if got := await self._try_lock(conn):
+                    break
+            if not got:
+                return
         sent = self._monotonic()
+        # FOR UPDATE waits for the fenced writes in flight (FOR KEY SHARE); the leader's own
+        # heartbeat (a plain UPDATE) never waits for them.
+        await asyncio.wait_for(conn.execute(_LOCK_TERM), self._timeout)
         epoch = await asyncio.wait_for(
             conn.scalar(
                 sa.text(
@@ -182,7 +203,6 @@ class LeaderElection(Coordinator):
                 ),
                 {"me": self._instance_id},
             ),
-            # The bump waits for the old leader's fenced writes to end.
             self._timeout,
         )
         await conn.commit()
@@ -192,37 +212,56 @@ class LeaderElection(Coordinator):
         log.info("this instance leads now (epoch %d)", self._epoch)
         self._on_elected(self._epoch)
 
-    async def _depose_stale(self, conn: AsyncConnection) -> None:
-        """Ends the session of a leader whose heartbeat is older than the timeout, seen twice
-        from the same backend (the second look spares a leader that has just been elected)."""
-        stale = await asyncio.wait_for(
-            conn.scalar(
-                sa.text(
-                    "SELECT heartbeat_at < now() - make_interval(secs => :timeout) "
-                    "FROM leadership WHERE id = 1"
-                ),
-                {"timeout": self._timeout},
-            ),
-            self._hb,
+    async def _try_lock(self, conn: AsyncConnection) -> bool:
+        got = await asyncio.wait_for(
+            conn.scalar(sa.select(sa.func.pg_try_advisory_lock(LEADER_LOCK_KEY))), self._hb
         )
+        await conn.commit()
+        return bool(got)
+
+    async def _depose_stale(self, conn: AsyncConnection) -> bool:
+        """Ends the sessions of a leader whose heartbeat is older than the timeout, seen
+        twice from the same backend (the second look spares a leader that has just been
+        elected): its lock connection, and every other session of that instance, so that a
+        transaction it is stuck in (paused, cut off) holds nothing the next leader waits for.
+        Returns whether it did."""
+        row = (
+            await asyncio.wait_for(
+                conn.execute(
+                    sa.text(
+                        "SELECT heartbeat_at < now() - make_interval(secs => :timeout) AS stale, "
+                        "leader_id FROM leadership WHERE id = 1"
+                    ),
+                    {"timeout": self._timeout},
+                ),
+                self._hb,
+            )
+        ).one()
         holder = await asyncio.wait_for(conn.scalar(_HOLDER), self._hb)
         await conn.commit()
-        if not stale or holder is None:
+        if not row.stale or holder is None:
             self._suspect = None
-            return
+            return False
         if self._suspect != holder:
             self._suspect = holder
-            return
+            return False
         log.warning(
-            "the leader (backend pid %d) has not heartbeat for %.1f s: ending its session",
+            "the leader %s (backend pid %d) has not heartbeat for %.1f s: ending its sessions",
+            row.leader_id,
             holder,
             self._timeout,
         )
-        await asyncio.wait_for(
-            conn.execute(sa.select(sa.func.pg_terminate_backend(holder))), self._hb
+        ended = await asyncio.wait_for(
+            conn.scalar(
+                _TERMINATE,
+                {"holder": holder, "leader": row.leader_id or "", "me": self._instance_id},
+            ),
+            self._hb,
         )
         await conn.commit()
+        log.info("ended %d sessions of the stale leader", ended or 0)
         self._suspect = None
+        return True
 
     async def _heartbeat(self) -> None:
         if not self.acting():

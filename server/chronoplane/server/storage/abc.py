@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -24,6 +24,7 @@ from chronoplane.server.models import (
     JobPage,
     OverlapPolicy,
     RunPolicy,
+    SnapshotPoint,
     StoredToken,
 )
 
@@ -77,6 +78,8 @@ class Admitted:
     see ``displace_oldest``."""
     claimed: list[tuple[Execution, RunPolicy]]
     """The inserted executions claimed for the writer (``claim_for``): RUNNING there."""
+    fenced: bool = False
+    """The writer may claim nothing: it was judged dead (``abandon_instances``)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,6 +95,8 @@ class Dispatch:
 class DispatchClaim:
     dispatches: list[Dispatch]
     next_due_in: timedelta | None
+    fenced: bool = False
+    """Nothing was claimed: this instance was judged dead."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,6 +107,9 @@ class Claim:
     next_due_in: timedelta | None
     """How long until the next PENDING execution of these tasks becomes due, if any is
     waiting (by the database's clock)."""
+    fenced: bool = False
+    """Nothing was claimed: this instance was judged dead (``abandon_instances``) and must
+    stop what it runs and register again."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -346,15 +354,16 @@ class Store(ABC):
 
     @abstractmethod
     async def register_instance(self, instance: Instance) -> None:
-        """Inserts (or refreshes) the instance's row; last seen now."""
+        """Inserts (or refreshes) the instance's row, not fenced; last seen now."""
 
     @abstractmethod
     async def heartbeat_instance(
-        self, instance_id: str, *, running: int, live_after: timedelta
+        self, instance_id: str, *, running: int, live_after: timedelta, draining: bool = False
     ) -> int:
-        """Marks the instance seen now, running ``running`` executions; returns how many
-        instances were seen within ``live_after`` (this one included), or 0 if its row is
-        gone (it was taken for dead)."""
+        """Marks the instance seen now, running ``running`` executions (and ``draining``);
+        returns how many instances were seen within ``live_after`` (this one included), or 0
+        if its row is gone or fenced (it was taken for dead: it must stop what it runs and
+        register again)."""
 
     @abstractmethod
     async def remove_instance(self, instance_id: str) -> None:
@@ -370,12 +379,31 @@ class Store(ABC):
         """Deletes instances not seen for ``stale_after`` (database time); returns their ids."""
 
     @abstractmethod
-    async def abandon_orphans(
-        self, *, stale_after: timedelta, message: str, now: datetime
+    async def instance_heartbeats(self) -> dict[str, datetime]:
+        """The last heartbeat (database time) of every instance that is not fenced."""
+
+    @abstractmethod
+    async def execution_owners(self) -> set[str]:
+        """The instances that run executions or hold slots."""
+
+    @abstractmethod
+    async def abandon_instances(
+        self,
+        silent: Mapping[str, datetime | None],
+        *,
+        message: str,
+        now: datetime,
+        epoch: int | None = None,
     ) -> list[Execution]:
-        """RUNNING executions of instances that are not registered or not seen for
-        ``stale_after`` become ABANDONED with ``message``, and every slot such an instance
-        held is freed. Returns the executions abandoned."""
+        """Fences each instance of ``silent`` whose last heartbeat is still the one given
+        (None: that is still not registered), unless it heartbeat or registered meanwhile;
+        then the RUNNING executions of every fenced instance become ABANDONED with
+        ``message``, and every slot one held is freed. With ``epoch``, only while it is the
+        leadership's (``NotLeader``). Returns the executions abandoned.
+
+        A fenced instance can no longer heartbeat or claim: whichever of the fence and its
+        own write comes first wins, so an execution it claims is never abandoned while it
+        believes itself alive, nor claimed after it was judged dead."""
 
     @abstractmethod
     async def take_leadership(self, instance_id: str) -> int:
@@ -396,22 +424,35 @@ class Store(ABC):
 
     @abstractmethod
     async def newest_events(self, cursor: int, *, limit: int) -> list[Event]:
-        """Up to ``limit`` events after ``cursor``, without the window (the hub's read)."""
+        """Up to ``limit`` events after ``cursor``, without the window (the hub's read).
+
+        Like ``events_after``, it returns only events up to the point below which every
+        cursor is decided (committed or gone): one that returns nothing past ``n`` has not
+        skipped a cursor below ``n`` that is still to come."""
+
+    @property
+    @abstractmethod
+    def events_behind(self) -> bool:
+        """Whether events were being written past what the last read could return: a reader
+        should read again soon rather than wait to be woken."""
 
     @abstractmethod
     async def event_window(self) -> EventWindow:
-        """The cursors of the kept history."""
+        """The cursors of the kept history; ``newest`` as of now (it waits for the writers of
+        events in flight, usually milliseconds)."""
 
     @abstractmethod
     async def snapshot_executions(
         self, job_ids: Sequence[str] = ()
-    ) -> tuple[int, list[tuple[Execution, dict[str, str]]]]:
+    ) -> tuple[SnapshotPoint, list[tuple[Execution, dict[str, str]]]]:
         """The PENDING and RUNNING executions (of these jobs, if given) with their jobs'
-        labels, and the cursor they are consistent with: every change up to it, none after."""
+        labels, and the point of the event history they are consistent with: every change
+        up to its cursor and those it includes, none after."""
 
     @abstractmethod
-    async def snapshot_jobs(self, job_ids: Sequence[str] = ()) -> tuple[int, list[Job]]:
-        """Every job (of these, if given), and the cursor they are consistent with."""
+    async def snapshot_jobs(self, job_ids: Sequence[str] = ()) -> tuple[SnapshotPoint, list[Job]]:
+        """Every job (of these, if given), and the point of the history they are consistent
+        with."""
 
     @abstractmethod
     async def purge_events(self, *, before: datetime) -> int:

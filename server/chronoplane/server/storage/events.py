@@ -1,20 +1,42 @@
-"""What a transaction changed, and the events it appends for watchers (decision 0011).
+"""What a transaction changed, the events it appends for watchers, and how far a reader may
+read them (decisions 0011 and 0015).
 
 A write transaction notes the executions and jobs it changes; just before it commits, the
-store reads them as they now are and appends one event each, with cursors taken from the
-``event_log`` row. That row stays locked until the commit, so cursors become visible in
-order: a reader that sees cursor n sees every cursor below it.
+store reads them as they now are and appends one event each.
+
+*Cursors.* On SQLite, whose writers take turns, they come from the ``event_log`` row, so a
+cursor is visible only once every smaller one is. On PostgreSQL they come from a sequence,
+with no lock any other writer waits for: a writer holds the shared advisory lock
+``EVENT_WRITERS_KEY`` from before it takes its cursors until it commits, and a cursor may be
+visible while a smaller one, taken by a transaction still running, is not. A reader therefore
+reads only up to the *watermark*: the last cursor handed out at some moment, once every
+transaction that held the lock at that moment has ended (``Watermark``). Everything up to it
+is then committed or rolled back for good, and a reader that has read up to it has missed
+nothing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime
 from types import SimpleNamespace
 from typing import Any
 
 from chronoplane.server.models import EventKind, EventResource
 
-__all__ = ["Changes", "decode_body", "encode_row", "encode_values"]
+__all__ = [
+    "EVENT_WRITERS_KEY",
+    "Changes",
+    "Watermark",
+    "decode_body",
+    "encode_row",
+    "encode_values",
+]
+
+# The advisory lock event writers hold, shared, from before they take cursors until they
+# commit (transaction-scoped; docs/decisions/0002-advisory-lock-keys.md, key 3). Nobody takes
+# it exclusively: no writer ever waits for it.
+EVENT_WRITERS_KEY = (0x43504C4E << 32) | 3
 
 # Columns of a row that are times: ISO text in the JSON body.
 _TIMES = frozenset(
@@ -102,3 +124,40 @@ def decode_body(body: dict[str, Any]) -> Any:
         for name, value in body.items()
     }
     return SimpleNamespace(**values)
+
+
+class Watermark:
+    """How far every event cursor is decided (PostgreSQL), from readings of the sequence's
+    last value ``last`` taken *before* the set ``writers`` of transactions then holding the
+    event writers' lock.
+
+    A transaction that took a cursor up to ``last`` held the lock before ``last`` was read,
+    so it is among ``writers`` if it had not ended by then. Once none of them holds the lock
+    any more, every cursor up to ``last`` is committed or gone for good. Readings that cannot
+    be settled yet wait, in order, for later ones to show their writers gone.
+    """
+
+    MAX_PENDING = 1000
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._pending: list[tuple[int, frozenset[str]]] = []
+
+    @property
+    def behind(self) -> bool:
+        """Whether cursors were handed out past the watermark by writers not yet ended."""
+        return bool(self._pending)
+
+    def observe(self, last: int, writers: Collection[str]) -> int:
+        """Takes a reading; returns the watermark."""
+        holding = frozenset(writers)
+        settled = [p for p in self._pending if not p[1] & holding]
+        if settled:
+            self.value = max(self.value, *(p[0] for p in settled))
+        self._pending = [p for p in self._pending if p[1] & holding and p[0] > self.value]
+        if not holding:
+            self.value = max(self.value, last)
+        elif last > self.value:
+            self._pending.append((last, holding))
+            del self._pending[: -self.MAX_PENDING]
+        return self.value

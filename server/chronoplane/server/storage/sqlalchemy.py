@@ -6,9 +6,10 @@ import asyncio
 import contextlib
 import functools
 import json
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
+import random
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any, ParamSpec, TypeVar
@@ -26,6 +27,7 @@ from chronoplane.server.errors import (
     JobAlreadyExists,
     JobNotFound,
     NotLeader,
+    StorageConflict,
     StorageUnavailable,
 )
 from chronoplane.server.models import (
@@ -57,6 +59,7 @@ from chronoplane.server.models import (
     RetryPolicy,
     Role,
     RunPolicy,
+    SnapshotPoint,
     StoredToken,
     Trigger,
 )
@@ -75,7 +78,13 @@ from chronoplane.server.storage.abc import (
     SlotRelease,
     Store,
 )
-from chronoplane.server.storage.events import Changes, decode_body, encode_row
+from chronoplane.server.storage.events import (
+    EVENT_WRITERS_KEY,
+    Changes,
+    Watermark,
+    decode_body,
+    encode_row,
+)
 from chronoplane.server.storage.tables import (
     UtcDateTime,
     audit_events,
@@ -92,7 +101,9 @@ from chronoplane.server.storage.tables import (
 __all__ = [
     "CANCEL_CHANNEL",
     "JOBS_CHANNEL",
+    "KEEPALIVES",
     "WORK_CHANNEL",
+    "SessionLimits",
     "SqlAlchemyStore",
     "create_engine",
     "trigger_from_json",
@@ -128,8 +139,48 @@ _INLINE = executions.c.executor == ExecutorKind.INLINE.value
 _CELERY = executions.c.executor == ExecutorKind.CELERY.value
 
 
-def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
-    """An engine with the settings each database needs (WAL and busy timeout on SQLite)."""
+@dataclass(frozen=True, kw_only=True)
+class SessionLimits:
+    """What bounds every pooled PostgreSQL session (docs/decisions/0015-faults.md): a
+    transaction waits for a lock at most ``lock_timeout`` and may idle between statements at
+    most ``idle_in_transaction`` (the server then ends the session and its locks: a stopped
+    or cut-off writer holds no one up for longer), a statement runs at most ``statement``,
+    and keepalives tell the server within seconds that a client's host has vanished. Times in
+    seconds."""
+
+    lock_timeout: float = 5.0
+    idle_in_transaction: float = 5.0
+    statement: float = 60.0
+
+    def server_settings(self) -> dict[str, str]:
+        return {
+            "lock_timeout": str(int(self.lock_timeout * 1000)),
+            "idle_in_transaction_session_timeout": str(int(self.idle_in_transaction * 1000)),
+            "statement_timeout": str(int(self.statement * 1000)),
+            **KEEPALIVES,
+        }
+
+
+# TCP keepalives, server side: a vanished client's session (and its locks) ends in ~11 s.
+KEEPALIVES = {
+    "tcp_keepalives_idle": "5",
+    "tcp_keepalives_interval": "2",
+    "tcp_keepalives_count": "3",
+}
+# Seconds a connection attempt may take.
+CONNECT_TIMEOUT = 5.0
+
+
+def create_engine(
+    url: str,
+    *,
+    pool_size: int = 10,
+    application_name: str = "chronoplane",
+    limits: SessionLimits | None = None,
+) -> AsyncEngine:
+    """An engine with the settings each database needs: WAL and busy timeout on SQLite; on
+    PostgreSQL the session limits, and ``application_name`` (a server's ends with its instance
+    id, so that a new leader can end the sessions of a stale one)."""
     if url.startswith("sqlite"):
         engine = create_async_engine(url, pool_size=pool_size, max_overflow=0)
 
@@ -146,28 +197,91 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
             cursor.close()
 
         return engine
-    return create_async_engine(url, pool_size=pool_size, max_overflow=5, pool_pre_ping=True)
+    limits = limits or SessionLimits()
+    return create_async_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=5,
+        pool_pre_ping=True,
+        connect_args={
+            "server_settings": {"application_name": application_name[:63]}
+            | limits.server_settings(),
+            "timeout": CONNECT_TIMEOUT,
+            # The client's own bound, should the server not answer at all (a partition).
+            "command_timeout": limits.statement + 10,
+        },
+    )
+
+
+# SQLSTATEs of a transaction that the database rolled back because of another one: nothing
+# was written, and the whole transaction may simply run again.
+_CONFLICTS = {
+    "40001": "a serialization failure",
+    "40P01": "a deadlock",
+    "55P03": "a lock not granted within lock_timeout",
+}
+# Classes of SQLSTATE that say the database, not the request, is the trouble: 08 connection
+# exception, 53 insufficient resources (too many connections), 57 operator intervention
+# (shutting down, starting up, session terminated, statement_timeout), and 25P03, a session
+# ended for idling in a transaction.
+_UNAVAILABLE_CLASSES = ("08", "53", "57")
+CONFLICT_ATTEMPTS = 4
+
+
+def _sqlstate(error: exc.DBAPIError) -> str:
+    return str(getattr(error.orig, "sqlstate", "") or "")
+
+
+def _unavailable(error: Exception) -> StorageUnavailable | None:
+    """The domain error for a driver error that means the database cannot be used now."""
+    if isinstance(error, exc.PendingRollbackError):
+        # The connection died inside a transaction (SQLAlchemy says so on its next use).
+        return StorageUnavailable(f"database connection lost in a transaction: {error}")
+    if isinstance(error, exc.TimeoutError):
+        return StorageUnavailable(f"no database connection free in time: {error}")
+    if isinstance(error, exc.OperationalError | exc.InterfaceError | OSError):
+        return StorageUnavailable(f"database unavailable: {error}")
+    if isinstance(error, exc.DBAPIError):
+        state = _sqlstate(error)
+        if error.connection_invalidated:
+            return StorageUnavailable(f"database connection lost: {error}")
+        if state[:2] in _UNAVAILABLE_CLASSES or state == "25P03":
+            return StorageUnavailable(f"database unavailable: {error}")
+    return None
 
 
 def _translate_errors(
     func: Callable[P, Coroutine[Any, Any, R]],
 ) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Driver errors become domain errors here, once, at the storage edge."""
+    """Driver errors become domain errors here, once, at the storage edge. A transaction the
+    database rolled back for another's sake (deadlock, lock timeout, serialization failure)
+    is run again a few times first: each method is one transaction, or several that each
+    stand alone, and side effects (wake-ups) happen only after a commit."""
 
     @functools.wraps(func)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await func(*args, **kwargs)
-        except (exc.OperationalError, exc.InterfaceError, OSError) as error:
-            raise StorageUnavailable(f"database unavailable: {error}") from error
-        except exc.DBAPIError as error:
-            if error.connection_invalidated:
-                raise StorageUnavailable(f"database connection lost: {error}") from error
-            # Class 08 (connection exception), 57 (operator intervention: shutting down,
-            # starting up, session terminated): the database, not the request.
-            if str(getattr(error.orig, "sqlstate", "") or "")[:2] in ("08", "57"):
-                raise StorageUnavailable(f"database unavailable: {error}") from error
-            raise
+        for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+            try:
+                return await func(*args, **kwargs)
+            except exc.DBAPIError as error:
+                state = _sqlstate(error)
+                if state not in _CONFLICTS or error.connection_invalidated:
+                    translated = _unavailable(error)
+                    if translated is None:
+                        raise
+                    raise translated from error
+                if attempt == CONFLICT_ATTEMPTS:
+                    raise StorageConflict(
+                        f"the database rolled the transaction back after {_CONFLICTS[state]} "
+                        f"({attempt} attempts); nothing was written: {error.orig}"
+                    ) from error
+                await asyncio.sleep(random.uniform(0.005, 0.02) * 2**attempt)
+            except (exc.SQLAlchemyError, OSError) as error:
+                translated = _unavailable(error)
+                if translated is None:
+                    raise
+                raise translated from error
+        raise AssertionError("unreachable")
 
     return wrapper
 
@@ -585,17 +699,23 @@ _PG_FINISH = sa.text(
     "WHERE executions.id = f.id AND executions.state IN ('pending', 'running') "
     "RETURNING executions.*"
 )
+# One round trip: the writers' lock (shared, held to the commit), the cursors from the
+# sequence (each row's nextval comes after the lock: no row exists before the lock's), the
+# rows, and the notification.
 _PG_APPEND_EVENTS = sa.text(
-    "WITH c AS (UPDATE event_log SET last_cursor = last_cursor "
-    "+ cardinality(CAST(:resources AS varchar[])) WHERE id = 1 RETURNING last_cursor), "
+    "WITH writer AS (SELECT pg_advisory_xact_lock_shared(CAST(:key AS bigint))), "
     "appended AS (INSERT INTO events (cursor, resource, kind, job_id, body, labels, create_time) "
-    "SELECT c.last_cursor - cardinality(CAST(:resources AS varchar[])) + e.n, e.resource, "
-    "e.kind, e.job_id, CAST(e.body AS json), CAST(e.labels AS json), :now "
-    "FROM c, unnest(CAST(:resources AS varchar[]), CAST(:kinds AS varchar[]), "
+    "SELECT nextval('events_cursor_seq'), e.resource, e.kind, e.job_id, CAST(e.body AS json), "
+    "CAST(e.labels AS json), :now "
+    "FROM writer, unnest(CAST(:resources AS varchar[]), CAST(:kinds AS varchar[]), "
     "CAST(:job_ids AS varchar[]), CAST(:bodies AS text[]), CAST(:labels AS text[])) "
-    "WITH ORDINALITY AS e(resource, kind, job_id, body, labels, n) RETURNING 1) "
-    f"SELECT pg_notify('{EVENTS_CHANNEL}', last_cursor::text) FROM c"
-).bindparams(sa.bindparam("now", type_=UtcDateTime()))
+    "AS e(resource, kind, job_id, body, labels) RETURNING 1) "
+    f"SELECT pg_notify('{EVENTS_CHANNEL}', '') FROM (SELECT count(*) FROM appended) AS done"
+).bindparams(sa.bindparam("now", type_=UtcDateTime()), key=EVENT_WRITERS_KEY)
+_PG_WATERMARK = sa.text("SELECT last_cursor, writers FROM chronoplane_event_watermark()")
+# How long a reader that needs the watermark as of now waits for the writers in flight (a
+# writer stopped inside its transaction is ended by idle_in_transaction_session_timeout).
+SETTLE_SECONDS = 30.0
 _PG_ADMISSION_JOBS = sa.text("SELECT * FROM chronoplane_admission_jobs(:ids, :fenced)").bindparams(
     sa.bindparam("ids", type_=postgresql.ARRAY(sa.String)),
     sa.bindparam("fenced", type_=sa.Boolean),
@@ -651,6 +771,7 @@ class SqlAlchemyStore(Store):
         self._write_lock = asyncio.Lock() if self._dialect == "sqlite" else None
         # Called after a transaction that appended events commits (the watch hub's wake-up).
         self.on_events: Callable[[], None] | None = None
+        self._watermark = Watermark()
 
     @classmethod
     def from_url(cls, url: str) -> SqlAlchemyStore:
@@ -678,14 +799,17 @@ class SqlAlchemyStore(Store):
             if self._write_lock is not None:
                 await stack.enter_async_context(self._write_lock)
             conn = await stack.enter_async_context(self._engine.begin())
-            changes = conn.info["chronoplane_changes"] = Changes()
+            # The dict itself, kept: on a connection that died, conn.info would raise
+            # PendingRollbackError and hide the error that killed it.
+            info = conn.info
+            changes = info["chronoplane_changes"] = Changes()
             try:
                 yield conn
                 if changes:
                     await self._append_events(conn, changes)
                     appended = True
             finally:
-                conn.info.pop("chronoplane_changes", None)
+                info.pop("chronoplane_changes", None)
         if appended and self.on_events is not None:
             self.on_events()
 
@@ -704,9 +828,9 @@ class SqlAlchemyStore(Store):
             changes.note_rows(rows, kind)
 
     async def _append_events(self, conn: AsyncConnection, changes: Changes) -> None:
-        """One event per resource changed, as it now is, with the next cursors. The
-        ``event_log`` row stays locked until this transaction commits: cursors become visible
-        in order, and one that rolls back leaves no gap."""
+        """One event per resource changed, as it now is, with the next cursors (storage/
+        events.py: from the sequence on PostgreSQL, from the ``event_log`` row, which stays
+        locked until the commit, on SQLite)."""
         bodies: dict[tuple[EventResource, str], tuple[str, dict[str, Any], Any]] = {}
         execution_ids = [i for i in changes.ids(EventResource.EXECUTION) if i not in changes.known]
         if changes.known:
@@ -751,8 +875,6 @@ class SqlAlchemyStore(Store):
             return
         now = datetime.now(UTC)
         if self._dialect == "postgresql":
-            # One round trip: cursors, rows and the notification (the event_log row is
-            # locked from here to the commit).
             await conn.execute(
                 _PG_APPEND_EVENTS,
                 {
@@ -942,6 +1064,10 @@ class SqlAlchemyStore(Store):
         claim_for: str,
         claim_limit: int,
     ) -> Admitted:
+        # Before any job is locked: a fence takes the instance's row first, then the jobs.
+        fenced = claim_limit > 0 and await self._fenced(conn, claim_for)
+        if fenced:
+            claim_limit = 0
         queueing = {
             a.execution.job_id for a in admissions if a.execution.state is ExecutionState.PENDING
         }
@@ -984,7 +1110,7 @@ class SqlAlchemyStore(Store):
                     )
             chosen.append((admission, execution, ready))
         if not chosen:
-            return Admitted(inserted=[], displace=[], claimed=[])
+            return Admitted(inserted=[], displace=[], claimed=[], fenced=fenced)
         # What is ready and due now, the writer may run itself, up to claim_limit: claimed in
         # the insert (no other instance can see these rows before it commits).
         claimed: list[tuple[Execution, RunPolicy]] = []
@@ -1018,6 +1144,7 @@ class SqlAlchemyStore(Store):
             ],
             displace=sorted({job_id for eid, job_id in cancel_for if eid in inserted}),
             claimed=[(e, p) for e, p in claimed if e.id in inserted],
+            fenced=fenced,
         )
 
     async def _admitted_jobs(
@@ -1227,6 +1354,8 @@ class SqlAlchemyStore(Store):
         claimed: list[tuple[Execution, RunPolicy]] = []
         next_due_in = None
         async with self._write() as conn:
+            if limit > 0 and await self._fenced(conn, instance_id):
+                return Claim(executions=[], next_due_in=None, fenced=True)
             if limit > 0:
                 # The first ``limit`` ready rows by due time: those due now are claimed, the
                 # first one not due yet says when to look again.
@@ -1462,6 +1591,8 @@ class SqlAlchemyStore(Store):
         claimed: list[Dispatch] = []
         next_due_in = None
         async with self._write() as conn:
+            if await self._fenced(conn, instance_id):
+                return DispatchClaim(dispatches=[], next_due_in=None, fenced=True)
             query = (
                 sa.select(
                     executions,
@@ -1650,11 +1781,12 @@ class SqlAlchemyStore(Store):
             await conn.execute(sa.select(sa.func.pg_notify(channel, payload)))
 
     async def _check_epoch(self, conn: AsyncConnection, epoch: int) -> None:
-        """Fencing: the leadership row is read FOR SHARE, so a new leader's bump waits for
-        this transaction, and this one sees the bump if it came first."""
+        """Fencing: the leadership row is read FOR KEY SHARE, so a new leader's bump (which
+        locks it FOR UPDATE first) waits for this transaction, and this one sees the bump if
+        it came first; the leader's heartbeat, a plain UPDATE, waits for neither."""
         query = sa.select(leadership.c.epoch).where(leadership.c.id == 1)
         if self._dialect == "postgresql":
-            query = query.with_for_update(read=True)
+            query = query.with_for_update(read=True, key_share=True)
         current = (await conn.execute(query)).scalar_one()
         if current != epoch:
             raise NotLeader(epoch, current)
@@ -1832,31 +1964,33 @@ class SqlAlchemyStore(Store):
             "last_seen": self._now(),
             "max_running": instance.max_running,
             "running": instance.running,
+            "draining": instance.draining,
+            "fenced_at": None,
         }
         async with self._write() as conn:
             await conn.execute(
                 self._insert(instances)
                 .values(**values)
                 .on_conflict_do_update(
-                    index_elements=["id"],
-                    set_={"address": instance.address, "last_seen": self._now()},
+                    index_elements=["id"], set_={k: v for k, v in values.items() if k != "id"}
                 )
             )
 
     @_translate_errors
     async def heartbeat_instance(
-        self, instance_id: str, *, running: int, live_after: timedelta
+        self, instance_id: str, *, running: int, live_after: timedelta, draining: bool = False
     ) -> int:
         async with self._write() as conn:
             result = await conn.execute(
                 instances.update()
-                .where(instances.c.id == instance_id)
-                .values(last_seen=self._now(), running=running)
+                .where(instances.c.id == instance_id, instances.c.fenced_at.is_(None))
+                .values(last_seen=self._now(), running=running, draining=draining)
             )
             if not result.rowcount:
                 return 0
             live = sa.select(sa.func.count()).where(
-                instances.c.last_seen >= self._seen_since(live_after)
+                instances.c.last_seen >= self._seen_since(live_after),
+                instances.c.fenced_at.is_(None),
             )
             return max(1, int((await conn.execute(live)).scalar_one()))
 
@@ -1891,7 +2025,8 @@ class SqlAlchemyStore(Store):
                     max_running=row.max_running,
                     running=row.running,
                     last_seen_time=row.last_seen,
-                    leader=bool(row.leader),
+                    leader=bool(row.leader) and row.fenced_at is None,
+                    draining=row.draining,
                 )
                 for row in rows
             ]
@@ -1907,56 +2042,116 @@ class SqlAlchemyStore(Store):
             return list(result.scalars())
 
     @_translate_errors
-    async def abandon_orphans(
-        self, *, stale_after: timedelta, message: str, now: datetime
-    ) -> list[Execution]:
+    async def instance_heartbeats(self) -> dict[str, datetime]:
+        async with self._begin() as conn:
+            rows = await conn.execute(
+                sa.select(instances.c.id, instances.c.last_seen).where(
+                    instances.c.fenced_at.is_(None)
+                )
+            )
+            return {row.id: row.last_seen for row in rows}
+
+    @_translate_errors
+    async def execution_owners(self) -> set[str]:
         owned = (executions.c.state == _RUNNING) | executions.c.holds_slot  # ix_executions_owned
-        abandoned_rows: list[Execution] = []
-        async with self._write() as conn:
-            # The owners of running executions and slots, then those of them that are silent:
-            # two small reads each round, whatever the history holds.
-            owners = set(
-                (
-                    await conn.execute(sa.select(executions.c.instance_id).where(owned).distinct())
-                ).scalars()
-            )
-            live = sa.select(instances.c.id).where(
-                instances.c.last_seen >= self._seen_since(stale_after)
-            )
+        async with self._begin() as conn:
+            query = sa.select(executions.c.instance_id).where(owned).distinct()
             # "" owns what a Celery worker runs: its lease decides (abandon_expired_leases).
-            dead = sorted(owners - set((await conn.execute(live)).scalars()) - {""})
-            if not dead:
-                return []
+            return set((await conn.execute(query)).scalars()) - {""}
+
+    @_translate_errors
+    async def abandon_instances(
+        self,
+        silent: Mapping[str, datetime | None],
+        *,
+        message: str,
+        now: datetime,
+        epoch: int | None = None,
+    ) -> list[Execution]:
+        async with self._write() as conn:
+            if epoch is not None:
+                await self._check_epoch(conn, epoch)
+            fenced = [i for i, seen in sorted(silent.items()) if await self._fence(conn, i, seen)]
+            # And whatever fenced instances still hold (claimed in a race with the fence).
+            fenced_rows = sa.select(instances.c.id).where(instances.c.fenced_at.is_not(None))
+            dead = sorted(set(fenced) | set((await conn.execute(fenced_rows)).scalars()))
+            owned = (executions.c.state == _RUNNING) | executions.c.holds_slot
             of_dead = owned & self._among(executions.c.instance_id, dead)
             affected = sa.select(executions.c.job_id).where(of_dead).distinct()
             freeing = list((await conn.execute(affected)).scalars())
-            for instance_id in dead:
-                seen = (
-                    await conn.execute(
-                        sa.select(instances.c.last_seen).where(instances.c.id == instance_id)
-                    )
-                ).scalar()
-                last = f"last seen {seen.isoformat()}" if seen else "no longer registered"
-                abandoned = await conn.execute(
-                    executions.update()
-                    .where(executions.c.state == _RUNNING, executions.c.instance_id == instance_id)
-                    .values(
-                        state=ExecutionState.ABANDONED.value,
-                        end_time=now,
-                        error_message=f"{message}: instance {instance_id} ({last})",
-                        error_type=ABANDONED_ERROR_TYPE,
-                        holds_slot=False,
-                    )
-                    .returning(*executions.c)
+            if not freeing:
+                return []
+            abandoned = await conn.execute(
+                executions.update()
+                .where(executions.c.state == _RUNNING, self._among(executions.c.instance_id, dead))
+                .values(
+                    state=ExecutionState.ABANDONED.value,
+                    end_time=now,
+                    error_message=sa.literal(f"{message}: instance ") + executions.c.instance_id,
+                    error_type=ABANDONED_ERROR_TYPE,
+                    holds_slot=False,
                 )
-                abandoned_rows.extend(_execution_from_row(row) for row in abandoned)
-            self._changed(
-                conn, EventResource.EXECUTION, (e.id for e in abandoned_rows), EventKind.MODIFIED
+                .returning(*executions.c)
             )
-            # Slots of synchronous tasks that outlived their final state there.
+            rows = list(abandoned.mappings())
+            self._changed_rows(conn, rows, EventKind.MODIFIED)
+            # Slots of synchronous tasks that outlived their final state there, and of Celery
+            # executions it was sending.
             await conn.execute(executions.update().where(of_dead).values(holds_slot=False))
             await self._promote(conn, await self._queued_jobs(conn, freeing))
-        return abandoned_rows
+        return [_execution_from_mapping(row) for row in rows]
+
+    async def _fence(self, conn: AsyncConnection, instance_id: str, seen: datetime | None) -> bool:
+        """Fences the instance if it is still as silent as observed: its last heartbeat is
+        still ``seen``, or (None) it is still not registered (a row that says so takes its
+        place, and stops a registration racing with this). Its own heartbeat, claim or
+        registration takes the row's lock too: whichever comes first wins."""
+        if seen is None:
+            now = self._now()
+            values = {
+                "id": instance_id,
+                "name": "",
+                "host": "",
+                "pid": 0,
+                "version": "",
+                "address": "",
+                "insecure": False,
+                "start_time": now,
+                "last_seen": now,
+                "max_running": 0,
+                "running": 0,
+                "draining": False,
+                "fenced_at": now,
+            }
+            statement = (
+                self._insert(instances)
+                .values(**values)
+                .on_conflict_do_nothing(index_elements=["id"])
+                .returning(instances.c.id)
+            )
+        else:
+            statement = (
+                instances.update()
+                .where(
+                    instances.c.id == instance_id,
+                    instances.c.last_seen == seen,
+                    instances.c.fenced_at.is_(None),
+                )
+                .values(fenced_at=self._now())
+                .returning(instances.c.id)
+            )
+        return (await conn.execute(statement)).first() is not None
+
+    async def _fenced(self, conn: AsyncConnection, instance_id: str) -> bool:
+        """Whether the instance was fenced (judged dead): it may claim nothing then. Its row
+        is locked FOR SHARE to the commit, so a fence waits for this claim, and the claim
+        sees a fence that came first. An instance with no row at all is not fenced (a store
+        used on its own, as in the tests)."""
+        query = sa.select(instances.c.fenced_at).where(instances.c.id == instance_id)
+        if self._dialect == "postgresql":
+            query = query.with_for_update(read=True)
+        row = (await conn.execute(query)).first()
+        return row is not None and row.fenced_at is not None
 
     @_translate_errors
     async def take_leadership(self, instance_id: str) -> int:
@@ -1981,59 +2176,98 @@ class SqlAlchemyStore(Store):
         self, cursor: int, *, limit: int, job_ids: Sequence[str] = ()
     ) -> tuple[list[Event], EventWindow]:
         async with self._begin() as conn:
-            rows = (await conn.execute(self._events_query(cursor, limit, job_ids))).all()
+            newest = await self._decided(conn)
+            rows = (
+                (await conn.execute(self._events_query(cursor, newest, limit, job_ids))).all()
+                if newest > cursor
+                else []
+            )
             # Read after the events: a purge that committed before them is seen here.
-            window = await self._event_window(conn)
-        return [_event_from_row(row) for row in rows], window
+            purged = await self._purged_through(conn)
+        return [_event_from_row(row) for row in rows], EventWindow(
+            purged_through=purged, newest=newest
+        )
 
     @_translate_errors
     async def newest_events(self, cursor: int, *, limit: int) -> list[Event]:
-        async with self._engine.connect() as conn:  # one statement: no transaction needed
-            rows = (await conn.execute(self._events_query(cursor, limit, ()))).all()
+        async with self._engine.connect() as conn:  # statements that need no transaction
+            newest = await self._decided(conn)
+            if newest <= cursor:
+                return []
+            rows = (await conn.execute(self._events_query(cursor, newest, limit, ()))).all()
         return [_event_from_row(row) for row in rows]
 
-    def _events_query(self, cursor: int, limit: int, job_ids: Sequence[str]) -> Any:
-        query = sa.select(*_EVENT_COLUMNS).where(events.c.cursor > cursor)
+    def _events_query(self, cursor: int, newest: int, limit: int, job_ids: Sequence[str]) -> Any:
+        query = sa.select(*_EVENT_COLUMNS).where(
+            events.c.cursor > cursor, events.c.cursor <= newest
+        )
         if job_ids:
             query = query.where(self._among(events.c.job_id, job_ids))
         return query.order_by(events.c.cursor).limit(limit)
 
+    @property
+    def events_behind(self) -> bool:
+        """Whether cursors were handed out past the last watermark read by writers still in
+        flight then (PostgreSQL): a reader should look again soon."""
+        return self._watermark.behind
+
+    async def _decided(self, conn: AsyncConnection, *, settle: bool = False) -> int:
+        """The cursor up to which every event is committed or gone for good (storage/
+        events.py). With ``settle``, as of now: waits for the writers in flight (ms)."""
+        if self._dialect != "postgresql":
+            return int(
+                (
+                    await conn.execute(
+                        sa.select(event_log.c.last_cursor).where(event_log.c.id == 1)
+                    )
+                ).scalar_one()
+            )
+        row = (await conn.execute(_PG_WATERMARK)).one()
+        decided = self._watermark.observe(row.last_cursor, row.writers)
+        target = int(row.last_cursor)
+        deadline = asyncio.get_running_loop().time() + SETTLE_SECONDS
+        while settle and decided < target and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.005)
+            row = (await conn.execute(_PG_WATERMARK)).one()
+            decided = self._watermark.observe(row.last_cursor, row.writers)
+        return decided
+
     @_translate_errors
     async def event_window(self) -> EventWindow:
-        async with self._begin() as conn:
-            return await self._event_window(conn)
+        async with self._engine.connect() as conn:
+            newest = await self._decided(conn, settle=True)
+            return EventWindow(purged_through=await self._purged_through(conn), newest=newest)
 
     @staticmethod
-    async def _event_window(conn: AsyncConnection) -> EventWindow:
-        row = (
-            await conn.execute(
-                sa.select(event_log.c.purged_through, event_log.c.last_cursor).where(
-                    event_log.c.id == 1
-                )
-            )
-        ).one()
-        return EventWindow(purged_through=row.purged_through, newest=row.last_cursor)
+    async def _purged_through(conn: AsyncConnection) -> int:
+        query = sa.select(event_log.c.purged_through).where(event_log.c.id == 1)
+        return int((await conn.execute(query)).scalar_one())
 
     @asynccontextmanager
-    async def _snapshot(self) -> AsyncIterator[tuple[AsyncConnection, int]]:
-        """A read transaction that sees one instant, and the last cursor committed by then.
-        On PostgreSQL REPEATABLE READ; on SQLite the writers' turn, so that nothing commits
-        between its statements."""
+    async def _snapshot(self) -> AsyncIterator[tuple[AsyncConnection, SnapshotPoint]]:
+        """A read transaction that sees one instant, and the point of the event history it
+        is consistent with. On PostgreSQL REPEATABLE READ, after a watermark settled before
+        it began (every event up to it is in the snapshot), with the events past it that
+        the snapshot shows too; on SQLite the writers' turn, so that nothing commits between
+        its statements."""
         async with contextlib.AsyncExitStack() as stack:
             if self._write_lock is not None:
                 await stack.enter_async_context(self._write_lock)
                 conn = await stack.enter_async_context(self._engine.begin())
-            else:
-                plain = await stack.enter_async_context(self._engine.connect())
-                conn = await plain.execution_options(isolation_level="REPEATABLE READ")
-                await stack.enter_async_context(conn.begin())
-            window = await self._event_window(conn)
-            yield conn, window.newest
+                yield conn, SnapshotPoint(cursor=await self._decided(conn))
+                return
+            plain = await stack.enter_async_context(self._engine.connect())
+            decided = await self._decided(plain, settle=True)
+            await plain.commit()
+            conn = await plain.execution_options(isolation_level="REPEATABLE READ")
+            await stack.enter_async_context(conn.begin())
+            shown = await conn.execute(sa.select(events.c.cursor).where(events.c.cursor > decided))
+            yield conn, SnapshotPoint(cursor=decided, included=frozenset(shown.scalars()))
 
     @_translate_errors
     async def snapshot_executions(
         self, job_ids: Sequence[str] = ()
-    ) -> tuple[int, list[tuple[Execution, dict[str, str]]]]:
+    ) -> tuple[SnapshotPoint, list[tuple[Execution, dict[str, str]]]]:
         query = (
             sa.select(executions, jobs.c.labels.label("job_labels"))
             .join(jobs, jobs.c.id == executions.c.job_id)
@@ -2042,18 +2276,18 @@ class SqlAlchemyStore(Store):
         )
         if job_ids:
             query = query.where(self._among(executions.c.job_id, job_ids))
-        async with self._snapshot() as (conn, cursor):
+        async with self._snapshot() as (conn, point):
             rows = (await conn.execute(query)).all()
-        return cursor, [(_execution_from_row(row), row.job_labels or {}) for row in rows]
+        return point, [(_execution_from_row(row), row.job_labels or {}) for row in rows]
 
     @_translate_errors
-    async def snapshot_jobs(self, job_ids: Sequence[str] = ()) -> tuple[int, list[Job]]:
+    async def snapshot_jobs(self, job_ids: Sequence[str] = ()) -> tuple[SnapshotPoint, list[Job]]:
         query = sa.select(jobs).order_by(jobs.c.id)
         if job_ids:
             query = query.where(self._among(jobs.c.id, job_ids))
-        async with self._snapshot() as (conn, cursor):
+        async with self._snapshot() as (conn, point):
             rows = (await conn.execute(query)).all()
-        return cursor, [_job_from_row(row) for row in rows]
+        return point, [_job_from_row(row) for row in rows]
 
     @_translate_errors
     async def purge_events(self, *, before: datetime) -> int:

@@ -215,6 +215,11 @@ instances = sa.Table(
     # Its limit of executions at once, and how many it ran at its last heartbeat.
     sa.Column("max_running", sa.Integer, nullable=False),
     sa.Column("running", sa.Integer, nullable=False),
+    # Stopping: it runs what it has to its end, and claims nothing new.
+    sa.Column("draining", sa.Boolean, nullable=False, server_default=sa.false()),
+    # When the leader judged it dead (silent for instance_timeout) and ABANDONED what it ran:
+    # until it registers again it may neither heartbeat nor claim (its fencing token).
+    sa.Column("fenced_at", UtcDateTime, nullable=True),
 )
 
 # One row (id 1): the current leadership term. Every write the leader makes as leader reads
@@ -229,10 +234,11 @@ leadership = sa.Table(
     sa.Column("heartbeat_at", UtcDateTime, nullable=True),
 )
 
-# The watch history (see docs/decisions/0011-watch-events.md): one row per change of an
-# execution or a job, appended in the transaction that made the change. Cursors come from
-# event_log's row, taken just before commit, so a cursor is visible only once every smaller
-# one is.
+# The watch history (see docs/decisions/0011-watch-events.md and 0015-faults.md): one row per
+# change of an execution or a job, appended in the transaction that made the change. On
+# PostgreSQL cursors come from the sequence events_cursor_seq (made by migration 0009) and a
+# reader reads only up to the watermark below which every cursor is decided; on SQLite, whose
+# writers take turns, from event_log's row.
 events = sa.Table(
     "events",
     metadata,
@@ -248,7 +254,7 @@ events = sa.Table(
     sa.Index(None, "create_time"),
 )
 
-# One row (id 1): the last cursor handed out, and the newest one purged (0: none).
+# One row (id 1): the last cursor handed out (SQLite), and the newest one purged (0: none).
 event_log = sa.Table(
     "event_log",
     metadata,

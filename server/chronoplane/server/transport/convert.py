@@ -489,6 +489,7 @@ def instance_to_proto(instance: Instance) -> instance_pb2.Instance:
         address=instance.address,
         max_running=instance.max_running,
         running=instance.running,
+        draining=instance.draining,
     )
 
 

@@ -31,6 +31,7 @@ from chronoplane.server.errors import (
     PermissionDenied,
     ResourceExhausted,
     ServerStopping,
+    StorageConflict,
     StorageUnavailable,
     Unauthenticated,
 )
@@ -49,6 +50,7 @@ _TABLE: list[tuple[type[ChronoplaneError], grpc.StatusCode]] = [
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (InstanceConflict, grpc.StatusCode.FAILED_PRECONDITION),
     (StorageUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (StorageConflict, grpc.StatusCode.ABORTED),
     (CancellationPending, grpc.StatusCode.UNAVAILABLE),
     (ServerStopping, grpc.StatusCode.UNAVAILABLE),
     (NotLeader, grpc.StatusCode.UNAVAILABLE),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +142,9 @@ class GrpcServer:
             SchedulerServicer(service), self._server
         )
         self._health = health.aio.HealthServicer()
+        self._serving = True
+        self._stopping = False
+        self._background: set[asyncio.Task[None]] = set()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         if reflection != "off":
             grpc_reflection.enable_server_reflection(
@@ -166,10 +170,29 @@ class GrpcServer:
 
     async def start(self) -> None:
         await self._server.start()
+        await self._set_health(serving=True)
+
+    def serving(self, ok: bool) -> None:
+        """Health says SERVING while the instance reaches its database, NOT_SERVING while it
+        does not (told after each heartbeat)."""
+        if ok != self._serving and not self._stopping:
+            self._serving = ok
+            task = asyncio.create_task(self._set_health(serving=ok), name="health")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _set_health(self, *, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in ("", SERVICE_NAME):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await self._health.set(name, status)
 
     async def stop(self, grace: float) -> None:
         """Health says NOT_SERVING, new RPCs are refused, in-flight ones get ``grace``."""
+        self._stopping = True
+        await asyncio.gather(*self._background, return_exceptions=True)
         await self._health.enter_graceful_shutdown()
         await self._server.stop(grace)
