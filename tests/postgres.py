@@ -39,6 +39,7 @@ class PostgresServer:
     password: str | None
     maintenance_db: str
     data_dir: Path | None = None
+    options: str = ""
 
     @property
     def dsn(self) -> str:
@@ -61,6 +62,19 @@ class PostgresServer:
             check=True,
             capture_output=True,
         )
+
+    def halt(self) -> None:
+        """``pg_ctl stop -m fast``: sessions end, new connections are refused until
+        ``resume`` (throwaway only)."""
+        assert self.data_dir is not None, "only a throwaway cluster may be stopped"
+        command = [_tool("pg_ctl"), "-D", str(self.data_dir), "-m", "fast", "-w", "stop"]
+        subprocess.run(_as_postgres(command), check=True, capture_output=True)
+
+    def resume(self) -> None:
+        assert self.data_dir is not None, "only a throwaway cluster may be started"
+        log = str(self.data_dir.parent / "log")
+        command = [_tool("pg_ctl"), "-D", str(self.data_dir), "-o", self.options, "-l", log]
+        subprocess.run(_as_postgres([*command, "-w", "start"]), check=True, capture_output=True)
 
     def stop(self) -> None:
         if self.data_dir is not None:
@@ -134,7 +148,9 @@ def start_throwaway() -> PostgresServer:
         check=True,
         capture_output=True,
     )
-    return PostgresServer("127.0.0.1", port, "postgres", None, "postgres", data_dir=data)
+    return PostgresServer(
+        "127.0.0.1", port, "postgres", None, "postgres", data_dir=data, options=options
+    )
 
 
 async def find_postgres() -> PostgresServer:

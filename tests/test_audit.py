@@ -7,6 +7,7 @@ import asyncio
 import base64
 import getpass
 import json
+import logging
 import os
 import re
 from collections.abc import AsyncIterator, Iterator
@@ -249,6 +250,39 @@ async def test_the_audit_log_holds_every_mutating_call_allowed_or_refused(
         assert "page_token" in violations(error.value)
     # Asking is not a change: the listing calls above left no trace.
     assert len(await listed()) == 5
+
+
+async def test_a_refused_call_with_no_json_form_is_audited_with_placeholders(
+    guarded: InProcessServer, people: People, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request proto3 JSON cannot render (a field mask path in camelCase, NaN in args) is
+    still recorded when refused, what cannot be JSON replaced by a placeholder; nothing is
+    logged as an error."""
+    stub = guarded.stub
+    await stub.CreateJob(pb.CreateJobRequest(job=_job("report")), metadata=people.alice)
+    camel = pb.UpdateJobRequest(job=_job("report", display_name="Report"))
+    camel.update_mask.paths.append("displayName")
+    not_a_number = _job("nan")
+    not_a_number.args["ratio"] = float("nan")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.UpdateJob(camel, metadata=people.alice)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.CreateJob(pb.CreateJobRequest(job=not_a_number), metadata=people.alice)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    log = (
+        await stub.ListAuditEvents(pb.ListAuditEventsRequest(), metadata=people.alice)
+    ).audit_events
+    created, updated = (json_format.MessageToDict(e.request) for e in log[:2])
+    assert [(e.rpc, e.code) for e in log[:2]] == [
+        ("CreateJob", "INVALID_ARGUMENT"),
+        ("UpdateJob", "INVALID_ARGUMENT"),
+    ]
+    assert updated["job"]["displayName"] == "Report"
+    assert updated["updateMask"].startswith("(not representable as JSON")
+    assert created["job"]["task"] == "test.block"
+    assert created["job"]["args"].startswith("(not representable as JSON")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)

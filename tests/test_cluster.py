@@ -538,6 +538,7 @@ def test_cancel_through_one_instance_stops_a_run_on_another(cluster: Cluster) ->
     assert cancelled.state == epb.EXECUTION_STATE_CANCELLED
     assert cancelled.error_message == "cancelled: from elsewhere"
     assert cancelled.instance_id == owner
-    # The task really stopped: its ledger line says it started, never that it ended.
+    # The task really stopped: its ledger says it started and was cancelled, never that it
+    # ended.
     lines = cluster.ledger.read_text().splitlines()
-    assert [line.split()[0] for line in lines] == ["start"]
+    assert [line.split()[0] for line in lines] == ["start", "cancel"]

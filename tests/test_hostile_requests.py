@@ -272,3 +272,15 @@ async def test_requests_grpc_cannot_parse_are_invalid_argument_for_every_rpc(
     health = health_pb2_grpc.HealthStub(server.channel)
     answer = await health.Check(health_pb2.HealthCheckRequest())
     assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    # The health service too: bytes that are no HealthCheckRequest (a service name that is
+    # not UTF-8) are refused as such, not answered UNKNOWN with a traceback in the log.
+    check = server.channel.unary_unary("/grpc.health.v1.Health/Check", request_serializer=bytes)
+    watch = server.channel.unary_stream("/grpc.health.v1.Health/Watch", request_serializer=bytes)
+    for payload in (CORRUPT, BAD_UTF8):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await check(payload)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "request" in violations(caught.value)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await watch(payload).read()
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -18,6 +18,7 @@ from harness import BIN, ServerProcess, running_server, start_server
 from chronoplane.v1 import execution_pb2 as epb
 from chronoplane.v1 import job_pb2 as jpb
 from chronoplane.v1 import scheduler_service_pb2 as pb
+from chronoplane.v1 import scheduler_service_pb2_grpc as pb_grpc
 
 SERVICE = "chronoplane.v1.SchedulerService"
 
@@ -501,3 +502,31 @@ def test_migrate_command_creates_the_schema(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "database is up to date" in result.stderr
+
+
+def _rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmRSS:")[1].split()[0]) / 1024
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_refused_big_requests_do_not_pile_up_in_memory(database_url: str, tmp_path: Path) -> None:
+    """500 requests of nearly 4 MiB each, every one refused (args past max_args_bytes): the
+    server's memory stays bounded without waiting for a full garbage collection (a refusal
+    must not keep its request alive in a reference cycle)."""
+    args = struct_pb2.Struct()
+    args.update({"blob": "x" * 3_900_000})
+    request = pb.TriggerJobRequest(id="anything", args=args)
+    with running_server(database_url, tmp_path) as server:
+        channel = grpc.insecure_channel(
+            server.address, options=[("grpc.max_send_message_length", 8 << 20)]
+        )
+        stub = pb_grpc.SchedulerServiceStub(channel)
+        peak = 0.0
+        for _ in range(50):  # 10 in flight at a time
+            calls = [stub.TriggerJob.future(request) for _ in range(10)]
+            for call in calls:
+                assert call.exception().code() == grpc.StatusCode.INVALID_ARGUMENT
+            peak = max(peak, _rss_mib(server.process.pid))
+        channel.close()
+    assert peak < 300, f"the server grew to {peak:.0f} MiB"

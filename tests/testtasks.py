@@ -58,12 +58,17 @@ async def flaky(key: str, failures: int, error: str = "ConnectionError") -> int:
 
 @task("test.cluster_ledger")
 async def cluster_ledger(path: str, seconds: float = 0.2) -> str:
-    """Appends a line when it starts and when it ends (one write each, atomic with O_APPEND):
-    the execution, its job and fire, the process. The cluster tests count runs from it."""
+    """Appends a line when it starts, and when it ends or is cancelled (one write each,
+    atomic with O_APPEND): the execution, its job and fire, the process. The cluster and
+    fault tests count runs from it."""
     run = current_execution()
     head = f"{run.execution_id} {run.job_id} {run.scheduled_time.isoformat()} {os.getpid()}"
     _append(path, f"start {head} {time.time()}\n")
-    await asyncio.sleep(seconds)
+    try:
+        await asyncio.sleep(seconds)
+    except asyncio.CancelledError:
+        _append(path, f"cancel {head} {time.time()}\n")
+        raise
     _append(path, f"end {head} {time.time()}\n")
     return run.instance_id
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from time import monotonic
@@ -46,6 +46,8 @@ RESYNC_INTERVAL = 30.0
 REMOVE_AFTER_TIMEOUTS = 6
 # The judge's watch starts over when it did not look for this many heartbeat intervals.
 WATCH_GAP_HEARTBEATS = 3
+# After a heartbeat failed, the next is tried this soon.
+RETRY_HEARTBEAT_SECONDS = 0.25
 
 
 def _utcnow() -> datetime:
@@ -103,7 +105,7 @@ class Member:
         self._seen: dict[str, tuple[datetime | None, float]] = {}
         self._looked: float | None = None
         # Told whether this instance can reach the database (health checking).
-        self._health: list[Callable[[bool], None]] = []
+        self._health: list[Callable[[bool], Awaitable[None]]] = []
 
     # -- the coordinator's callbacks ----------------------------------------------------------
 
@@ -161,7 +163,7 @@ class Member:
             await cancelled(task)
         self._tasks.clear()
 
-    def on_health(self, listener: Callable[[bool], None]) -> None:
+    def on_health(self, listener: Callable[[bool], Awaitable[None]]) -> None:
         """``listener(ok)`` is told after each heartbeat whether it reached the database."""
         self._health.append(listener)
 
@@ -253,17 +255,34 @@ class Member:
     # -- membership ---------------------------------------------------------------------------
 
     async def _heartbeat_forever(self) -> None:
+        wait = self._hb
+        failing_since: float | None = None
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._beat_now.wait(), self._hb)
+                await asyncio.wait_for(self._beat_now.wait(), wait)
             self._beat_now.clear()
             if self._stopping:
                 return
             try:
                 await self._heartbeat()
             except Exception as error:
-                log.warning("instance heartbeat failed: %s", error)
-                self._tell_health(False)
+                if failing_since is None:
+                    failing_since = monotonic()
+                    log.warning("instance heartbeat failed (retrying): %s", error)
+                else:
+                    log.debug("instance heartbeat failed again: %s", error)
+                await self._tell_health(False)
+                # Tried again sooner: health and the lease are back moments after the
+                # database is.
+                wait = min(self._hb, RETRY_HEARTBEAT_SECONDS)
+            else:
+                if failing_since is not None:
+                    log.info(
+                        "instance heartbeats get through again, after %.1f s",
+                        monotonic() - failing_since,
+                    )
+                    failing_since = None
+                wait = self._hb
 
     async def _heartbeat(self) -> None:
         sent = monotonic()
@@ -276,7 +295,7 @@ class Member:
         if live:
             self._heard = sent
             self._runner.cluster_size(live)
-            self._tell_health(True)
+            await self._tell_health(True)
             return
         stopped = self._runner.disown(
             "interrupted: this instance was taken for dead (not heard from for "
@@ -291,11 +310,11 @@ class Member:
         )
         await self._store.register_instance(self.instance)
         self._heard = sent
-        self._tell_health(True)
+        await self._tell_health(True)
 
-    def _tell_health(self, ok: bool) -> None:
+    async def _tell_health(self, ok: bool) -> None:
         for listener in self._health:
-            listener(ok)
+            await listener(ok)
 
     # -- job changes (cluster mode) -----------------------------------------------------------
 

@@ -21,7 +21,7 @@ import json
 import logging
 import traceback
 from collections import defaultdict, deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -94,6 +94,17 @@ CANCEL_GRACE_SECONDS = 5.0
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def _backoff() -> Iterator[float]:
+    """Waits between attempts at a write that failed: at once (a connection that died is
+    usually alone: the next one works), then doubling from 50 ms to a second; fires wait
+    behind the write, so it is tried often."""
+    yield 0.0
+    delay = 0.05
+    while True:
+        yield delay
+        delay = min(delay * 2, 1.0)
 
 
 def json_result(value: Any) -> Any:
@@ -572,7 +583,7 @@ class Runner:
         policy), stopping, or an error that is not the database's for longer than
         ``WRITE_RETRY_SECONDS`` (then the leader takes up its term again, which records the
         fires from the database: run or MISSED, never nothing)."""
-        delay = 0.1
+        delays = _backoff()
         loop = asyncio.get_running_loop()
         started = loop.time()
         while True:
@@ -598,14 +609,12 @@ class Runner:
                         "recording %d executions failed, retrying: %s", len(admissions), error
                     )
                     if not (self._stopping and epoch is None and waited > STOP_RETRY_SECONDS):
-                        await asyncio.sleep(delay)
-                        delay = min(delay * 2, 5.0)
+                        await asyncio.sleep(next(delays))
                         continue
                 else:
                     log.exception("recording %d executions failed", len(admissions))
                     if waited < WRITE_RETRY_SECONDS and not self._stopping:
-                        await asyncio.sleep(delay)
-                        delay = min(delay * 2, 5.0)
+                        await asyncio.sleep(next(delays))
                         continue
                     if epoch is not None and self._relead is not None:
                         log.error(
@@ -1076,7 +1085,7 @@ class Runner:
             await self._flush_progress_locked()
 
     async def _flush_progress_locked(self) -> None:
-        delay = 0.1
+        delays = _backoff()
         while self._finishes or self._releases or self._next_runs:
             finishes, self._finishes = self._finishes, {}
             releases, self._releases = self._releases, {}
@@ -1102,8 +1111,7 @@ class Runner:
                 self._finishes = finishes | self._finishes
                 self._releases = releases | self._releases
                 self._next_runs = next_runs | self._next_runs
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await asyncio.sleep(next(delays))
                 continue
             if progress.readied:
                 self._wake.set()  # slots were freed: queued executions may go

@@ -162,6 +162,8 @@ class WatchHub:
         self._watchers: set[_Watcher] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # Rounds of the hub's loop so far (each wake-up, or poll, is one).
+        self.rounds = 0
 
     @property
     def buffer(self) -> int:
@@ -201,6 +203,7 @@ class WatchHub:
             # Commits come in bursts: one read for all of those of the next few ms.
             await asyncio.sleep(self._coalesce)
             self._wake.clear()
+            self.rounds += 1
             self._end_stalled()
             try:
                 await self._read_new()

@@ -41,7 +41,7 @@ from sqlalchemy.pool import NullPool
 
 from chronoplane.server.aio import cancelled
 from chronoplane.server.coordination.abc import Coordinator
-from chronoplane.server.storage.sqlalchemy import CONNECT_TIMEOUT, KEEPALIVES
+from chronoplane.server.storage.sqlalchemy import CONNECT_TIMEOUT, SessionLimits
 
 __all__ = [
     "LEADER_LOCK_KEY",
@@ -78,14 +78,20 @@ TAKEOVER_TRIES = 10
 TAKEOVER_PAUSE = 0.05
 
 
-def dedicated_engine(url: str, application_name: str) -> AsyncEngine:
-    """Connections that are never pooled, with TCP keepalives so that the server notices a
-    vanished peer in seconds, not hours."""
+def dedicated_engine(
+    url: str, application_name: str, limits: SessionLimits | None = None
+) -> AsyncEngine:
+    """Connections that are never pooled, bounded like the pool's (lock and idle-in-
+    transaction timeouts, TCP keepalives so that the server notices a vanished peer in
+    seconds, not hours). They sit idle outside a transaction for as long as they live: no
+    idle_session_timeout."""
+    limits = limits or SessionLimits()
     return create_async_engine(
         url,
         poolclass=NullPool,
         connect_args={
-            "server_settings": {"application_name": application_name[:63]} | KEEPALIVES,
+            "server_settings": {"application_name": application_name[:63]}
+            | limits.server_settings(),
             "timeout": CONNECT_TIMEOUT,
         },
     )
@@ -109,7 +115,11 @@ class LeaderElection(Coordinator):
         on_deposed: Callable[[str], None],
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._engine = dedicated_engine(url, f"chronoplane leader lock {instance_id}")
+        self._engine = dedicated_engine(
+            url,
+            f"chronoplane leader lock {instance_id}",
+            SessionLimits(lock_timeout=leader_timeout, idle_in_transaction=leader_timeout),
+        )
         self._instance_id = instance_id
         self._hb = heartbeat_interval
         self._timeout = leader_timeout

@@ -232,21 +232,29 @@ def _sqlstate(error: exc.DBAPIError) -> str:
     return str(getattr(error.orig, "sqlstate", "") or "")
 
 
+def _said(error: Exception) -> str:
+    """What the driver said, in a line: not the statement or its parameters (a job's args)
+    that SQLAlchemy's message goes on with."""
+    said = error.orig if isinstance(error, exc.DBAPIError) and error.orig else error
+    text = str(said).strip().splitlines()
+    return f"{type(said).__name__}: {text[0] if text else ''}"
+
+
 def _unavailable(error: Exception) -> StorageUnavailable | None:
     """The domain error for a driver error that means the database cannot be used now."""
     if isinstance(error, exc.PendingRollbackError):
         # The connection died inside a transaction (SQLAlchemy says so on its next use).
-        return StorageUnavailable(f"database connection lost in a transaction: {error}")
+        return StorageUnavailable(f"database connection lost in a transaction: {_said(error)}")
     if isinstance(error, exc.TimeoutError):
-        return StorageUnavailable(f"no database connection free in time: {error}")
+        return StorageUnavailable(f"no database connection free in time: {_said(error)}")
     if isinstance(error, exc.OperationalError | exc.InterfaceError | OSError):
-        return StorageUnavailable(f"database unavailable: {error}")
+        return StorageUnavailable(f"database unavailable: {_said(error)}")
     if isinstance(error, exc.DBAPIError):
         state = _sqlstate(error)
         if error.connection_invalidated:
-            return StorageUnavailable(f"database connection lost: {error}")
+            return StorageUnavailable(f"database connection lost: {_said(error)}")
         if state[:2] in _UNAVAILABLE_CLASSES or state == "25P03":
-            return StorageUnavailable(f"database unavailable: {error}")
+            return StorageUnavailable(f"database unavailable: {_said(error)}")
     return None
 
 
@@ -273,7 +281,7 @@ def _translate_errors(
                 if attempt == CONFLICT_ATTEMPTS:
                     raise StorageConflict(
                         f"the database rolled the transaction back after {_CONFLICTS[state]} "
-                        f"({attempt} attempts); nothing was written: {error.orig}"
+                        f"({attempt} attempts); nothing was written: {_said(error)}"
                     ) from error
                 await asyncio.sleep(random.uniform(0.005, 0.02) * 2**attempt)
             except (exc.SQLAlchemyError, OSError) as error:

@@ -16,7 +16,7 @@ import grpc
 
 from chronoplane.server.errors import ChronoplaneError
 from chronoplane.server.security import Authenticator, current_identity
-from chronoplane.server.transport.errors import status_for
+from chronoplane.server.transport.errors import end_with, status_for
 
 __all__ = ["AuthInterceptor"]
 
@@ -71,8 +71,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return check
 
 
-async def _refuse(error: ChronoplaneError, context: Any) -> None:
-    await context.abort_with_status(status_for(error))
+async def _refused(check: Callable[[Any], Awaitable[None]], context: Any) -> bool:
+    """Runs the check; a refusal ends the call (without an exception that would keep the
+    request alive: see errors.end_with)."""
+    try:
+        await check(context)
+    except ChronoplaneError as error:
+        status = status_for(error)
+    else:
+        return False
+    end_with(context, status)
+    return True
 
 
 def _wrapped(handler: Any, check: Callable[[Any], Awaitable[None]]) -> Any:
@@ -80,20 +89,16 @@ def _wrapped(handler: Any, check: Callable[[Any], Awaitable[None]]) -> Any:
         if inspect.isasyncgenfunction(behaviour):
 
             async def streaming(request: Any, context: Any) -> AsyncIterator[Any]:
-                try:
-                    await check(context)
-                except ChronoplaneError as error:
-                    await _refuse(error, context)
+                if await _refused(check, context):
+                    return
                 async for item in behaviour(request, context):
                     yield item
 
             return streaming
 
         async def call(request: Any, context: Any) -> Any:
-            try:
-                await check(context)
-            except ChronoplaneError as error:
-                await _refuse(error, context)
+            if await _refused(check, context):
+                return None
             return await behaviour(request, context)
 
         return call

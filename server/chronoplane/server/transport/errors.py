@@ -36,11 +36,19 @@ from chronoplane.server.errors import (
     Unauthenticated,
 )
 
-__all__ = ["DOMAIN", "DecodeInterceptor", "ErrorInterceptor", "nul_fields", "status_for"]
+__all__ = [
+    "DOMAIN",
+    "DecodeInterceptor",
+    "ErrorInterceptor",
+    "end_with",
+    "nul_fields",
+    "status_for",
+]
 
 log = logging.getLogger(__name__)
 
 DOMAIN = "chronoplane.dev"
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
 _TABLE: list[tuple[type[ChronoplaneError], grpc.StatusCode]] = [
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
@@ -109,12 +117,23 @@ def _internal(error_id: str) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
-async def _abort_for(error: Exception, context: Any) -> None:
+def _status_of(error: Exception) -> grpc.Status:
+    """The status an error ends its call with; an unexpected one is logged under an id."""
     if isinstance(error, ChronoplaneError):
-        await context.abort_with_status(status_for(error))
+        return status_for(error)
     error_id = secrets.token_hex(8)
     log.error("internal error %s", error_id, exc_info=error)
-    await context.abort_with_status(_internal(error_id))
+    return _internal(error_id)
+
+
+def end_with(context: Any, status: grpc.Status) -> None:
+    """Ends the call with ``status`` once its handler returns (grpc sends no message with a
+    status that is not OK). Not ``abort_with_status``: the AbortError it raises would hold,
+    through its traceback's frames, the request (4 MiB, say) in a reference cycle that only a
+    full garbage collection frees, for every refused call."""
+    context.set_code(status.code)
+    context.set_details(status.details)
+    context.set_trailing_metadata(status.trailing_metadata)
 
 
 Behaviour = Callable[[Any, Any], Awaitable[Any]]
@@ -162,7 +181,11 @@ def _guard_unary(behaviour: Behaviour) -> Behaviour:
         except grpc.aio.AbortError:
             raise
         except Exception as error:
-            await _abort_for(error, context)
+            # Only the status leaves this block: the error, its traceback and their frames
+            # (the request among their locals) are freed as it ends.
+            status = _status_of(error)
+        end_with(context, status)
+        return None
 
     return guarded
 
@@ -194,9 +217,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 
 class DecodeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Parses Chronoplane requests itself, outermost, so that one grpc cannot parse (invalid
-    UTF-8 in a string field, a corrupt wire format) is INVALID_ARGUMENT naming the message,
-    not grpc's UNKNOWN, and never reaches a handler."""
+    """Parses Chronoplane and health-checking requests itself, outermost, so that one grpc
+    cannot parse (invalid UTF-8 in a string field, a corrupt wire format) is INVALID_ARGUMENT
+    naming the message, not grpc's UNKNOWN, and never reaches a handler."""
 
     async def intercept_service(
         self,
@@ -204,7 +227,9 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler_call_details: Any,
     ) -> Any:
         handler = await continuation(handler_call_details)
-        if not _chronoplane(handler, handler_call_details.method):
+        method = handler_call_details.method
+        health = handler is not None and method.startswith(HEALTH_PREFIX)
+        if not health and not _chronoplane(handler, method):
             return handler
         parse = handler.request_deserializer
         inner = handler.unary_stream if handler.response_streaming else handler.unary_unary
@@ -217,8 +242,11 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     field="request",
                     description=f"cannot be parsed ({error}); string fields must be UTF-8",
                 )
-                await context.abort_with_status(status_for(InvalidArgument([violation])))
-            return await inner(request, context)
+                status = status_for(InvalidArgument([violation]))
+            else:
+                return await inner(request, context)
+            end_with(context, status)
+            return None
 
         make = (
             grpc.unary_stream_rpc_method_handler

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,7 +143,6 @@ class GrpcServer:
         self._health = health.aio.HealthServicer()
         self._serving = True
         self._stopping = False
-        self._background: set[asyncio.Task[None]] = set()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         if reflection != "off":
             grpc_reflection.enable_server_reflection(
@@ -172,14 +170,12 @@ class GrpcServer:
         await self._server.start()
         await self._set_health(serving=True)
 
-    def serving(self, ok: bool) -> None:
+    async def serving(self, ok: bool) -> None:
         """Health says SERVING while the instance reaches its database, NOT_SERVING while it
         does not (told after each heartbeat)."""
         if ok != self._serving and not self._stopping:
             self._serving = ok
-            task = asyncio.create_task(self._set_health(serving=ok), name="health")
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            await self._set_health(serving=ok)
 
     async def _set_health(self, *, serving: bool) -> None:
         status = (
@@ -193,6 +189,5 @@ class GrpcServer:
     async def stop(self, grace: float) -> None:
         """Health says NOT_SERVING, new RPCs are refused, in-flight ones get ``grace``."""
         self._stopping = True
-        await asyncio.gather(*self._background, return_exceptions=True)
         await self._health.enter_graceful_shutdown()
         await self._server.stop(grace)
