@@ -259,7 +259,8 @@ class Member:
         failing_since: float | None = None
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._beat_now.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await self._beat_now.wait()
             self._beat_now.clear()
             if self._stopping:
                 return

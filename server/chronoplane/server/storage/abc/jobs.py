@@ -1,0 +1,59 @@
+"""Jobs: the resources users create, change and delete."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from datetime import datetime
+
+from chronoplane.server.models import (
+    Job,
+    JobPage,
+)
+
+__all__ = ["JobStore"]
+
+
+class JobStore(ABC):
+    """Jobs. Every change is compare-and-swap on the version, and wakes the leader of a
+    cluster."""
+
+    @abstractmethod
+    async def create_job(self, job: Job, *, request_id: str | None) -> Job:
+        """Inserts ``job`` at version 1 and returns it as stored.
+
+        Raises ``JobAlreadyExists`` if the id or the request_id is taken.
+        """
+
+    @abstractmethod
+    async def get_job(self, job_id: str) -> Job:
+        """Returns the job with its last execution summary. Raises ``JobNotFound``."""
+
+    @abstractmethod
+    async def get_job_by_request_id(self, request_id: str) -> Job | None:
+        """Returns the job a CreateJob with this request_id made, if any."""
+
+    @abstractmethod
+    async def list_jobs(self, *, after: str | None, limit: int) -> JobPage:
+        """Jobs ordered by id, those with an id greater than ``after``."""
+
+    @abstractmethod
+    async def list_schedulable_jobs(self) -> list[Job]:
+        """Every job that is not paused, without execution summaries (for the engine)."""
+
+    @abstractmethod
+    async def update_job(self, job: Job, *, expected_version: int) -> Job:
+        """Replaces the job's fields, bumps its version and returns it.
+
+        Raises ``JobNotFound``, or ``EtagMismatch`` if the stored version is not
+        ``expected_version``.
+        """
+
+    @abstractmethod
+    async def delete_job(self, job_id: str, *, expected_version: int | None) -> None:
+        """Deletes the job and its executions. Raises ``JobNotFound`` or ``EtagMismatch``."""
+
+    @abstractmethod
+    async def last_fires(self, job_ids: Sequence[str]) -> dict[str, datetime]:
+        """The latest scheduled fire recorded for each job (run or counted as missed); jobs
+        without one are left out."""

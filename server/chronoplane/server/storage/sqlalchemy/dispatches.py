@@ -1,0 +1,215 @@
+"""Celery dispatches: executions claimed to be sent to a broker, their conditional start on
+a worker, and the leases of the workers running them (docs/decisions/0014-celery-dispatch.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from datetime import datetime
+
+import sqlalchemy as sa
+
+from chronoplane.server.models import (
+    ABANDONED_ERROR_TYPE,
+    EventKind,
+    Execution,
+    ExecutionState,
+    RunPolicy,
+)
+from chronoplane.server.storage.abc import (
+    Dispatch,
+    DispatchClaim,
+    DispatchStore,
+)
+from chronoplane.server.storage.sqlalchemy.rows import (
+    IS_CELERY,
+    IS_READY,
+    STATE_PENDING,
+    STATE_RUNNING,
+    celery_from_json,
+    delta,
+    execution_from_mapping,
+    execution_from_row,
+    run_policy,
+)
+from chronoplane.server.storage.sqlalchemy.session import WORK_CHANNEL, translate_errors
+from chronoplane.server.storage.sqlalchemy.slots import Slots
+from chronoplane.server.storage.tables import (
+    executions,
+    jobs,
+)
+
+
+class SqlDispatchStore(Slots, DispatchStore):
+    """What an instance sends to Celery and what the workers report of it."""
+
+    @translate_errors
+    async def claim_dispatches(self, *, instance_id: str, limit: int) -> DispatchClaim:
+        claimed: list[Dispatch] = []
+        next_due_in = None
+        async with self._write() as conn:
+            if await self._fenced(conn, instance_id):
+                return DispatchClaim(dispatches=[], next_due_in=None, fenced=True)
+            query = (
+                sa.select(
+                    executions,
+                    jobs.c.celery.label("job_celery"),
+                    jobs.c.timeout_seconds,
+                    self._now().label("db_now"),
+                )
+                .join(jobs, jobs.c.id == executions.c.job_id)
+                .where(IS_READY, IS_CELERY)
+                .order_by(executions.c.due_time, executions.c.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True, of=executions)
+            )
+            for row in await conn.execute(query):
+                if row.due_time > row.db_now:
+                    next_due_in = row.due_time - row.db_now
+                    break
+                execution = replace(
+                    execution_from_row(row), instance_id=instance_id, celery_task_id=row.id
+                )
+                claimed.append(
+                    Dispatch(
+                        execution=execution,
+                        options=celery_from_json(row.job_celery),
+                        timeout=delta(row.timeout_seconds),
+                    )
+                )
+            if claimed:
+                # The slot is taken now; the row is this instance's until it is sent.
+                await conn.execute(
+                    executions.update()
+                    .where(self._among(executions.c.id, [d.execution.id for d in claimed]))
+                    .values(
+                        ready=False,
+                        holds_slot=True,
+                        instance_id=instance_id,
+                        celery_task_id=executions.c.id,
+                    )
+                )
+        return DispatchClaim(dispatches=claimed, next_due_in=next_due_in)
+
+    @translate_errors
+    async def record_dispatches(
+        self,
+        *,
+        instance_id: str,
+        sent: Sequence[tuple[str, datetime]],
+        failed: Sequence[tuple[str, str, datetime]],
+    ) -> None:
+        """Sent ones belong to no instance from now on (a worker will start them); those the
+        broker did not take are ready again at their retry time, with the reason."""
+        mine = (executions.c.state == STATE_PENDING) & (executions.c.instance_id == instance_id)
+        async with self._write() as conn:
+            for execution_id, when in sent:
+                # A worker may have started it already (and made it no instance's).
+                changed = await conn.execute(
+                    executions.update()
+                    .where(executions.c.id == execution_id, executions.c.dispatch_time.is_(None))
+                    .values(
+                        instance_id=sa.case(
+                            (executions.c.instance_id == instance_id, ""),
+                            else_=executions.c.instance_id,
+                        ),
+                        dispatch_time=when,
+                    )
+                    .returning(*executions.c)
+                )
+                self._changed_rows(conn, changed.mappings(), EventKind.MODIFIED)
+            for execution_id, reason, retry_at in failed:
+                changed = await conn.execute(
+                    executions.update()
+                    .where(executions.c.id == execution_id, mine)
+                    .values(
+                        instance_id="",
+                        ready=True,
+                        holds_slot=False,
+                        due_time=retry_at,
+                        pending_reason=reason,
+                    )
+                    .returning(*executions.c)
+                )
+                self._changed_rows(conn, changed.mappings(), EventKind.MODIFIED)
+            if failed:
+                await self._notify(conn, WORK_CHANNEL, self._instance_id)
+
+    @translate_errors
+    async def start_dispatched(
+        self, execution_id: str, *, worker: str, lease_until: datetime
+    ) -> tuple[Execution, RunPolicy] | None:
+        """The conditional claim of a worker: RUNNING on ``worker`` if it is still PENDING;
+        None when it was started before (a redelivered message), cancelled or finished."""
+        async with self._write() as conn:
+            started = await conn.execute(
+                executions.update()
+                .where(
+                    executions.c.id == execution_id, executions.c.state == STATE_PENDING, IS_CELERY
+                )
+                .values(
+                    state=ExecutionState.RUNNING.value,
+                    start_time=self._now(),
+                    worker=worker,
+                    instance_id="",
+                    ready=False,
+                    holds_slot=True,
+                    lease_expire_time=lease_until,
+                    pending_reason="",
+                )
+                .returning(*executions.c)
+            )
+            rows = list(started.mappings())
+            if not rows:
+                return None
+            self._changed_rows(conn, rows, EventKind.MODIFIED)
+            job = (
+                await conn.execute(
+                    sa.select(jobs.c.timeout_seconds, jobs.c.retry).where(
+                        jobs.c.id == rows[0]["job_id"]
+                    )
+                )
+            ).first()
+        policy = run_policy(job.timeout_seconds, job.retry) if job else RunPolicy()
+        return execution_from_mapping(rows[0]), policy
+
+    @translate_errors
+    async def renew_lease(self, execution_id: str, *, worker: str, until: datetime) -> bool:
+        async with self._write() as conn:
+            renewed = await conn.execute(
+                executions.update()
+                .where(
+                    executions.c.id == execution_id,
+                    executions.c.state == STATE_RUNNING,
+                    executions.c.worker == worker,
+                )
+                .values(lease_expire_time=until)
+            )
+            return bool(renewed.rowcount)
+
+    @translate_errors
+    async def abandon_expired_leases(self, *, message: str) -> list[Execution]:
+        async with self._write() as conn:
+            expired = (
+                (executions.c.state == STATE_RUNNING)
+                & IS_CELERY
+                & (executions.c.lease_expire_time < self._now())
+            )
+            abandoned = await conn.execute(
+                executions.update()
+                .where(expired)
+                .values(
+                    state=ExecutionState.ABANDONED.value,
+                    end_time=self._now(),
+                    error_message=sa.literal(f"{message}: worker ") + executions.c.worker,
+                    error_type=ABANDONED_ERROR_TYPE,
+                    holds_slot=False,
+                )
+                .returning(*executions.c)
+            )
+            rows = list(abandoned.mappings())
+            self._changed_rows(conn, rows, EventKind.MODIFIED)
+            if rows:
+                jobs_freed = sorted({row["job_id"] for row in rows})
+                await self._promote(conn, await self._queued_jobs(conn, jobs_freed))
+        return [execution_from_mapping(row) for row in rows]

@@ -1,0 +1,224 @@
+"""Executions, ended: final states (the first one wins), slots freed and given to queued
+executions, next run times written by the leader with its epoch."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from chronoplane.server.errors import (
+    NotLeader,
+)
+from chronoplane.server.models import (
+    EventKind,
+    EventResource,
+    ExecutionState,
+)
+from chronoplane.server.storage.abc import (
+    ExecutionFinish,
+    NextRun,
+    Progress,
+    SlotRelease,
+)
+from chronoplane.server.storage.sqlalchemy.rows import (
+    IS_INLINE,
+    STATE_PENDING,
+    STATE_RUNNING,
+    UNFINISHED_STATES,
+)
+from chronoplane.server.storage.sqlalchemy.session import translate_errors
+from chronoplane.server.storage.sqlalchemy.slots import Slots
+from chronoplane.server.storage.tables import (
+    executions,
+    jobs,
+)
+
+_PG_NEXT_RUNS = sa.text(
+    "UPDATE jobs SET next_run_time = n.next_run_time "
+    "FROM unnest(CAST(:ids AS varchar[]), CAST(:versions AS int[]), "
+    "CAST(:times AS timestamptz[])) AS n(id, version, next_run_time) "
+    "WHERE jobs.id = n.id AND jobs.version = n.version"
+)
+
+
+_PG_FINISH = sa.text(
+    "UPDATE executions SET state = f.state, start_time = f.start_time, end_time = f.end_time, "
+    "result = CAST(f.result AS json), error_message = f.message, error_traceback = f.traceback, "
+    "error_type = f.type, holds_slot = f.keeps, cancelled_by = CASE WHEN f.state = 'cancelled' "
+    "THEN COALESCE(NULLIF(f.by, ''), executions.cancelled_by) ELSE '' END "
+    "FROM unnest(CAST(:ids AS varchar[]), CAST(:states AS varchar[]), "
+    "CAST(:starts AS timestamptz[]), CAST(:ends AS timestamptz[]), CAST(:results AS text[]), "
+    "CAST(:messages AS text[]), CAST(:tracebacks AS text[]), CAST(:types AS varchar[]), "
+    "CAST(:keeps AS boolean[]), CAST(:bys AS varchar[])) AS f(id, state, start_time, end_time, "
+    "result, message, traceback, type, keeps, by) "
+    "WHERE executions.id = f.id AND executions.state IN ('pending', 'running') "
+    "RETURNING executions.*"
+)
+
+
+class Outcomes(Slots):
+    """Records how executions ended, in batches, and what that frees."""
+
+    @translate_errors
+    async def record_progress(
+        self,
+        finishes: Sequence[ExecutionFinish],
+        releases: Sequence[SlotRelease] = (),
+        next_runs: Sequence[NextRun] = (),
+        *,
+        epoch: int | None = None,
+    ) -> Progress:
+        moved = True
+        async with self._write() as conn:
+            if next_runs and epoch is not None:
+                try:
+                    await self._check_epoch(conn, epoch)
+                except NotLeader:
+                    next_runs, moved = (), False
+            if next_runs:
+                await self._write_next_runs(conn, sorted(next_runs, key=lambda n: n.job_id))
+            if finishes:
+                await self._write_finishes(conn, finishes)
+            if releases:
+                await conn.execute(
+                    executions.update()
+                    .where(executions.c.id == sa.bindparam("b_id"))
+                    .values(holds_slot=False, note=sa.bindparam("b_note")),
+                    [{"b_id": r.id, "b_note": r.note} for r in releases],
+                )
+                noted = (r.id for r in releases if r.note is not None)
+                self._changed(conn, EventResource.EXECUTION, noted, EventKind.MODIFIED)
+            freeing = {f.job_id for f in finishes if not f.keeps_slot} | {
+                r.job_id for r in releases
+            }
+            readied = await self._promote(conn, await self._queued_jobs(conn, freeing))
+        return Progress(moved=moved, readied=readied)
+
+    async def _write_next_runs(self, conn: AsyncConnection, next_runs: list[NextRun]) -> None:
+        """Next run times, each applied only while its job is at the version it was computed
+        for; in id order, as every writer that locks several jobs."""
+        if self._dialect == "postgresql":
+            await conn.execute(
+                _PG_NEXT_RUNS,
+                {
+                    "ids": [n.job_id for n in next_runs],
+                    "versions": [n.version for n in next_runs],
+                    "times": [n.next_run_time for n in next_runs],
+                },
+            )
+            return
+        await conn.execute(
+            jobs.update()
+            .where(
+                jobs.c.id == sa.bindparam("b_job_id"),
+                jobs.c.version == sa.bindparam("b_version"),
+            )
+            .values(next_run_time=sa.bindparam("b_next_run_time")),
+            [
+                {"b_job_id": n.job_id, "b_version": n.version, "b_next_run_time": n.next_run_time}
+                for n in next_runs
+            ],
+        )
+
+    async def _write_finishes(
+        self, conn: AsyncConnection, finishes: Sequence[ExecutionFinish]
+    ) -> None:
+        """Final states, of executions not final yet (the first final state wins)."""
+        if self._dialect == "postgresql":
+            finished = await conn.execute(
+                _PG_FINISH,
+                {
+                    "ids": [f.id for f in finishes],
+                    "states": [f.state.value for f in finishes],
+                    "starts": [f.start_time for f in finishes],
+                    "ends": [f.end_time for f in finishes],
+                    "results": [
+                        None if f.result is None else json.dumps(f.result) for f in finishes
+                    ],
+                    "messages": [f.error_message for f in finishes],
+                    "tracebacks": [f.error_traceback for f in finishes],
+                    "types": [f.error_type for f in finishes],
+                    "keeps": [f.keeps_slot for f in finishes],
+                    "bys": [f.cancelled_by for f in finishes],
+                },
+            )
+            self._changed_rows(conn, finished.mappings(), EventKind.MODIFIED)
+            return
+        # One writer at a time on SQLite: what is unfinished now is what the update changes.
+        unfinished = await conn.execute(
+            sa.select(executions.c.id).where(
+                executions.c.id.in_([f.id for f in finishes]),
+                executions.c.state.in_(UNFINISHED_STATES),
+            )
+        )
+        self._changed(conn, EventResource.EXECUTION, unfinished.scalars(), EventKind.MODIFIED)
+        await conn.execute(
+            executions.update()
+            .where(
+                executions.c.id == sa.bindparam("b_id"),
+                # Not IN (...): expanding parameters cannot go into an executemany.
+                sa.or_(*(executions.c.state == state for state in UNFINISHED_STATES)),
+            )
+            .values(
+                state=sa.bindparam("b_state"),
+                start_time=sa.bindparam("b_start_time"),
+                end_time=sa.bindparam("b_end_time"),
+                result=sa.bindparam("b_result", type_=executions.c.result.type),
+                error_message=sa.bindparam("b_error_message"),
+                error_traceback=sa.bindparam("b_error_traceback"),
+                error_type=sa.bindparam("b_error_type"),
+                holds_slot=sa.bindparam("b_keeps_slot"),
+                # Who cancelled it: said here, or when the cancel was requested.
+                cancelled_by=sa.case(
+                    (
+                        sa.bindparam("b_state") == ExecutionState.CANCELLED.value,
+                        sa.func.coalesce(
+                            sa.func.nullif(sa.bindparam("b_cancelled_by"), ""),
+                            executions.c.cancelled_by,
+                        ),
+                    ),
+                    else_="",
+                ),
+            ),
+            [
+                {
+                    "b_id": f.id,
+                    "b_state": f.state.value,
+                    "b_start_time": f.start_time,
+                    "b_end_time": f.end_time,
+                    "b_result": f.result,
+                    "b_error_message": f.error_message,
+                    "b_error_traceback": f.error_traceback,
+                    "b_error_type": f.error_type,
+                    "b_keeps_slot": f.keeps_slot,
+                    "b_cancelled_by": f.cancelled_by,
+                }
+                for f in finishes
+            ],
+        )
+
+    @translate_errors
+    async def interrupt_unfinished(self, *, message: str, now: datetime) -> int:
+        async with self._write() as conn:
+            result = await conn.execute(
+                executions.update()
+                .where(executions.c.state == STATE_RUNNING, IS_INLINE)
+                .values(
+                    state=ExecutionState.INTERRUPTED.value,
+                    end_time=now,
+                    error_message=message,
+                    holds_slot=False,
+                )
+                .returning(executions.c.id)
+            )
+            interrupted = list(result.scalars())
+            self._changed(conn, EventResource.EXECUTION, interrupted, EventKind.MODIFIED)
+            # Slots held here: those of inline runs, and of Celery executions being sent.
+            held = executions.c.holds_slot & (IS_INLINE | (executions.c.state == STATE_PENDING))
+            await conn.execute(executions.update().where(held).values(holds_slot=False))
+            await self._promote(conn, await self._queued_jobs(conn, None))
+            return len(interrupted)

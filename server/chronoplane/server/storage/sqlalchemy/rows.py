@@ -1,0 +1,499 @@
+"""Rows and domain objects: conversions, and the predicates queries share."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+from typing import Any
+
+import sqlalchemy as sa
+
+from chronoplane.server.models import (
+    AuditEvent,
+    CeleryOptions,
+    CronTrigger,
+    DateTrigger,
+    Event,
+    EventKind,
+    EventResource,
+    Execution,
+    ExecutionSource,
+    ExecutionState,
+    ExecutionSummary,
+    ExecutorKind,
+    IntervalTrigger,
+    Job,
+    MisfirePolicy,
+    MissedFires,
+    OverlapPolicy,
+    RetryPolicy,
+    Role,
+    RunPolicy,
+    StoredToken,
+    Trigger,
+)
+from chronoplane.server.storage.abc import (
+    Admission,
+)
+from chronoplane.server.storage.sqlalchemy.changes import (
+    decode_body,
+)
+from chronoplane.server.storage.tables import (
+    audit_events,
+    events,
+    executions,
+    jobs,
+)
+
+UNFINISHED_STATES = (ExecutionState.PENDING.value, ExecutionState.RUNNING.value)
+
+
+# Spelled as in the partial indexes of tables.executions (literals, not parameters), so that
+# PostgreSQL can use them with generic plans too.
+STATE_PENDING: sa.ColumnElement[str] = sa.literal_column("'pending'")
+
+
+STATE_RUNNING: sa.ColumnElement[str] = sa.literal_column("'running'")
+
+
+# A PENDING execution is ready (it has a slot: any instance may claim it once it is due)
+# or queued (waiting for a slot of its job).
+IS_READY = (executions.c.state == STATE_PENDING) & executions.c.ready
+
+
+IS_QUEUED = (executions.c.state == STATE_PENDING) & sa.not_(executions.c.ready)
+
+
+# What waits for a slot: queued and not holding one (a Celery execution sent to the broker is
+# PENDING and not ready, but has its slot until it ends).
+IS_WAITING = IS_QUEUED & sa.not_(executions.c.holds_slot)
+
+
+IS_ACTIVE = executions.c.state.in_([STATE_PENDING, STATE_RUNNING]) | executions.c.holds_slot
+
+
+IS_INLINE = executions.c.executor == ExecutorKind.INLINE.value
+
+
+IS_CELERY = executions.c.executor == ExecutorKind.CELERY.value
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.astimezone(UTC).isoformat()
+
+
+def _parse(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
+
+
+def _seconds(value: timedelta | None) -> float | None:
+    return None if value is None else value.total_seconds()
+
+
+def delta(value: float | None) -> timedelta | None:
+    return None if value is None else timedelta(seconds=value)
+
+
+def trigger_to_json(trigger: Trigger) -> dict[str, Any]:
+    """The stored form; jitter is written only when set, so older rows read the same."""
+    spec: dict[str, Any]
+    if isinstance(trigger, CronTrigger):
+        kind = "cron"
+        spec = {"expression": trigger.expression, "time_zone": trigger.time_zone}
+        if trigger.start_time or trigger.end_time:
+            spec |= {"start_time": _iso(trigger.start_time), "end_time": _iso(trigger.end_time)}
+    elif isinstance(trigger, IntervalTrigger):
+        kind = "interval"
+        spec = {
+            "every_seconds": trigger.every.total_seconds(),
+            "start_time": _iso(trigger.start_time),
+            "end_time": _iso(trigger.end_time),
+        }
+    else:
+        kind = "date"
+        spec = {"run_time": _iso(trigger.run_time)}
+    if trigger.jitter:
+        spec["jitter_seconds"] = trigger.jitter.total_seconds()
+    return {kind: spec}
+
+
+def trigger_from_json(data: dict[str, Any]) -> Trigger:
+    kind, spec = next(iter(data.items()))
+    jitter = timedelta(seconds=spec.get("jitter_seconds", 0))
+    if kind == "cron":
+        return CronTrigger(
+            expression=spec["expression"],
+            time_zone=spec["time_zone"],
+            start_time=_parse(spec.get("start_time")),
+            end_time=_parse(spec.get("end_time")),
+            jitter=jitter,
+        )
+    if kind == "interval":
+        return IntervalTrigger(
+            every=timedelta(seconds=spec["every_seconds"]),
+            start_time=_parse(spec["start_time"]),
+            end_time=_parse(spec["end_time"]),
+            jitter=jitter,
+        )
+    run_time = _parse(spec["run_time"])
+    assert run_time is not None
+    return DateTrigger(run_time=run_time, jitter=jitter)
+
+
+def _retry_to_json(retry: RetryPolicy) -> dict[str, Any] | None:
+    if retry.max_attempts <= 1:
+        return None
+    return {
+        "max_attempts": retry.max_attempts,
+        "initial_backoff_seconds": retry.initial_backoff.total_seconds(),
+        "multiplier": retry.multiplier,
+        "max_backoff_seconds": retry.max_backoff.total_seconds(),
+        "retry_on": list(retry.retry_on),
+    }
+
+
+def _retry_from_json(data: dict[str, Any] | None) -> RetryPolicy:
+    if data is None:
+        return RetryPolicy()
+    return RetryPolicy(
+        max_attempts=data["max_attempts"],
+        initial_backoff=timedelta(seconds=data["initial_backoff_seconds"]),
+        multiplier=data["multiplier"],
+        max_backoff=timedelta(seconds=data["max_backoff_seconds"]),
+        retry_on=tuple(data["retry_on"]),
+    )
+
+
+def run_policy(timeout_seconds: float | None, retry: dict[str, Any] | None) -> RunPolicy:
+    """A job's timeout and retry policy, from its columns."""
+    return RunPolicy(timeout=delta(timeout_seconds), retry=_retry_from_json(retry))
+
+
+def cancelled_now(now: datetime, message: str, *, by: str = "") -> dict[str, Any]:
+    """The columns of an execution the server ends as CANCELLED at once (one that has not
+    started, or runs on a Celery worker): its slot goes to the next."""
+    return {
+        "state": ExecutionState.CANCELLED.value,
+        "end_time": now,
+        "error_message": message,
+        "ready": False,
+        "holds_slot": False,
+        "cancelled_by": by,
+    }
+
+
+def _missed_to_json(missed: MissedFires | None) -> dict[str, Any] | None:
+    if missed is None:
+        return None
+    return {
+        "count": missed.count,
+        "count_is_lower_bound": missed.count_is_lower_bound,
+        "first_time": _iso(missed.first_time),
+        "last_time": _iso(missed.last_time),
+    }
+
+
+def missed_from_json(data: dict[str, Any] | None) -> MissedFires | None:
+    if data is None:
+        return None
+    first, last = _parse(data["first_time"]), _parse(data["last_time"])
+    assert first is not None and last is not None
+    return MissedFires(
+        count=data["count"],
+        count_is_lower_bound=data["count_is_lower_bound"],
+        first_time=first,
+        last_time=last,
+    )
+
+
+def job_values(job: Job) -> dict[str, Any]:
+    return {
+        "display_name": job.display_name,
+        "description": job.description,
+        "task": job.task,
+        "args": job.args,
+        "trigger": trigger_to_json(job.trigger),
+        "paused": job.paused,
+        "misfire_grace_seconds": job.misfire_grace.total_seconds(),
+        "max_concurrent": job.max_concurrent,
+        "labels": job.labels,
+        "misfire_policy": job.misfire_policy.value,
+        "catchup_window_seconds": _seconds(job.catchup_window),
+        "catchup_limit": job.catchup_limit,
+        "overlap_policy": job.overlap_policy.value,
+        "retry": _retry_to_json(job.retry),
+        "timeout_seconds": _seconds(job.timeout),
+        "history_limit": job.history_limit,
+        "next_run_time": job.next_run_time,
+        "updated_by": job.updated_by,
+        "executor": job.executor.value,
+        "celery": _celery_to_json(job.celery) if job.executor is ExecutorKind.CELERY else None,
+    }
+
+
+def _celery_to_json(options: CeleryOptions) -> dict[str, Any]:
+    return {
+        "queue": options.queue,
+        "routing_key": options.routing_key,
+        "priority": options.priority,
+    }
+
+
+def celery_from_json(data: dict[str, Any] | None) -> CeleryOptions:
+    if not data:
+        return CeleryOptions()
+    return CeleryOptions(
+        queue=data.get("queue", ""),
+        routing_key=data.get("routing_key", ""),
+        priority=data.get("priority"),
+    )
+
+
+def job_from_row(row: sa.Row[Any], summary: ExecutionSummary | None = None) -> Job:
+    return Job(
+        id=row.id,
+        display_name=row.display_name,
+        description=row.description,
+        task=row.task,
+        args=row.args,
+        trigger=trigger_from_json(row.trigger),
+        paused=row.paused,
+        misfire_grace=timedelta(seconds=row.misfire_grace_seconds),
+        max_concurrent=row.max_concurrent,
+        labels=row.labels,
+        misfire_policy=MisfirePolicy(row.misfire_policy),
+        catchup_window=delta(row.catchup_window_seconds),
+        catchup_limit=row.catchup_limit,
+        overlap_policy=OverlapPolicy(row.overlap_policy),
+        retry=_retry_from_json(row.retry),
+        timeout=delta(row.timeout_seconds),
+        history_limit=row.history_limit,
+        version=row.version,
+        create_time=row.create_time,
+        update_time=row.update_time,
+        next_run_time=row.next_run_time,
+        last_execution=summary,
+        # Rows of events written before migration 0007 lack them.
+        created_by=getattr(row, "created_by", ""),
+        updated_by=getattr(row, "updated_by", ""),
+        executor=ExecutorKind(getattr(row, "executor", "inline")),
+        celery=celery_from_json(getattr(row, "celery", None)),
+    )
+
+
+def execution_from_row(row: sa.Row[Any]) -> Execution:
+    return Execution(
+        id=row.id,
+        job_id=row.job_id,
+        state=ExecutionState(row.state),
+        source=ExecutionSource(row.source),
+        scheduled_time=row.scheduled_time,
+        create_time=row.create_time,
+        start_time=row.start_time,
+        end_time=row.end_time,
+        task=row.task,
+        args=row.args,
+        result=row.result,
+        error_message=row.error_message,
+        error_traceback=row.error_traceback,
+        instance_id=row.instance_id,
+        request_id=row.request_id or "",
+        attempt=row.attempt,
+        first_execution_id=row.first_execution_id or "",
+        error_type=row.error_type,
+        missed=missed_from_json(row.missed),
+        note=row.note,
+        triggered_by=getattr(row, "triggered_by", ""),
+        cancelled_by=getattr(row, "cancelled_by", ""),
+        executor=ExecutorKind(getattr(row, "executor", "inline")),
+        celery_task_id=getattr(row, "celery_task_id", None) or "",
+        worker=getattr(row, "worker", ""),
+        pending_reason=getattr(row, "pending_reason", ""),
+        dispatch_time=getattr(row, "dispatch_time", None),
+    )
+
+
+def execution_from_mapping(values: Any) -> Execution:
+    """An execution from a RETURNING row's mapping."""
+    return execution_from_row(SimpleNamespace(**values))  # type: ignore[arg-type]
+
+
+def token_from_row(row: sa.Row[Any]) -> StoredToken:
+    return StoredToken(
+        id=row.id,
+        name=row.name,
+        role=Role.parse(row.role),
+        secret_hash=row.secret_hash,
+        create_time=row.create_time,
+        expire_time=row.expire_time,
+        revoke_time=row.revoke_time,
+    )
+
+
+# The audit columns are the event's fields, id aside (the database numbers them).
+AUDIT_COLUMNS = [column.name for column in audit_events.columns if column.name != "id"]
+
+
+def audit_from_row(row: sa.Row[Any]) -> AuditEvent:
+    return AuditEvent(id=row.id, **{name: getattr(row, name) for name in AUDIT_COLUMNS})
+
+
+def event_from_row(row: sa.Row[Any]) -> Event:
+    # The closure keeps the body's text, not the row: the hub keeps thousands of recent
+    # events, and each object they hold is one more for every full garbage collection.
+    text = row.body_text
+    resource = EventResource(row.resource)
+
+    def decode() -> Execution | Job:
+        body = decode_body(json.loads(text))
+        if resource is EventResource.EXECUTION:
+            return execution_from_row(body)
+        return job_from_row(body)
+
+    labels = row.labels if isinstance(row.labels, dict) else json.loads(row.labels)
+    return Event(
+        cursor=row.cursor,
+        kind=EventKind(row.kind),
+        job_id=row.job_id,
+        labels=labels,
+        resource=resource,
+        decode=decode,
+    )
+
+
+# Events as read: the body as text, parsed only if a watcher needs the resource.
+EVENT_COLUMNS = (
+    events.c.cursor,
+    events.c.resource,
+    events.c.kind,
+    events.c.job_id,
+    events.c.labels,
+    sa.cast(events.c.body, sa.Text).label("body_text"),
+)
+
+
+def _dedupe_key(execution: Execution) -> str | None:
+    """What makes an execution unique within its job (see tables.executions): one per
+    scheduled fire (a MISSED record takes the key of the first fire it stands for), one per
+    backfilled fire, one per retry attempt, one per TriggerJob request_id."""
+    scheduled = execution.scheduled_time.astimezone(UTC).isoformat()
+    if execution.source is ExecutionSource.SCHEDULE:
+        return "s:" + scheduled
+    if execution.source is ExecutionSource.BACKFILL:
+        return "b:" + scheduled
+    if execution.source is ExecutionSource.RETRY:
+        return f"a:{execution.first_execution_id}:{execution.attempt}"
+    if execution.request_id:
+        return "r:" + execution.request_id
+    return None
+
+
+def execution_values(
+    execution: Execution, admission: Admission | None = None, *, ready: bool = False
+) -> dict[str, Any]:
+    queued = execution.state is ExecutionState.PENDING
+    claimed = execution.state is ExecutionState.RUNNING
+    due = admission.due_time if admission is not None else None
+    return {
+        "id": execution.id,
+        "job_id": execution.job_id,
+        "state": execution.state.value,
+        "source": execution.source.value,
+        "dedupe_key": _dedupe_key(execution),
+        "scheduled_time": execution.scheduled_time,
+        "create_time": execution.create_time,
+        "start_time": execution.start_time,
+        "end_time": execution.end_time,
+        "task": execution.task,
+        "args": execution.args,
+        "result": execution.result,
+        "error_message": execution.error_message,
+        "error_traceback": execution.error_traceback,
+        # Unclaimed while queued: any instance may take it.
+        "instance_id": "" if queued else execution.instance_id,
+        "request_id": execution.request_id or None,
+        "attempt": execution.attempt,
+        "first_execution_id": execution.first_execution_id or None,
+        "error_type": execution.error_type,
+        "missed": _missed_to_json(execution.missed),
+        "note": execution.note,
+        "due_time": due or execution.scheduled_time,
+        "ready": queued and ready,
+        "holds_slot": claimed,
+        "force": bool(admission and admission.force),
+        "cancel_reason": None,
+        "epoch": admission.epoch if admission is not None else None,
+        "triggered_by": execution.triggered_by,
+        "cancelled_by": execution.cancelled_by,
+        "executor": execution.executor.value,
+        "celery_task_id": execution.celery_task_id or None,
+        "worker": execution.worker,
+        "pending_reason": execution.pending_reason,
+        "dispatch_time": execution.dispatch_time,
+        "lease_expire_time": None,
+    }
+
+
+EXECUTION_COLUMNS = [column.name for column in executions.columns]
+
+
+PG_ARRAY_TYPES = {
+    "scheduled_time": "timestamptz",
+    "create_time": "timestamptz",
+    "start_time": "timestamptz",
+    "end_time": "timestamptz",
+    "args": "json",
+    "result": "json",
+    "missed": "json",
+    "attempt": "int",
+    "due_time": "timestamptz",
+    "ready": "boolean",
+    "holds_slot": "boolean",
+    "force": "boolean",
+    "cancel_reason": "text",
+    "epoch": "bigint",
+    "pending_reason": "text",
+    "dispatch_time": "timestamptz",
+    "lease_expire_time": "timestamptz",
+}
+
+
+_last_execution = (
+    sa.select(executions.c.id)
+    .where(executions.c.job_id == jobs.c.id)
+    .order_by(executions.c.id.desc())
+    .limit(1)
+    .correlate(jobs)
+    .scalar_subquery()
+)
+
+
+_summary = executions.alias("last_execution")
+
+
+JOB_WITH_SUMMARY = sa.select(
+    jobs,
+    _summary.c.id.label("x_id"),
+    _summary.c.state.label("x_state"),
+    _summary.c.source.label("x_source"),
+    _summary.c.scheduled_time.label("x_scheduled_time"),
+    _summary.c.start_time.label("x_start_time"),
+    _summary.c.end_time.label("x_end_time"),
+    _summary.c.attempt.label("x_attempt"),
+).select_from(jobs.outerjoin(_summary, _summary.c.id == _last_execution))
+
+
+def job_with_summary(row: sa.Row[Any]) -> Job:
+    summary = None
+    if row.x_id is not None:
+        summary = ExecutionSummary(
+            id=row.x_id,
+            state=ExecutionState(row.x_state),
+            source=ExecutionSource(row.x_source),
+            scheduled_time=row.x_scheduled_time,
+            start_time=row.x_start_time,
+            end_time=row.x_end_time,
+            attempt=row.x_attempt,
+        )
+    return job_from_row(row, summary)

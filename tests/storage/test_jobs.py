@@ -1,0 +1,99 @@
+"""Jobs: the store contract (storage/abc/jobs.py), on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, timedelta
+
+import pytest
+from storage.helpers import T0, a_job, an_execution
+
+from chronoplane.server.errors import (
+    EtagMismatch,
+    ExecutionNotFound,
+    JobAlreadyExists,
+    JobNotFound,
+)
+from chronoplane.server.models import (
+    CronTrigger,
+    DateTrigger,
+    IntervalTrigger,
+)
+from chronoplane.server.storage.abc import NextRun
+from chronoplane.server.storage.sqlalchemy import SqlAlchemyStore
+
+
+async def test_jobs_round_trip_every_field_and_trigger_kind(store: SqlAlchemyStore) -> None:
+    triggers = [
+        CronTrigger(expression="*/5 * * * *", time_zone="Europe/Berlin"),
+        IntervalTrigger(
+            every=timedelta(seconds=90), start_time=T0, end_time=T0 + timedelta(days=1)
+        ),
+        IntervalTrigger(every=timedelta(hours=1)),
+        DateTrigger(run_time=T0),
+    ]
+    for n, trigger in enumerate(triggers):
+        job = a_job(f"j{n}", trigger=trigger, misfire_grace=timedelta(seconds=12.5))
+        stored = await store.create_job(job, request_id=None)
+        assert stored == replace(
+            job, version=1, create_time=stored.create_time, update_time=stored.create_time
+        )
+        assert stored.create_time is not None and stored.create_time.tzinfo is UTC
+        assert await store.get_job(job.id) == stored
+
+
+async def test_a_taken_id_or_request_id_is_refused(store: SqlAlchemyStore) -> None:
+    await store.create_job(a_job("a"), request_id="req-1")
+    with pytest.raises(JobAlreadyExists):
+        await store.create_job(a_job("a"), request_id=None)
+    with pytest.raises(JobAlreadyExists):
+        await store.create_job(a_job("b"), request_id="req-1")
+    found = await store.get_job_by_request_id("req-1")
+    assert found is not None and found.id == "a"
+    assert await store.get_job_by_request_id("req-2") is None
+
+
+async def test_update_is_compare_and_swap_on_the_version(store: SqlAlchemyStore) -> None:
+    stored = await store.create_job(a_job(), request_id=None)
+    updated = await store.update_job(replace(stored, description="new"), expected_version=1)
+    assert updated.version == 2 and updated.description == "new"
+    with pytest.raises(EtagMismatch):
+        await store.update_job(replace(stored, description="lost"), expected_version=1)
+    with pytest.raises(JobNotFound):
+        await store.update_job(a_job("ghost"), expected_version=1)
+    assert (await store.get_job("j1")).description == "new"
+
+
+async def test_delete_takes_executions_along(store: SqlAlchemyStore) -> None:
+    await store.create_job(a_job(), request_id=None)
+    execution = an_execution()
+    assert await store.insert_executions([execution]) == {execution.id}
+    with pytest.raises(EtagMismatch):
+        await store.delete_job("j1", expected_version=7)
+    await store.delete_job("j1", expected_version=1)
+    with pytest.raises(ExecutionNotFound):
+        await store.get_execution(execution.id)
+    with pytest.raises(JobNotFound):
+        await store.delete_job("j1", expected_version=None)
+
+
+async def test_list_jobs_pages_by_id(store: SqlAlchemyStore) -> None:
+    for job_id in ["c", "a", "b", "d"]:
+        await store.create_job(a_job(job_id, paused=job_id == "b"), request_id=None)
+    first = await store.list_jobs(after=None, limit=3)
+    assert [j.id for j in first.jobs] == ["a", "b", "c"] and first.next_after == "c"
+    second = await store.list_jobs(after=first.next_after, limit=3)
+    assert [j.id for j in second.jobs] == ["d"] and second.next_after is None
+    assert sorted(j.id for j in await store.list_schedulable_jobs()) == ["a", "c", "d"]
+
+
+async def test_next_run_applies_only_to_the_version_it_was_computed_for(
+    store: SqlAlchemyStore,
+) -> None:
+    await store.create_job(a_job(), request_id=None)
+    later = T0 + timedelta(days=1)
+    await store.record_progress([], [], [NextRun(job_id="j1", version=1, next_run_time=later)])
+    assert (await store.get_job("j1")).next_run_time == later
+    await store.update_job(a_job(next_run_time=T0), expected_version=1)
+    await store.record_progress([], [], [NextRun(job_id="j1", version=1, next_run_time=None)])
+    assert (await store.get_job("j1")).next_run_time == T0
