@@ -33,7 +33,7 @@ from chronoplane.client import (
     every,
     retry_policy,
 )
-from chronoplane.client.cli import _execution_text
+from chronoplane.client.cli.executions import execution_text
 from chronoplane.v1 import execution_pb2 as epb
 from chronoplane.v1 import job_pb2 as jpb
 from chronoplane.v1 import scheduler_service_pb2 as pb
@@ -537,6 +537,10 @@ async def test_cli_json_is_proto3_json_with_camel_case_keys(server: InProcessSer
     # --json is accepted after the command too.
     listed = json.loads(await ok("jobs", "list", address, "--json"))
     assert [j["id"] for j in listed["jobs"]] == ["j"]
+    # --output json (-o json) is the same; --output text the default.
+    assert json.loads(await ok(address, "-o", "json", "jobs", "list")) == listed
+    assert json.loads(await ok("jobs", "list", address, "--output", "json")) == listed
+    assert (await ok(address, "--output", "text", "jobs", "list")).startswith("ID ")
 
 
 async def test_cli_reports_field_violations_and_exits_1(server: InProcessServer) -> None:
@@ -768,15 +772,15 @@ def test_execution_text_shows_missed_fires_and_notes() -> None:
     )
     missed.missed.first_time.FromDatetime(datetime(2030, 1, 1, 0, 0, tzinfo=UTC))
     missed.missed.last_time.FromDatetime(datetime(2030, 1, 1, 0, 41, tzinfo=UTC))
-    shown = fields(_execution_text(missed))
+    shown = fields(execution_text(missed))
     assert shown["missed"] == "42 fires, 2030-01-01T00:00:00Z to 2030-01-01T00:41:00Z"
     missed.missed.count_is_lower_bound = True
     missed.missed.count = 10_000
-    assert fields(_execution_text(missed))["missed"].startswith("at least 10,000 fires, ")
+    assert fields(execution_text(missed))["missed"].startswith("at least 10,000 fires, ")
     cancelled = epb.Execution(
         id="e2", state=epb.EXECUTION_STATE_CANCELLED, attempt=1, note='returned "slept"'
     )
-    assert fields(_execution_text(cancelled))["note"] == 'returned "slept"'
+    assert fields(execution_text(cancelled))["note"] == 'returned "slept"'
 
 
 @pytest.mark.parametrize(

@@ -98,6 +98,22 @@ class AsyncClient:
     ``tls=True`` for the system's roots) makes the channel TLS; ``tls_cert`` and ``tls_key``
     add a client certificate (mTLS). A failed call raises a subclass of
     :class:`chronoplane.client.errors.ChronoplaneError`.
+
+    A job's settings, in :meth:`create_job` and :meth:`update_job`: durations are timedeltas
+    or seconds; policies are enum values of ``chronoplane.v1.job_pb2`` or their lowercase
+    names.
+
+    - ``misfire_policy``: what happens to fires missed by more than ``misfire_grace``
+      (default 60 s): ``"skip"``, ``"run_once"`` (the default) or ``"run_all"``, at most
+      ``catchup_limit`` (default 10) of them, none older than ``catchup_window``.
+    - ``overlap_policy``: what a fire does when ``max_concurrent`` (default 1) runs are
+      going: ``"skip"`` (the default), ``"allow"``, ``"buffer_one"``, ``"buffer_all"`` or
+      ``"cancel_running"``.
+    - ``retry``: from :func:`retry_policy`; ``timeout``: runs longer than this end
+      TIMED_OUT; ``history_limit``: keep this many executions, the newest (0: no limit).
+    - ``celery``: run the job's executions on Celery workers, routed so (``task`` is then a
+      Celery task name registered with ``chronoplane.celery``; the server needs
+      ``celery_broker_url``).
     """
 
     def __init__(
@@ -184,22 +200,7 @@ class AsyncClient:
         """Creates a job (the server picks its id when ``job_id`` is empty) and returns it.
 
         ``trigger`` comes from :func:`cron`, :func:`every` or :func:`at` (which also take the
-        trigger's bounds and jitter). Durations are timedeltas or seconds; policies are enum
-        values of ``chronoplane.v1.job_pb2`` or their lowercase names:
-
-        - ``misfire_policy``: what happens to fires missed by more than ``misfire_grace``
-          (default 60 s): ``"skip"``, ``"run_once"`` (the default) or ``"run_all"``, at most
-          ``catchup_limit`` (default 10) of them, none older than ``catchup_window``.
-        - ``overlap_policy``: what a fire does when ``max_concurrent`` (default 1) runs are
-          going: ``"skip"`` (the default), ``"allow"``, ``"buffer_one"``, ``"buffer_all"`` or
-          ``"cancel_running"``.
-        - ``retry``: from :func:`retry_policy`; ``timeout``: runs longer than this end
-          TIMED_OUT; ``history_limit``: keep this many executions, the newest (0: no limit).
-
-        ``celery``: run the job's executions on Celery workers, routed so (``task`` is then a
-        Celery task name registered with ``chronoplane.celery``; the server needs
-        ``celery_broker_url``).
-
+        trigger's bounds and jitter); the policies are explained in the class's docstring.
         ``coalesce`` is deprecated: use ``misfire_policy`` (``coalesce=False`` is
         ``misfire_policy="run_all"``).
         """
@@ -268,7 +269,7 @@ class AsyncClient:
         "none" value: ``catchup_window=0``, ``timeout=0``, ``history_limit=0``,
         ``retry=retry_policy(1)``. ``coalesce`` is deprecated: use ``misfire_policy``.
         """
-        changes = {
+        changes: dict[str, Any] = {
             "task": task,
             "trigger": trigger,
             "args": args,
@@ -286,26 +287,8 @@ class AsyncClient:
             "timeout": timeout,
             "history_limit": history_limit,
         }
-        job = _job(
-            job_id,
-            etag=etag,
-            task=task,
-            trigger=trigger,
-            args=args,
-            display_name=display_name,
-            description=description,
-            misfire_grace=misfire_grace,
-            coalesce=coalesce,
-            max_concurrent=max_concurrent,
-            labels=labels,
-            misfire=misfire_policy,
-            catchup_window=catchup_window,
-            catchup_limit=catchup_limit,
-            overlap=overlap_policy,
-            retry=retry,
-            timeout=timeout,
-            history_limit=history_limit,
-        )
+        renamed = {"misfire_policy": "misfire", "overlap_policy": "overlap"}
+        job = _job(job_id, etag=etag, **{renamed.get(k, k): v for k, v in changes.items()})
         mask = field_mask_pb2.FieldMask(paths=[k for k, v in changes.items() if v is not None])
         request = pb.UpdateJobRequest(job=job, update_mask=mask)
         response: pb.UpdateJobResponse = await self._call(self._stub.UpdateJob, request)

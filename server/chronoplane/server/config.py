@@ -171,12 +171,31 @@ class Settings:
 
     def normalized(self) -> Settings:
         """Relative SQLite paths made absolute, checked for sense."""
+        self._check_places()
+        self._check_runs()
+        self._check_limits()
+        self._check_security()
+        self._check_timing()
+        path = self.sqlite_path()
+        if path is not None:
+            return replace(self, database_url=f"sqlite+aiosqlite:///{path}")
+        return self
+
+    def _check_places(self) -> None:
+        """Where it listens, its database and its broker."""
         if ":" not in self.address or not self.address.rpartition(":")[2].isdigit():
             raise ConfigError(f"address {self.address!r} is not HOST:PORT")
         if not self.database_url.startswith(("sqlite+aiosqlite:///", "postgresql+asyncpg://")):
             raise ConfigError(
                 "database_url must start with sqlite+aiosqlite:/// or postgresql+asyncpg://"
             )
+        if self.celery_broker_url and not self.celery_broker_url.startswith(
+            ("redis://", "rediss://", "amqp://", "amqps://", "pyamqp://")
+        ):
+            raise ConfigError("celery_broker_url must be a redis:// or amqp:// URL")
+
+    def _check_runs(self) -> None:
+        """Runs, history, watches."""
         if self.shutdown_grace < 0 or self.worker_threads < 1 or self.max_running < 1:
             raise ConfigError(
                 "shutdown_grace must be >= 0, worker_threads >= 1 and max_running >= 1"
@@ -185,10 +204,6 @@ class Settings:
             raise ConfigError("statement_timeout must be > 0")
         if self.history_max_age_days < 0 or self.purge_interval <= 0:
             raise ConfigError("history_max_age_days must be >= 0 and purge_interval > 0")
-        if self.celery_broker_url and not self.celery_broker_url.startswith(
-            ("redis://", "rediss://", "amqp://", "amqps://", "pyamqp://")
-        ):
-            raise ConfigError("celery_broker_url must be a redis:// or amqp:// URL")
         if self.celery_send_timeout <= 0:
             raise ConfigError("celery_send_timeout must be > 0")
         if self.audit_max_age_days < 0:
@@ -197,24 +212,28 @@ class Settings:
             raise ConfigError("max_watchers must be >= 0 and watch_buffer >= 1")
         if self.watch_progress_interval <= 0 or self.event_retention <= 0:
             raise ConfigError("watch_progress_interval and event_retention must be > 0")
+
+    def _check_limits(self) -> None:
+        """Request and transport limits."""
         if not 1 <= self.max_display_name <= 256:
             raise ConfigError("max_display_name must be between 1 and 256")
-        if (
-            min(
-                self.max_args_bytes,
-                self.max_args_depth,
-                self.max_description,
-                self.max_labels,
-                self.max_label_value,
-                self.max_page_size,
-            )
-            < 1
-        ):
+        request_limits = (
+            self.max_args_bytes,
+            self.max_args_depth,
+            self.max_description,
+            self.max_labels,
+            self.max_label_value,
+            self.max_page_size,
+        )
+        if min(request_limits) < 1:
             raise ConfigError("the max_* request limits must be at least 1")
         if self.max_message_bytes < 1024 or self.max_concurrent_rpcs < 1:
             raise ConfigError("max_message_bytes must be >= 1024 and max_concurrent_rpcs >= 1")
         if min(self.keepalive_time, self.keepalive_timeout, self.min_ping_interval) <= 0:
             raise ConfigError("keepalive_time, keepalive_timeout and min_ping_interval must be > 0")
+
+    def _check_security(self) -> None:
+        """TLS files, reflection, certificate roles."""
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_cert and tls_key go together")
         if self.tls_client_ca and not self.tls_cert:
@@ -229,11 +248,6 @@ class Settings:
                 raise ConfigError(
                     f"client_roles: {subject}={role}: roles are viewer, operator, admin"
                 )
-        self._check_timing()
-        path = self.sqlite_path()
-        if path is not None:
-            return replace(self, database_url=f"sqlite+aiosqlite:///{path}")
-        return self
 
 
 _ENV_PREFIX = "CHRONOPLANE_"
@@ -264,6 +278,18 @@ def _coerce(name: str, raw: Any) -> Any:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every setting as a flag (``load_settings`` reads them)."""
+    _add_basic_arguments(parser)
+    _add_history_arguments(parser)
+    _add_cluster_arguments(parser)
+    _add_watch_arguments(parser)
+    _add_celery_arguments(parser)
+    _add_limit_arguments(parser)
+    _add_tls_arguments(parser)
+
+
+def _add_basic_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of the server: address, database, tasks, runs, logs."""
     parser.add_argument("--config", help="TOML settings file (env CHRONOPLANE_CONFIG)")
     parser.add_argument("--address", help="HOST:PORT to listen on (default 127.0.0.1:50051)")
     parser.add_argument(
@@ -286,6 +312,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="executions this instance runs at once at most (default 1000)",
     )
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+
+
+def _add_history_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of how long history is kept."""
     parser.add_argument(
         "--history-max-age-days",
         type=float,
@@ -299,6 +329,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--purge-interval", type=float, help="seconds between history purges (default 3600)"
     )
+
+
+def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of the cluster: names, heartbeats, timeouts."""
     parser.add_argument(
         "--instance-name", help="name shown by ListInstances (default: the host name)"
     )
@@ -320,6 +354,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="seconds a database statement may run (PostgreSQL; default 60)",
     )
+
+
+def _add_watch_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of watch streams."""
     parser.add_argument(
         "--max-watchers", type=int, help="watch streams served at once (default 1000)"
     )
@@ -338,6 +376,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="seconds the watch event history is kept (default 3600)",
     )
+
+
+def _add_celery_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of Celery dispatch."""
     celery = parser.add_argument_group("Celery")
     celery.add_argument(
         "--celery-broker-url",
@@ -347,6 +389,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     celery.add_argument(
         "--celery-send-timeout", type=float, help="seconds a send may take (default 5)"
     )
+
+
+def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of request and transport limits."""
     limits = parser.add_argument_group("limits")
     limits.add_argument("--max-message-bytes", type=int, help="default 4194304 (4 MiB)")
     limits.add_argument(
@@ -369,6 +415,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument(
         "--min-ping-interval", type=float, help="clients may ping at most this often (10)"
     )
+
+
+def _add_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of TLS, authentication and the insecure opt-out."""
     tls = parser.add_argument_group("TLS and authentication")
     tls.add_argument("--tls-cert", metavar="PEM", help="the server's certificate (chain)")
     tls.add_argument("--tls-key", metavar="PEM", help="the server's private key")

@@ -18,7 +18,6 @@ from chronoplane.server.errors import (
     EtagMismatch,
     InvalidArgument,
     JobAlreadyExists,
-    JobNotFound,
     TaskNotRegistered,
 )
 from chronoplane.server.ids import new_job_id
@@ -40,8 +39,8 @@ from chronoplane.server.models import (
     Trigger,
 )
 from chronoplane.server.pagination import PageTokens, page_size
-from chronoplane.server.runner import Due, Runner
-from chronoplane.server.scheduling import plan_fires
+from chronoplane.server.runner import Runner
+from chronoplane.server.schedule import TICK, Schedule
 from chronoplane.server.security import current_principal
 from chronoplane.server.storage.abc import Store
 from chronoplane.server.tasks import TaskDefinition, TaskRegistry
@@ -88,8 +87,6 @@ MAX_BACKFILL = 1_000
 MAX_REASON = 1_024
 MAX_KEEP_LAST = 1_000_000
 # A backlog of missed fires is walked this far; beyond, it is counted as "at least".
-MAX_CATCH_UP_SCAN = 10_000
-_TICK = timedelta(microseconds=1)
 # An update without an etag is a read-modify-write; retried this often when it races.
 _UPDATE_ATTEMPTS = 5
 
@@ -145,78 +142,29 @@ class SchedulerService:
         self._leader_timeout = leader_timeout
         # Sends Celery jobs' executions to a broker, when celery_broker_url is set.
         self.dispatcher: Dispatcher | None = None
-        # Only the leader's engine keeps time; other instances' job changes reach it through
-        # sync_job (a notification) and resync (the safety net).
-        self.leading = False
+        self.schedule = Schedule(store=store, engine=engine, runner=runner, clock=clock)
 
-    # -- start-up -----------------------------------------------------------------------------
+    # -- the leader's schedule (schedule.py) --------------------------------------------------
+
+    @property
+    def leading(self) -> bool:
+        return self.schedule.leading
+
+    @leading.setter
+    def leading(self, value: bool) -> None:
+        self.schedule.leading = value
 
     async def load_schedule(self) -> int:
-        """Gives the engine every active job from the database, after working out what each
-        missed while no server ran (see scheduling.py); returns how many jobs."""
-        now = self._clock()
-        jobs = await self._store.list_schedulable_jobs()
-        behind = [j.id for j in jobs if j.next_run_time is not None and j.next_run_time <= now]
-        # A leader that died may have written fires but not yet the next run time after them.
-        last_fires = await self._store.last_fires(behind) if behind else {}
-        for job in jobs:
-            if job.id in last_fires and job.next_run_time is not None:
-                after = self._engine.next_fire_time(job.trigger, after=last_fires[job.id] + _TICK)
-                if after is None or after > job.next_run_time:
-                    job = replace(job, next_run_time=after)
-            if job.next_run_time is not None and job.next_run_time <= now:
-                job = self._catch_up(job, now)
-            self._engine.schedule(job, reschedule=True)
-        return len(jobs)
+        """Gives the engine every active job, with what each missed; returns how many."""
+        return await self.schedule.load()
 
-    def _catch_up(self, job: Job, now: datetime) -> Job:
-        """Plans the fires from the job's recorded next run time to now; returns the job
-        with its next run time after now."""
-        assert job.next_run_time is not None
-        fires = self._engine.fires_between(
-            job.trigger, start=job.next_run_time, end=now, limit=MAX_CATCH_UP_SCAN + 1
-        )
-        if len(fires) <= MAX_CATCH_UP_SCAN:
-            plan = plan_fires(job, fires, now=now)
-        else:
-            recent = self._recent_fires(job, now, since=fires[-1])
-            plan = plan_fires(
-                job,
-                recent,
-                now=now,
-                uncounted=MAX_CATCH_UP_SCAN,
-                first_uncounted=fires[0],
-            )
-        next_run = self._engine.next_fire_time(job.trigger, after=now + _TICK)
-        if next_run is not None and next_run <= now:  # a date trigger that has had its fire
-            next_run = None
-        self._runner.on_due(
-            Due(job=job, run=plan.run, missed=plan.missed, next_run_time=next_run, noticed_time=now)
-        )
-        return replace(job, next_run_time=next_run)
+    async def sync_job(self, job_id: str) -> None:
+        """Brings the leader's engine up to date with the job's row (changed elsewhere)."""
+        await self.schedule.sync_job(job_id)
 
-    def _recent_fires(self, job: Job, now: datetime, *, since: datetime) -> list[datetime]:
-        """The fires shortly before ``now``, enough for the misfire policy to choose from,
-        when the whole backlog is too long to walk: looks back further and further."""
-        wanted = max(job.catchup_limit, 1) + 1
-        lookback = max(job.misfire_grace * 2, timedelta(minutes=1))
-        best: list[datetime] = []
-        while True:
-            start = max(now - lookback, since + _TICK)
-            fires = self._engine.fires_between(
-                job.trigger, start=start, end=now, limit=MAX_CATCH_UP_SCAN + 1
-            )
-            if len(fires) > MAX_CATCH_UP_SCAN:
-                return best
-            best = fires
-            window_start = now - job.catchup_window if job.catchup_window else None
-            if (
-                len(fires) >= wanted
-                or start <= since + _TICK
-                or (window_start is not None and start <= window_start)
-            ):
-                return best
-            lookback *= 4
+    async def resync(self) -> int:
+        """Compares every job with the engine and fixes what differs; returns how many."""
+        return await self.schedule.resync()
 
     # -- jobs ---------------------------------------------------------------------------------
 
@@ -251,7 +199,7 @@ class SchedulerService:
             if earlier is None:
                 raise
             return earlier
-        self._schedule(stored, reschedule=True)
+        self.schedule.schedule(stored, reschedule=True)
         return stored
 
     async def get_job(self, job_id: str) -> Job:
@@ -295,7 +243,7 @@ class SchedulerService:
                 if etag or attempt == _UPDATE_ATTEMPTS - 1:
                     raise
                 continue
-            self._schedule(stored, reschedule="trigger" in changes)
+            self.schedule.schedule(stored, reschedule="trigger" in changes)
             return stored
         raise AssertionError("unreachable")
 
@@ -304,7 +252,7 @@ class SchedulerService:
         if etag:
             expected = _expected_version(job_id, etag, await self._store.get_job(job_id))
         await self._store.delete_job(job_id, expected_version=expected)
-        self._unschedule(job_id)
+        self.schedule.unschedule(job_id)
 
     async def pause_job(self, job_id: str, *, etag: str) -> Job:
         return await self._set_paused(job_id, etag, paused=True)
@@ -321,55 +269,8 @@ class SchedulerService:
         changed = replace(current, paused=paused, updated_by=current_principal())
         changed = replace(changed, next_run_time=self._first_run(changed, now))
         stored = await self._store.update_job(changed, expected_version=expected)
-        self._schedule(stored, reschedule=True)
+        self.schedule.schedule(stored, reschedule=True)
         return stored
-
-    def _schedule(self, job: Job, *, reschedule: bool) -> None:
-        if self.leading:
-            self._engine.schedule(job, reschedule=reschedule)
-
-    def _unschedule(self, job_id: str) -> None:
-        if self.leading:
-            self._engine.unschedule(job_id)
-
-    # -- cluster ------------------------------------------------------------------------------
-
-    async def sync_job(self, job_id: str) -> None:
-        """Brings the leader's engine up to date with the job's row (changed elsewhere)."""
-        if not self.leading:
-            return
-        try:
-            job = await self._store.get_job(job_id)
-        except JobNotFound:
-            self._engine.unschedule(job_id)
-            return
-        self._apply(job)
-
-    async def resync(self) -> int:
-        """Compares every job with the engine and fixes what differs; returns how many
-        differed. The safety net under notifications, and what follows a reconnect."""
-        if not self.leading:
-            return 0
-        jobs = {job.id: job for job in await self._store.list_schedulable_jobs()}
-        if not self.leading:
-            return 0
-        fixed = 0
-        for job_id in set(self._engine.scheduled()) - set(jobs):
-            self._engine.unschedule(job_id)
-            fixed += 1
-        for job in jobs.values():
-            fixed += self._apply(job)
-        return fixed
-
-    def _apply(self, job: Job) -> bool:
-        known = self._engine.scheduled().get(job.id)
-        if known is not None and known.version >= job.version:
-            return False
-        if known is None and job.next_run_time is None:
-            return False
-        moved = known is None or known.trigger != job.trigger or known.paused != job.paused
-        self._engine.schedule(job, reschedule=moved)
-        return True
 
     def _prepare(
         self, job: Job, trigger: Trigger | None, violations: Violations, now: datetime
@@ -469,7 +370,7 @@ class SchedulerService:
         if job.executor is ExecutorKind.INLINE and job.task not in self._tasks:
             raise TaskNotRegistered(job.task)
         fires = self._engine.fires_between(
-            job.trigger, start=start, end=end - _TICK, limit=MAX_BACKFILL + 1
+            job.trigger, start=start, end=end - TICK, limit=MAX_BACKFILL + 1
         )
         if len(fires) > MAX_BACKFILL:
             raise InvalidArgument.field(

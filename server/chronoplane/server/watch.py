@@ -299,21 +299,7 @@ class WatchHub:
         stream is ended through ``control.stop()``."""
         control = control or StreamControl()
         watcher = _Watcher(watch_filter, control)
-        if after is not None:
-            _check_range(after, await self._store.event_window())
-            watcher.behind = True
-        if self._idle:
-            newest = (await self._store.event_window()).newest
-            if self._idle and not self._count:
-                # The first watcher: skip what nobody was there to see. The recent events
-                # must have no gap, so they go too.
-                self._position = max(self._position, newest)
-                self._recent.clear()
-                self._idle = False
-        self._register(watcher)
-        # Events after this position reach the buffer (unless it is behind).
-        last = after if after is not None else self._position
-        control.start = last
+        last = await self._join(watcher, after)
         # Events past the snapshot's cursor whose changes it already showed.
         shown: frozenset[int] = frozenset()
         try:
@@ -352,6 +338,25 @@ class WatchHub:
                         watcher.active = time.monotonic()
         finally:
             self._unregister(watcher)
+
+    async def _join(self, watcher: _Watcher, after: int | None) -> int:
+        """Registers the watcher; returns the cursor it starts after (events after it reach
+        its buffer, unless it is behind: resuming from ``after``, it catches up first)."""
+        if after is not None:
+            _check_range(after, await self._store.event_window())
+            watcher.behind = True
+        if self._idle:
+            newest = (await self._store.event_window()).newest
+            if self._idle and not self._count:
+                # The first watcher: skip what nobody was there to see. The recent events
+                # must have no gap, so they go too.
+                self._position = max(self._position, newest)
+                self._recent.clear()
+                self._idle = False
+        self._register(watcher)
+        start = after if after is not None else self._position
+        watcher.control.start = start
+        return start
 
     async def _catch_up(self, watcher: _Watcher, after: int) -> AsyncIterator[Event]:
         """The events after ``after``, matching or not (the caller filters, and moves its

@@ -112,64 +112,14 @@ class Admissions(Slots):
         found, slots = await self._admitted_jobs(
             conn, {a.execution.job_id for a in admissions}, lock=bool(queueing), epoch=epoch
         )
-        chosen: list[tuple[Admission, Execution, bool]] = []
+        chosen: list[_Chosen] = []
         cancel_for: list[tuple[str, str]] = []
         for admission in admissions:
-            execution = admission.execution
-            if execution.job_id not in found:
-                continue
-            ready = False
-            if execution.state is ExecutionState.PENDING:
-                limit = found[execution.job_id].max_concurrent
-                holding, ready_n, queued_n = slots.get(execution.job_id, (0, 0, 0))
-                decision = admit(
-                    admission.policy or OverlapPolicy.BUFFER_ALL,
-                    0 if admission.force else limit,
-                    running=holding,
-                    waiting=ready_n + queued_n,
-                )
-                if admission.force:
-                    ready = True
-                elif decision.waits:
-                    ready = limit <= 0 or holding + ready_n < limit
-                    slots[execution.job_id] = (
-                        holding,
-                        ready_n + ready,
-                        queued_n + (not ready),
-                    )
-                    if decision.cancel_oldest:
-                        cancel_for.append((execution.id, execution.job_id))
-                else:
-                    execution = replace(
-                        execution,
-                        state=ExecutionState.SKIPPED,
-                        end_time=execution.create_time,
-                        error_message=decision.reason,
-                    )
-            chosen.append((admission, execution, ready))
+            if admission.execution.job_id in found:
+                chosen.append(_decide(admission, found, slots, cancel_for))
         if not chosen:
             return Admitted(inserted=[], displace=[], claimed=[], fenced=fenced)
-        # What is ready and due now, the writer may run itself, up to claim_limit: claimed in
-        # the insert (no other instance can see these rows before it commits).
-        claimed: list[tuple[Execution, RunPolicy]] = []
-        rows: list[tuple[Execution, dict[str, Any]]] = []
-        for admission, execution, ready in chosen:
-            due = admission.due_time or execution.scheduled_time
-            if (
-                ready
-                and execution.executor is ExecutorKind.INLINE
-                and len(claimed) < claim_limit
-                and due <= execution.create_time
-            ):
-                execution = replace(
-                    execution,
-                    state=ExecutionState.RUNNING,
-                    instance_id=claim_for,
-                    start_time=execution.create_time,
-                )
-                job = found[execution.job_id]
-                claimed.append((execution, run_policy(job.timeout_seconds, job.retry)))
-            rows.append((execution, execution_values(execution, admission, ready=ready)))
+        claimed, rows = _claim_in_insert(chosen, found, claim_for, claim_limit)
         inserted = await self._insert_rows(conn, [values for _, values in rows])
         if any(values["ready"] and e.id in inserted for e, values in rows):
             await self._notify(conn, WORK_CHANNEL, self._instance_id)
@@ -289,3 +239,72 @@ class Admissions(Slots):
                 )
             ).all()
         return [execution_from_row(row) for row in rows]
+
+
+# An admission, the execution it will write (SKIPPED, if the policy says so), and whether it
+# is ready (holds a slot).
+_Chosen = tuple[Admission, Execution, bool]
+
+
+def _decide(
+    admission: Admission,
+    found: dict[str, Any],
+    slots: dict[str, tuple[int, int, int]],
+    cancel_for: list[tuple[str, str]],
+) -> _Chosen:
+    """The overlap policy's decision for one admission, against the job's slots as counted
+    (and as the admissions before it in this batch took them)."""
+    execution = admission.execution
+    if execution.state is not ExecutionState.PENDING:
+        return admission, execution, False
+    limit = found[execution.job_id].max_concurrent
+    holding, ready_n, queued_n = slots.get(execution.job_id, (0, 0, 0))
+    decision = admit(
+        admission.policy or OverlapPolicy.BUFFER_ALL,
+        0 if admission.force else limit,
+        running=holding,
+        waiting=ready_n + queued_n,
+    )
+    if admission.force:
+        return admission, execution, True
+    if not decision.waits:
+        skipped = replace(
+            execution,
+            state=ExecutionState.SKIPPED,
+            end_time=execution.create_time,
+            error_message=decision.reason,
+        )
+        return admission, skipped, False
+    ready = limit <= 0 or holding + ready_n < limit
+    slots[execution.job_id] = (holding, ready_n + ready, queued_n + (not ready))
+    if decision.cancel_oldest:
+        cancel_for.append((execution.id, execution.job_id))
+    return admission, execution, ready
+
+
+def _claim_in_insert(
+    chosen: list[_Chosen], found: dict[str, Any], claim_for: str, claim_limit: int
+) -> tuple[list[tuple[Execution, RunPolicy]], list[tuple[Execution, dict[str, Any]]]]:
+    """The rows to insert; what is ready and due now, the writer may run itself, up to
+    ``claim_limit``: claimed in the insert (no other instance can see these rows before it
+    commits)."""
+    claimed: list[tuple[Execution, RunPolicy]] = []
+    rows: list[tuple[Execution, dict[str, Any]]] = []
+    for admission, execution, ready in chosen:
+        due = admission.due_time or execution.scheduled_time
+        if (
+            ready
+            and execution.executor is ExecutorKind.INLINE
+            and len(claimed) < claim_limit
+            and due <= execution.create_time
+        ):
+            execution = replace(
+                execution,
+                state=ExecutionState.RUNNING,
+                instance_id=claim_for,
+                start_time=execution.create_time,
+            )
+            job = found[execution.job_id]
+            claimed.append((execution, run_policy(job.timeout_seconds, job.retry)))
+        rows.append((execution, execution_values(execution, admission, ready=ready)))
+    return claimed, rows

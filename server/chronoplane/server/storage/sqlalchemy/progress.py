@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -129,23 +130,7 @@ class Outcomes(Slots):
     ) -> None:
         """Final states, of executions not final yet (the first final state wins)."""
         if self._dialect == "postgresql":
-            finished = await conn.execute(
-                _PG_FINISH,
-                {
-                    "ids": [f.id for f in finishes],
-                    "states": [f.state.value for f in finishes],
-                    "starts": [f.start_time for f in finishes],
-                    "ends": [f.end_time for f in finishes],
-                    "results": [
-                        None if f.result is None else json.dumps(f.result) for f in finishes
-                    ],
-                    "messages": [f.error_message for f in finishes],
-                    "tracebacks": [f.error_traceback for f in finishes],
-                    "types": [f.error_type for f in finishes],
-                    "keeps": [f.keeps_slot for f in finishes],
-                    "bys": [f.cancelled_by for f in finishes],
-                },
-            )
+            finished = await conn.execute(_PG_FINISH, _pg_finish_arrays(finishes))
             self._changed_rows(conn, finished.mappings(), EventKind.MODIFIED)
             return
         # One writer at a time on SQLite: what is unfinished now is what the update changes.
@@ -156,50 +141,7 @@ class Outcomes(Slots):
             )
         )
         self._changed(conn, EventResource.EXECUTION, unfinished.scalars(), EventKind.MODIFIED)
-        await conn.execute(
-            executions.update()
-            .where(
-                executions.c.id == sa.bindparam("b_id"),
-                # Not IN (...): expanding parameters cannot go into an executemany.
-                sa.or_(*(executions.c.state == state for state in UNFINISHED_STATES)),
-            )
-            .values(
-                state=sa.bindparam("b_state"),
-                start_time=sa.bindparam("b_start_time"),
-                end_time=sa.bindparam("b_end_time"),
-                result=sa.bindparam("b_result", type_=executions.c.result.type),
-                error_message=sa.bindparam("b_error_message"),
-                error_traceback=sa.bindparam("b_error_traceback"),
-                error_type=sa.bindparam("b_error_type"),
-                holds_slot=sa.bindparam("b_keeps_slot"),
-                # Who cancelled it: said here, or when the cancel was requested.
-                cancelled_by=sa.case(
-                    (
-                        sa.bindparam("b_state") == ExecutionState.CANCELLED.value,
-                        sa.func.coalesce(
-                            sa.func.nullif(sa.bindparam("b_cancelled_by"), ""),
-                            executions.c.cancelled_by,
-                        ),
-                    ),
-                    else_="",
-                ),
-            ),
-            [
-                {
-                    "b_id": f.id,
-                    "b_state": f.state.value,
-                    "b_start_time": f.start_time,
-                    "b_end_time": f.end_time,
-                    "b_result": f.result,
-                    "b_error_message": f.error_message,
-                    "b_error_traceback": f.error_traceback,
-                    "b_error_type": f.error_type,
-                    "b_keeps_slot": f.keeps_slot,
-                    "b_cancelled_by": f.cancelled_by,
-                }
-                for f in finishes
-            ],
-        )
+        await conn.execute(_SQLITE_FINISH, [_sqlite_finish_row(f) for f in finishes])
 
     @translate_errors
     async def interrupt_unfinished(self, *, message: str, now: datetime) -> int:
@@ -222,3 +164,65 @@ class Outcomes(Slots):
             await conn.execute(executions.update().where(held).values(holds_slot=False))
             await self._promote(conn, await self._queued_jobs(conn, None))
             return len(interrupted)
+
+
+def _pg_finish_arrays(finishes: Sequence[ExecutionFinish]) -> dict[str, list[Any]]:
+    return {
+        "ids": [f.id for f in finishes],
+        "states": [f.state.value for f in finishes],
+        "starts": [f.start_time for f in finishes],
+        "ends": [f.end_time for f in finishes],
+        "results": [None if f.result is None else json.dumps(f.result) for f in finishes],
+        "messages": [f.error_message for f in finishes],
+        "tracebacks": [f.error_traceback for f in finishes],
+        "types": [f.error_type for f in finishes],
+        "keeps": [f.keeps_slot for f in finishes],
+        "bys": [f.cancelled_by for f in finishes],
+    }
+
+
+# One row at a time (SQLite): not IN (...), since expanding parameters cannot go into an
+# executemany.
+_SQLITE_FINISH = (
+    executions.update()
+    .where(
+        executions.c.id == sa.bindparam("b_id"),
+        sa.or_(*(executions.c.state == state for state in UNFINISHED_STATES)),
+    )
+    .values(
+        state=sa.bindparam("b_state"),
+        start_time=sa.bindparam("b_start_time"),
+        end_time=sa.bindparam("b_end_time"),
+        result=sa.bindparam("b_result", type_=executions.c.result.type),
+        error_message=sa.bindparam("b_error_message"),
+        error_traceback=sa.bindparam("b_error_traceback"),
+        error_type=sa.bindparam("b_error_type"),
+        holds_slot=sa.bindparam("b_keeps_slot"),
+        # Who cancelled it: said here, or when the cancel was requested.
+        cancelled_by=sa.case(
+            (
+                sa.bindparam("b_state") == ExecutionState.CANCELLED.value,
+                sa.func.coalesce(
+                    sa.func.nullif(sa.bindparam("b_cancelled_by"), ""),
+                    executions.c.cancelled_by,
+                ),
+            ),
+            else_="",
+        ),
+    )
+)
+
+
+def _sqlite_finish_row(finish: ExecutionFinish) -> dict[str, Any]:
+    return {
+        "b_id": finish.id,
+        "b_state": finish.state.value,
+        "b_start_time": finish.start_time,
+        "b_end_time": finish.end_time,
+        "b_result": finish.result,
+        "b_error_message": finish.error_message,
+        "b_error_traceback": finish.error_traceback,
+        "b_error_type": finish.error_type,
+        "b_keeps_slot": finish.keeps_slot,
+        "b_cancelled_by": finish.cancelled_by,
+    }

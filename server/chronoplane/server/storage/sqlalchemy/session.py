@@ -244,6 +244,10 @@ _PG_APPEND_EVENTS = sa.text(
 ).bindparams(sa.bindparam("now", type_=UtcDateTime()), key=EVENT_WRITERS_KEY)
 
 
+# Per changed resource: its job id, its body (the resource as JSON), its job's labels.
+_Bodies = dict[tuple[EventResource, str], tuple[str, dict[str, Any], Any]]
+
+
 class Session:
     """An engine and the transactions on it. The aggregates' stores are subclasses: one
     ``Session`` serves them all."""
@@ -316,30 +320,40 @@ class Session:
             changes.note_rows(rows, kind)
 
     async def _append_events(self, conn: AsyncConnection, changes: Changes) -> None:
-        """One event per resource changed, as it now is, with the next cursors (storage/
-        events.py: from the sequence on PostgreSQL, from the ``event_log`` row, which stays
-        locked until the commit, on SQLite)."""
-        bodies: dict[tuple[EventResource, str], tuple[str, dict[str, Any], Any]] = {}
-        execution_ids = [i for i in changes.ids(EventResource.EXECUTION) if i not in changes.known]
-        if changes.known:
-            # Rows known as written: only their jobs' labels are read.
-            job_of = {i: body["job_id"] for i, body in changes.known.items()}
-            labels = dict(
-                (
-                    await conn.execute(
-                        sa.select(jobs.c.id, jobs.c.labels).where(
-                            self._among(jobs.c.id, sorted(set(job_of.values())))
-                        )
-                    )
-                ).all()
+        """One event per resource changed, as it now is, with the next cursors (changes.py:
+        from the sequence on PostgreSQL, from the ``event_log`` row, which stays locked
+        until the commit, on SQLite)."""
+        bodies = await self._known_bodies(conn, changes)
+        bodies |= await self._read_bodies(conn, changes)
+        for job_id, body in changes.deleted.items():
+            bodies[(EventResource.JOB, job_id)] = (job_id, body, body.get("labels") or {})
+        ordered = [(key, kind) for key, kind in changes.kinds.items() if key in bodies]
+        if ordered:
+            await self._insert_events(conn, ordered, bodies)
+
+    async def _known_bodies(self, conn: AsyncConnection, changes: Changes) -> _Bodies:
+        """The events of executions whose rows are known as written: only their jobs' labels
+        are read."""
+        if not changes.known:
+            return {}
+        job_of = {i: body["job_id"] for i, body in changes.known.items()}
+        query = sa.select(jobs.c.id, jobs.c.labels).where(
+            self._among(jobs.c.id, sorted(set(job_of.values())))
+        )
+        labels = dict((await conn.execute(query)).all())
+        return {
+            (EventResource.EXECUTION, execution_id): (
+                job_of[execution_id],
+                body,
+                labels.get(job_of[execution_id]) or {},
             )
-            for execution_id, body in changes.known.items():
-                job_id = job_of[execution_id]
-                bodies[(EventResource.EXECUTION, execution_id)] = (
-                    job_id,
-                    body,
-                    labels.get(job_id) or {},
-                )
+            for execution_id, body in changes.known.items()
+        }
+
+    async def _read_bodies(self, conn: AsyncConnection, changes: Changes) -> _Bodies:
+        """The events of the other executions and jobs changed, read as they now are."""
+        bodies: _Bodies = {}
+        execution_ids = [i for i in changes.ids(EventResource.EXECUTION) if i not in changes.known]
         if execution_ids:
             query = (
                 sa.select(executions, jobs.c.labels.label("job_labels"))
@@ -347,20 +361,20 @@ class Session:
                 .where(self._among(executions.c.id, execution_ids))
             )
             for row in await conn.execute(query):
-                bodies[(EventResource.EXECUTION, row.id)] = (
-                    row.job_id,
-                    encode_row(row),
-                    row.job_labels or {},
-                )
+                body = (row.job_id, encode_row(row), row.job_labels or {})
+                bodies[(EventResource.EXECUTION, row.id)] = body
         job_ids = changes.ids(EventResource.JOB)
         if job_ids:
             for row in await conn.execute(sa.select(jobs).where(self._among(jobs.c.id, job_ids))):
                 bodies[(EventResource.JOB, row.id)] = (row.id, encode_row(row), row.labels or {})
-        for job_id, body in changes.deleted.items():
-            bodies[(EventResource.JOB, job_id)] = (job_id, body, body.get("labels") or {})
-        ordered = [(key, kind) for key, kind in changes.kinds.items() if key in bodies]
-        if not ordered:
-            return
+        return bodies
+
+    async def _insert_events(
+        self,
+        conn: AsyncConnection,
+        ordered: list[tuple[tuple[EventResource, str], EventKind]],
+        bodies: _Bodies,
+    ) -> None:
         now = datetime.now(UTC)
         if self._dialect == "postgresql":
             await conn.execute(
@@ -384,21 +398,19 @@ class Session:
             )
         ).scalar_one()
         first = last - len(ordered) + 1
-        await conn.execute(
-            events.insert(),
-            [
-                {
-                    "cursor": first + n,
-                    "resource": resource,
-                    "kind": kind.value,
-                    "job_id": bodies[(resource, rid)][0],
-                    "body": bodies[(resource, rid)][1],
-                    "labels": bodies[(resource, rid)][2],
-                    "create_time": now,
-                }
-                for n, ((resource, rid), kind) in enumerate(ordered)
-            ],
-        )
+        rows = [
+            {
+                "cursor": first + n,
+                "resource": resource,
+                "kind": kind.value,
+                "job_id": bodies[(resource, rid)][0],
+                "body": bodies[(resource, rid)][1],
+                "labels": bodies[(resource, rid)][2],
+                "create_time": now,
+            }
+            for n, ((resource, rid), kind) in enumerate(ordered)
+        ]
+        await conn.execute(events.insert(), rows)
 
     def _among(self, column: sa.ColumnElement[str], values: Iterable[str]) -> Any:
         """``column IN values``; on PostgreSQL ``= ANY(array)``, one statement for any number

@@ -4,6 +4,7 @@ executions when one frees, oldest first (docs/decisions/0010-execution-queue.md)
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -65,6 +66,21 @@ class Slots(Session):
             .order_by(jobs.c.id)
             .with_for_update(key_share=True)
         )
+        chosen = self._promotable(job_ids)
+        result = await conn.execute(
+            executions.update()
+            .where(executions.c.id.in_(sa.select(chosen.c.id)), IS_WAITING)
+            .values(ready=True)
+            .returning(executions.c.id)  # rowcount is -1 for WITH ... UPDATE on SQLite
+        )
+        promoted = len(result.all())
+        if promoted:
+            await self._notify(conn, WORK_CHANNEL, self._instance_id)
+        return promoted
+
+    def _promotable(self, job_ids: Sequence[str]) -> Any:
+        """The queued executions of these jobs that fit in their free slots, oldest due first,
+        as a CTE counted once, before any row changes."""
         counts = (
             sa.select(
                 executions.c.job_id,
@@ -94,21 +110,11 @@ class Slots(Session):
             - sa.func.coalesce(counts.c.holding, 0)
             - sa.func.coalesce(counts.c.ready, 0)
         )
-        chosen = (
+        return (
             sa.select(ranked.c.id)
             .join(jobs, jobs.c.id == ranked.c.job_id)
             .outerjoin(counts, counts.c.job_id == ranked.c.job_id)
             .where((jobs.c.max_concurrent <= 0) | (ranked.c.rn <= free))
             .cte("chosen")
-            .prefix_with("MATERIALIZED")  # counted once, before any row changes
+            .prefix_with("MATERIALIZED")
         )
-        result = await conn.execute(
-            executions.update()
-            .where(executions.c.id.in_(sa.select(chosen.c.id)), IS_WAITING)
-            .values(ready=True)
-            .returning(executions.c.id)  # rowcount is -1 for WITH ... UPDATE on SQLite
-        )
-        promoted = len(result.all())
-        if promoted:
-            await self._notify(conn, WORK_CHANNEL, self._instance_id)
-        return promoted
