@@ -84,7 +84,32 @@ async def test_list_jobs_pages_by_id(store: SqlAlchemyStore) -> None:
     assert [j.id for j in first.jobs] == ["a", "b", "c"] and first.next_after == "c"
     second = await store.list_jobs(after=first.next_after, limit=3)
     assert [j.id for j in second.jobs] == ["d"] and second.next_after is None
-    assert sorted(j.id for j in await store.list_schedulable_jobs()) == ["a", "c", "d"]
+
+
+async def test_due_jobs_come_soonest_first_a_page_at_a_time(store: SqlAlchemyStore) -> None:
+    """The leader's horizon: paused jobs and jobs without a next run are never due; a window
+    (since, until] and a key page through the rest, ties broken by id."""
+    times = {"e": 3, "a": 1, "c": 1, "b": 2, "p": 1, "f": 9}
+    for job_id, minutes in times.items():
+        when = T0 + timedelta(minutes=minutes)
+        await store.create_job(
+            a_job(job_id, paused=job_id == "p", next_run_time=when), request_id=None
+        )
+    await store.create_job(a_job("done", next_run_time=None), request_id=None)
+    until = T0 + timedelta(minutes=3)
+    first = await store.due_jobs(since=None, until=until, after=None, limit=2)
+    assert [j.id for j in first] == ["a", "c"]
+    last = first[-1]
+    assert last.next_run_time is not None
+    rest = await store.due_jobs(
+        since=None, until=until, after=(last.next_run_time, last.id), limit=10
+    )
+    assert [j.id for j in rest] == ["b", "e"]
+    window = await store.due_jobs(
+        since=T0 + timedelta(minutes=1), until=until, after=None, limit=10
+    )
+    assert [j.id for j in window] == ["b", "e"]
+    assert sorted(j.id for j in await store.get_jobs(["f", "p", "gone"])) == ["f", "p"]
 
 
 async def test_next_run_applies_only_to_the_version_it_was_computed_for(

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 
-__all__ = ["cancelled", "report_slow", "where"]
+__all__ = ["Slice", "cancelled", "report_slow", "where"]
 
 RECANCEL_SECONDS = 0.5
+# How long a long piece of work holds the loop before it lets others run.
+SLICE_SECONDS = 0.02
 
 
 async def cancelled(task: asyncio.Task[Any] | None) -> None:
@@ -25,6 +28,20 @@ async def cancelled(task: asyncio.Task[Any] | None) -> None:
             task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+class Slice:
+    """Long work on the loop in slices: ``await slice.breathe()`` between steps lets the
+    loop run others once ``seconds`` have passed since the last time it did."""
+
+    def __init__(self, seconds: float = SLICE_SECONDS) -> None:
+        self._seconds = seconds
+        self._since = time.monotonic()
+
+    async def breathe(self) -> None:
+        if time.monotonic() - self._since >= self._seconds:
+            await asyncio.sleep(0)
+            self._since = time.monotonic()
 
 
 def where(task: asyncio.Task[Any]) -> str:

@@ -200,6 +200,7 @@ class Application:
             leader_timeout=timedelta(seconds=settings.leader_timeout),
             watch_hub=hub,
             limits=settings.field_limits(),
+            horizon=timedelta(seconds=settings.schedule_horizon),
         )
         if settings.celery_broker_url:
             self._start_dispatcher(stack, store, runner, service)

@@ -41,6 +41,8 @@ __all__ = ["Member"]
 log = logging.getLogger("chronoplane.cluster")
 
 RESYNC_INTERVAL = 30.0
+# How often the leader's schedule moves its horizon on (much shorter than the horizon).
+REFILL_INTERVAL = 10.0
 # Rows of instances unseen this many instance timeouts are removed (ListInstances shows a
 # dead one for a while: when it was last seen is worth knowing).
 REMOVE_AFTER_TIMEOUTS = 6
@@ -137,6 +139,7 @@ class Member:
         await self._heartbeat()
         self._spawn(self._carry_out_terms(), "terms")
         self._spawn(self._heartbeat_forever(), "instance-heartbeat")
+        self._spawn(self._refill_forever(), "schedule-refill")
         if self._shared:
             self._spawn(self._sync_forever(), "job-sync")
             self._spawn(self._resync_forever(), "job-resync")
@@ -239,11 +242,18 @@ class Member:
         await self._engine.shutdown()  # a clean slate, whatever a former term left
         self._runner.lead(epoch, coordinator.acting, lambda: self._lead_again(epoch))
         self._service.leading = True
+        # Firing before the schedule is filled: the soonest jobs come first, and fire on
+        # time while the later pages load.
+        await self._engine.start(self._service.schedule.on_fires)
         self.scheduled = await self._service.load_schedule()
         if coordinator.epoch != epoch:
             return
-        await self._engine.start(self._runner.on_fires)
-        log.info("leading (epoch %d): %d jobs scheduled", epoch, self.scheduled)
+        log.info(
+            "leading (epoch %d): %d jobs due within %s scheduled",
+            epoch,
+            self.scheduled,
+            _minutes(self._service.schedule.horizon),
+        )
 
     def _lead_again(self, epoch: int) -> None:
         """Takes up the term again (fires that could not be recorded are then recorded from
@@ -349,6 +359,18 @@ class Member:
                 except Exception as error:
                     log.warning("could not bring job %s up to date: %s", job_id, error)
 
+    async def _refill_forever(self) -> None:
+        """The leader's horizon moves on (schedule.py), a thirtieth of it at a time."""
+        every = min(REFILL_INTERVAL, max(0.5, self._service.schedule.horizon.total_seconds() / 30))
+        while True:
+            await asyncio.sleep(every)
+            if not self._service.leading or not self._idle.is_set():
+                continue  # a term is being taken up: its load fills the schedule
+            try:
+                await self._service.schedule.refill()
+            except Exception as error:
+                log.warning("could not move the schedule's horizon on (trying again): %s", error)
+
     async def _resync_forever(self) -> None:
         while True:
             await asyncio.sleep(RESYNC_INTERVAL)
@@ -440,6 +462,10 @@ class Member:
                 len(abandoned),
                 retried,
             )
+
+
+def _minutes(span: timedelta) -> str:
+    return f"{span.total_seconds() / 60:g} min"
 
 
 def _heard(seen: datetime | None) -> str:

@@ -46,6 +46,9 @@ class Settings:
     """A leader not heard from for this long is deposed (PostgreSQL)."""
     instance_timeout: float = 10.0
     """An instance not heard from for this long is taken for dead: what it ran is ABANDONED."""
+    schedule_horizon: float = 300.0
+    """Seconds ahead the leader's timer holds jobs; later ones wait in the database's index
+    (docs/decisions/0018-horizon.md). Longer: fewer reads, more memory."""
     statement_timeout: float = 60.0
     """Seconds a database statement may run (PostgreSQL); a lock is waited for at most
     leader_timeout, and a transaction may idle at most leader_timeout between statements."""
@@ -202,6 +205,8 @@ class Settings:
             )
         if self.statement_timeout <= 0:
             raise ConfigError("statement_timeout must be > 0")
+        if self.schedule_horizon < 1:
+            raise ConfigError("schedule_horizon must be >= 1 (seconds)")
         if self.history_max_age_days < 0 or self.purge_interval <= 0:
             raise ConfigError("history_max_age_days must be >= 0 and purge_interval > 0")
         if self.celery_send_timeout <= 0:
@@ -348,6 +353,11 @@ def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
         "--instance-timeout",
         type=float,
         help="seconds of instance silence before its executions are ABANDONED (default 10)",
+    )
+    parser.add_argument(
+        "--schedule-horizon",
+        type=float,
+        help="seconds ahead the leader's timer holds jobs (default 300)",
     )
     parser.add_argument(
         "--statement-timeout",

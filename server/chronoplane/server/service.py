@@ -40,7 +40,7 @@ from chronoplane.server.models import (
 )
 from chronoplane.server.pagination import PageTokens, page_size
 from chronoplane.server.runner import Runner
-from chronoplane.server.schedule import TICK, Schedule
+from chronoplane.server.schedule import HORIZON, TICK, Schedule
 from chronoplane.server.security import current_principal
 from chronoplane.server.storage.abc import Store
 from chronoplane.server.tasks import TaskDefinition, TaskRegistry
@@ -130,6 +130,7 @@ class SchedulerService:
         clock: Callable[[], datetime] = _utcnow,
         watch_hub: WatchHub | None = None,
         limits: FieldLimits = DEFAULT_LIMITS,
+        horizon: timedelta = HORIZON,
     ) -> None:
         self._store = store
         self._limits = limits
@@ -142,7 +143,9 @@ class SchedulerService:
         self._leader_timeout = leader_timeout
         # Sends Celery jobs' executions to a broker, when celery_broker_url is set.
         self.dispatcher: Dispatcher | None = None
-        self.schedule = Schedule(store=store, engine=engine, runner=runner, clock=clock)
+        self.schedule = Schedule(
+            store=store, engine=engine, runner=runner, clock=clock, horizon=horizon
+        )
 
     # -- the leader's schedule (schedule.py) --------------------------------------------------
 
@@ -155,7 +158,8 @@ class SchedulerService:
         self.schedule.leading = value
 
     async def load_schedule(self) -> int:
-        """Gives the engine every active job, with what each missed; returns how many."""
+        """Gives the engine the jobs due within the horizon, with what each missed; returns
+        how many."""
         return await self.schedule.load()
 
     async def sync_job(self, job_id: str) -> None:
@@ -163,7 +167,8 @@ class SchedulerService:
         await self.schedule.sync_job(job_id)
 
     async def resync(self) -> int:
-        """Compares every job with the engine and fixes what differs; returns how many."""
+        """Compares the jobs due within the horizon with the engine and fixes what differs;
+        returns how many."""
         return await self.schedule.resync()
 
     # -- jobs ---------------------------------------------------------------------------------

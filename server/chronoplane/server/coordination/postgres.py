@@ -24,6 +24,11 @@ The protocol, in order (docs/decisions/0009-cluster-mode.md):
 
 Safety needs the lease to end before anyone may take over: ``2·hb < leader_timeout``, checked
 at start-up with a second to spare for clock rates and scheduling (config.py).
+
+The election runs on its own thread and event loop, so that no work of the server's loop can
+starve the lease: a leader busy filling its schedule, or saturated by a burst of fires, keeps
+leading. A paused process stops both (the lease lapses as before); a server loop that has not
+run at all for ``WEDGED_AFTER`` seconds is taken for stuck, and the leader steps down.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -76,6 +82,8 @@ _TERMINATE = sa.text(
 # After ending a stale leader's sessions: how often, and how far apart, to try its lock.
 TAKEOVER_TRIES = 10
 TAKEOVER_PAUSE = 0.05
+# A server loop silent this long is stuck, not busy: its leader steps down.
+WEDGED_AFTER = 30.0
 
 
 def dedicated_engine(
@@ -98,10 +106,10 @@ def dedicated_engine(
 
 
 class LeaderElection(Coordinator):
-    """Runs the election loop; calls ``on_elected(epoch)`` and ``on_deposed(reason)``.
+    """Runs the election loop on a thread of its own; calls ``on_elected(epoch)`` and
+    ``on_deposed(reason)`` on the loop that started it.
 
-    Both callbacks must return quickly (they queue work): the heartbeat goes on while the
-    leader loads its schedule.
+    ``acting`` may be asked from any thread: the lease is a deadline on the monotonic clock.
     """
 
     def __init__(
@@ -131,8 +139,15 @@ class LeaderElection(Coordinator):
         self._epoch: int | None = None
         self._lease_until = 0.0
         self._suspect: int | None = None
-        self._task: asyncio.Task[None] | None = None
         self._first_round = asyncio.Event()
+        # The server's loop, and the election's own thread, loop and task.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._own_loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._running = threading.Event()
+        # When (monotonic) the server's loop last ran a callback the election sent it.
+        self._loop_seen = monotonic()
 
     @property
     def epoch(self) -> int | None:
@@ -146,18 +161,51 @@ class LeaderElection(Coordinator):
         return self._epoch is not None and self._monotonic() < self._lease_until
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="leader-election")
+        self._loop = asyncio.get_running_loop()
+        self._loop_seen = self._monotonic()
+        self._thread = threading.Thread(
+            target=asyncio.run, args=(self._own(),), name="chronoplane-leader-lease", daemon=True
+        )
+        self._thread.start()
 
     async def stop(self) -> None:
-        await cancelled(self._task)
-        self._task = None
-        if self._epoch is not None:
-            self._step_down("this instance is stopping")
-        await self._close()
-        await self._engine.dispose()
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        await asyncio.to_thread(self._running.wait)
+        own, task = self._own_loop, self._task
+        if own is not None and task is not None:
+            with contextlib.suppress(RuntimeError):  # its loop has ended already
+                own.call_soon_threadsafe(task.cancel)
+        await asyncio.to_thread(thread.join)
+
+    async def _own(self) -> None:
+        """The election thread's loop: runs until cancelled by ``stop``, then steps down."""
+        self._own_loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._running.set()
+        try:
+            await self._run()
+        except asyncio.CancelledError:
+            pass
+        finally:
+            if self._epoch is not None:
+                self._step_down("this instance is stopping")
+            await self._close()
+            await self._engine.dispose()
+
+    def _tell(self, callback: Callable[[Any], object], argument: object) -> None:
+        """Calls ``callback(argument)`` on the server's loop."""
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the server's loop is closed
+            self._loop.call_soon_threadsafe(callback, argument)
+
+    def _saw_loop(self, _: object) -> None:
+        self._loop_seen = self._monotonic()
 
     async def _run(self) -> None:
         while True:
+            self._tell(self._saw_loop, None)
             started = self._monotonic()
             try:
                 if self._epoch is None:
@@ -172,7 +220,8 @@ class LeaderElection(Coordinator):
                 else:
                     log.warning("leader election: %s", error)
                     await self._close()
-            self._first_round.set()
+            if not self._first_round.is_set():
+                self._tell(lambda _: self._first_round.set(), None)
             await asyncio.sleep(max(0.0, self._hb - (self._monotonic() - started)))
 
     async def _connection(self) -> AsyncConnection:
@@ -220,7 +269,7 @@ class LeaderElection(Coordinator):
         self._lease_until = sent + self._lease
         self._suspect = None
         log.info("this instance leads now (epoch %d)", self._epoch)
-        self._on_elected(self._epoch)
+        self._tell(self._on_elected, self._epoch)
 
     async def _try_lock(self, conn: AsyncConnection) -> bool:
         got = await asyncio.wait_for(
@@ -277,6 +326,10 @@ class LeaderElection(Coordinator):
         if not self.acting():
             await self._resign("its lease lapsed before a heartbeat got through")
             return
+        silent = self._monotonic() - self._loop_seen
+        if silent > WEDGED_AFTER:
+            await self._resign(f"the server's event loop has not run for {silent:.0f} s")
+            return
         conn = await self._connection()
         sent = self._monotonic()
         try:
@@ -308,7 +361,7 @@ class LeaderElection(Coordinator):
         epoch, self._epoch = self._epoch, None
         self._lease_until = 0.0
         log.warning("this instance stops leading (epoch %s): %s", epoch, reason)
-        self._on_deposed(reason)
+        self._tell(self._on_deposed, reason)
 
 
 class ChangeListener:

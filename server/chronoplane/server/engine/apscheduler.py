@@ -21,7 +21,7 @@ from typing import Any
 from apscheduler.executors.base import BaseExecutor
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from apscheduler.schedulers.base import STATE_STOPPED
+from apscheduler.schedulers.base import STATE_STOPPED, BaseScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.date import DateTrigger as ApsDateTrigger
 from apscheduler.triggers.interval import IntervalTrigger as ApsIntervalTrigger
@@ -44,6 +44,8 @@ _MAX_TIME_ZONE = 64
 _MAX_SHOWN = 64
 # APScheduler's own overlap guard must never stop a fire: overlap is the runner's business.
 _UNLIMITED_INSTANCES = 1 << 30
+# Distinct triggers whose built form is kept (a few KiB each).
+TRIGGER_CACHE = 4096
 
 
 @functools.cache
@@ -117,9 +119,13 @@ def _cron_trigger(trigger: CronTrigger) -> WallClockCronTrigger:
     return built
 
 
+@functools.lru_cache(maxsize=TRIGGER_CACHE)
 def build_trigger(trigger: Trigger) -> BaseTrigger:
     """The APScheduler trigger for ours, without jitter (the runner applies it); raises
-    ``InvalidArgument`` when malformed."""
+    ``InvalidArgument`` when malformed.
+
+    Built triggers keep no state between calls, so equal triggers share one: compiling a cron
+    expression is most of the cost of scheduling a job, and many jobs share a schedule."""
     if isinstance(trigger, CronTrigger):
         return _cron_trigger(trigger)
     if isinstance(trigger, IntervalTrigger):
@@ -221,10 +227,38 @@ def _never_called() -> None:
     raise AssertionError("the fire executor does not call job functions")
 
 
+class _Timer(AsyncIOScheduler):  # type: ignore[misc]
+    """APScheduler's asyncio scheduler, woken once however many jobs were added meanwhile:
+    each ``add_job`` asks for a wake-up, and a page of jobs would otherwise queue a walk of
+    the due jobs per job."""
+
+    _wakeup_queued = False
+
+    def wakeup(self) -> None:
+        if self._wakeup_queued or self._eventloop is None:
+            return
+        self._wakeup_queued = True
+        self._eventloop.call_soon_threadsafe(self._woken)
+
+    def shutdown(self, wait: bool = True) -> None:
+        """At once: APScheduler's asyncio scheduler stops in a later turn of the loop, and a
+        term begun meanwhile would find it still running."""
+        BaseScheduler.shutdown(self, wait)
+        self._stop_timer()
+        self._eventloop = None
+
+    def _woken(self) -> None:
+        self._wakeup_queued = False
+        if self.state == STATE_STOPPED or self._eventloop is None:
+            return
+        self._stop_timer()
+        self._start_timer(self._process_jobs())
+
+
 class ApschedulerEngine(Engine):
     def __init__(self) -> None:
         _zone_names()  # listed now, so that no request pays for it
-        self._scheduler = AsyncIOScheduler(timezone=UTC)
+        self._scheduler = _Timer(timezone=UTC)
         self._scheduler.add_executor(_FireExecutor(self), alias="fire")
         self._handler: FireHandler | None = None
         self._jobs: dict[str, Job] = {}

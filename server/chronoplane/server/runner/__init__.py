@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
@@ -58,6 +59,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_RUNNING = 1000
+# How long a stopping leader goes on recording the fires it queued.
+FLUSH_SECONDS = 3.0
 
 
 def _utcnow() -> datetime:
@@ -189,8 +192,9 @@ class Runner:
 
     async def flush_fires(self) -> None:
         """Records the fires queued so far (the timer has stopped: a leader that stops
-        records what it fired before it hands over)."""
-        await self._fires.drain()
+        records what it fired before it hands over), for ``FLUSH_SECONDS`` at most: a long
+        catch-up would hold the stop up, and what is left the next leader finds missing."""
+        await self._fires.drain(deadline=time.monotonic() + FLUSH_SECONDS)
 
     @property
     def running(self) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -112,10 +113,14 @@ class Fires:
             self._ready.clear()
             await self.drain()
 
-    async def drain(self) -> None:
-        """Writes every fire queued so far."""
+    async def drain(self, *, deadline: float | None = None) -> None:
+        """Writes every fire queued so far; past ``deadline`` (monotonic), leaves the rest to
+        the next leader."""
         async with self.lock:
             while self._due:
+                if deadline is not None and time.monotonic() >= deadline:
+                    self.drop()
+                    return
                 batch: list[Due] = []
                 size = 0
                 while self._due and size < MAX_BATCH:

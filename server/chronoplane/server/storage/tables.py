@@ -88,6 +88,14 @@ jobs = sa.Table(
     # {"queue", "routing_key", "priority"}); docs/decisions/0014-celery-dispatch.md.
     sa.Column("executor", sa.String(16), nullable=False, server_default="inline"),
     sa.Column("celery", sa.JSON(none_as_null=True), nullable=True),
+    # The jobs due soon, soonest first: what the leader's timer is filled from.
+    sa.Index(
+        "ix_jobs_due",
+        "next_run_time",
+        "id",
+        postgresql_where=sa.text("NOT paused AND next_run_time IS NOT NULL"),
+        sqlite_where=sa.text("paused = 0 AND next_run_time IS NOT NULL"),
+    ),
 )
 
 executions = sa.Table(

@@ -36,7 +36,7 @@ from chronoplane.server.storage.abc.executions import (
     SlotRelease,
 )
 from chronoplane.server.storage.abc.instances import InstanceStore
-from chronoplane.server.storage.abc.jobs import JobStore
+from chronoplane.server.storage.abc.jobs import DueKey, JobStore
 
 __all__ = [
     "DISPLACED",
@@ -48,6 +48,7 @@ __all__ = [
     "Dispatch",
     "DispatchClaim",
     "DispatchStore",
+    "DueKey",
     "EventStore",
     "ExecutionFinish",
     "ExecutionStore",

@@ -5,13 +5,17 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from datetime import datetime
+from typing import TypeAlias
 
 from chronoplane.server.models import (
     Job,
     JobPage,
 )
 
-__all__ = ["JobStore"]
+__all__ = ["DueKey", "JobStore"]
+
+DueKey: TypeAlias = tuple[datetime, str]
+"""Where a page of due jobs ends: the last job's next run time and id."""
 
 
 class JobStore(ABC):
@@ -38,8 +42,22 @@ class JobStore(ABC):
         """Jobs ordered by id, those with an id greater than ``after``."""
 
     @abstractmethod
-    async def list_schedulable_jobs(self) -> list[Job]:
-        """Every job that is not paused, without execution summaries (for the engine)."""
+    async def due_jobs(
+        self,
+        *,
+        since: datetime | None,
+        until: datetime,
+        after: DueKey | None,
+        limit: int,
+    ) -> list[Job]:
+        """Up to ``limit`` jobs that are not paused with a next run time after ``since`` (when
+        given) and at or before ``until``, ordered by next run time and id, those past the key
+        ``after`` (the last page's last job); without execution summaries. An index serves
+        it: the leader fills its timer with the jobs due soon, a page at a time."""
+
+    @abstractmethod
+    async def get_jobs(self, job_ids: Sequence[str]) -> list[Job]:
+        """Those of the jobs that exist, without execution summaries."""
 
     @abstractmethod
     async def update_job(self, job: Job, *, expected_version: int) -> Job:

@@ -23,6 +23,7 @@ from chronoplane.server.models import (
     JobPage,
 )
 from chronoplane.server.storage.abc import (
+    DueKey,
     JobStore,
 )
 from chronoplane.server.storage.sqlalchemy.changes import (
@@ -93,9 +94,36 @@ class SqlJobStore(Slots, JobStore):
         return JobPage(jobs=page, next_after=page[-1].id if len(rows) > limit else None)
 
     @translate_errors
-    async def list_schedulable_jobs(self) -> list[Job]:
+    async def due_jobs(
+        self,
+        *,
+        since: datetime | None,
+        until: datetime,
+        after: DueKey | None,
+        limit: int,
+    ) -> list[Job]:
+        due = jobs.c.next_run_time
+        query = (
+            sa.select(jobs)
+            .where(jobs.c.paused.is_(False), due.is_not(None), due <= until)
+            .order_by(due, jobs.c.id)
+            .limit(limit)
+        )
+        if since is not None:
+            query = query.where(due > since)
+        if after is not None:
+            key = sa.tuple_(
+                sa.bindparam(None, after[0], type_=due.type),
+                sa.bindparam(None, after[1], type_=jobs.c.id.type),
+            )
+            query = query.where(sa.tuple_(due, jobs.c.id) > key)
         async with self._begin() as conn:
-            rows = await conn.execute(sa.select(jobs).where(jobs.c.paused.is_(False)))
+            return [job_from_row(row) for row in await conn.execute(query)]
+
+    @translate_errors
+    async def get_jobs(self, job_ids: Sequence[str]) -> list[Job]:
+        async with self._begin() as conn:
+            rows = await conn.execute(sa.select(jobs).where(self._among(jobs.c.id, job_ids)))
             return [job_from_row(row) for row in rows]
 
     @translate_errors
