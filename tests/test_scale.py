@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from harness import start_server
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from chronoplane.server.models import CronTrigger, IntervalTrigger, Job
+from chronoplane.server.models import CronTrigger, IntervalTrigger, Job, Trigger
 from chronoplane.server.storage.sqlalchemy import SqlAlchemyStore
 from chronoplane.v1 import execution_pb2 as epb
 from chronoplane.v1 import scheduler_service_pb2 as pb
@@ -47,7 +47,7 @@ async def _world(url: str, now: datetime) -> datetime:
     # Every five minutes, next at a boundary at least two minutes away (after the test).
     soon = now.replace(second=0, microsecond=0) + timedelta(minutes=5 - now.minute % 5)
     soon += timedelta(minutes=5) if soon - now < timedelta(minutes=2) else timedelta(0)
-    templates = {
+    templates: dict[str, tuple[Trigger, datetime | None]] = {
         "daily": (CronTrigger(expression="0 3 * * *"), now + timedelta(days=1)),
         "soon": (CronTrigger(expression="*/5 * * * *"), soon),
         "probe": (IntervalTrigger(every=timedelta(seconds=1), start_time=probe_start), None),

@@ -23,6 +23,9 @@ from chronoplane.server.storage.tables import (
     jobs,
 )
 
+# Jobs whose history limit one purge transaction applies.
+PURGE_PAGE = 500
+
 
 class History(Session):
     """The record of executions, newest first, and its purges."""
@@ -73,35 +76,44 @@ class History(Session):
     ) -> int:
         final = sa.not_(executions.c.state.in_(UNFINISHED_STATES))
         purged = 0
-        async with self._write() as conn:
-            if ended_before is not None:
-                condition = final & (executions.c.end_time < ended_before)
-                if job_id is not None:
-                    condition &= executions.c.job_id == job_id
+        if ended_before is not None:
+            condition = final & (executions.c.end_time < ended_before)
+            if job_id is not None:
+                condition &= executions.c.job_id == job_id
+            async with self._write() as conn:
                 purged += (await conn.execute(executions.delete().where(condition))).rowcount
-            if keep_last > 0:
-                job_ids = (
-                    [job_id]
-                    if job_id is not None
-                    else list((await conn.execute(sa.select(jobs.c.id))).scalars())
-                )
-                for one in job_ids:
-                    purged += await self._keep_last(conn, one, keep_last, final)
+        if keep_last > 0:
+            if job_id is not None:
+                async with self._write() as conn:
+                    return purged + await self._keep_last(conn, job_id, keep_last, final)
+            purged += await self._keep_last_of_each(sa.literal(keep_last), sa.true())
         return purged
 
     @translate_errors
     async def purge_history_limits(self) -> int:
-        purged = 0
+        return await self._keep_last_of_each(jobs.c.history_limit, jobs.c.history_limit > 0)
+
+    async def _keep_last_of_each(
+        self, limit: sa.ColumnElement[int], which: sa.ColumnElement[bool]
+    ) -> int:
+        """Applies a history limit to each job ``which`` selects, a page of jobs per
+        transaction: with 100,000 jobs, one transaction would hold its locks for minutes."""
         final = sa.not_(executions.c.state.in_(UNFINISHED_STATES))
-        async with self._write() as conn:
-            limits = (
-                await conn.execute(
-                    sa.select(jobs.c.id, jobs.c.history_limit).where(jobs.c.history_limit > 0)
-                )
-            ).all()
-            for job_id, limit in limits:
-                purged += await self._keep_last(conn, job_id, limit, final)
-        return purged
+        purged, after = 0, ""
+        while True:
+            query = (
+                sa.select(jobs.c.id, limit)
+                .where(which, jobs.c.id > after)
+                .order_by(jobs.c.id)
+                .limit(PURGE_PAGE)
+            )
+            async with self._write() as conn:
+                page = (await conn.execute(query)).all()
+                for job_id, keep in page:
+                    purged += await self._keep_last(conn, job_id, keep, final)
+            if len(page) < PURGE_PAGE:
+                return purged
+            after = page[-1][0]
 
     @staticmethod
     async def _keep_last(
