@@ -16,6 +16,7 @@ from chronoplane.server.service import (
     NewJob,
     SchedulerService,
     check_batch_size,
+    in_turns,
 )
 from chronoplane.server.transport.convert import (
     audit_event_to_proto,
@@ -66,8 +67,9 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         self, request: pb.BatchCreateJobsRequest, context: Context
     ) -> pb.BatchCreateJobsResponse:
         check_batch_size(len(request.requests))  # before decoding a million entries
-        jobs = await self._service.batch_create_jobs([_new_job(r) for r in request.requests])
-        return pb.BatchCreateJobsResponse(jobs=[job_to_proto(job) for job in jobs])
+        new = [_new_job(entry) async for entry in in_turns(request.requests)]
+        jobs = await self._service.batch_create_jobs(new)
+        return pb.BatchCreateJobsResponse(jobs=[job_to_proto(job) async for job in in_turns(jobs)])
 
     async def GetJob(self, request: pb.GetJobRequest, context: Context) -> pb.GetJobResponse:
         return pb.GetJobResponse(job=job_to_proto(await self._service.get_job(request.id)))

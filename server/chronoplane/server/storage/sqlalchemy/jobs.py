@@ -77,12 +77,12 @@ class SqlJobStore(Slots, JobStore):
         insert = jobs.insert().returning(*jobs.c, sort_by_parameter_order=True)
         try:
             async with self._write() as conn:
-                stored = [job_from_row(row) for row in await conn.execute(insert, rows)]
+                inserted = (await conn.execute(insert, rows)).all()
                 self._changed(conn, EventResource.JOB, ids, EventKind.ADDED)
                 await self._notify_jobs(conn, ids)
         except exc.IntegrityError as error:
             raise JobAlreadyExists(await self._first_taken(new, request_ids)) from error
-        return stored
+        return [job_from_row(row) for row in inserted]  # after the commit: no lock held
 
     async def _first_taken(self, new: Sequence[Job], request_ids: Sequence[str | None]) -> str:
         """The id of the first of ``new`` whose id or request_id a stored job has."""
