@@ -133,6 +133,45 @@ async def test_lists_page_through_the_server_up_to_a_limit(client: AsyncClient) 
     assert len(succeeded) == 5
 
 
+async def test_batch_create_takes_what_create_job_takes(client: AsyncClient) -> None:
+    message = jpb.Job(id="m", task="chronoplane.echo", trigger=every(60))
+    created = await client.batch_create_jobs(
+        [
+            {"job_id": "a", "task": "test.add", "trigger": cron("0 3 * * *"), "args": {"a": 1}},
+            {
+                "job_id": "b",
+                "task": "chronoplane.echo",
+                "trigger": every(60),
+                "overlap_policy": "allow",
+                "retry": retry_policy(3),
+                "request_id": "rb",
+            },
+            message,
+            pb.CreateJobRequest(job=jpb.Job(id="r", task="chronoplane.echo", trigger=every(5))),
+        ]
+    )
+    assert [job.id for job in created] == ["a", "b", "m", "r"]
+    assert dict(created[0].args) == {"a": 1}
+    assert created[1].overlap_policy == jpb.OVERLAP_POLICY_ALLOW
+    assert created[1].retry.max_attempts == 3
+    again = await client.batch_create_jobs(
+        [{"job_id": "b", "task": "chronoplane.echo", "trigger": every(60), "request_id": "rb"}]
+    )
+    assert again == [created[1]]
+    with pytest.raises(InvalidArgument) as invalid:
+        await client.batch_create_jobs(
+            [{"job_id": "c", "task": "chronoplane.echo", "trigger": cron("0 0 31 2 *")}] * 2
+        )
+    assert set(invalid.value.field_violations) == {
+        "requests[0].job.trigger.cron.expression",
+        "requests[1].job.trigger.cron.expression",
+        "requests[1].job.id",
+    }
+    with pytest.raises(AlreadyExists, match=r"requests\[0\]\.job\.id"):
+        await client.batch_create_jobs([message])
+    assert len(await client.list_jobs()) == 4
+
+
 async def test_tasks_and_preview(client: AsyncClient) -> None:
     assert "chronoplane.echo" in {task.name for task in await client.list_tasks()}
     start = datetime(2030, 1, 1, tzinfo=UTC)
@@ -453,17 +492,19 @@ class Result:
     err: str
 
 
-async def chronoctl(*args: str) -> Result:
+async def chronoctl(*args: str, stdin: str | None = None) -> Result:
     # The server runs on this event loop: a blocking subprocess.run would starve it.
     env = {**os.environ, "CHRONOPLANE_ADDRESS": "127.0.0.1:1"}  # --address must win
     process = await asyncio.create_subprocess_exec(
         CHRONOCTL,
         *args,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env=env,
     )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
+    given = stdin.encode() if stdin is not None else None
+    out, err = await asyncio.wait_for(process.communicate(given), 60)
     assert process.returncode is not None
     return Result(process.returncode, out.decode(), err.decode())
 
@@ -474,8 +515,8 @@ def fields(text: str) -> dict[str, str]:
     return {key: value.strip() for key, _, value in pairs}
 
 
-async def ok(*args: str) -> str:
-    result = await chronoctl(*args)
+async def ok(*args: str, stdin: str | None = None) -> str:
+    result = await chronoctl(*args, stdin=stdin)
     assert result.code == 0, result
     return result.out
 
@@ -891,3 +932,156 @@ async def test_chronoctl_watch_prints_events_as_json_lines(server: InProcessServ
     assert lines[0]["execution"]["jobId"] == "nightly"
     cursors = [int(line["cursor"]) for line in lines]
     assert cursors == sorted(set(cursors))
+
+
+# -- chronoctl jobs apply -------------------------------------------------------------------------
+
+APPLIED = """
+- id: nightly
+  task: chronoplane.echo
+  trigger: {cron: {expression: "0 3 * * *", timeZone: Europe/Berlin}}
+  args: {region: eu}
+  labels: {team: data}
+- id: hourly
+  task: chronoplane.echo
+  trigger: {interval: {every: 3600s, startTime: 2030-01-01T00:00:00Z}}
+  misfire_grace: 30s
+"""
+
+
+async def test_apply_creates_from_yaml_then_changes_only_what_changed(
+    server: InProcessServer, tmp_path: Path
+) -> None:
+    address = f"--address={server.app.address}"
+    path = tmp_path / "jobs.yaml"
+    path.write_text(APPLIED)
+    out = await ok(address, "jobs", "apply", "-f", str(path))
+    assert out.splitlines() == [
+        "create  nightly",
+        "create  hourly",
+        "2 created, 0 updated, 0 deleted, 0 unchanged",
+    ]
+    async with AsyncClient(str(server.app.address)) as client:
+        hourly = await client.get_job("hourly")
+        nightly = await client.get_job("nightly")
+    assert hourly.misfire_grace.seconds == 30 and hourly.trigger.interval.HasField("start_time")
+    assert (await ok(address, "jobs", "apply", "-f", str(path))).splitlines() == [
+        "0 created, 0 updated, 0 deleted, 2 unchanged"
+    ]
+    # A changed trigger and args, and a job paused: one UpdateJob (etag-checked), one pause.
+    path.write_text(
+        APPLIED.replace('"0 3 * * *"', '"0 4 * * *"').replace("region: eu", "region: us")
+        + "  paused: true\n"
+    )
+    out = await ok(address, "jobs", "apply", "-f", str(path))
+    assert out.splitlines() == [
+        "update  nightly  (args, trigger)",
+        "update  hourly  (paused)",
+        "0 created, 2 updated, 0 deleted, 0 unchanged",
+    ]
+    async with AsyncClient(str(server.app.address)) as client:
+        changed = await client.get_job("nightly")
+        paused = await client.get_job("hourly")
+    assert changed.trigger.cron.expression == "0 4 * * *" and dict(changed.args) == {"region": "us"}
+    assert dict(changed.labels) == {"team": "data"} and changed.etag != nightly.etag
+    assert paused.paused and paused.misfire_grace.seconds == 30 and paused.etag != hourly.etag
+
+
+async def test_apply_updates_with_the_etag_it_read(server: InProcessServer) -> None:
+    """A job changed between apply's read and its write is not overwritten: ABORTED."""
+    from chronoplane.client.cli import apply
+
+    async with AsyncClient(str(server.app.address)) as client:
+        await client.create_job("raced", task="chronoplane.echo", trigger=every(60))
+        wanted = apply.wanted([{"id": "raced", "description": "from the file"}])
+        todo = apply.plan(wanted, await client.list_jobs(), prune=False)
+        assert [(job.id, fields) for job, fields in todo.update] == [("raced", ["description"])]
+        await client.update_job("raced", description="meanwhile")
+        with pytest.raises(Aborted):
+            await apply.carry_out(client, todo)
+        assert (await client.get_job("raced")).description == "meanwhile"
+
+
+async def test_apply_dry_run_shows_the_diff_and_writes_nothing_then_prunes(
+    server: InProcessServer,
+) -> None:
+    address = f"--address={server.app.address}"
+    async with AsyncClient(str(server.app.address)) as client:
+        await client.create_job("kept", task="chronoplane.echo", trigger=every(60))
+        await client.create_job("changed", task="chronoplane.echo", trigger=every(60))
+        await client.create_job("stale", task="chronoplane.echo", trigger=every(60))
+        before = await client.list_jobs()
+    document = {
+        "jobs": [
+            {"id": "kept", "task": "chronoplane.echo", "trigger": {"interval": {"every": "60s"}}},
+            {"id": "changed", "description": "new", "maxConcurrent": 3},
+            {"id": "new", "task": "chronoplane.echo", "trigger": {"interval": {"every": "5s"}}},
+        ]
+    }
+    text = json.dumps(document)
+    out = await ok(address, "jobs", "apply", "-f", "-", "--prune", "--dry-run", stdin=text)
+    assert out.splitlines() == [
+        "create  new",
+        "update  changed  (description, max_concurrent)",
+        "delete  stale",
+        "dry run: 1 to create, 1 to update, 1 to delete, 1 unchanged; nothing was written",
+    ]
+    async with AsyncClient(str(server.app.address)) as client:
+        assert await client.list_jobs() == before
+
+    result = json.loads(
+        await ok(address, "--json", "jobs", "apply", "-f", "-", "--prune", stdin=text)
+    )
+    assert result == {
+        "dryRun": False,
+        "created": ["new"],
+        "updated": [{"id": "changed", "fields": ["description", "max_concurrent"]}],
+        "deleted": ["stale"],
+        "unchanged": 1.0,
+    }
+    async with AsyncClient(str(server.app.address)) as client:
+        jobs = {job.id: job for job in await client.list_jobs()}
+    assert sorted(jobs) == ["changed", "kept", "new"]
+    assert (jobs["changed"].description, jobs["changed"].max_concurrent) == ("new", 3)
+
+
+async def test_apply_creates_in_batches_of_a_thousand(
+    server: InProcessServer, tmp_path: Path
+) -> None:
+    path = tmp_path / "many.json"
+    trigger = {"cron": {"expression": "0 3 * * *"}}
+    many = [
+        {"id": f"j{n:04d}", "task": "chronoplane.echo", "trigger": trigger} for n in range(1500)
+    ]
+    path.write_text(json.dumps(many))
+    out = await ok(f"--address={server.app.address}", "jobs", "apply", "-f", str(path))
+    assert out.splitlines()[-1] == "1,500 created, 0 updated, 0 deleted, 0 unchanged"
+    async with AsyncClient(str(server.app.address)) as client:
+        assert len(await client.list_jobs()) == 1500
+    records = await server.stub.ListAuditEvents(pb.ListAuditEventsRequest(rpc="BatchCreateJobs"))
+    assert records.next_page_token  # one record per job: more than a page of 100
+
+
+async def test_apply_refuses_a_bad_file_naming_the_entry(
+    server: InProcessServer, tmp_path: Path
+) -> None:
+    address = f"--address={server.app.address}"
+    path = tmp_path / "bad.yaml"
+    for text, named in [
+        ("- id: a\n  task: chronoplane.echo\n  triger: {}\n", "  jobs[0]: "),
+        ("- task: chronoplane.echo\n", "  jobs[0].id: is required"),
+        ("- {id: a}\n- {id: a}\n", "  jobs[1].id: repeats that of jobs[0]"),
+        ("id: [unclosed\n", f"  {path}: is neither JSON nor YAML"),
+    ]:
+        path.write_text(text)
+        result = await chronoctl(address, "jobs", "apply", "-f", str(path))
+        assert result.code == 1 and result.out == ""
+        assert result.err.splitlines()[1].startswith(named), result.err
+    # A job the server refuses: nothing is created, the violation names the entry.
+    path.write_text(
+        "- {id: a, task: chronoplane.echo, trigger: {cron: {expression: '0 0 31 2 *'}}}"
+    )
+    result = await chronoctl(address, "jobs", "apply", "-f", str(path))
+    assert result.code == 1
+    assert "  requests[0].job.trigger.cron.expression: " in result.err
+    assert await ok(address, "jobs", "list") == "ID  TASK  TRIGGER  NEXT RUN  LAST\n"

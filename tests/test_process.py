@@ -117,7 +117,17 @@ def test_grpcurl_lists_services_creates_from_json_and_reads_camel_case(
         assert triggered["jobId"] == "hello" and triggered["source"] == "EXECUTION_SOURCE_MANUAL"
 
         described = grpcurl(server.address, "describe", SERVICE)
-        assert "rpc CreateJob" in described
+        assert "rpc CreateJob" in described and "rpc BatchCreateJobs" in described
+
+        hourly = {"task": "chronoplane.echo", "trigger": {"interval": {"every": "3600s"}}}
+        batch = json.loads(
+            grpcurl(
+                server.address,
+                f"{SERVICE}/BatchCreateJobs",
+                data={"requests": [{"job": {"id": name, **hourly}} for name in ("b2", "b1")]},
+            )
+        )
+        assert [job["id"] for job in batch["jobs"]] == ["b2", "b1"]
 
         bad = subprocess.run(
             [

@@ -17,7 +17,9 @@ from chronoplane.server.errors import (
 from chronoplane.server.models import (
     CronTrigger,
     DateTrigger,
+    EventKind,
     IntervalTrigger,
+    Job,
 )
 from chronoplane.server.storage.abc import NextRun
 from chronoplane.server.storage.sqlalchemy import SqlAlchemyStore
@@ -51,6 +53,41 @@ async def test_a_taken_id_or_request_id_is_refused(store: SqlAlchemyStore) -> No
     found = await store.get_job_by_request_id("req-1")
     assert found is not None and found.id == "a"
     assert await store.get_job_by_request_id("req-2") is None
+
+
+async def test_create_jobs_inserts_all_in_order_with_an_event_each(
+    store: SqlAlchemyStore,
+) -> None:
+    ids = [f"bulk-{n:04d}" for n in range(1000)][::-1]  # not in id order
+    new = [a_job(job_id, created_by="token:ci") for job_id in ids]
+    request_ids = [f"req-{n}" if n % 2 else None for n in range(1000)]
+    stored = await store.create_jobs(new, request_ids=request_ids)
+    assert [job.id for job in stored] == ids
+    assert all(job.version == 1 and job.created_by == "token:ci" for job in stored)
+    assert stored[0] == await store.get_job(ids[0])
+    assert stored[0] == replace(
+        new[0], version=1, create_time=stored[0].create_time, update_time=stored[0].create_time
+    )
+    found = await store.get_jobs_by_request_ids(["req-1", "req-999", "req-2", "nope"])
+    assert {key: job.id for key, job in found.items()} == {"req-1": ids[1], "req-999": ids[999]}
+    events = await store.newest_events(0, limit=2000)
+    assert [(e.job_id, e.kind) for e in events] == [(i, EventKind.ADDED) for i in ids]
+
+
+async def test_create_jobs_is_all_or_nothing(store: SqlAlchemyStore) -> None:
+    await store.create_job(a_job("taken"), request_id="req-taken")
+    before = await store.newest_events(0, limit=100)
+    cases: list[tuple[list[Job], list[str | None], str]] = [
+        ([a_job("x"), a_job("y"), a_job("taken")], [None, None, None], "taken"),
+        ([a_job("x"), a_job("y"), a_job("z")], [None, "req-taken", None], "y"),
+    ]
+    for new, request_ids, named in cases:
+        with pytest.raises(JobAlreadyExists) as caught:
+            await store.create_jobs(new, request_ids=request_ids)
+        assert caught.value.job_id == named
+    assert [job.id for job in (await store.list_jobs(after=None, limit=10)).jobs] == ["taken"]
+    after = await store.newest_events(0, limit=100)
+    assert [(e.cursor, e.job_id) for e in after] == [(e.cursor, e.job_id) for e in before]
 
 
 async def test_update_is_compare_and_swap_on_the_version(store: SqlAlchemyStore) -> None:

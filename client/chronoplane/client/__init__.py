@@ -15,6 +15,9 @@
             timeout=3600,
         )
 
+``client.batch_create_jobs([...])`` creates up to 1,000 jobs in one call, all or none, each
+given as ``create_job``'s keyword arguments in a dict.
+
 Calls return the protobuf messages of ``chronoplane.v1``; a failed call raises a subclass of
 :class:`ChronoplaneError` (the tree is drawn in ``chronoplane.client.errors``).
 """

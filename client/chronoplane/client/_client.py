@@ -90,6 +90,32 @@ def _job(
     )
 
 
+def _with_celery(job: job_pb2.Job, celery: job_pb2.CeleryOptions | None) -> job_pb2.Job:
+    if celery is not None:
+        job.executor = execution_pb2.EXECUTOR_CELERY
+        job.celery.CopyFrom(celery)
+    return job
+
+
+# create_job's argument names that _job names otherwise.
+_RENAMED = {"misfire_policy": "misfire", "overlap_policy": "overlap"}
+
+
+def _create_request(
+    spec: Mapping[str, Any] | job_pb2.Job | pb.CreateJobRequest,
+) -> pb.CreateJobRequest:
+    """A CreateJob request from create_job's keyword arguments, or from a message."""
+    if isinstance(spec, pb.CreateJobRequest):
+        return spec
+    if isinstance(spec, job_pb2.Job):
+        return pb.CreateJobRequest(job=spec)
+    fields = dict(spec)
+    job_id, request_id = fields.pop("job_id", ""), fields.pop("request_id", "")
+    celery = fields.pop("celery", None)
+    job = _job(job_id, **{_RENAMED.get(name, name): value for name, value in fields.items()})
+    return pb.CreateJobRequest(job=_with_celery(job, celery), request_id=request_id)
+
+
 class AsyncClient:
     """A connection to a Chronoplane server, to use as ``async with AsyncClient(address)``.
 
@@ -224,12 +250,35 @@ class AsyncClient:
             timeout=timeout,
             history_limit=history_limit,
         )
-        if celery is not None:
-            job.executor = execution_pb2.EXECUTOR_CELERY
-            job.celery.CopyFrom(celery)
-        request = pb.CreateJobRequest(job=job, request_id=request_id)
+        request = pb.CreateJobRequest(job=_with_celery(job, celery), request_id=request_id)
         response: pb.CreateJobResponse = await self._call(self._stub.CreateJob, request)
         return response.job
+
+    async def batch_create_jobs(
+        self, jobs: Iterable[Mapping[str, Any] | job_pb2.Job | pb.CreateJobRequest]
+    ) -> list[job_pb2.Job]:
+        """Creates up to 1,000 jobs in one call, all or none, and returns them in order.
+
+        Each job is a mapping of the keyword arguments :meth:`create_job` takes (``job_id``
+        and ``request_id`` included), or a ``chronoplane.v1`` Job or CreateJobRequest::
+
+            await client.batch_create_jobs(
+                [
+                    {"job_id": "a", "task": "reports.daily", "trigger": cron("0 6 * * *")},
+                    {"job_id": "b", "task": "reports.daily", "trigger": every(3600)},
+                ]
+            )
+
+        If any job is refused, none is created: :class:`InvalidArgument` names each bad
+        field as ``requests[i].job.<field>`` (a repeated id too); :class:`AlreadyExists`
+        names a taken id in its message. An entry whose ``request_id`` created a job before
+        returns that job, so a retried batch returns the same jobs.
+        """
+        requests = [_create_request(job) for job in jobs]
+        response: pb.BatchCreateJobsResponse = await self._call(
+            self._stub.BatchCreateJobs, pb.BatchCreateJobsRequest(requests=requests)
+        )
+        return list(response.jobs)
 
     async def get_job(self, job_id: str) -> job_pb2.Job:
         response: pb.GetJobResponse = await self._call(
@@ -287,9 +336,17 @@ class AsyncClient:
             "timeout": timeout,
             "history_limit": history_limit,
         }
-        renamed = {"misfire_policy": "misfire", "overlap_policy": "overlap"}
-        job = _job(job_id, etag=etag, **{renamed.get(k, k): v for k, v in changes.items()})
+        job = _job(job_id, etag=etag, **{_RENAMED.get(k, k): v for k, v in changes.items()})
         mask = field_mask_pb2.FieldMask(paths=[k for k, v in changes.items() if v is not None])
+        request = pb.UpdateJobRequest(job=job, update_mask=mask)
+        response: pb.UpdateJobResponse = await self._call(self._stub.UpdateJob, request)
+        return response.job
+
+    async def update_job_fields(self, job: job_pb2.Job, fields: Iterable[str]) -> job_pb2.Job:
+        """Sets the named fields (UpdateJob's update_mask paths) to their values in ``job``,
+        a Job message with the id set (and the etag, to change it only if it has not changed
+        since); returns the job as stored."""
+        mask = field_mask_pb2.FieldMask(paths=list(fields))
         request = pb.UpdateJobRequest(job=job, update_mask=mask)
         response: pb.UpdateJobResponse = await self._call(self._stub.UpdateJob, request)
         return response.job

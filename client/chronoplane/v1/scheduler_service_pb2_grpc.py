@@ -45,6 +45,11 @@ class SchedulerServiceStub:
                 request_serializer=chronoplane_dot_v1_dot_scheduler__service__pb2.CreateJobRequest.SerializeToString,
                 response_deserializer=chronoplane_dot_v1_dot_scheduler__service__pb2.CreateJobResponse.FromString,
                 _registered_method=True)
+        self.BatchCreateJobs = channel.unary_unary(
+                '/chronoplane.v1.SchedulerService/BatchCreateJobs',
+                request_serializer=chronoplane_dot_v1_dot_scheduler__service__pb2.BatchCreateJobsRequest.SerializeToString,
+                response_deserializer=chronoplane_dot_v1_dot_scheduler__service__pb2.BatchCreateJobsResponse.FromString,
+                _registered_method=True)
         self.GetJob = channel.unary_unary(
                 '/chronoplane.v1.SchedulerService/GetJob',
                 request_serializer=chronoplane_dot_v1_dot_scheduler__service__pb2.GetJobRequest.SerializeToString,
@@ -150,6 +155,22 @@ class SchedulerServiceServicer:
         """Creates a job and schedules it unless it is paused.
         Errors: INVALID_ARGUMENT (bad field, unknown task, cron that never fires, unknown time
         zone), ALREADY_EXISTS (the id is taken).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchCreateJobs(self, request, context):
+        """Creates up to 1,000 jobs at once (AIP-233), all or none: if any entry is refused, no job
+        is created. Each entry is what CreateJob takes and means what it means there; the jobs
+        come back in the order of the requests, and each new job is scheduled, gets one ADDED
+        event (WatchJobs) and one audit event, in that order. An entry whose request_id a job
+        was created with before returns that job (a retried batch returns the same jobs).
+        Errors: INVALID_ARGUMENT (no entries or more than 1,000, named "requests"; a bad entry,
+        each violation named "requests[i]." and CreateJob's field path, such as
+        "requests[3].job.trigger.cron.expression"; two entries with the same job id or
+        request_id), ALREADY_EXISTS (an entry's id is taken: the ErrorInfo metadata has the
+        job_id and the field, "requests[i].job.id").
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -326,6 +347,11 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     request_deserializer=chronoplane_dot_v1_dot_scheduler__service__pb2.CreateJobRequest.FromString,
                     response_serializer=chronoplane_dot_v1_dot_scheduler__service__pb2.CreateJobResponse.SerializeToString,
             ),
+            'BatchCreateJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchCreateJobs,
+                    request_deserializer=chronoplane_dot_v1_dot_scheduler__service__pb2.BatchCreateJobsRequest.FromString,
+                    response_serializer=chronoplane_dot_v1_dot_scheduler__service__pb2.BatchCreateJobsResponse.SerializeToString,
+            ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
                     request_deserializer=chronoplane_dot_v1_dot_scheduler__service__pb2.GetJobRequest.FromString,
@@ -450,6 +476,33 @@ class SchedulerService:
             '/chronoplane.v1.SchedulerService/CreateJob',
             chronoplane_dot_v1_dot_scheduler__service__pb2.CreateJobRequest.SerializeToString,
             chronoplane_dot_v1_dot_scheduler__service__pb2.CreateJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchCreateJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chronoplane.v1.SchedulerService/BatchCreateJobs',
+            chronoplane_dot_v1_dot_scheduler__service__pb2.BatchCreateJobsRequest.SerializeToString,
+            chronoplane_dot_v1_dot_scheduler__service__pb2.BatchCreateJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,18 @@ class SchedulerServiceStub:
     Errors: INVALID_ARGUMENT (bad field, unknown task, cron that never fires, unknown time
     zone), ALREADY_EXISTS (the id is taken).
     """
+    BatchCreateJobs: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.BatchCreateJobsRequest, _scheduler_service_pb2.BatchCreateJobsResponse]
+    """Creates up to 1,000 jobs at once (AIP-233), all or none: if any entry is refused, no job
+    is created. Each entry is what CreateJob takes and means what it means there; the jobs
+    come back in the order of the requests, and each new job is scheduled, gets one ADDED
+    event (WatchJobs) and one audit event, in that order. An entry whose request_id a job
+    was created with before returns that job (a retried batch returns the same jobs).
+    Errors: INVALID_ARGUMENT (no entries or more than 1,000, named "requests"; a bad entry,
+    each violation named "requests[i]." and CreateJob's field path, such as
+    "requests[3].job.trigger.cron.expression"; two entries with the same job id or
+    request_id), ALREADY_EXISTS (an entry's id is taken: the ErrorInfo metadata has the
+    job_id and the field, "requests[i].job.id").
+    """
     GetJob: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.GetJobRequest, _scheduler_service_pb2.GetJobResponse]
     """Returns one job. Errors: INVALID_ARGUMENT, NOT_FOUND."""
     ListJobs: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.ListJobsRequest, _scheduler_service_pb2.ListJobsResponse]
@@ -146,6 +158,18 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     """Creates a job and schedules it unless it is paused.
     Errors: INVALID_ARGUMENT (bad field, unknown task, cron that never fires, unknown time
     zone), ALREADY_EXISTS (the id is taken).
+    """
+    BatchCreateJobs: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.BatchCreateJobsRequest, _scheduler_service_pb2.BatchCreateJobsResponse]  # type: ignore[assignment]
+    """Creates up to 1,000 jobs at once (AIP-233), all or none: if any entry is refused, no job
+    is created. Each entry is what CreateJob takes and means what it means there; the jobs
+    come back in the order of the requests, and each new job is scheduled, gets one ADDED
+    event (WatchJobs) and one audit event, in that order. An entry whose request_id a job
+    was created with before returns that job (a retried batch returns the same jobs).
+    Errors: INVALID_ARGUMENT (no entries or more than 1,000, named "requests"; a bad entry,
+    each violation named "requests[i]." and CreateJob's field path, such as
+    "requests[3].job.trigger.cron.expression"; two entries with the same job id or
+    request_id), ALREADY_EXISTS (an entry's id is taken: the ErrorInfo metadata has the
+    job_id and the field, "requests[i].job.id").
     """
     GetJob: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.GetJobRequest, _scheduler_service_pb2.GetJobResponse]  # type: ignore[assignment]
     """Returns one job. Errors: INVALID_ARGUMENT, NOT_FOUND."""
@@ -252,6 +276,24 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         """Creates a job and schedules it unless it is paused.
         Errors: INVALID_ARGUMENT (bad field, unknown task, cron that never fires, unknown time
         zone), ALREADY_EXISTS (the id is taken).
+        """
+
+    @_abc_1.abstractmethod
+    def BatchCreateJobs(
+        self,
+        request: _scheduler_service_pb2.BatchCreateJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_service_pb2.BatchCreateJobsResponse, _abc.Awaitable[_scheduler_service_pb2.BatchCreateJobsResponse]]:
+        """Creates up to 1,000 jobs at once (AIP-233), all or none: if any entry is refused, no job
+        is created. Each entry is what CreateJob takes and means what it means there; the jobs
+        come back in the order of the requests, and each new job is scheduled, gets one ADDED
+        event (WatchJobs) and one audit event, in that order. An entry whose request_id a job
+        was created with before returns that job (a retried batch returns the same jobs).
+        Errors: INVALID_ARGUMENT (no entries or more than 1,000, named "requests"; a bad entry,
+        each violation named "requests[i]." and CreateJob's field path, such as
+        "requests[3].job.trigger.cron.expression"; two entries with the same job id or
+        request_id), ALREADY_EXISTS (an entry's id is taken: the ErrorInfo metadata has the
+        job_id and the field, "requests[i].job.id").
         """
 
     @_abc_1.abstractmethod

@@ -302,7 +302,7 @@ class Application:
                 keepalive_timeout=settings.keepalive_timeout,
                 min_ping_interval=settings.min_ping_interval,
             ),
-            audit=AuditInterceptor(service.record_audit, instance_id=self.instance_id),
+            audit=AuditInterceptor(service.record_audits, instance_id=self.instance_id),
         )
 
     async def _drain(self, server: GrpcServer, runner: Runner, hub: WatchHub) -> None:

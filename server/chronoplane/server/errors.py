@@ -114,9 +114,12 @@ class AlreadyExists(ChronoplaneError):
 class JobAlreadyExists(AlreadyExists):
     reason = "JOB_ALREADY_EXISTS"
 
-    def __init__(self, job_id: str) -> None:
+    def __init__(self, job_id: str, *, field: str = "") -> None:
+        """``field`` names where the request gave the id (``requests[3].job.id`` in a batch)."""
         self.job_id = job_id
-        super().__init__(f"job {job_id!r} already exists")
+        where = f"{field}: " if field else ""
+        super().__init__(f"{where}job {job_id!r} already exists")
+        self.metadata = {"job_id": job_id, "field": field} if field else {"job_id": job_id}
 
 
 class EtagMismatch(ChronoplaneError):

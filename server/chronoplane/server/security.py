@@ -50,6 +50,7 @@ RPC_ROLES: Mapping[str, Role] = {
     "CancelExecution": Role.OPERATOR,
     "BackfillJob": Role.OPERATOR,
     "CreateJob": Role.ADMIN,
+    "BatchCreateJobs": Role.ADMIN,
     "UpdateJob": Role.ADMIN,
     "DeleteJob": Role.ADMIN,
     "PurgeExecutions": Role.ADMIN,
@@ -61,6 +62,7 @@ RPC_ROLES: Mapping[str, Role] = {
 MUTATING_RPCS = frozenset(
     {
         "CreateJob",
+        "BatchCreateJobs",
         "UpdateJob",
         "DeleteJob",
         "PauseJob",

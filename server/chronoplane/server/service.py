@@ -5,8 +5,9 @@ No gRPC, SQL or APScheduler here: the store, the engine and the runner do that.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
@@ -56,7 +57,15 @@ from chronoplane.server.validation import (
 )
 from chronoplane.server.watch import StreamControl, WatchFilter, WatchHub, WatchItem
 
-__all__ = ["UPDATABLE_FIELDS", "Page", "SchedulerService"]
+__all__ = [
+    "MAX_BATCH_CREATE",
+    "UPDATABLE_FIELDS",
+    "NewJob",
+    "Page",
+    "SchedulerService",
+    "check_batch_size",
+    "in_turns",
+]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +90,10 @@ UPDATABLE_FIELDS = frozenset(
         "celery",
     }
 )
+# Jobs one BatchCreateJobs may create, and the violations its refusal lists (they travel in
+# the status trailers, which clients take up to 8 KiB of).
+MAX_BATCH_CREATE = 1_000
+MAX_BATCH_VIOLATIONS = 20
 MAX_PREVIEW = 1_000
 DEFAULT_PREVIEW = 10
 MAX_BACKFILL = 1_000
@@ -98,6 +111,17 @@ T = TypeVar("T")
 class Page(Generic[T]):
     items: list[T]
     next_page_token: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class NewJob:
+    """A job to create as the client gave it: ``values`` are Job fields (a None trigger is
+    missing); an empty ``job_id`` asks the server to choose one."""
+
+    values: Mapping[str, Any]
+    job_id: str = ""
+    paused: bool = False
+    request_id: str = ""
 
 
 # Stands in for a missing trigger while the rest of a job is checked; never stored.
@@ -177,35 +201,93 @@ class SchedulerService:
         self, values: Mapping[str, Any], *, job_id: str, paused: bool, request_id: str = ""
     ) -> Job:
         """Creates a job from the client's ``values`` (Job fields; a None trigger is missing)."""
+        new = NewJob(values=values, job_id=job_id, paused=paused, request_id=request_id)
+        [job] = await self._create_jobs([new], batch=False)
+        return job
+
+    async def batch_create_jobs(self, new: Sequence[NewJob | InvalidArgument]) -> list[Job]:
+        """Creates the jobs, all or none, and returns them in order. An entry that is an
+        InvalidArgument is one the transport could not decode (its fields named as CreateJob
+        names them); it is refused with the violations of the others."""
+        check_batch_size(len(new))
+        return await self._create_jobs(new, batch=True)
+
+    async def _create_jobs(
+        self, new: Sequence[NewJob | InvalidArgument], *, batch: bool
+    ) -> list[Job]:
+        """An entry whose request_id made a job before is that job; the others are checked
+        (every entry, before any is refused) and inserted in one transaction."""
+        prefixes = [f"requests[{n}]." if batch else "" for n in range(len(new))]
+        request_ids = [
+            n.request_id
+            for n in new
+            if isinstance(n, NewJob) and n.request_id and len(n.request_id) <= MAX_REQUEST_ID
+        ]
+        for attempt in range(2):
+            earlier = await self._store.get_jobs_by_request_ids(request_ids)
+            fresh = await self._new_jobs(new, earlier, prefixes, batch=batch)
+            try:
+                stored = await self._store.create_jobs(
+                    list(fresh.values()),
+                    request_ids=[_request_id(new[n]) or None for n in fresh],
+                )
+            except JobAlreadyExists as error:
+                if attempt == 0 and request_ids:
+                    continue  # perhaps a request_id taken meanwhile (a retry of this call)
+                if not batch:
+                    raise
+                index = next((n for n, job in fresh.items() if job.id == error.job_id), 0)
+                raise JobAlreadyExists(error.job_id, field=f"{prefixes[index]}job.id") from error
+            async for job in in_turns(stored):
+                self.schedule.schedule(job, reschedule=True)
+            made = dict(zip(fresh, stored, strict=True))
+            return [made.get(n) or earlier[_request_id(entry)] for n, entry in enumerate(new)]
+        raise AssertionError("unreachable")
+
+    async def _new_jobs(
+        self,
+        new: Sequence[NewJob | InvalidArgument],
+        earlier: Mapping[str, Job],
+        prefixes: Sequence[str],
+        *,
+        batch: bool,
+    ) -> dict[int, Job]:
+        """The jobs to insert, by their index in ``new`` (those not made before); raises
+        InvalidArgument with the violations of every entry."""
         violations = Violations()
-        check_text(violations, "request_id", request_id, limit=MAX_REQUEST_ID)
-        if request_id:
-            violations.raise_if_any()
-            earlier = await self._store.get_job_by_request_id(request_id)
-            if earlier is not None:
-                return earlier
         now = self._clock()
-        fields = dict(values)
-        trigger = fields.pop("trigger", None)
-        draft = Job(id=job_id or new_job_id(), paused=paused, trigger=_NO_TRIGGER, **fields)
-        job = self._prepare(draft, trigger, violations, now)
+        checked: dict[int, Job] = {}
+        first_of: dict[tuple[str, str], int] = {}
+        async for n, entry in in_turns(enumerate(new)):
+            prefix = prefixes[n]
+            if isinstance(entry, InvalidArgument):
+                violations.extend(entry, prefix.rstrip("."))
+                continue
+            check_text(violations, f"{prefix}request_id", entry.request_id, limit=MAX_REQUEST_ID)
+            for field, value in (("request_id", entry.request_id), ("job.id", entry.job_id)):
+                first = first_of.setdefault((field, value), n) if value else n
+                if first != n:
+                    violations.add(f"{prefix}{field}", f"repeats that of requests[{first}]")
+            if entry.request_id in earlier:
+                continue
+            fields = dict(entry.values)
+            trigger = fields.pop("trigger", None)
+            draft = Job(
+                id=entry.job_id or new_job_id(), paused=entry.paused, trigger=_NO_TRIGGER, **fields
+            )
+            checked[n] = self._checked(draft, trigger, violations, now, f"{prefix}job")
+        violations.raise_if_any(limit=MAX_BATCH_VIOLATIONS if batch else None, field="requests")
         principal = current_principal()
-        job = replace(
-            job,
-            create_time=now,
-            next_run_time=self._first_run(job, now),
-            created_by=principal,
-            updated_by=principal,
-        )
-        try:
-            stored = await self._store.create_job(job, request_id=request_id or None)
-        except JobAlreadyExists:
-            earlier = await self._store.get_job_by_request_id(request_id) if request_id else None
-            if earlier is None:
-                raise
-            return earlier
-        self.schedule.schedule(stored, reschedule=True)
-        return stored
+        fresh: dict[int, Job] = {}
+        async for n, job in in_turns(checked.items()):
+            fresh[n] = replace(
+                job,
+                create_time=now,
+                next_run_time=self._first_run(job, now),
+                created_by=principal,
+                updated_by=principal,
+            )
+        return fresh
 
     async def get_job(self, job_id: str) -> Job:
         return await self._store.get_job(job_id)
@@ -282,7 +364,15 @@ class SchedulerService:
     ) -> Job:
         """Checks the job whole, with ``trigger`` as its trigger; fills defaults that depend
         on the time of creation."""
-        prefix = "job"
+        job = self._checked(job, trigger, violations, now, "job")
+        violations.raise_if_any()
+        return job
+
+    def _checked(
+        self, job: Job, trigger: Trigger | None, violations: Violations, now: datetime, prefix: str
+    ) -> Job:
+        """``_prepare`` for a job named ``prefix`` in the request, adding what is wrong to
+        ``violations`` (the job returned is meaningful only if nothing was)."""
         check_job(violations, job, prefix, self._limits)
         if job.executor is ExecutorKind.CELERY:
             self._check_celery(job, prefix, violations)
@@ -291,9 +381,9 @@ class SchedulerService:
                 f"{prefix}.task",
                 f"{job.task!r} is not a registered task (see ListTasks)",
             )
-        checked = self._check_trigger(trigger, f"{prefix}.trigger", violations, now)
-        violations.raise_if_any()
-        job = replace(job, trigger=checked)
+        job = replace(
+            job, trigger=self._check_trigger(trigger, f"{prefix}.trigger", violations, now)
+        )
         if job.max_concurrent == 0 and job.overlap_policy is not OverlapPolicy.ALLOW:
             job = replace(job, max_concurrent=DEFAULT_MAX_CONCURRENT)
         return job
@@ -424,8 +514,8 @@ class SchedulerService:
 
     # -- the audit log ------------------------------------------------------------------------
 
-    async def record_audit(self, event: AuditEvent) -> None:
-        await self._store.record_audit(event)
+    async def record_audits(self, events: Sequence[AuditEvent]) -> None:
+        await self._store.record_audits(events)
 
     async def list_audit_events(
         self, query: AuditQuery, *, size: int, token: str
@@ -555,6 +645,27 @@ class SchedulerService:
         checked = self._check_trigger(trigger, "trigger", violations, now)
         violations.raise_if_any()
         return self._engine.preview(checked, start=now, count=count or DEFAULT_PREVIEW)
+
+
+async def in_turns(items: Iterable[T], every: int = 20) -> AsyncIterator[T]:
+    """The items, with the event loop free to run other work after every ``every`` of them:
+    checking or scheduling a job takes a millisecond or two, and a thousand in one go would
+    hold heartbeats and every other call (DESIGN.md 5.8: no stall over 100 ms)."""
+    for n, item in enumerate(items, 1):
+        yield item
+        if n % every == 0:
+            await asyncio.sleep(0)
+
+
+def check_batch_size(count: int) -> None:
+    if not 1 <= count <= MAX_BATCH_CREATE:
+        raise InvalidArgument.field(
+            "requests", f"has {count:,} entries; give 1 to {MAX_BATCH_CREATE:,} jobs a call"
+        )
+
+
+def _request_id(entry: NewJob | InvalidArgument) -> str:
+    return entry.request_id if isinstance(entry, NewJob) else ""
 
 
 def _listed() -> str:

@@ -76,7 +76,13 @@ class Violations:
         for v in error.violations:
             self.add(f"{prefix}.{v.field}" if prefix else v.field, v.description)
 
-    def raise_if_any(self) -> None:
+    def raise_if_any(self, *, limit: int | None = None, field: str = "") -> None:
+        """Raises with every violation, or the first ``limit`` and one on ``field`` saying how
+        many more there were."""
+        if limit is not None and len(self.items) > limit:
+            rest = len(self.items) - limit
+            more = FieldViolation(field=field, description=f"{rest:,} more violations not listed")
+            raise InvalidArgument([*self.items[:limit], more])
         if self.items:
             raise InvalidArgument(self.items)
 

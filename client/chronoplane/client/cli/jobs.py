@@ -1,14 +1,18 @@
-"""chronoctl jobs: create, list, show, pause, resume, delete, trigger and backfill jobs."""
+"""chronoctl jobs: create, list, show, pause, resume, delete, trigger and backfill jobs, and
+apply a file of them (apply.py)."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
+from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 
 from chronoplane.client._client import AsyncClient
 from chronoplane.client._convert import MISFIRE_POLICIES, OVERLAP_POLICIES, retry_policy
+from chronoplane.client.cli.apply import __doc__ as apply_doc
+from chronoplane.client.cli.apply import applied_text, apply
 from chronoplane.client.cli.args import (
     add_overlap_option,
     add_trigger_options,
@@ -150,6 +154,23 @@ def add_commands(group: Any) -> None:
     trigger.add_argument("--request-id", default="", help="an idempotency key")
     add_overlap_option(trigger, "instead of the job's overlap policy")
     _add_backfill(group)
+    _add_apply(group)
+
+
+def _add_apply(group: Any) -> None:
+    summary = "create, update (and with --prune delete) jobs to match a YAML or JSON file"
+    command_ = command(group, "apply", apply, summary)
+    command_.description = (apply_doc or "").split("\n\n", 1)[1]
+    command_.formatter_class = argparse.RawDescriptionHelpFormatter
+    command_.add_argument(
+        "-f", "--file", required=True, metavar="FILE", help="the jobs (YAML or JSON; - is stdin)"
+    )
+    command_.add_argument(
+        "--prune", action="store_true", help="delete the jobs on the server the file leaves out"
+    )
+    command_.add_argument(
+        "--dry-run", action="store_true", help="print what would change; change nothing"
+    )
 
 
 def _add_create(group: Any) -> None:
@@ -378,4 +399,5 @@ RENDERERS: dict[type[Message], Any] = {
     pb.ListJobsResponse: _jobs_table,
     pb.DeleteJobResponse: nothing,
     pb.BackfillJobResponse: _backfilled,
+    struct_pb2.Struct: applied_text,
 }

@@ -1,4 +1,5 @@
-"""The audit log: one record per call of a mutating RPC, allowed or refused (decision 0013).
+"""The audit log: one record per call of a mutating RPC, allowed or refused (decision 0013);
+a BatchCreateJobs that creates jobs is recorded as one record per job (decision 0017).
 
 Outermost of the interceptors, so that it sees how every call ended, refusals by the
 authentication check included. The record is written before the response is sent: a client
@@ -10,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,7 +32,7 @@ MAX_MESSAGE = 4 * 1024
 
 log = logging.getLogger(__name__)
 
-Record = Callable[[AuditEvent], Awaitable[None]]
+Record = Callable[[Sequence[AuditEvent]], Awaitable[None]]
 
 
 def _bounded(value: Any, limit: int) -> Any:
@@ -122,6 +123,8 @@ def _subjects(rpc: str, request: Any, response: Any) -> tuple[str, str]:
         return (response.job.id if response is not None else request.job.id), ""
     if rpc == "UpdateJob":
         return request.job.id, ""
+    if rpc == "BatchCreateJobs":  # refused: about no one job
+        return "", ""
     if rpc == "PurgeExecutions":
         return request.job_id, ""
     if rpc == "CancelExecution":
@@ -168,8 +171,8 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             except asyncio.CancelledError:
                 # The client went away; record it without delaying the cancellation.
                 code = "CANCELLED"
-                event = self._event(rpc, request, None, context, code, "")
-                task = asyncio.create_task(self._write(event))
+                events = self._events(rpc, request, None, context, code, "")
+                task = asyncio.create_task(self._write(events))
                 self._pending.add(task)
                 task.add_done_callback(self._pending.discard)
                 raise
@@ -178,15 +181,34 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 raise
             finally:
                 if code != "CANCELLED":
-                    await self._write(self._event(rpc, request, response, context, code, message))
+                    await self._write(self._events(rpc, request, response, context, code, message))
 
         return call
 
-    def _event(
+    def _events(
         self, rpc: str, request: Any, response: Any, context: Any, code: str, message: str
+    ) -> list[AuditEvent]:
+        if rpc == "BatchCreateJobs" and response is not None:
+            # Each job as if it had been its own CreateJob, in the order of the requests.
+            return [
+                self._event(rpc, entry, context, code, message, subjects=(job.id, ""))
+                for entry, job in zip(request.requests, response.jobs, strict=True)
+            ]
+        subjects = _subjects(rpc, request, response)
+        return [self._event(rpc, request, context, code, message, subjects=subjects)]
+
+    def _event(
+        self,
+        rpc: str,
+        request: Any,
+        context: Any,
+        code: str,
+        message: str,
+        *,
+        subjects: tuple[str, str],
     ) -> AuditEvent:
         identity = current_identity.get()
-        job_id, execution_id = _subjects(rpc, request, response)
+        job_id, execution_id = subjects
         return AuditEvent(
             time=datetime.now(UTC),
             principal=identity.principal if identity is not None else "unauthenticated",
@@ -201,13 +223,14 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             peer=_text(context.peer() or "")[:256],
         )
 
-    async def _write(self, event: AuditEvent) -> None:
+    async def _write(self, events: Sequence[AuditEvent]) -> None:
         try:
-            await self._record(event)
+            await self._record(events)
         except Exception:
             log.exception(
-                "the audit event of %s by %s (%s) could not be written",
-                event.rpc,
-                event.principal,
-                event.code,
+                "the audit events (%d) of %s by %s (%s) could not be written",
+                len(events),
+                events[0].rpc,
+                events[0].principal,
+                events[0].code,
             )

@@ -9,9 +9,15 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any, TypeAlias
 
-from chronoplane.server.errors import ServerStopping, WatchFellBehind
+from chronoplane.server.errors import InvalidArgument, ServerStopping, WatchFellBehind
 from chronoplane.server.models import AuditQuery, Event, EventKind, EventResource, ExecutionQuery
-from chronoplane.server.service import UPDATABLE_FIELDS, SchedulerService
+from chronoplane.server.service import (
+    UPDATABLE_FIELDS,
+    NewJob,
+    SchedulerService,
+    check_batch_size,
+    in_turns,
+)
 from chronoplane.server.transport.convert import (
     audit_event_to_proto,
     execution_to_proto,
@@ -49,13 +55,21 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     async def CreateJob(
         self, request: pb.CreateJobRequest, context: Context
     ) -> pb.CreateJobResponse:
+        new = _new_job(request)
+        if isinstance(new, InvalidArgument):
+            raise new
         job = await self._service.create_job(
-            job_fields_from_proto(request.job, set(UPDATABLE_FIELDS)),
-            job_id=request.job.id,
-            paused=request.job.paused,
-            request_id=request.request_id,
+            new.values, job_id=new.job_id, paused=new.paused, request_id=new.request_id
         )
         return pb.CreateJobResponse(job=job_to_proto(job))
+
+    async def BatchCreateJobs(
+        self, request: pb.BatchCreateJobsRequest, context: Context
+    ) -> pb.BatchCreateJobsResponse:
+        check_batch_size(len(request.requests))  # before decoding a million entries
+        new = [_new_job(entry) async for entry in in_turns(request.requests)]
+        jobs = await self._service.batch_create_jobs(new)
+        return pb.BatchCreateJobsResponse(jobs=[job_to_proto(job) async for job in in_turns(jobs)])
 
     async def GetJob(self, request: pb.GetJobRequest, context: Context) -> pb.GetJobResponse:
         return pb.GetJobResponse(job=job_to_proto(await self._service.get_job(request.id)))
@@ -229,6 +243,20 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
         return pb.PreviewTriggerResponse(
             fire_times=list(filter(None, map(timestamp_to_proto, fires)))
         )
+
+
+def _new_job(request: pb.CreateJobRequest) -> NewJob | InvalidArgument:
+    """The job a CreateJob request asks for, or why it cannot be decoded."""
+    try:
+        values = job_fields_from_proto(request.job, set(UPDATABLE_FIELDS))
+    except InvalidArgument as error:
+        return error
+    return NewJob(
+        values=values,
+        job_id=request.job.id,
+        paused=request.job.paused,
+        request_id=request.request_id,
+    )
 
 
 def _optional_time(request: Any, name: str) -> datetime | None:

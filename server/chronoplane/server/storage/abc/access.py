@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from datetime import datetime
 
 from chronoplane.server.models import (
@@ -34,9 +35,13 @@ class AccessStore(ABC):
     async def revoke_token(self, name: str, *, now: datetime) -> StoredToken | None:
         """Marks the named token revoked (once); returns it, or None if there is none."""
 
-    @abstractmethod
     async def record_audit(self, event: AuditEvent) -> None:
         """Appends one audit event (its id is the store's)."""
+        await self.record_audits([event])
+
+    @abstractmethod
+    async def record_audits(self, events: Sequence[AuditEvent]) -> None:
+        """Appends the audit events, in order, in one transaction (ids are the store's)."""
 
     @abstractmethod
     async def list_audit_events(

@@ -22,20 +22,37 @@ class JobStore(ABC):
     """Jobs. Every change is compare-and-swap on the version, and wakes the leader of a
     cluster."""
 
-    @abstractmethod
     async def create_job(self, job: Job, *, request_id: str | None) -> Job:
         """Inserts ``job`` at version 1 and returns it as stored.
 
         Raises ``JobAlreadyExists`` if the id or the request_id is taken.
+        """
+        [stored] = await self.create_jobs([job], request_ids=[request_id])
+        return stored
+
+    @abstractmethod
+    async def create_jobs(
+        self, new: Sequence[Job], *, request_ids: Sequence[str | None]
+    ) -> list[Job]:
+        """Inserts the jobs at version 1, each with its request_id (the same length), in one
+        transaction with one ADDED event each, in order: all of them, or on any error none.
+        Returns them as stored, in order. The ids and request_ids must differ among ``new``.
+
+        Raises ``JobAlreadyExists`` naming the first job whose id or request_id is taken.
         """
 
     @abstractmethod
     async def get_job(self, job_id: str) -> Job:
         """Returns the job with its last execution summary. Raises ``JobNotFound``."""
 
-    @abstractmethod
     async def get_job_by_request_id(self, request_id: str) -> Job | None:
         """Returns the job a CreateJob with this request_id made, if any."""
+        return (await self.get_jobs_by_request_ids([request_id])).get(request_id)
+
+    @abstractmethod
+    async def get_jobs_by_request_ids(self, request_ids: Sequence[str]) -> dict[str, Job]:
+        """The jobs created with these request_ids, by request_id; those not used are left
+        out."""
 
     @abstractmethod
     async def list_jobs(self, *, after: str | None, limit: int) -> JobPage:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 
 import sqlalchemy as sa
@@ -73,10 +74,11 @@ class SqlAccessStore(Session, AccessStore):
         return None if row is None else token_from_row(row)
 
     @translate_errors
-    async def record_audit(self, event: AuditEvent) -> None:
-        async with self._write() as conn:
-            values = {name: getattr(event, name) for name in AUDIT_COLUMNS}
-            await conn.execute(audit_events.insert().values(**values))
+    async def record_audits(self, events: Sequence[AuditEvent]) -> None:
+        rows = [{name: getattr(event, name) for name in AUDIT_COLUMNS} for event in events]
+        if rows:
+            async with self._write() as conn:
+                await conn.execute(audit_events.insert(), rows)
 
     @translate_errors
     async def list_audit_events(

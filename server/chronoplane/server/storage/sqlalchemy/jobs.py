@@ -44,29 +44,61 @@ from chronoplane.server.storage.tables import (
     jobs,
 )
 
+# One NOTIFY per payload, in one round trip.
+_NOTIFY_EACH = sa.text(
+    "SELECT count(pg_notify(:channel, payload)) FROM unnest(CAST(:payloads AS text[])) AS payload"
+)
+
 
 class SqlJobStore(Slots, JobStore):
     """The jobs aggregate."""
 
     @translate_errors
-    async def create_job(self, job: Job, *, request_id: str | None) -> Job:
-        now = job.create_time or datetime.now(UTC)
-        values = job_values(job) | {
-            "id": job.id,
-            "created_by": job.created_by,
-            "version": 1,
-            "request_id": request_id,
-            "create_time": now,
-            "update_time": now,
-        }
+    async def create_jobs(
+        self, new: Sequence[Job], *, request_ids: Sequence[str | None]
+    ) -> list[Job]:
+        if not new:
+            return []
+        now = datetime.now(UTC)
+        rows = [
+            job_values(job)
+            | {
+                "id": job.id,
+                "created_by": job.created_by,
+                "version": 1,
+                "request_id": request_id,
+                "create_time": job.create_time or now,
+                "update_time": job.create_time or now,
+            }
+            for job, request_id in zip(new, request_ids, strict=True)
+        ]
+        ids = [job.id for job in new]
+        # One statement for them all (executemany, batched into multi-row INSERTs), the rows
+        # back in the order given.
+        insert = jobs.insert().returning(*jobs.c, sort_by_parameter_order=True)
         try:
             async with self._write() as conn:
-                await conn.execute(jobs.insert().values(**values))
-                self._changed(conn, EventResource.JOB, [job.id], EventKind.ADDED)
-                await self._notify_job(conn, job.id)
+                inserted = (await conn.execute(insert, rows)).all()
+                self._changed(conn, EventResource.JOB, ids, EventKind.ADDED)
+                await self._notify_jobs(conn, ids)
         except exc.IntegrityError as error:
-            raise JobAlreadyExists(job.id) from error
-        return await self.get_job(job.id)
+            raise JobAlreadyExists(await self._first_taken(new, request_ids)) from error
+        return [job_from_row(row) for row in inserted]  # after the commit: no lock held
+
+    async def _first_taken(self, new: Sequence[Job], request_ids: Sequence[str | None]) -> str:
+        """The id of the first of ``new`` whose id or request_id a stored job has."""
+        given = [r for r in request_ids if r]
+        query = sa.select(jobs.c.id, jobs.c.request_id).where(
+            sa.or_(
+                self._among(jobs.c.id, [job.id for job in new]),
+                self._among(jobs.c.request_id, given),
+            )
+        )
+        async with self._begin() as conn:
+            rows = (await conn.execute(query)).all()
+        taken = {row.id for row in rows} | {row.request_id for row in rows if row.request_id}
+        pairs = zip(new, request_ids, strict=True)
+        return next((job.id for job, r in pairs if job.id in taken or r in taken), new[0].id)
 
     @translate_errors
     async def get_job(self, job_id: str) -> Job:
@@ -77,11 +109,13 @@ class SqlJobStore(Slots, JobStore):
         return job_with_summary(row)
 
     @translate_errors
-    async def get_job_by_request_id(self, request_id: str) -> Job | None:
+    async def get_jobs_by_request_ids(self, request_ids: Sequence[str]) -> dict[str, Job]:
+        if not request_ids:
+            return {}
+        query = JOB_WITH_SUMMARY.where(self._among(jobs.c.request_id, request_ids))
         async with self._begin() as conn:
-            query = JOB_WITH_SUMMARY.where(jobs.c.request_id == request_id)
-            row = (await conn.execute(query)).first()
-        return None if row is None else job_with_summary(row)
+            rows = (await conn.execute(query)).all()
+        return {row.request_id: job_with_summary(row) for row in rows}
 
     @translate_errors
     async def list_jobs(self, *, after: str | None, limit: int) -> JobPage:
@@ -167,9 +201,15 @@ class SqlJobStore(Slots, JobStore):
             await self._notify_job(conn, job_id)
 
     async def _notify_job(self, conn: AsyncConnection, job_id: str) -> None:
-        """Wakes the leader of a cluster, to read the job now rather than at the next resync
-        (unless it made the change itself: the payload starts with the writer's id)."""
-        await self._notify(conn, JOBS_CHANNEL, f"{self._instance_id} {job_id}")
+        await self._notify_jobs(conn, [job_id])
+
+    async def _notify_jobs(self, conn: AsyncConnection, job_ids: Sequence[str]) -> None:
+        """Wakes the leader of a cluster, to read the jobs now rather than at the next resync
+        (unless it made the change itself: each payload starts with the writer's id). One
+        notification per job, all in one statement."""
+        if self._dialect == "postgresql":
+            payloads = [f"{self._instance_id} {job_id}" for job_id in job_ids]
+            await conn.execute(_NOTIFY_EACH, {"channel": JOBS_CHANNEL, "payloads": payloads})
 
     async def _raise_missing_or_moved(
         self, conn: AsyncConnection, job_id: str, expected_version: int | None
