@@ -6,11 +6,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, TypeVar
 
-__all__ = ["Slice", "cancelled", "report_slow", "where"]
+T = TypeVar("T")
+R = TypeVar("R")
+
+__all__ = ["GroupCommit", "Slice", "cancelled", "report_slow", "where"]
 
 RECANCEL_SECONDS = 0.5
+# Items one group commit writes at most.
+GROUP_LIMIT = 1000
 # How long a long piece of work holds the loop before it lets others run.
 SLICE_SECONDS = 0.02
 
@@ -28,6 +35,69 @@ async def cancelled(task: asyncio.Task[Any] | None) -> None:
             task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+class GroupCommit(Generic[T, R]):
+    """Group commit: ``await submit(item)`` gives ``write(items)``'s result for ``item``,
+    where ``items`` are the items submitted while the previous write ran (``limit`` at most),
+    so that concurrent callers share one transaction; a caller alone is written at once, with
+    no timer. A failed write of several items is tried again an item at a time: one bad item
+    fails only its own caller (when the error is one of ``alone``: others fail them all)."""
+
+    def __init__(
+        self,
+        write: Callable[[list[T]], Awaitable[Sequence[R]]],
+        *,
+        name: str,
+        limit: int = GROUP_LIMIT,
+        alone: tuple[type[Exception], ...] = (Exception,),
+    ) -> None:
+        self._write = write
+        self._name = name
+        self._limit = limit
+        self._alone = alone
+        self._queue: deque[tuple[T, asyncio.Future[R]]] = deque()
+        self._writer: asyncio.Task[None] | None = None
+
+    async def submit(self, item: T) -> R:
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._drain(), name=self._name)
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                count = min(self._limit, len(self._queue))
+                await self._settle([self._queue.popleft() for _ in range(count)])
+        except BaseException as error:  # cancelled with the loop: no caller waits forever
+            while self._queue:
+                _, future = self._queue.popleft()
+                if not future.done():
+                    future.set_exception(error)
+            raise
+
+    async def _settle(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        try:
+            results = await self._write([item for item, _ in batch])
+        except Exception as error:
+            if len(batch) > 1 and isinstance(error, self._alone):
+                for entry in batch:
+                    await self._settle([entry])
+                return
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        except BaseException as error:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            raise
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
 
 
 class Slice:

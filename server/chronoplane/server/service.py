@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
+from chronoplane.server.aio import GroupCommit
 from chronoplane.server.dispatch import Dispatcher
 from chronoplane.server.engine.abc import Engine
 from chronoplane.server.errors import (
@@ -167,6 +168,9 @@ class SchedulerService:
         self._leader_timeout = leader_timeout
         # Sends Celery jobs' executions to a broker, when celery_broker_url is set.
         self.dispatcher: Dispatcher | None = None
+        self._creates: GroupCommit[tuple[Job, str | None], Job] = GroupCommit(
+            self._insert_jobs, name="job-creates", alone=(JobAlreadyExists,)
+        )
         self.schedule = Schedule(
             store=store, engine=engine, runner=runner, clock=clock, horizon=horizon
         )
@@ -226,11 +230,12 @@ class SchedulerService:
         for attempt in range(2):
             earlier = await self._store.get_jobs_by_request_ids(request_ids)
             fresh = await self._new_jobs(new, earlier, prefixes, batch=batch)
+            jobs, ids = list(fresh.values()), [_request_id(new[n]) or None for n in fresh]
             try:
-                stored = await self._store.create_jobs(
-                    list(fresh.values()),
-                    request_ids=[_request_id(new[n]) or None for n in fresh],
-                )
+                if batch or len(jobs) != 1:
+                    stored = await self._store.create_jobs(jobs, request_ids=ids)
+                else:  # concurrent CreateJobs share a transaction
+                    stored = [await self._creates.submit((jobs[0], ids[0]))]
             except JobAlreadyExists as error:
                 if attempt == 0 and request_ids:
                     continue  # perhaps a request_id taken meanwhile (a retry of this call)
@@ -243,6 +248,12 @@ class SchedulerService:
             made = dict(zip(fresh, stored, strict=True))
             return [made.get(n) or earlier[_request_id(entry)] for n, entry in enumerate(new)]
         raise AssertionError("unreachable")
+
+    async def _insert_jobs(self, entries: list[tuple[Job, str | None]]) -> list[Job]:
+        """The jobs of concurrent CreateJobs, with their request ids, in one transaction."""
+        return await self._store.create_jobs(
+            [job for job, _ in entries], request_ids=[request_id for _, request_id in entries]
+        )
 
     async def _new_jobs(
         self,

@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
+from chronoplane.server.aio import GroupCommit
 from chronoplane.server.models import AuditEvent, JSONObject
 from chronoplane.server.security import MUTATING_RPCS, current_identity
 
@@ -137,6 +138,10 @@ def _subjects(rpc: str, request: Any, response: Any) -> tuple[str, str]:
 class AuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, record: Record, *, instance_id: str) -> None:
         self._record = record
+        # The records of concurrent calls share a transaction.
+        self._commits: GroupCommit[Sequence[AuditEvent], None] = GroupCommit(
+            self._record_together, name="audit-records", alone=()
+        )
         self._instance_id = instance_id
         self._pending: set[asyncio.Task[None]] = set()
 
@@ -223,9 +228,13 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             peer=_text(context.peer() or "")[:256],
         )
 
+    async def _record_together(self, calls: list[Sequence[AuditEvent]]) -> list[None]:
+        await self._record([event for events in calls for event in events])
+        return [None] * len(calls)
+
     async def _write(self, events: Sequence[AuditEvent]) -> None:
         try:
-            await self._record(events)
+            await self._commits.submit(events)
         except Exception:
             log.exception(
                 "the audit events (%d) of %s by %s (%s) could not be written",
