@@ -754,9 +754,10 @@ async def _restore_world(world: World) -> bool:
     """A database filled by an earlier run: its size and times, and a fresh token."""
     conn: Any = await asyncpg.connect(world.dsn)
     try:
-        world.jobs = await conn.fetchval("SELECT count(*) FROM jobs WHERE id LIKE 'j______'")
-        if not world.jobs:
+        jobs = await conn.fetchval("SELECT count(*) FROM jobs WHERE id LIKE 'j______'")
+        if not jobs:
             return False
+        world.jobs = jobs
         first = await conn.fetchval("SELECT min(scheduled_time) FROM executions")
         world.executions = await conn.fetchval("SELECT count(*) FROM executions")
         world.start = first.replace(microsecond=0)

@@ -23,22 +23,23 @@ from chronoplane.server.storage.tables import (
     jobs,
 )
 
+_EXECUTION_BY_ID = sa.select(executions).where(executions.c.id == sa.bindparam("execution_id"))
+
 
 class History(Session):
     """The record of executions, newest first, and its purges."""
 
     @translate_errors
     async def get_execution(self, execution_id: str) -> Execution:
-        async with self._begin() as conn:
-            query = sa.select(executions).where(executions.c.id == execution_id)
-            row = (await conn.execute(query)).first()
+        async with self._read() as conn:
+            row = (await conn.execute(_EXECUTION_BY_ID, {"execution_id": execution_id})).first()
         if row is None:
             raise ExecutionNotFound(execution_id)
         return execution_from_row(row)
 
     @translate_errors
     async def get_execution_by_request_id(self, job_id: str, request_id: str) -> Execution | None:
-        async with self._begin() as conn:
+        async with self._read() as conn:
             query = sa.select(executions).where(
                 executions.c.job_id == job_id, executions.c.dedupe_key == "r:" + request_id
             )
@@ -60,7 +61,7 @@ class History(Session):
             select = select.where(executions.c.scheduled_time < query.scheduled_before)
         if before is not None:
             select = select.where(executions.c.id < before)
-        async with self._begin() as conn:
+        async with self._read() as conn:
             rows = (await conn.execute(select)).all()
         page = [execution_from_row(row) for row in rows[:limit]]
         return ExecutionPage(

@@ -43,6 +43,12 @@ from chronoplane.server.storage.tables import (
     jobs,
 )
 
+# Built once: a statement's cache key is computed once per object, and these run per call.
+_JOB_BY_ID = JOB_WITH_SUMMARY.where(jobs.c.id == sa.bindparam("job_id"))
+
+
+_JOB_BY_REQUEST_ID = JOB_WITH_SUMMARY.where(jobs.c.request_id == sa.bindparam("request_id"))
+
 
 class SqlJobStore(Slots, JobStore):
     """The jobs aggregate."""
@@ -69,17 +75,16 @@ class SqlJobStore(Slots, JobStore):
 
     @translate_errors
     async def get_job(self, job_id: str) -> Job:
-        async with self._begin() as conn:
-            row = (await conn.execute(JOB_WITH_SUMMARY.where(jobs.c.id == job_id))).first()
+        async with self._read() as conn:
+            row = (await conn.execute(_JOB_BY_ID, {"job_id": job_id})).first()
         if row is None:
             raise JobNotFound(job_id)
         return job_with_summary(row)
 
     @translate_errors
     async def get_job_by_request_id(self, request_id: str) -> Job | None:
-        async with self._begin() as conn:
-            query = JOB_WITH_SUMMARY.where(jobs.c.request_id == request_id)
-            row = (await conn.execute(query)).first()
+        async with self._read() as conn:
+            row = (await conn.execute(_JOB_BY_REQUEST_ID, {"request_id": request_id})).first()
         return None if row is None else job_with_summary(row)
 
     @translate_errors
@@ -87,7 +92,7 @@ class SqlJobStore(Slots, JobStore):
         query = JOB_WITH_SUMMARY.order_by(jobs.c.id).limit(limit + 1)
         if after is not None:
             query = query.where(jobs.c.id > after)
-        async with self._begin() as conn:
+        async with self._read() as conn:
             rows = (await conn.execute(query)).all()
         page = [job_with_summary(row) for row in rows[:limit]]
         return JobPage(jobs=page, next_after=page[-1].id if len(rows) > limit else None)
