@@ -3,7 +3,9 @@ history limits by age and count."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -50,19 +52,20 @@ class History(Session):
     async def list_executions(
         self, query: ExecutionQuery, *, before: str | None, limit: int
     ) -> ExecutionPage:
-        select = sa.select(executions).order_by(executions.c.id.desc()).limit(limit + 1)
+        conditions: list[sa.ColumnElement[bool]] = []
         if query.job_id is not None:
-            select = select.where(executions.c.job_id == query.job_id)
+            conditions.append(executions.c.job_id == query.job_id)
         if query.states:
-            select = select.where(executions.c.state.in_(sorted(s.value for s in query.states)))
-        if query.scheduled_after is not None:
-            select = select.where(executions.c.scheduled_time >= query.scheduled_after)
-        if query.scheduled_before is not None:
-            select = select.where(executions.c.scheduled_time < query.scheduled_before)
+            conditions.append(executions.c.state.in_(sorted(s.value for s in query.states)))
         if before is not None:
-            select = select.where(executions.c.id < before)
+            conditions.append(executions.c.id < before)
         async with self._read() as conn:
-            rows = (await conn.execute(select)).all()
+            if query.scheduled_after is not None or query.scheduled_before is not None:
+                rows = await _newest_in_range(conn, conditions, query, limit + 1)
+            else:
+                select = sa.select(executions).where(*conditions)
+                select = select.order_by(executions.c.id.desc()).limit(limit + 1)
+                rows = (await conn.execute(select)).all()
         page = [execution_from_row(row) for row in rows[:limit]]
         return ExecutionPage(
             executions=page, next_before=page[-1].id if len(rows) > limit else None
@@ -123,3 +126,63 @@ class History(Session):
             )
         )
         return int(result.rowcount)
+
+
+# The first window of newest executions a time range is looked for in; each next is this
+# many times larger.
+_FIRST_WINDOW = 1_000
+
+
+_WINDOW_GROWTH = 8
+
+
+async def _newest_in_range(
+    conn: AsyncConnection,
+    conditions: list[sa.ColumnElement[bool]],
+    query: ExecutionQuery,
+    limit: int,
+) -> Sequence[sa.Row[Any]]:
+    """The newest ``limit`` executions matching ``conditions`` and the time range of
+    ``query``.
+
+    Ids follow creation, which follows scheduled time closely but not exactly (backfills,
+    retries, missed fires), so no index gives a time range newest first, and the planner,
+    which takes the matches to be spread evenly, walks the history back from the newest
+    (a range a week back: 400 ms over a million executions). Instead, alternately: the
+    matches among the ``window`` newest executions (exact once it finds ``limit``), and
+    whether the range holds fewer than ``window`` executions (then all of them are read
+    through the time index and sorted); the window grows until one answers. Each statement
+    is exact on its own; the cost follows the smaller of the two ways.
+    """
+    window = _FIRST_WINDOW
+    while True:
+        newest = (
+            sa.select(executions)
+            .where(*conditions)
+            .order_by(executions.c.id.desc())
+            .limit(window)
+            .subquery()
+        )
+        matched = sa.select(newest).where(*_in_range(newest.c.scheduled_time, query))
+        found = (await conn.execute(matched.order_by(newest.c.id.desc()).limit(limit))).all()
+        if len(found) == limit:
+            return found
+        times = _in_range(executions.c.scheduled_time, query)
+        every = sa.select(sa.literal(1)).where(*conditions, *times).limit(window).subquery()
+        count = (await conn.execute(sa.select(sa.func.count()).select_from(every))).scalar()
+        if (count or 0) < window:
+            # Sorted by an expression, so that the planner reads the range from its index.
+            select = sa.select(executions).where(*conditions, *times)
+            by_id = executions.c.id.concat("").desc()
+            return (await conn.execute(select.order_by(by_id).limit(limit))).all()
+        window *= _WINDOW_GROWTH
+
+
+def _in_range(column: Any, query: ExecutionQuery) -> list[sa.ColumnElement[bool]]:
+    """The time range of ``query`` on ``column`` (the table's, or a subquery's)."""
+    conditions = []
+    if query.scheduled_after is not None:
+        conditions.append(column >= query.scheduled_after)
+    if query.scheduled_before is not None:
+        conditions.append(column < query.scheduled_before)
+    return conditions
