@@ -566,8 +566,6 @@ class SchedulerService:
         self, query: ExecutionQuery, *, size: int, token: str
     ) -> Page[Execution]:
         limit = page_size(size, self._limits.page_size)
-        if query.job_id:
-            await self._store.get_job(query.job_id)
         fingerprint = [
             query.job_id,
             sorted(s.value for s in query.states),
@@ -576,6 +574,10 @@ class SchedulerService:
         ]
         before = self._tokens.decode(token, "executions", fingerprint)
         page = await self._store.list_executions(query, before=before, limit=limit)
+        if query.job_id and not page.executions:
+            # NOT_FOUND for a job that does not exist; one that has executions does (they
+            # are deleted with it, in one transaction).
+            await self._store.get_job(query.job_id)
         next_token = (
             self._tokens.encode("executions", page.next_before, fingerprint)
             if page.next_before

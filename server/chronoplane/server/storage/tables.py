@@ -160,6 +160,12 @@ executions = sa.Table(
     sa.Column("lease_expire_time", UtcDateTime, nullable=True),
     sa.UniqueConstraint("job_id", "dedupe_key"),
     sa.Index(None, "job_id", "id"),
+    # ListExecutions' filters, each read newest first (by id) from its index, or from the
+    # time index and sorted when the time range is narrow (history.py, migration 0010).
+    sa.Index(None, "state", "id"),
+    sa.Index(None, "job_id", "state", "id"),
+    sa.Index(None, "scheduled_time", "id"),
+    sa.Index(None, "job_id", "scheduled_time", "id"),
     # The age-based purge.
     sa.Index(None, "end_time"),
     # What a claim looks for; what waits for a slot, per job; whose runs and slots an

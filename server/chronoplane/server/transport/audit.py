@@ -21,6 +21,7 @@ from google.protobuf import json_format
 from chronoplane.server.aio import GroupCommit
 from chronoplane.server.models import AuditEvent, JSONObject
 from chronoplane.server.security import MUTATING_RPCS, current_identity
+from chronoplane.server.transport.errors import PerMethod
 
 __all__ = ["AuditInterceptor"]
 
@@ -144,6 +145,7 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         )
         self._instance_id = instance_id
         self._pending: set[asyncio.Task[None]] = set()
+        self._wrapped = PerMethod()
 
     async def intercept_service(
         self,
@@ -151,8 +153,14 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler_call_details: Any,
     ) -> Any:
         handler = await continuation(handler_call_details)
-        service, _, rpc = handler_call_details.method.lstrip("/").partition("/")
-        if handler is None or service != SCHEDULER_SERVICE or rpc not in MUTATING_RPCS:
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        return self._wrapped.get(method, handler, lambda: self._recorded(method, handler))
+
+    def _recorded(self, method: str, handler: Any) -> Any:
+        service, _, rpc = method.lstrip("/").partition("/")
+        if service != SCHEDULER_SERVICE or rpc not in MUTATING_RPCS:
             return handler
         if handler.request_streaming or handler.response_streaming:
             raise NotImplementedError(f"{rpc}: only unary mutating RPCs are audited")

@@ -16,7 +16,7 @@ import grpc
 
 from chronoplane.server.errors import ChronoplaneError
 from chronoplane.server.security import Authenticator, current_identity
-from chronoplane.server.transport.errors import end_with, status_for
+from chronoplane.server.transport.errors import PerMethod, end_with, status_for
 
 __all__ = ["AuthInterceptor"]
 
@@ -41,6 +41,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, authenticator: Authenticator, *, reflection: str) -> None:
         self._authenticator = authenticator
         self._reflection = reflection
+        self._wrapped = PerMethod()
 
     async def intercept_service(
         self,
@@ -50,7 +51,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        service, _, rpc = handler_call_details.method.lstrip("/").partition("/")
+        method = handler_call_details.method
+        return self._wrapped.get(method, handler, lambda: self._guarded(method, handler))
+
+    def _guarded(self, method: str, handler: Any) -> Any:
+        service, _, rpc = method.lstrip("/").partition("/")
         if service == HEALTH_SERVICE:
             return handler
         if service.startswith(REFLECTION_PREFIX):

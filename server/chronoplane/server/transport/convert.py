@@ -70,12 +70,18 @@ def timestamp_from_proto(message: timestamp_pb2.Timestamp, field: str) -> dateti
         raise InvalidArgument.field(field, "is not a valid timestamp") from None
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def timestamp_to_proto(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    """As ``Timestamp.FromDatetime`` (a naive time is UTC), in a fifth of its time: a page
+    of executions has 500 timestamps."""
     if value is None:
         return None
-    message = timestamp_pb2.Timestamp()
-    message.FromDatetime(value)
-    return message
+    since = (value if value.tzinfo is not None else value.replace(tzinfo=UTC)) - _EPOCH
+    return timestamp_pb2.Timestamp(
+        seconds=since.days * 86_400 + since.seconds, nanos=since.microseconds * 1000
+    )
 
 
 def duration_from_proto(message: duration_pb2.Duration, field: str) -> timedelta:
@@ -90,9 +96,12 @@ def duration_from_proto(message: duration_pb2.Duration, field: str) -> timedelta
 
 
 def _duration_to_proto(value: timedelta) -> duration_pb2.Duration:
-    message = duration_pb2.Duration()
-    message.FromTimedelta(value)
-    return message
+    """As ``Duration.FromTimedelta``, without its detour through nanoseconds."""
+    seconds = value.days * 86_400 + value.seconds
+    nanos = value.microseconds * 1000
+    if seconds < 0 and nanos:  # seconds and nanos have the same sign
+        seconds, nanos = seconds + 1, nanos - 1_000_000_000
+    return duration_pb2.Duration(seconds=seconds, nanos=nanos)
 
 
 def _from_value(value: struct_pb2.Value, depth: int) -> Any:
@@ -236,6 +245,12 @@ _OVERLAP = {
 }
 
 
+_MISFIRE_TO_PROTO = {policy: number for number, policy in _MISFIRE.items()}
+
+
+_OVERLAP_TO_PROTO = {policy: number for number, policy in _OVERLAP.items()}
+
+
 def _enum(value: int, table: dict[Any, Any], field: str) -> Any:
     try:
         return table[value]
@@ -351,8 +366,13 @@ def _executor_from_proto(value: int, field: str) -> ExecutorKind:
     return executor
 
 
+_EXECUTORS_TO_PROTO = {
+    kind: execution_pb2.Executor.Value("EXECUTOR_" + kind.name) for kind in ExecutorKind
+}
+
+
 def _executor_to_proto(executor: ExecutorKind) -> execution_pb2.Executor.ValueType:
-    return execution_pb2.Executor.Value("EXECUTOR_" + executor.name)
+    return _EXECUTORS_TO_PROTO[executor]
 
 
 def _celery_to_proto(options: CeleryOptions) -> job_pb2.CeleryOptions:
@@ -391,10 +411,10 @@ def job_to_proto(job: Job) -> job_pb2.Job:
         etag=job.etag,
         next_run_time=timestamp_to_proto(job.next_run_time),
         last_execution=_summary_to_proto(job.last_execution) if job.last_execution else None,
-        misfire_policy=next(k for k, v in _MISFIRE.items() if v is job.misfire_policy),
+        misfire_policy=_MISFIRE_TO_PROTO[job.misfire_policy],
         catchup_window=_duration_to_proto(job.catchup_window) if job.catchup_window else None,
         catchup_limit=job.catchup_limit,
-        overlap_policy=next(k for k, v in _OVERLAP.items() if v is job.overlap_policy),
+        overlap_policy=_OVERLAP_TO_PROTO[job.overlap_policy],
         retry=_retry_to_proto(job.retry),
         timeout=_duration_to_proto(job.timeout) if job.timeout else None,
         history_limit=job.history_limit,
@@ -410,8 +430,14 @@ def job_to_proto(job: Job) -> job_pb2.Job:
 _STATE_PREFIX = "EXECUTION_STATE_"
 
 
+_STATES_TO_PROTO = {
+    state: execution_pb2.ExecutionState.Value(_STATE_PREFIX + state.name)
+    for state in ExecutionState
+}
+
+
 def _state_to_proto(state: ExecutionState) -> execution_pb2.ExecutionState.ValueType:
-    return execution_pb2.ExecutionState.Value(_STATE_PREFIX + state.name)
+    return _STATES_TO_PROTO[state]
 
 
 def state_from_proto(value: int, field: str) -> ExecutionState:
@@ -424,8 +450,14 @@ def state_from_proto(value: int, field: str) -> ExecutionState:
 _STATE_NUMBERS = frozenset(execution_pb2.ExecutionState.values())
 
 
+_SOURCES_TO_PROTO = {
+    source: execution_pb2.ExecutionSource.Value("EXECUTION_SOURCE_" + source.name)
+    for source in ExecutionSource
+}
+
+
 def _source_to_proto(source: ExecutionSource) -> execution_pb2.ExecutionSource.ValueType:
-    return execution_pb2.ExecutionSource.Value("EXECUTION_SOURCE_" + source.name)
+    return _SOURCES_TO_PROTO[source]
 
 
 def execution_to_proto(execution: Execution) -> execution_pb2.Execution:

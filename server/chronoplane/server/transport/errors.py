@@ -40,6 +40,7 @@ __all__ = [
     "DOMAIN",
     "DecodeInterceptor",
     "ErrorInterceptor",
+    "PerMethod",
     "end_with",
     "nul_fields",
     "status_for",
@@ -201,8 +202,26 @@ def _chronoplane(handler: Any, method: str) -> bool:
     return True
 
 
+class PerMethod:
+    """An interceptor's wrapped handlers, made once per method and reused: grpc asks every
+    interceptor for the handler of every call, and the wrapping is the same each time (the
+    handlers of a method, and their wrappers, keep no state of a call)."""
+
+    def __init__(self) -> None:
+        self._made: dict[str, tuple[Any, Any]] = {}
+
+    def get(self, method: str, handler: Any, make: Callable[[], Any]) -> Any:
+        made = self._made.get(method)
+        if made is None or made[0] is not handler:
+            made = self._made[method] = (handler, make())
+        return made[1]
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Applies the table to every Chronoplane RPC."""
+
+    def __init__(self) -> None:
+        self._wrapped = PerMethod()
 
     async def intercept_service(
         self,
@@ -210,16 +229,24 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler_call_details: Any,
     ) -> Any:
         handler = await continuation(handler_call_details)
-        if not _chronoplane(handler, handler_call_details.method):
+        method = handler_call_details.method
+        if not _chronoplane(handler, method):
             return handler
         # Server-streaming handlers write with context.write and return: one guard fits both.
-        return grpc.experimental.wrap_server_method_handler(_guard_unary, handler)
+        return self._wrapped.get(
+            method,
+            handler,
+            lambda: grpc.experimental.wrap_server_method_handler(_guard_unary, handler),
+        )
 
 
 class DecodeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Parses Chronoplane and health-checking requests itself, outermost, so that one grpc
     cannot parse (invalid UTF-8 in a string field, a corrupt wire format) is INVALID_ARGUMENT
     naming the message, not grpc's UNKNOWN, and never reaches a handler."""
+
+    def __init__(self) -> None:
+        self._wrapped = PerMethod()
 
     async def intercept_service(
         self,
@@ -231,28 +258,31 @@ class DecodeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         health = handler is not None and method.startswith(HEALTH_PREFIX)
         if not health and not _chronoplane(handler, method):
             return handler
-        parse = handler.request_deserializer
-        inner = handler.unary_stream if handler.response_streaming else handler.unary_unary
+        return self._wrapped.get(method, handler, lambda: _decoding(handler))
 
-        async def decoded(raw: bytes, context: Any) -> Any:
-            try:
-                request = parse(raw)
-            except Exception as error:  # DecodeError, and whatever a parser may raise
-                violation = FieldViolation(
-                    field="request",
-                    description=f"cannot be parsed ({error}); string fields must be UTF-8",
-                )
-                status = status_for(InvalidArgument([violation]))
-            else:
-                return await inner(request, context)
-            end_with(context, status)
-            return None
 
-        make = (
-            grpc.unary_stream_rpc_method_handler
-            if handler.response_streaming
-            else grpc.unary_unary_rpc_method_handler
-        )
-        return make(
-            decoded, request_deserializer=None, response_serializer=handler.response_serializer
-        )
+def _decoding(handler: Any) -> Any:
+    """``handler``, taking the request's bytes and parsing them itself."""
+    parse = handler.request_deserializer
+    inner = handler.unary_stream if handler.response_streaming else handler.unary_unary
+
+    async def decoded(raw: bytes, context: Any) -> Any:
+        try:
+            request = parse(raw)
+        except Exception as error:  # DecodeError, and whatever a parser may raise
+            violation = FieldViolation(
+                field="request",
+                description=f"cannot be parsed ({error}); string fields must be UTF-8",
+            )
+            status = status_for(InvalidArgument([violation]))
+        else:
+            return await inner(request, context)
+        end_with(context, status)
+        return None
+
+    make = (
+        grpc.unary_stream_rpc_method_handler
+        if handler.response_streaming
+        else grpc.unary_unary_rpc_method_handler
+    )
+    return make(decoded, request_deserializer=None, response_serializer=handler.response_serializer)

@@ -52,7 +52,7 @@ class SqlAccessStore(Session, AccessStore):
 
     @translate_errors
     async def get_token(self, token_id: str) -> StoredToken | None:
-        async with self._begin() as conn:
+        async with self._read() as conn:
             row = (await conn.execute(sa.select(tokens).where(tokens.c.id == token_id))).first()
         return None if row is None else token_from_row(row)
 
@@ -99,7 +99,7 @@ class SqlAccessStore(Session, AccessStore):
             select = select.where(audit_events.c.time < query.before)
         if before is not None:
             select = select.where(audit_events.c.id < before)
-        async with self._begin() as conn:
+        async with self._read() as conn:
             rows = (await conn.execute(select)).all()
         page = [audit_from_row(row) for row in rows[:limit]]
         return AuditPage(events=page, next_before=page[-1].id if len(rows) > limit else None)

@@ -3,7 +3,9 @@ history limits by age and count."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -25,6 +27,7 @@ from chronoplane.server.storage.tables import (
 
 # Jobs whose history limit one purge transaction applies.
 PURGE_PAGE = 500
+_EXECUTION_BY_ID = sa.select(executions).where(executions.c.id == sa.bindparam("execution_id"))
 
 
 class History(Session):
@@ -32,16 +35,15 @@ class History(Session):
 
     @translate_errors
     async def get_execution(self, execution_id: str) -> Execution:
-        async with self._begin() as conn:
-            query = sa.select(executions).where(executions.c.id == execution_id)
-            row = (await conn.execute(query)).first()
+        async with self._read() as conn:
+            row = (await conn.execute(_EXECUTION_BY_ID, {"execution_id": execution_id})).first()
         if row is None:
             raise ExecutionNotFound(execution_id)
         return execution_from_row(row)
 
     @translate_errors
     async def get_execution_by_request_id(self, job_id: str, request_id: str) -> Execution | None:
-        async with self._begin() as conn:
+        async with self._read() as conn:
             query = sa.select(executions).where(
                 executions.c.job_id == job_id, executions.c.dedupe_key == "r:" + request_id
             )
@@ -52,19 +54,20 @@ class History(Session):
     async def list_executions(
         self, query: ExecutionQuery, *, before: str | None, limit: int
     ) -> ExecutionPage:
-        select = sa.select(executions).order_by(executions.c.id.desc()).limit(limit + 1)
+        conditions: list[sa.ColumnElement[bool]] = []
         if query.job_id is not None:
-            select = select.where(executions.c.job_id == query.job_id)
+            conditions.append(executions.c.job_id == query.job_id)
         if query.states:
-            select = select.where(executions.c.state.in_(sorted(s.value for s in query.states)))
-        if query.scheduled_after is not None:
-            select = select.where(executions.c.scheduled_time >= query.scheduled_after)
-        if query.scheduled_before is not None:
-            select = select.where(executions.c.scheduled_time < query.scheduled_before)
+            conditions.append(executions.c.state.in_(sorted(s.value for s in query.states)))
         if before is not None:
-            select = select.where(executions.c.id < before)
-        async with self._begin() as conn:
-            rows = (await conn.execute(select)).all()
+            conditions.append(executions.c.id < before)
+        async with self._read() as conn:
+            if query.scheduled_after is not None or query.scheduled_before is not None:
+                rows = await _newest_in_range(conn, conditions, query, limit + 1)
+            else:
+                select = sa.select(executions).where(*conditions)
+                select = select.order_by(executions.c.id.desc()).limit(limit + 1)
+                rows = (await conn.execute(select)).all()
         page = [execution_from_row(row) for row in rows[:limit]]
         return ExecutionPage(
             executions=page, next_before=page[-1].id if len(rows) > limit else None
@@ -134,3 +137,65 @@ class History(Session):
             )
         )
         return int(result.rowcount)
+
+
+# The first window of newest executions a time range is looked for in; each next is this
+# many times larger.
+_FIRST_WINDOW = 1_000
+
+
+_WINDOW_GROWTH = 8
+
+
+async def _newest_in_range(
+    conn: AsyncConnection,
+    conditions: list[sa.ColumnElement[bool]],
+    query: ExecutionQuery,
+    limit: int,
+) -> Sequence[sa.Row[Any]]:
+    """The newest ``limit`` executions matching ``conditions`` and the time range of
+    ``query``.
+
+    Ids follow creation, which follows scheduled time closely but not exactly (backfills,
+    retries, missed fires), so no index gives a time range newest first, and the planner,
+    which takes the matches to be spread evenly, walks the history back from the newest
+    (a range a week back: 400 ms over a million executions). Instead, alternately: whether
+    the range holds fewer than ``window`` executions (then all of them are read through the
+    time index and sorted), and the matches among the ``window`` newest executions (exact
+    once it finds ``limit``); the window grows until one answers. Each statement
+    is exact on its own; the cost follows the smaller of the two ways.
+    """
+    window = _FIRST_WINDOW
+    times = _in_range(executions.c.scheduled_time, query)
+    while True:
+        every = sa.select(sa.literal(1)).where(*conditions, *times).limit(window).subquery()
+        count = (await conn.execute(sa.select(sa.func.count()).select_from(every))).scalar()
+        if (count or 0) < window:
+            # The ids from the time index alone (sorted by an expression, so that the
+            # planner does not walk the history by id instead), then their rows.
+            by_id = executions.c.id.concat("").desc()
+            ids = sa.select(executions.c.id).where(*conditions, *times).order_by(by_id)
+            select = sa.select(executions).where(executions.c.id.in_(ids.limit(limit)))
+            return (await conn.execute(select.order_by(executions.c.id.desc()))).all()
+        newest = (
+            sa.select(executions)
+            .where(*conditions)
+            .order_by(executions.c.id.desc())
+            .limit(window)
+            .subquery()
+        )
+        matched = sa.select(newest).where(*_in_range(newest.c.scheduled_time, query))
+        found = (await conn.execute(matched.order_by(newest.c.id.desc()).limit(limit))).all()
+        if len(found) == limit:
+            return found
+        window *= _WINDOW_GROWTH
+
+
+def _in_range(column: Any, query: ExecutionQuery) -> list[sa.ColumnElement[bool]]:
+    """The time range of ``query`` on ``column`` (the table's, or a subquery's)."""
+    conditions = []
+    if query.scheduled_after is not None:
+        conditions.append(column >= query.scheduled_after)
+    if query.scheduled_before is not None:
+        conditions.append(column < query.scheduled_before)
+    return conditions

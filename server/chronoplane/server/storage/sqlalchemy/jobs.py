@@ -48,6 +48,8 @@ from chronoplane.server.storage.tables import (
 _NOTIFY_EACH = sa.text(
     "SELECT count(pg_notify(:channel, payload)) FROM unnest(CAST(:payloads AS text[])) AS payload"
 )
+# Built once: a statement's cache key is computed once per object, and these run per call.
+_JOB_BY_ID = JOB_WITH_SUMMARY.where(jobs.c.id == sa.bindparam("job_id"))
 
 
 class SqlJobStore(Slots, JobStore):
@@ -102,8 +104,8 @@ class SqlJobStore(Slots, JobStore):
 
     @translate_errors
     async def get_job(self, job_id: str) -> Job:
-        async with self._begin() as conn:
-            row = (await conn.execute(JOB_WITH_SUMMARY.where(jobs.c.id == job_id))).first()
+        async with self._read() as conn:
+            row = (await conn.execute(_JOB_BY_ID, {"job_id": job_id})).first()
         if row is None:
             raise JobNotFound(job_id)
         return job_with_summary(row)
@@ -113,7 +115,7 @@ class SqlJobStore(Slots, JobStore):
         if not request_ids:
             return {}
         query = JOB_WITH_SUMMARY.where(self._among(jobs.c.request_id, request_ids))
-        async with self._begin() as conn:
+        async with self._read() as conn:
             rows = (await conn.execute(query)).all()
         return {row.request_id: job_with_summary(row) for row in rows}
 
@@ -122,7 +124,7 @@ class SqlJobStore(Slots, JobStore):
         query = JOB_WITH_SUMMARY.order_by(jobs.c.id).limit(limit + 1)
         if after is not None:
             query = query.where(jobs.c.id > after)
-        async with self._begin() as conn:
+        async with self._read() as conn:
             rows = (await conn.execute(query)).all()
         page = [job_with_summary(row) for row in rows[:limit]]
         return JobPage(jobs=page, next_after=page[-1].id if len(rows) > limit else None)
