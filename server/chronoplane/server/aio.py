@@ -7,13 +7,13 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-__all__ = ["GroupCommit", "Slice", "cancelled", "report_slow", "where"]
+__all__ = ["GroupCommit", "cancelled", "in_turns", "report_slow", "where"]
 
 RECANCEL_SECONDS = 0.5
 # Items one group commit writes at most.
@@ -100,18 +100,17 @@ class GroupCommit(Generic[T, R]):
                 future.set_result(result)
 
 
-class Slice:
-    """Long work on the loop in slices: ``await slice.breathe()`` between steps lets the
-    loop run others once ``seconds`` have passed since the last time it did."""
-
-    def __init__(self, seconds: float = SLICE_SECONDS) -> None:
-        self._seconds = seconds
-        self._since = time.monotonic()
-
-    async def breathe(self) -> None:
-        if time.monotonic() - self._since >= self._seconds:
+async def in_turns(items: Iterable[T], seconds: float = SLICE_SECONDS) -> AsyncIterator[T]:
+    """The items, with the event loop free to run other work whenever ``seconds`` have passed
+    since it last was: work proportional to the number of jobs (checking, scheduling or
+    converting thousands) would otherwise hold heartbeats and every other call (DESIGN.md:
+    no stall over 100 ms)."""
+    since = time.monotonic()
+    for item in items:
+        yield item
+        if time.monotonic() - since >= seconds:
             await asyncio.sleep(0)
-            self._since = time.monotonic()
+            since = time.monotonic()
 
 
 def where(task: asyncio.Task[Any]) -> str:

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 
-from chronoplane.server.aio import Slice
+from chronoplane.server.aio import in_turns
 from chronoplane.server.engine.abc import Engine, Fire
 from chronoplane.server.errors import JobNotFound
 from chronoplane.server.models import Job
@@ -136,9 +136,8 @@ class Schedule:
         behind = [j.id for j in page if j.next_run_time is not None and j.next_run_time <= now]
         # A leader that died may have written fires but not yet the next run time after them.
         last_fires = await self._store.last_fires(behind) if behind else {}
-        scheduled, pause = 0, Slice()
-        for job in page:
-            await pause.breathe()
+        scheduled = 0
+        async for job in in_turns(page):
             if not self._news(job):
                 continue
             if job.id in last_fires and job.next_run_time is not None:
@@ -308,10 +307,9 @@ class Schedule:
         until, term = self.until, self._term
         if not self.leading or until is None or self._loading:
             return 0  # a load reads every row it would compare
-        fixed, seen, pause = 0, set(), Slice()
+        fixed, seen = 0, set()
         async for page in self._due_pages(since=None, until=until, term=term):
-            for job in page:
-                await pause.breathe()
+            async for job in in_turns(page):
                 seen.add(job.id)
                 fixed += self._apply(job)
         held = [job_id for job_id in self._engine.scheduled() if job_id not in seen]

@@ -5,14 +5,13 @@ No gRPC, SQL or APScheduler here: the store, the engine and the runner do that.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
-from chronoplane.server.aio import GroupCommit
+from chronoplane.server.aio import GroupCommit, in_turns
 from chronoplane.server.dispatch import Dispatcher
 from chronoplane.server.engine.abc import Engine
 from chronoplane.server.errors import (
@@ -65,7 +64,6 @@ __all__ = [
     "Page",
     "SchedulerService",
     "check_batch_size",
-    "in_turns",
 ]
 
 log = logging.getLogger(__name__)
@@ -658,16 +656,6 @@ class SchedulerService:
         checked = self._check_trigger(trigger, "trigger", violations, now)
         violations.raise_if_any()
         return self._engine.preview(checked, start=now, count=count or DEFAULT_PREVIEW)
-
-
-async def in_turns(items: Iterable[T], every: int = 20) -> AsyncIterator[T]:
-    """The items, with the event loop free to run other work after every ``every`` of them:
-    checking or scheduling a job takes a millisecond or two, and a thousand in one go would
-    hold heartbeats and every other call (DESIGN.md 5.8: no stall over 100 ms)."""
-    for n, item in enumerate(items, 1):
-        yield item
-        if n % every == 0:
-            await asyncio.sleep(0)
 
 
 def check_batch_size(count: int) -> None:

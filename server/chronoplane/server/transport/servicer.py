@@ -9,6 +9,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any, TypeAlias
 
+from chronoplane.server.aio import in_turns
 from chronoplane.server.errors import InvalidArgument, ServerStopping, WatchFellBehind
 from chronoplane.server.models import AuditQuery, Event, EventKind, EventResource, ExecutionQuery
 from chronoplane.server.service import (
@@ -16,7 +17,6 @@ from chronoplane.server.service import (
     NewJob,
     SchedulerService,
     check_batch_size,
-    in_turns,
 )
 from chronoplane.server.transport.convert import (
     audit_event_to_proto,
