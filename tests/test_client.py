@@ -465,6 +465,7 @@ async def test_a_run_past_its_timeout_is_timed_out(client: AsyncClient) -> None:
         "chronoplane.client",
         "chronoplane.client._client",
         "chronoplane.client._convert",
+        "chronoplane.client._requests",
         "chronoplane.client.errors",
         "chronoplane.client.cli",
     ],

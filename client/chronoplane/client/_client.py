@@ -14,12 +14,16 @@ from google.protobuf.message import Message
 from chronoplane.client._convert import (
     Misfire,
     Overlap,
-    duration,
     from_timestamp,
-    misfire_policy,
-    overlap_policy,
     struct,
     timestamp,
+)
+from chronoplane.client._requests import (
+    RENAMED,
+    create_request,
+    job_message,
+    overlap_value,
+    with_celery,
 )
 from chronoplane.client.errors import error_info, from_rpc_error
 from chronoplane.v1 import (
@@ -36,84 +40,6 @@ __all__ = ["AsyncClient"]
 
 # The most a list call returns per page; lists page through the server with this.
 _PAGE_SIZE = 1000
-
-
-def _overlap(value: Overlap | None) -> job_pb2.OverlapPolicy.ValueType:
-    return overlap_policy(value) if value is not None else job_pb2.OVERLAP_POLICY_UNSPECIFIED
-
-
-def _job(
-    job_id: str,
-    *,
-    etag: str = "",
-    task: str | None = None,
-    trigger: job_pb2.Trigger | None = None,
-    args: Mapping[str, Any] | None = None,
-    display_name: str | None = None,
-    description: str | None = None,
-    paused: bool = False,
-    misfire_grace: timedelta | float | None = None,
-    coalesce: bool | None = None,
-    max_concurrent: int | None = None,
-    labels: Mapping[str, str] | None = None,
-    misfire: Misfire | None = None,
-    catchup_window: timedelta | float | None = None,
-    catchup_limit: int | None = None,
-    overlap: Overlap | None = None,
-    retry: job_pb2.RetryPolicy | None = None,
-    timeout: timedelta | float | None = None,
-    history_limit: int | None = None,
-) -> job_pb2.Job:
-    return job_pb2.Job(
-        id=job_id,
-        etag=etag,
-        task=task or "",
-        trigger=trigger,
-        args=struct(args) if args is not None else None,
-        display_name=display_name or "",
-        description=description or "",
-        paused=paused,
-        misfire_grace=duration(misfire_grace) if misfire_grace is not None else None,
-        coalesce=coalesce,
-        max_concurrent=max_concurrent or 0,
-        labels=labels,
-        misfire_policy=(
-            misfire_policy(misfire) if misfire is not None else job_pb2.MISFIRE_POLICY_UNSPECIFIED
-        ),
-        # 0 means "no window" and "no timeout": sent as unset, which is how the server says so.
-        catchup_window=duration(catchup_window) if catchup_window else None,
-        catchup_limit=catchup_limit or 0,
-        overlap_policy=_overlap(overlap),
-        retry=retry,
-        timeout=duration(timeout) if timeout else None,
-        history_limit=history_limit or 0,
-    )
-
-
-def _with_celery(job: job_pb2.Job, celery: job_pb2.CeleryOptions | None) -> job_pb2.Job:
-    if celery is not None:
-        job.executor = execution_pb2.EXECUTOR_CELERY
-        job.celery.CopyFrom(celery)
-    return job
-
-
-# create_job's argument names that _job names otherwise.
-_RENAMED = {"misfire_policy": "misfire", "overlap_policy": "overlap"}
-
-
-def _create_request(
-    spec: Mapping[str, Any] | job_pb2.Job | pb.CreateJobRequest,
-) -> pb.CreateJobRequest:
-    """A CreateJob request from create_job's keyword arguments, or from a message."""
-    if isinstance(spec, pb.CreateJobRequest):
-        return spec
-    if isinstance(spec, job_pb2.Job):
-        return pb.CreateJobRequest(job=spec)
-    fields = dict(spec)
-    job_id, request_id = fields.pop("job_id", ""), fields.pop("request_id", "")
-    celery = fields.pop("celery", None)
-    job = _job(job_id, **{_RENAMED.get(name, name): value for name, value in fields.items()})
-    return pb.CreateJobRequest(job=_with_celery(job, celery), request_id=request_id)
 
 
 class AsyncClient:
@@ -230,7 +156,7 @@ class AsyncClient:
         ``coalesce`` is deprecated: use ``misfire_policy`` (``coalesce=False`` is
         ``misfire_policy="run_all"``).
         """
-        job = _job(
+        job = job_message(
             job_id,
             task=task,
             trigger=trigger,
@@ -250,7 +176,7 @@ class AsyncClient:
             timeout=timeout,
             history_limit=history_limit,
         )
-        request = pb.CreateJobRequest(job=_with_celery(job, celery), request_id=request_id)
+        request = pb.CreateJobRequest(job=with_celery(job, celery), request_id=request_id)
         response: pb.CreateJobResponse = await self._call(self._stub.CreateJob, request)
         return response.job
 
@@ -274,7 +200,7 @@ class AsyncClient:
         names a taken id in its message. An entry whose ``request_id`` created a job before
         returns that job, so a retried batch returns the same jobs.
         """
-        requests = [_create_request(job) for job in jobs]
+        requests = [create_request(job) for job in jobs]
         response: pb.BatchCreateJobsResponse = await self._call(
             self._stub.BatchCreateJobs, pb.BatchCreateJobsRequest(requests=requests)
         )
@@ -336,7 +262,7 @@ class AsyncClient:
             "timeout": timeout,
             "history_limit": history_limit,
         }
-        job = _job(job_id, etag=etag, **{_RENAMED.get(k, k): v for k, v in changes.items()})
+        job = job_message(job_id, etag=etag, **{RENAMED.get(k, k): v for k, v in changes.items()})
         mask = field_mask_pb2.FieldMask(paths=[k for k, v in changes.items() if v is not None])
         request = pb.UpdateJobRequest(job=job, update_mask=mask)
         response: pb.UpdateJobResponse = await self._call(self._stub.UpdateJob, request)
@@ -384,7 +310,7 @@ class AsyncClient:
             id=job_id,
             args=struct(args) if args is not None else None,
             request_id=request_id,
-            overlap_policy=_overlap(overlap_policy),
+            overlap_policy=overlap_value(overlap_policy),
         )
         response: pb.TriggerJobResponse = await self._call(self._stub.TriggerJob, request)
         return response.execution
@@ -409,7 +335,7 @@ class AsyncClient:
             id=job_id,
             start_time=timestamp(start),
             end_time=timestamp(end),
-            overlap_policy=_overlap(overlap_policy),
+            overlap_policy=overlap_value(overlap_policy),
         )
         response: pb.BackfillJobResponse = await self._call(self._stub.BackfillJob, request)
         return response
