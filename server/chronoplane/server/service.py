@@ -44,7 +44,7 @@ from chronoplane.server.pagination import PageTokens, page_size
 from chronoplane.server.runner import Runner
 from chronoplane.server.schedule import HORIZON, TICK, Schedule
 from chronoplane.server.security import current_principal
-from chronoplane.server.storage.abc import Store
+from chronoplane.server.storage.abc import JobChange, JobDeletion, JobRefusal, JobUpdate, Store
 from chronoplane.server.tasks import TaskDefinition, TaskRegistry
 from chronoplane.server.validation import (
     DEFAULT_LIMITS,
@@ -170,6 +170,12 @@ class SchedulerService:
         self.dispatcher: Dispatcher | None = None
         self._creates: GroupCommit[tuple[Job, str | None], Job] = GroupCommit(
             self._insert_jobs, name="job-creates", alone=(JobAlreadyExists,)
+        )
+        # Concurrent updates, pauses, resumes and deletions share a transaction; a job's
+        # changes go one per transaction (its watch events are one per transaction). A
+        # change's own refusal is its outcome, not an error of the group.
+        self._changes: GroupCommit[JobChange, Job | JobRefusal] = GroupCommit(
+            self._store.change_jobs, name="job-changes", key=_job_of
         )
         self.schedule = Schedule(
             store=store, engine=engine, runner=runner, clock=clock, horizon=horizon
@@ -336,7 +342,7 @@ class SchedulerService:
             if "trigger" in changes:
                 changed = replace(changed, next_run_time=self._first_run(changed, now))
             try:
-                stored = await self._store.update_job(changed, expected_version=expected)
+                stored = await self._update(changed, expected)
             except EtagMismatch:
                 if etag or attempt == _UPDATE_ATTEMPTS - 1:
                     raise
@@ -345,11 +351,20 @@ class SchedulerService:
             return stored
         raise AssertionError("unreachable")
 
+    async def _update(self, job: Job, expected_version: int) -> Job:
+        """Writes the job, compare-and-swap on its version, with concurrent changes."""
+        outcome = await self._changes.submit(JobUpdate(job=job, expected_version=expected_version))
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
     async def delete_job(self, job_id: str, *, etag: str) -> None:
         expected = None
         if etag:
             expected = _expected_version(job_id, etag, await self._store.get_job(job_id))
-        await self._store.delete_job(job_id, expected_version=expected)
+        outcome = await self._changes.submit(JobDeletion(job_id=job_id, expected_version=expected))
+        if isinstance(outcome, Exception):
+            raise outcome
         self.schedule.unschedule(job_id)
 
     async def pause_job(self, job_id: str, *, etag: str) -> Job:
@@ -366,7 +381,7 @@ class SchedulerService:
         now = self._clock()
         changed = replace(current, paused=paused, updated_by=current_principal())
         changed = replace(changed, next_run_time=self._first_run(changed, now))
-        stored = await self._store.update_job(changed, expected_version=expected)
+        stored = await self._update(changed, expected)
         self.schedule.schedule(stored, reschedule=True)
         return stored
 
@@ -679,6 +694,10 @@ def check_batch_size(count: int) -> None:
 
 def _request_id(entry: NewJob | InvalidArgument) -> str:
     return entry.request_id if isinstance(entry, NewJob) else ""
+
+
+def _job_of(change: JobChange) -> str:
+    return change.job_id
 
 
 def _listed() -> str:
