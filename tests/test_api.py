@@ -512,6 +512,41 @@ async def test_trigger_with_the_same_request_id_creates_one_execution(
     assert len(listed.executions) == 1
 
 
+async def test_concurrent_triggers_share_transactions_and_fail_alone(
+    server: InProcessServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """30 TriggerJobs at once: 20 on jobs that exist (4 of them with one request_id), 10 on
+    jobs that do not. The missing ones are NOT_FOUND, the repeated request_id makes one
+    execution, the others one each, in fewer transactions than calls."""
+    for name in ("t-a", "t-b"):
+        await create(server.stub, name, paused=True, overlap_policy=jpb.OVERLAP_POLICY_ALLOW)
+    admitted: list[int] = []
+    admit = SqlAlchemyStore.admit_executions
+
+    async def counted(self: SqlAlchemyStore, admissions: Any, **kwargs: Any) -> Any:
+        admitted.append(len(admissions))
+        return await admit(self, admissions, **kwargs)
+
+    monkeypatch.setattr(SqlAlchemyStore, "admit_executions", counted)
+    requests = [pb.TriggerJobRequest(id=("t-a", "t-b")[n % 2]) for n in range(16)]
+    requests += [pb.TriggerJobRequest(id="t-a", request_id="once") for _ in range(4)]
+    requests += [pb.TriggerJobRequest(id=f"ghost-{n}") for n in range(10)]
+    results = await asyncio.gather(*map(server.stub.TriggerJob, requests), return_exceptions=True)
+    missing = results[20:]
+    assert all(
+        isinstance(r, grpc.aio.AioRpcError) and r.code() is grpc.StatusCode.NOT_FOUND
+        for r in missing
+    )
+    made = [r.execution for r in results[:20] if isinstance(r, pb.TriggerJobResponse)]
+    assert len(made) == 20
+    assert len({e.id for e in made[:16]}) == 16 and len({e.id for e in made[16:]}) == 1
+    assert all(e.job_id == r.id for e, r in zip(made, requests, strict=False))
+    executions = await wait_executions(server.stub, "t-a", 9)
+    executions += await wait_executions(server.stub, "t-b", 8)
+    assert {e.id for e in executions} == {e.id for e in made}
+    assert sum(admitted) == 20 and len(admitted) < 20 and max(admitted) > 1
+
+
 async def test_failing_task_records_error_and_traceback(server: InProcessServer) -> None:
     await create(server.stub, "boom", task="chronoplane.fail", args=struct(message="disk full"))
     await server.stub.TriggerJob(pb.TriggerJobRequest(id="boom"))

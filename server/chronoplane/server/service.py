@@ -171,11 +171,10 @@ class SchedulerService:
         self._creates: GroupCommit[tuple[Job, str | None], Job] = GroupCommit(
             self._insert_jobs, name="job-creates", alone=(JobAlreadyExists,)
         )
-        # Concurrent updates, pauses, resumes and deletions share a transaction; a job's
-        # changes go one per transaction (its watch events are one per transaction). A
-        # change's own refusal is its outcome, not an error of the group.
+        # Concurrent updates, pauses, resumes and deletions share a transaction, one change
+        # of a job per transaction (decision 0020).
         self._changes: GroupCommit[JobChange, Job | JobRefusal] = GroupCommit(
-            self._store.change_jobs, name="job-changes", key=_job_of
+            self._store.change_jobs, name="job-changes", key=lambda change: change.job_id
         )
         self.schedule = Schedule(
             store=store, engine=engine, runner=runner, clock=clock, horizon=horizon
@@ -342,7 +341,7 @@ class SchedulerService:
             if "trigger" in changes:
                 changed = replace(changed, next_run_time=self._first_run(changed, now))
             try:
-                stored = await self._update(changed, expected)
+                stored = await self._change(JobUpdate(job=changed, expected_version=expected))
             except EtagMismatch:
                 if etag or attempt == _UPDATE_ATTEMPTS - 1:
                     raise
@@ -351,9 +350,9 @@ class SchedulerService:
             return stored
         raise AssertionError("unreachable")
 
-    async def _update(self, job: Job, expected_version: int) -> Job:
-        """Writes the job, compare-and-swap on its version, with concurrent changes."""
-        outcome = await self._changes.submit(JobUpdate(job=job, expected_version=expected_version))
+    async def _change(self, change: JobChange) -> Job:
+        """Writes the change with concurrent ones; raises its own refusal."""
+        outcome = await self._changes.submit(change)
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
@@ -362,9 +361,7 @@ class SchedulerService:
         expected = None
         if etag:
             expected = _expected_version(job_id, etag, await self._store.get_job(job_id))
-        outcome = await self._changes.submit(JobDeletion(job_id=job_id, expected_version=expected))
-        if isinstance(outcome, Exception):
-            raise outcome
+        await self._change(JobDeletion(job_id=job_id, expected_version=expected))
         self.schedule.unschedule(job_id)
 
     async def pause_job(self, job_id: str, *, etag: str) -> Job:
@@ -381,7 +378,7 @@ class SchedulerService:
         now = self._clock()
         changed = replace(current, paused=paused, updated_by=current_principal())
         changed = replace(changed, next_run_time=self._first_run(changed, now))
-        stored = await self._update(changed, expected)
+        stored = await self._change(JobUpdate(job=changed, expected_version=expected))
         self.schedule.schedule(stored, reschedule=True)
         return stored
 
@@ -694,10 +691,6 @@ def check_batch_size(count: int) -> None:
 
 def _request_id(entry: NewJob | InvalidArgument) -> str:
     return entry.request_id if isinstance(entry, NewJob) else ""
-
-
-def _job_of(change: JobChange) -> str:
-    return change.job_id
 
 
 def _listed() -> str:
