@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from chronoplane.server.aio import cancelled, report_slow
+from chronoplane.server.aio import GroupCommit, cancelled, report_slow
 
 
 async def test_a_task_that_swallows_its_cancellation_is_asked_again() -> None:
@@ -53,3 +53,19 @@ async def test_a_slow_step_is_named_with_its_chain_of_awaits(
     assert "shutting down has taken 0 s" in record.getMessage()
     assert "unwind: stop_the_runner (" in record.getMessage()
     assert "-> flush_to_the_database (" in record.getMessage()
+
+
+async def test_a_group_commit_writes_concurrent_items_together_one_per_key() -> None:
+    groups: list[list[str]] = []
+
+    async def write(items: list[str]) -> list[str]:
+        groups.append(items)
+        await asyncio.sleep(0.01)
+        return [item.upper() for item in items]
+
+    commit: GroupCommit[str, str] = GroupCommit(write, name="test", key=lambda i: i[0])
+    items = ["a1", "b1", "c1", "b2", "d1", "a2", "e1"]
+    results = await asyncio.gather(*map(commit.submit, items))
+    assert results == [item.upper() for item in items]
+    # As they came, a group ending before a repeated key.
+    assert groups == [["a1", "b1", "c1"], ["b2", "d1", "a2", "e1"]]

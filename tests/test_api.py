@@ -13,6 +13,9 @@ from conftest import InProcessServer
 from google.protobuf import duration_pb2, field_mask_pb2, struct_pb2, timestamp_pb2
 from harness import error_reason, violations
 
+from chronoplane.server.models import Event, EventKind, EventResource
+from chronoplane.server.storage.sqlalchemy import SqlAlchemyStore
+from chronoplane.server.storage.sqlalchemy.session import Session
 from chronoplane.v1 import execution_pb2 as epb
 from chronoplane.v1 import job_pb2 as jpb
 from chronoplane.v1 import scheduler_service_pb2 as pb
@@ -332,6 +335,128 @@ async def test_pause_stops_firing_and_resume_starts_again(server: InProcessServe
     assert executions[0].state == epb.EXECUTION_STATE_SUCCEEDED
 
 
+async def _job_events_after(server: InProcessServer, cursor: int) -> list[Event]:
+    store = SqlAlchemyStore.from_url(server.database_url)
+    try:
+        events = await store.newest_events(cursor, limit=1000)
+    finally:
+        await store.close()
+    return [e for e in events if e.resource is EventResource.JOB]
+
+
+async def _last_cursor(server: InProcessServer) -> int:
+    store = SqlAlchemyStore.from_url(server.database_url)
+    try:
+        return (await store.event_window()).newest
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+def transactions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of events each write transaction appends, in commit order."""
+    sizes: list[int] = []
+    append = Session._append_events
+
+    async def counted(self: Session, conn: Any, changes: Any) -> None:
+        sizes.append(len(changes.kinds))
+        await append(self, conn, changes)
+
+    monkeypatch.setattr(Session, "_append_events", counted)
+    return sizes
+
+
+async def test_concurrent_updates_share_transactions_and_stale_etags_fail_alone(
+    server: InProcessServer, transactions: list[int]
+) -> None:
+    """50 UpdateJobs at once on 50 jobs, 10 with a stale etag: exactly those are ABORTED,
+    the 40 others applied, with one event each; they were written in fewer transactions."""
+    ids = [f"group-{n:02d}" for n in range(50)]
+    await server.stub.BatchCreateJobs(
+        pb.BatchCreateJobsRequest(requests=[pb.CreateJobRequest(job=job(i)) for i in ids])
+    )
+    mask = field_mask_pb2.FieldMask(paths=["description"])
+    stale = set(ids[::5])
+    for job_id in stale:  # now at etag "2"
+        change = jpb.Job(id=job_id, description="moved")
+        await server.stub.UpdateJob(pb.UpdateJobRequest(job=change, update_mask=mask))
+    cursor = await _last_cursor(server)
+    transactions.clear()
+
+    async def update(job_id: str) -> grpc.StatusCode:
+        change = jpb.Job(id=job_id, description=f"new {job_id}", etag="1")
+        try:
+            await server.stub.UpdateJob(pb.UpdateJobRequest(job=change, update_mask=mask))
+        except grpc.aio.AioRpcError as error:
+            return error.code()
+        return grpc.StatusCode.OK
+
+    codes = dict(zip(ids, await asyncio.gather(*map(update, ids)), strict=True))
+    assert {i for i, code in codes.items() if code is not grpc.StatusCode.OK} == stale
+    assert {codes[i] for i in stale} == {grpc.StatusCode.ABORTED}
+    for job_id in ids:
+        got = (await server.stub.GetJob(pb.GetJobRequest(id=job_id))).job
+        assert got.etag == "2"
+        assert got.description == ("moved" if job_id in stale else f"new {job_id}")
+    events = await _job_events_after(server, cursor)
+    assert sorted(e.job_id for e in events) == sorted(set(ids) - stale)
+    assert {e.kind for e in events} == {EventKind.MODIFIED}
+    assert [e.cursor for e in events] == sorted(e.cursor for e in events)
+    assert all(e.job is not None and e.job.version == 2 for e in events)
+    # The first write goes alone; the calls that came meanwhile share the next ones.
+    assert sum(transactions) == 40 and len(transactions) < 40 and max(transactions) > 1
+
+
+async def test_concurrent_changes_of_one_job_are_one_event_each_in_version_order(
+    server: InProcessServer,
+) -> None:
+    await create(server.stub, "busy")
+    cursor = await _last_cursor(server)
+    mask = field_mask_pb2.FieldMask(paths=["description"])
+
+    async def update(n: int, etag: str = "") -> jpb.Job:
+        change = jpb.Job(id="busy", description=f"change {n}", etag=etag)
+        request = pb.UpdateJobRequest(job=change, update_mask=mask)
+        response: pb.UpdateJobResponse = await server.stub.UpdateJob(request)
+        return response.job
+
+    # Without an etag each retries until it applies (a call loses at most once per other
+    # call: 5 attempts suffice for 5); with the same etag only one can.
+    updated = await asyncio.gather(*(update(n) for n in range(5)))
+    assert sorted(int(j.etag) for j in updated) == list(range(2, 7))
+    results = await asyncio.gather(
+        *(update(n, etag="6") for n in range(10)), return_exceptions=True
+    )
+    assert len([r for r in results if isinstance(r, jpb.Job)]) == 1
+    refused = [r for r in results if not isinstance(r, jpb.Job)]
+    assert len(refused) == 9
+    assert all(
+        isinstance(r, grpc.aio.AioRpcError) and r.code() is grpc.StatusCode.ABORTED for r in refused
+    )
+    paused = await server.stub.PauseJob(pb.PauseJobRequest(id="busy"))
+    assert paused.job.etag == "8"
+    await server.stub.DeleteJob(pb.DeleteJobRequest(id="busy", etag="8"))
+    events = await _job_events_after(server, cursor)
+    assert [e.kind for e in events] == [EventKind.MODIFIED] * 7 + [EventKind.DELETED]
+    assert [e.job.version for e in events if e.job is not None] == [*range(2, 9), 8]
+
+
+async def test_update_and_pause_return_the_job_as_get_job_does(server: InProcessServer) -> None:
+    await create(server.stub, "same", trigger=interval(3600))
+    await server.stub.TriggerJob(pb.TriggerJobRequest(id="same"))
+    await wait_executions(server.stub, "same", 1)
+    mask = field_mask_pb2.FieldMask(paths=["description"])
+    updated = await server.stub.UpdateJob(
+        pb.UpdateJobRequest(job=jpb.Job(id="same", description="new"), update_mask=mask)
+    )
+    assert updated.job.HasField("last_execution")
+    assert updated.job == (await server.stub.GetJob(pb.GetJobRequest(id="same"))).job
+    paused = await server.stub.PauseJob(pb.PauseJobRequest(id="same"))
+    assert paused.job == (await server.stub.GetJob(pb.GetJobRequest(id="same"))).job
+    resumed = await server.stub.ResumeJob(pb.ResumeJobRequest(id="same"))
+    assert resumed.job == (await server.stub.GetJob(pb.GetJobRequest(id="same"))).job
+
+
 # -- executions -----------------------------------------------------------------------------------
 
 
@@ -385,6 +510,41 @@ async def test_trigger_with_the_same_request_id_creates_one_execution(
     assert third.execution.id == first.execution.id
     listed = await server.stub.ListExecutions(pb.ListExecutionsRequest(job_id="once"))
     assert len(listed.executions) == 1
+
+
+async def test_concurrent_triggers_share_transactions_and_fail_alone(
+    server: InProcessServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """30 TriggerJobs at once: 20 on jobs that exist (4 of them with one request_id), 10 on
+    jobs that do not. The missing ones are NOT_FOUND, the repeated request_id makes one
+    execution, the others one each, in fewer transactions than calls."""
+    for name in ("t-a", "t-b"):
+        await create(server.stub, name, paused=True, overlap_policy=jpb.OVERLAP_POLICY_ALLOW)
+    admitted: list[int] = []
+    admit = SqlAlchemyStore.admit_executions
+
+    async def counted(self: SqlAlchemyStore, admissions: Any, **kwargs: Any) -> Any:
+        admitted.append(len(admissions))
+        return await admit(self, admissions, **kwargs)
+
+    monkeypatch.setattr(SqlAlchemyStore, "admit_executions", counted)
+    requests = [pb.TriggerJobRequest(id=("t-a", "t-b")[n % 2]) for n in range(16)]
+    requests += [pb.TriggerJobRequest(id="t-a", request_id="once") for _ in range(4)]
+    requests += [pb.TriggerJobRequest(id=f"ghost-{n}") for n in range(10)]
+    results = await asyncio.gather(*map(server.stub.TriggerJob, requests), return_exceptions=True)
+    missing = results[20:]
+    assert all(
+        isinstance(r, grpc.aio.AioRpcError) and r.code() is grpc.StatusCode.NOT_FOUND
+        for r in missing
+    )
+    made = [r.execution for r in results[:20] if isinstance(r, pb.TriggerJobResponse)]
+    assert len(made) == 20
+    assert len({e.id for e in made[:16]}) == 16 and len({e.id for e in made[16:]}) == 1
+    assert all(e.job_id == r.id for e, r in zip(made, requests, strict=False))
+    executions = await wait_executions(server.stub, "t-a", 9)
+    executions += await wait_executions(server.stub, "t-b", 8)
+    assert {e.id for e in executions} == {e.id for e in made}
+    assert sum(admitted) == 20 and len(admitted) < 20 and max(admitted) > 1
 
 
 async def test_failing_task_records_error_and_traceback(server: InProcessServer) -> None:

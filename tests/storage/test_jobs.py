@@ -21,7 +21,7 @@ from chronoplane.server.models import (
     IntervalTrigger,
     Job,
 )
-from chronoplane.server.storage.abc import NextRun
+from chronoplane.server.storage.abc import JobChange, JobDeletion, JobUpdate, NextRun
 from chronoplane.server.storage.sqlalchemy import SqlAlchemyStore
 
 
@@ -99,6 +99,50 @@ async def test_update_is_compare_and_swap_on_the_version(store: SqlAlchemyStore)
     with pytest.raises(JobNotFound):
         await store.update_job(a_job("ghost"), expected_version=1)
     assert (await store.get_job("j1")).description == "new"
+
+
+async def test_change_jobs_returns_each_outcome_and_fails_only_the_refused(
+    store: SqlAlchemyStore,
+) -> None:
+    for job_id in ["a", "b", "c", "d", "e"]:
+        await store.create_job(a_job(job_id), request_id=None)
+    await store.insert_executions([an_execution("b")])
+    before = await store.newest_events(0, limit=100)
+    changes: list[JobChange] = [
+        JobUpdate(job=a_job("d", description="d2"), expected_version=1),
+        JobUpdate(job=a_job("c", description="lost"), expected_version=7),
+        JobDeletion(job_id="a", expected_version=1),
+        JobUpdate(job=a_job("ghost"), expected_version=1),
+        JobUpdate(job=a_job("b", description="b2"), expected_version=1),
+        JobDeletion(job_id="gone"),
+        JobDeletion(job_id="e", expected_version=3),
+    ]
+    outcomes = await store.change_jobs(changes)
+    assert [type(o).__name__ for o in outcomes] == [
+        "Job",
+        "EtagMismatch",
+        "Job",
+        "JobNotFound",
+        "Job",
+        "JobNotFound",
+        "EtagMismatch",
+    ]
+    d, _, a, _, b, _, _ = outcomes
+    assert d == await store.get_job("d") and isinstance(d, Job) and d.version == 2
+    assert b == await store.get_job("b") and isinstance(b, Job) and b.last_execution
+    assert isinstance(a, Job) and a.id == "a" and a.version == 1
+    assert (await store.get_job("c")).version == 1
+    with pytest.raises(JobNotFound):
+        await store.get_job("a")
+    events = (await store.newest_events(0, limit=100))[len(before) :]
+    # One event per change made, in the order the transaction made them (by job id).
+    assert [(e.job_id, e.kind) for e in events] == [
+        ("a", EventKind.DELETED),
+        ("b", EventKind.MODIFIED),
+        ("d", EventKind.MODIFIED),
+    ]
+    with pytest.raises(ValueError):
+        await store.change_jobs([JobDeletion(job_id="b"), JobDeletion(job_id="b")])
 
 
 async def test_delete_takes_executions_along(store: SqlAlchemyStore) -> None:

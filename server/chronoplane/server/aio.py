@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable, Sequence
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -42,7 +42,9 @@ class GroupCommit(Generic[T, R]):
     where ``items`` are the items submitted while the previous write ran (``limit`` at most),
     so that concurrent callers share one transaction; a caller alone is written at once, with
     no timer. A failed write of several items is tried again an item at a time: one bad item
-    fails only its own caller (when the error is one of ``alone``: others fail them all)."""
+    fails only its own caller (when the error is one of ``alone``: others fail them all).
+    With ``key``, items of the same key never share a write: a group ends before the first
+    item whose key it holds already, so items are written in the order submitted."""
 
     def __init__(
         self,
@@ -51,11 +53,13 @@ class GroupCommit(Generic[T, R]):
         name: str,
         limit: int = GROUP_LIMIT,
         alone: tuple[type[Exception], ...] = (Exception,),
+        key: Callable[[T], Hashable] | None = None,
     ) -> None:
         self._write = write
         self._name = name
         self._limit = limit
         self._alone = alone
+        self._key = key
         self._queue: deque[tuple[T, asyncio.Future[R]]] = deque()
         self._writer: asyncio.Task[None] | None = None
 
@@ -69,14 +73,28 @@ class GroupCommit(Generic[T, R]):
     async def _drain(self) -> None:
         try:
             while self._queue:
-                count = min(self._limit, len(self._queue))
-                await self._settle([self._queue.popleft() for _ in range(count)])
+                await self._settle(self._group())
         except BaseException as error:  # cancelled with the loop: no caller waits forever
             while self._queue:
                 _, future = self._queue.popleft()
                 if not future.done():
                     future.set_exception(error)
             raise
+
+    def _group(self) -> list[tuple[T, asyncio.Future[R]]]:
+        """The next items to write together, taken from the queue."""
+        queue, key = self._queue, self._key
+        if key is None:
+            return [queue.popleft() for _ in range(min(self._limit, len(queue)))]
+        group = [queue.popleft()]
+        keys = {key(group[0][0])}
+        while queue and len(group) < self._limit:
+            next_key = key(queue[0][0])
+            if next_key in keys:
+                break
+            keys.add(next_key)
+            group.append(queue.popleft())
+        return group
 
     async def _settle(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
         try:

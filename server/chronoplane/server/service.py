@@ -43,7 +43,7 @@ from chronoplane.server.pagination import PageTokens, page_size
 from chronoplane.server.runner import Runner
 from chronoplane.server.schedule import HORIZON, TICK, Schedule
 from chronoplane.server.security import current_principal
-from chronoplane.server.storage.abc import Store
+from chronoplane.server.storage.abc import JobChange, JobDeletion, JobRefusal, JobUpdate, Store
 from chronoplane.server.tasks import TaskDefinition, TaskRegistry
 from chronoplane.server.validation import (
     DEFAULT_LIMITS,
@@ -168,6 +168,11 @@ class SchedulerService:
         self.dispatcher: Dispatcher | None = None
         self._creates: GroupCommit[tuple[Job, str | None], Job] = GroupCommit(
             self._insert_jobs, name="job-creates", alone=(JobAlreadyExists,)
+        )
+        # Concurrent updates, pauses, resumes and deletions share a transaction, one change
+        # of a job per transaction (decision 0020).
+        self._changes: GroupCommit[JobChange, Job | JobRefusal] = GroupCommit(
+            self._store.change_jobs, name="job-changes", key=lambda change: change.job_id
         )
         self.schedule = Schedule(
             store=store, engine=engine, runner=runner, clock=clock, horizon=horizon
@@ -334,7 +339,7 @@ class SchedulerService:
             if "trigger" in changes:
                 changed = replace(changed, next_run_time=self._first_run(changed, now))
             try:
-                stored = await self._store.update_job(changed, expected_version=expected)
+                stored = await self._change(JobUpdate(job=changed, expected_version=expected))
             except EtagMismatch:
                 if etag or attempt == _UPDATE_ATTEMPTS - 1:
                     raise
@@ -343,11 +348,18 @@ class SchedulerService:
             return stored
         raise AssertionError("unreachable")
 
+    async def _change(self, change: JobChange) -> Job:
+        """Writes the change with concurrent ones; raises its own refusal."""
+        outcome = await self._changes.submit(change)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
     async def delete_job(self, job_id: str, *, etag: str) -> None:
         expected = None
         if etag:
             expected = _expected_version(job_id, etag, await self._store.get_job(job_id))
-        await self._store.delete_job(job_id, expected_version=expected)
+        await self._change(JobDeletion(job_id=job_id, expected_version=expected))
         self.schedule.unschedule(job_id)
 
     async def pause_job(self, job_id: str, *, etag: str) -> Job:
@@ -364,7 +376,7 @@ class SchedulerService:
         now = self._clock()
         changed = replace(current, paused=paused, updated_by=current_principal())
         changed = replace(changed, next_run_time=self._first_run(changed, now))
-        stored = await self._store.update_job(changed, expected_version=expected)
+        stored = await self._change(JobUpdate(job=changed, expected_version=expected))
         self.schedule.schedule(stored, reschedule=True)
         return stored
 

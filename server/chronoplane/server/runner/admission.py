@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime
 
+from chronoplane.server.aio import GroupCommit
 from chronoplane.server.errors import ChronoplaneError, JobNotFound, NotLeader, TaskNotRegistered
 from chronoplane.server.ids import new_execution_id
 from chronoplane.server.models import (
@@ -49,6 +50,10 @@ class Admissions:
         self._running = running
         self._cancels = cancels
         self._tasks = tasks
+        # Concurrent TriggerJobs share a transaction, as a leader's fires do.
+        self._triggers: GroupCommit[Admission, Execution | None] = GroupCommit(
+            self._admit_each, name="trigger-admissions"
+        )
 
     def runnable(self, job: Job) -> bool:
         """Whether the job's task can run: registered here, or sent to Celery (whose
@@ -105,22 +110,20 @@ class Admissions:
             request_id=request_id,
         )
         # Asked for explicitly, ALLOW means "run it now, whatever is running".
-        admitted = await self._admit(
-            [
-                Admission(
-                    execution=execution,
-                    due_time=now,
-                    policy=policy or job.overlap_policy,
-                    force=policy is OverlapPolicy.ALLOW,
-                )
-            ]
+        admission = Admission(
+            execution=execution,
+            due_time=now,
+            policy=policy or job.overlap_policy,
+            force=policy is OverlapPolicy.ALLOW,
         )
-        if not admitted.inserted:
+        inserted = await self._triggers.submit(admission)
+        if inserted is None:
+            # The job is gone, or a call with the same request_id came first.
             existing = await store.get_execution_by_request_id(job.id, request_id)
             if existing is None:
                 raise JobNotFound(job.id)
             return existing
-        return admitted.inserted[0]
+        return inserted
 
     async def backfill(
         self, job: Job, fire_times: Sequence[datetime], *, policy: OverlapPolicy, by: str = ""
@@ -143,6 +146,12 @@ class Admissions:
         return admitted.inserted, len(fire_times) - len(admitted.inserted)
 
     # -- writing ------------------------------------------------------------------------------
+
+    async def _admit_each(self, admissions: list[Admission]) -> list[Execution | None]:
+        """``_admit``, with each admission's execution as written (None: not written)."""
+        admitted = await self._admit(admissions)
+        inserted = {execution.id: execution for execution in admitted.inserted}
+        return [inserted.get(admission.execution.id) for admission in admissions]
 
     async def _admit(self, admissions: list[Admission]) -> Admitted:
         """Writes admissions made for a call (a trigger, a backfill), running here what this

@@ -36,7 +36,14 @@ from chronoplane.server.storage.abc.executions import (
     SlotRelease,
 )
 from chronoplane.server.storage.abc.instances import InstanceStore
-from chronoplane.server.storage.abc.jobs import DueKey, JobStore
+from chronoplane.server.storage.abc.jobs import (
+    DueKey,
+    JobChange,
+    JobDeletion,
+    JobRefusal,
+    JobStore,
+    JobUpdate,
+)
 
 __all__ = [
     "DISPLACED",
@@ -53,7 +60,11 @@ __all__ = [
     "ExecutionFinish",
     "ExecutionStore",
     "InstanceStore",
+    "JobChange",
+    "JobDeletion",
+    "JobRefusal",
     "JobStore",
+    "JobUpdate",
     "NextRun",
     "Progress",
     "SlotRelease",

@@ -4,18 +4,47 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeAlias
 
+from chronoplane.server.errors import EtagMismatch, JobNotFound
 from chronoplane.server.models import (
     Job,
     JobPage,
 )
 
-__all__ = ["DueKey", "JobStore"]
+__all__ = ["DueKey", "JobChange", "JobDeletion", "JobRefusal", "JobStore", "JobUpdate"]
 
 DueKey: TypeAlias = tuple[datetime, str]
 """Where a page of due jobs ends: the last job's next run time and id."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobUpdate:
+    """``job``'s fields replace those of the stored job of its id, if that is at version
+    ``expected_version``."""
+
+    job: Job
+    expected_version: int
+
+    @property
+    def job_id(self) -> str:
+        return self.job.id
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobDeletion:
+    """The job and its executions go, if it is at version ``expected_version`` (None: at
+    any)."""
+
+    job_id: str
+    expected_version: int | None = None
+
+
+JobChange: TypeAlias = JobUpdate | JobDeletion
+JobRefusal: TypeAlias = JobNotFound | EtagMismatch
+"""Why a change of one job changed nothing."""
 
 
 class JobStore(ABC):
@@ -76,17 +105,35 @@ class JobStore(ABC):
     async def get_jobs(self, job_ids: Sequence[str]) -> list[Job]:
         """Those of the jobs that exist, without execution summaries."""
 
-    @abstractmethod
     async def update_job(self, job: Job, *, expected_version: int) -> Job:
-        """Replaces the job's fields, bumps its version and returns it.
+        """Replaces the job's fields, bumps its version and returns it (as ``get_job`` would).
 
         Raises ``JobNotFound``, or ``EtagMismatch`` if the stored version is not
         ``expected_version``.
         """
+        [outcome] = await self.change_jobs([JobUpdate(job=job, expected_version=expected_version)])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
 
-    @abstractmethod
     async def delete_job(self, job_id: str, *, expected_version: int | None) -> None:
         """Deletes the job and its executions. Raises ``JobNotFound`` or ``EtagMismatch``."""
+        deletion = JobDeletion(job_id=job_id, expected_version=expected_version)
+        [outcome] = await self.change_jobs([deletion])
+        if isinstance(outcome, Exception):
+            raise outcome
+
+    @abstractmethod
+    async def change_jobs(self, changes: Sequence[JobChange]) -> list[Job | JobRefusal]:
+        """Applies the changes, each compare-and-swap on its job's version, in one
+        transaction, with one event and one NOTIFY per job changed. Returns each change's
+        outcome, in order: an updated job as ``get_job`` would return it, a deleted one as
+        it was; or, for a change that changed nothing, why (``JobNotFound``,
+        ``EtagMismatch``), without failing the others. The job ids must differ among
+        ``changes`` (a job's events are one per transaction).
+
+        Raises only what fails them all (the database's errors): then nothing is written.
+        """
 
     @abstractmethod
     async def last_fires(self, job_ids: Sequence[str]) -> dict[str, datetime]:

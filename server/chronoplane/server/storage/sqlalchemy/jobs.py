@@ -3,8 +3,11 @@ their executions; each change an event, and a NOTIFY to the leader."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import exc
@@ -19,19 +22,26 @@ from chronoplane.server.models import (
     EventKind,
     EventResource,
     ExecutionSource,
+    ExecutionSummary,
     Job,
     JobPage,
 )
 from chronoplane.server.storage.abc import (
     DueKey,
+    JobChange,
+    JobDeletion,
+    JobRefusal,
     JobStore,
+    JobUpdate,
 )
 from chronoplane.server.storage.sqlalchemy.changes import (
     Changes,
     encode_row,
 )
 from chronoplane.server.storage.sqlalchemy.rows import (
+    JOB_SUMMARIES,
     JOB_WITH_SUMMARY,
+    execution_summary,
     job_from_row,
     job_values,
     job_with_summary,
@@ -50,6 +60,35 @@ _NOTIFY_EACH = sa.text(
 )
 # Built once: a statement's cache key is computed once per object, and these run per call.
 _JOB_BY_ID = JOB_WITH_SUMMARY.where(jobs.c.id == sa.bindparam("job_id"))
+
+
+@functools.cache
+def _update_statement(names: tuple[str, ...]) -> Any:
+    """The UPDATE of these columns of a job at a version, returning its row: built once (a
+    statement built per call costs more CPU than its round trip)."""
+    return (
+        jobs.update()
+        .where(
+            jobs.c.id == sa.bindparam("match_id"),
+            jobs.c.version == sa.bindparam("match_version"),
+        )
+        .values({name: sa.bindparam(f"new_{name}", type_=jobs.c[name].type) for name in names})
+        .returning(*jobs.c)
+    )
+
+
+@functools.cache
+def _delete_statements(versioned: bool) -> tuple[Any, Any]:
+    """The DELETEs of a job's executions and of the job (at a version, if ``versioned``),
+    returning its row; built once."""
+    condition = jobs.c.id == sa.bindparam("match_id")
+    if versioned:
+        condition = condition & (jobs.c.version == sa.bindparam("match_version"))
+    chosen = sa.select(jobs.c.id).where(condition)
+    return (
+        executions.delete().where(executions.c.job_id.in_(chosen)),
+        jobs.delete().where(condition).returning(*jobs.c),
+    )
 
 
 class SqlJobStore(Slots, JobStore):
@@ -163,44 +202,71 @@ class SqlJobStore(Slots, JobStore):
             return [job_from_row(row) for row in rows]
 
     @translate_errors
-    async def update_job(self, job: Job, *, expected_version: int) -> Job:
-        values = job_values(job) | {
-            "version": expected_version + 1,
-            "update_time": datetime.now(UTC),
-        }
+    async def change_jobs(self, changes: Sequence[JobChange]) -> list[Job | JobRefusal]:
+        ids = [change.job_id for change in changes]
+        if len(set(ids)) != len(ids):
+            raise ValueError("change_jobs: each job may change once per call")
+        outcomes: dict[str, Job | JobRefusal] = {}
         async with self._write() as conn:
-            result = await conn.execute(
-                jobs.update()
-                .where(jobs.c.id == job.id, jobs.c.version == expected_version)
-                .values(**values)
-            )
-            if result.rowcount == 0:
-                await self._raise_missing_or_moved(conn, job.id, expected_version)
-            self._changed(conn, EventResource.JOB, [job.id], EventKind.MODIFIED)
-            # A larger max_concurrent lets queued executions go.
-            await self._promote(conn, await self._queued_jobs(conn, [job.id]))
-            await self._notify_job(conn, job.id)
-        return await self.get_job(job.id)
+            # In id order, as admissions lock jobs: two writers never wait for each other's
+            # rows in opposite orders.
+            for change in sorted(changes, key=lambda change: change.job_id):
+                if isinstance(change, JobUpdate):
+                    outcomes[change.job_id] = await self._update(conn, change)
+                else:
+                    outcomes[change.job_id] = await self._delete(conn, change)
+            updated = [
+                change.job_id
+                for change in changes
+                if isinstance(change, JobUpdate) and isinstance(outcomes[change.job_id], Job)
+            ]
+            if updated:
+                # A larger max_concurrent lets queued executions go.
+                await self._promote(conn, await self._queued_jobs(conn, updated))
+                summaries = await self._summaries(conn, updated)
+                for job_id in updated:
+                    job = outcomes[job_id]
+                    assert isinstance(job, Job)
+                    outcomes[job_id] = replace(job, last_execution=summaries.get(job_id))
+            changed = [job_id for job_id in ids if isinstance(outcomes[job_id], Job)]
+            if changed:
+                await self._notify_jobs(conn, changed)
+        return [outcomes[job_id] for job_id in ids]
 
-    @translate_errors
-    async def delete_job(self, job_id: str, *, expected_version: int | None) -> None:
-        condition = jobs.c.id == job_id
-        if expected_version is not None:
-            condition = condition & (jobs.c.version == expected_version)
-        async with self._write() as conn:
-            # Children first: the foreign key cascade is not relied on (SQLite needs a pragma).
-            exists = sa.select(jobs.c.id).where(condition)
-            await conn.execute(executions.delete().where(executions.c.job_id.in_(exists)))
-            result = await conn.execute(jobs.delete().where(condition).returning(*jobs.c))
-            row = result.first()
-            if row is None:
-                await self._raise_missing_or_moved(conn, job_id, expected_version)
-            else:
-                changes: Changes | None = conn.info.get("chronoplane_changes")
-                if changes is not None:
-                    changes.deleted[job_id] = encode_row(row)
-                self._changed(conn, EventResource.JOB, [job_id], EventKind.DELETED)
-            await self._notify_job(conn, job_id)
+    async def _update(self, conn: AsyncConnection, change: JobUpdate) -> Job | JobRefusal:
+        job, expected = change.job, change.expected_version
+        values = job_values(job) | {"version": expected + 1, "update_time": datetime.now(UTC)}
+        parameters = {f"new_{name}": value for name, value in values.items()}
+        parameters |= {"match_id": job.id, "match_version": expected}
+        row = (await conn.execute(_update_statement(tuple(values)), parameters)).first()
+        if row is None:
+            return await self._missing_or_moved(conn, job.id, expected)
+        self._changed(conn, EventResource.JOB, [job.id], EventKind.MODIFIED)
+        return job_from_row(row)
+
+    async def _delete(self, conn: AsyncConnection, change: JobDeletion) -> Job | JobRefusal:
+        job_id, expected = change.job_id, change.expected_version
+        delete_executions, delete_job = _delete_statements(expected is not None)
+        parameters = {"match_id": job_id, "match_version": expected}
+        # Children first: the foreign key cascade is not relied on (SQLite needs a pragma).
+        await conn.execute(delete_executions, parameters)
+        row = (await conn.execute(delete_job, parameters)).first()
+        if row is None:
+            return await self._missing_or_moved(conn, job_id, expected)
+        changes: Changes | None = conn.info.get("chronoplane_changes")
+        if changes is not None:
+            changes.deleted[job_id] = encode_row(row)
+        self._changed(conn, EventResource.JOB, [job_id], EventKind.DELETED)
+        return job_from_row(row)
+
+    async def _summaries(
+        self, conn: AsyncConnection, job_ids: Sequence[str]
+    ) -> dict[str, ExecutionSummary]:
+        """The last execution of each of the jobs that have one, as ``get_job`` gives it,
+        read in the transaction that changed the jobs."""
+        query = JOB_SUMMARIES.where(self._among(jobs.c.id, job_ids))
+        rows = (await conn.execute(query)).all()
+        return {row.id: summary for row in rows if (summary := execution_summary(row)) is not None}
 
     async def _notify_job(self, conn: AsyncConnection, job_id: str) -> None:
         await self._notify_jobs(conn, [job_id])
@@ -213,15 +279,16 @@ class SqlJobStore(Slots, JobStore):
             payloads = [f"{self._instance_id} {job_id}" for job_id in job_ids]
             await conn.execute(_NOTIFY_EACH, {"channel": JOBS_CHANNEL, "payloads": payloads})
 
-    async def _raise_missing_or_moved(
+    async def _missing_or_moved(
         self, conn: AsyncConnection, job_id: str, expected_version: int | None
-    ) -> None:
+    ) -> JobRefusal:
+        """Why a change of the job changed nothing: it is gone, or at another version."""
         version = (
             await conn.execute(sa.select(jobs.c.version).where(jobs.c.id == job_id))
         ).scalar()
         if version is None:
-            raise JobNotFound(job_id)
-        raise EtagMismatch(job_id, str(expected_version), str(version))
+            return JobNotFound(job_id)
+        return EtagMismatch(job_id, str(expected_version), str(version))
 
     @translate_errors
     async def last_fires(self, job_ids: Sequence[str]) -> dict[str, datetime]:

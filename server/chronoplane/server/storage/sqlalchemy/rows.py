@@ -472,8 +472,7 @@ _last_execution = (
 _summary = executions.alias("last_execution")
 
 
-JOB_WITH_SUMMARY = sa.select(
-    jobs,
+_SUMMARY_COLUMNS = (
     _summary.c.id.label("x_id"),
     _summary.c.state.label("x_state"),
     _summary.c.source.label("x_source"),
@@ -481,19 +480,35 @@ JOB_WITH_SUMMARY = sa.select(
     _summary.c.start_time.label("x_start_time"),
     _summary.c.end_time.label("x_end_time"),
     _summary.c.attempt.label("x_attempt"),
-).select_from(jobs.outerjoin(_summary, _summary.c.id == _last_execution))
+)
+
+
+JOB_WITH_SUMMARY = sa.select(jobs, *_SUMMARY_COLUMNS).select_from(
+    jobs.outerjoin(_summary, _summary.c.id == _last_execution)
+)
+
+
+# Jobs' ids and last executions alone (``execution_summary``): for jobs whose rows a write
+# has just returned.
+JOB_SUMMARIES = sa.select(jobs.c.id, *_SUMMARY_COLUMNS).select_from(
+    jobs.outerjoin(_summary, _summary.c.id == _last_execution)
+)
+
+
+def execution_summary(row: Any) -> ExecutionSummary | None:
+    """The last execution of a row of ``JOB_WITH_SUMMARY`` or ``JOB_SUMMARIES``."""
+    if row.x_id is None:
+        return None
+    return ExecutionSummary(
+        id=row.x_id,
+        state=ExecutionState(row.x_state),
+        source=ExecutionSource(row.x_source),
+        scheduled_time=row.x_scheduled_time,
+        start_time=row.x_start_time,
+        end_time=row.x_end_time,
+        attempt=row.x_attempt,
+    )
 
 
 def job_with_summary(row: sa.Row[Any]) -> Job:
-    summary = None
-    if row.x_id is not None:
-        summary = ExecutionSummary(
-            id=row.x_id,
-            state=ExecutionState(row.x_state),
-            source=ExecutionSource(row.x_source),
-            scheduled_time=row.x_scheduled_time,
-            start_time=row.x_start_time,
-            end_time=row.x_end_time,
-            attempt=row.x_attempt,
-        )
-    return job_from_row(row, summary)
+    return job_from_row(row, execution_summary(row))
