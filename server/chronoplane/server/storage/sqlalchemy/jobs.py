@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import exc
@@ -32,12 +33,18 @@ from chronoplane.server.storage.sqlalchemy.changes import (
 )
 from chronoplane.server.storage.sqlalchemy.rows import (
     JOB_WITH_SUMMARY,
+    PG_JOB_WITH_SUMMARY,
     job_from_row,
     job_values,
     job_with_summary,
     missed_from_json,
+    row_from_record,
 )
-from chronoplane.server.storage.sqlalchemy.session import JOBS_CHANNEL, translate_errors
+from chronoplane.server.storage.sqlalchemy.session import (
+    JOBS_CHANNEL,
+    PgStatement,
+    translate_errors,
+)
 from chronoplane.server.storage.sqlalchemy.slots import Slots
 from chronoplane.server.storage.tables import (
     executions,
@@ -50,6 +57,13 @@ _NOTIFY_EACH = sa.text(
 )
 # Built once: a statement's cache key is computed once per object, and these run per call.
 _JOB_BY_ID = JOB_WITH_SUMMARY.where(jobs.c.id == sa.bindparam("job_id"))
+# PostgreSQL: compiled once, run on the driver (Session._fetch).
+_PG_JOB_BY_ID = PgStatement(PG_JOB_WITH_SUMMARY.where(jobs.c.id == sa.bindparam("job_id")))
+_PG_JOBS_PAGE = PgStatement(
+    PG_JOB_WITH_SUMMARY.where(jobs.c.id > sa.bindparam("after"))
+    .order_by(jobs.c.id)
+    .limit(sa.bindparam("limit"))
+)
 
 
 class SqlJobStore(Slots, JobStore):
@@ -104,30 +118,42 @@ class SqlJobStore(Slots, JobStore):
 
     @translate_errors
     async def get_job(self, job_id: str) -> Job:
-        async with self._read() as conn:
-            row = (await conn.execute(_JOB_BY_ID, {"job_id": job_id})).first()
-        if row is None:
+        rows: Sequence[Any]
+        if self._dialect == "postgresql":
+            records = await self._fetch(_PG_JOB_BY_ID.sql, *_PG_JOB_BY_ID.args(job_id=job_id))
+            rows = [row_from_record(record) for record in records]
+        else:
+            rows = await self._rows(_JOB_BY_ID, {"job_id": job_id})
+        if not rows:
             raise JobNotFound(job_id)
-        return job_with_summary(row)
+        return job_with_summary(rows[0])
 
     @translate_errors
     async def get_jobs_by_request_ids(self, request_ids: Sequence[str]) -> dict[str, Job]:
         if not request_ids:
             return {}
-        query = JOB_WITH_SUMMARY.where(self._among(jobs.c.request_id, request_ids))
-        async with self._read() as conn:
-            rows = (await conn.execute(query)).all()
+        query = self._job_with_summary().where(self._among(jobs.c.request_id, request_ids))
+        rows = await self._rows(query)
         return {row.request_id: job_with_summary(row) for row in rows}
 
     @translate_errors
     async def list_jobs(self, *, after: str | None, limit: int) -> JobPage:
-        query = JOB_WITH_SUMMARY.order_by(jobs.c.id).limit(limit + 1)
-        if after is not None:
-            query = query.where(jobs.c.id > after)
-        async with self._read() as conn:
-            rows = (await conn.execute(query)).all()
+        rows: Sequence[Any]
+        if self._dialect == "postgresql":
+            args = _PG_JOBS_PAGE.args(after=after or "", limit=limit + 1)
+            rows = [
+                row_from_record(record) for record in await self._fetch(_PG_JOBS_PAGE.sql, *args)
+            ]
+        else:
+            query = JOB_WITH_SUMMARY.order_by(jobs.c.id).limit(limit + 1)
+            if after is not None:
+                query = query.where(jobs.c.id > after)
+            rows = await self._rows(query)
         page = [job_with_summary(row) for row in rows[:limit]]
         return JobPage(jobs=page, next_after=page[-1].id if len(rows) > limit else None)
+
+    def _job_with_summary(self) -> sa.Select[Any]:
+        return PG_JOB_WITH_SUMMARY if self._dialect == "postgresql" else JOB_WITH_SUMMARY
 
     @translate_errors
     async def due_jobs(
