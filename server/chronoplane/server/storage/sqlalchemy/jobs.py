@@ -3,14 +3,17 @@ their executions; each change an event, and a NOTIFY to the leader."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import exc
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from chronoplane.server.aio import GroupCommit
 from chronoplane.server.errors import (
     EtagMismatch,
     JobAlreadyExists,
@@ -55,10 +58,12 @@ from chronoplane.server.storage.tables import (
 _NOTIFY_EACH = sa.text(
     "SELECT count(pg_notify(:channel, payload)) FROM unnest(CAST(:payloads AS text[])) AS payload"
 )
-# Built once: a statement's cache key is computed once per object, and these run per call.
-_JOB_BY_ID = JOB_WITH_SUMMARY.where(jobs.c.id == sa.bindparam("job_id"))
 # PostgreSQL: compiled once, run on the driver (Session._fetch).
-_PG_JOB_BY_ID = PgStatement(PG_JOB_WITH_SUMMARY.where(jobs.c.id == sa.bindparam("job_id")))
+_PG_JOBS_BY_ID = PgStatement(
+    PG_JOB_WITH_SUMMARY.where(
+        jobs.c.id == sa.any_(sa.bindparam("job_ids", type_=postgresql.ARRAY(sa.String)))
+    )
+)
 _PG_JOBS_PAGE = PgStatement(
     PG_JOB_WITH_SUMMARY.where(jobs.c.id > sa.bindparam("after"))
     .order_by(jobs.c.id)
@@ -116,17 +121,31 @@ class SqlJobStore(Slots, JobStore):
         pairs = zip(new, request_ids, strict=True)
         return next((job.id for job, r in pairs if job.id in taken or r in taken), new[0].id)
 
-    @translate_errors
     async def get_job(self, job_id: str) -> Job:
+        job = await self._job_reads.submit(job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        return job
+
+    @functools.cached_property
+    def _job_reads(self) -> GroupCommit[str, Job | None]:
+        """Concurrent GetJobs share one statement: the ids asked for while one runs go
+        together in the next (a read that arrives sees a snapshot taken after it arrived).
+        On a loop that also serves gRPC, a round trip to the database costs more CPU than
+        the rows it brings (decision 0019). An error fails every read of the group."""
+        return GroupCommit(self._read_jobs, name="job-reads", alone=())
+
+    @translate_errors
+    async def _read_jobs(self, job_ids: list[str]) -> list[Job | None]:
         rows: Sequence[Any]
+        wanted = sorted(set(job_ids))
         if self._dialect == "postgresql":
-            records = await self._fetch(_PG_JOB_BY_ID.sql, *_PG_JOB_BY_ID.args(job_id=job_id))
+            records = await self._fetch(_PG_JOBS_BY_ID.sql, *_PG_JOBS_BY_ID.args(job_ids=wanted))
             rows = [row_from_record(record) for record in records]
         else:
-            rows = await self._rows(_JOB_BY_ID, {"job_id": job_id})
-        if not rows:
-            raise JobNotFound(job_id)
-        return job_with_summary(rows[0])
+            rows = await self._rows(JOB_WITH_SUMMARY.where(self._among(jobs.c.id, wanted)))
+        found = {row.id: job_with_summary(row) for row in rows}
+        return [found.get(job_id) for job_id in job_ids]
 
     @translate_errors
     async def get_jobs_by_request_ids(self, request_ids: Sequence[str]) -> dict[str, Job]:
