@@ -41,7 +41,7 @@ from chronoplane.server.storage.sqlalchemy.rows import (
     job_values,
     job_with_summary,
     missed_from_json,
-    row_from_record,
+    rows_from_records,
 )
 from chronoplane.server.storage.sqlalchemy.session import (
     JOBS_CHANNEL,
@@ -140,8 +140,8 @@ class SqlJobStore(Slots, JobStore):
         rows: Sequence[Any]
         wanted = sorted(set(job_ids))
         if self._dialect == "postgresql":
-            records = await self._fetch(_PG_JOBS_BY_ID.sql, *_PG_JOBS_BY_ID.args(job_ids=wanted))
-            rows = [row_from_record(record) for record in records]
+            args = _PG_JOBS_BY_ID.args(job_ids=wanted)
+            rows = rows_from_records(await self._fetch(_PG_JOBS_BY_ID.sql, *args))
         else:
             rows = await self._rows(JOB_WITH_SUMMARY.where(self._among(jobs.c.id, wanted)))
         found = {row.id: job_with_summary(row) for row in rows}
@@ -160,9 +160,7 @@ class SqlJobStore(Slots, JobStore):
         rows: Sequence[Any]
         if self._dialect == "postgresql":
             args = _PG_JOBS_PAGE.args(after=after or "", limit=limit + 1)
-            rows = [
-                row_from_record(record) for record in await self._fetch(_PG_JOBS_PAGE.sql, *args)
-            ]
+            rows = rows_from_records(await self._fetch(_PG_JOBS_PAGE.sql, *args))
         else:
             query = JOB_WITH_SUMMARY.order_by(jobs.c.id).limit(limit + 1)
             if after is not None:

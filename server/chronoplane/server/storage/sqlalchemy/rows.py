@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import functools
 import json
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
@@ -498,11 +500,20 @@ PG_JOB_WITH_SUMMARY = sa.select(
 ).select_from(jobs.outerjoin(_latest, sa.true()))
 
 
-def row_from_record(record: Any) -> Any:
-    """An asyncpg record (``Session._fetch``) read as SQLAlchemy's row of the same columns:
-    by attribute. Values are as SQLAlchemy's would be: its asyncpg adapter has the driver
-    decode JSON, and timestamps come as aware UTC datetimes."""
-    return SimpleNamespace(**dict(record.items()))
+def rows_from_records(records: list[Any]) -> list[Any]:
+    """asyncpg records (``Session._fetch``) read as SQLAlchemy's rows of the same columns
+    would be: by attribute (a named tuple per statement's columns, made once). The values
+    are as SQLAlchemy's: its asyncpg adapter has the driver decode JSON, and timestamps come
+    as aware UTC datetimes."""
+    if not records:
+        return []
+    make = _row_type(tuple(records[0].keys()))._make
+    return [make(record) for record in records]
+
+
+@functools.cache
+def _row_type(columns: tuple[str, ...]) -> Any:
+    return collections.namedtuple("Record", columns)
 
 
 def job_with_summary(row: sa.Row[Any]) -> Job:
