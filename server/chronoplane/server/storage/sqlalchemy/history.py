@@ -19,7 +19,7 @@ from chronoplane.server.models import (
     ExecutionQuery,
 )
 from chronoplane.server.storage.sqlalchemy.rows import UNFINISHED_STATES, execution_from_row
-from chronoplane.server.storage.sqlalchemy.session import Session, translate_errors
+from chronoplane.server.storage.sqlalchemy.session import Session, named_rows, translate_errors
 from chronoplane.server.storage.tables import (
     executions,
     jobs,
@@ -176,7 +176,7 @@ async def _newest_in_range(
             by_id = executions.c.id.concat("").desc()
             ids = sa.select(executions.c.id).where(*conditions, *times).order_by(by_id)
             select = sa.select(executions).where(executions.c.id.in_(ids.limit(limit)))
-            return (await conn.execute(select.order_by(executions.c.id.desc()))).all()
+            return named_rows(await conn.execute(select.order_by(executions.c.id.desc())))
         newest = (
             sa.select(executions)
             .where(*conditions)
@@ -185,7 +185,7 @@ async def _newest_in_range(
             .subquery()
         )
         matched = sa.select(newest).where(*_in_range(newest.c.scheduled_time, query))
-        found = (await conn.execute(matched.order_by(newest.c.id.desc()).limit(limit))).all()
+        found = named_rows(await conn.execute(matched.order_by(newest.c.id.desc()).limit(limit)))
         if len(found) == limit:
             return found
         window *= _WINDOW_GROWTH

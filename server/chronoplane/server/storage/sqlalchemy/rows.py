@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import functools
 import json
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
@@ -79,6 +80,23 @@ IS_INLINE = executions.c.executor == ExecutorKind.INLINE.value
 
 
 IS_CELERY = executions.c.executor == ExecutorKind.CELERY.value
+
+
+# Stored values to members, by dict: Enum(value) costs several times a lookup, and a page of
+# 100 jobs makes 500 of them.
+_MISFIRE_POLICIES = {member.value: member for member in MisfirePolicy}
+
+
+_OVERLAP_POLICIES = {member.value: member for member in OverlapPolicy}
+
+
+_EXECUTORS = {member.value: member for member in ExecutorKind}
+
+
+_STATES = {member.value: member for member in ExecutionState}
+
+
+_SOURCES = {member.value: member for member in ExecutionSource}
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -264,10 +282,10 @@ def job_from_row(row: sa.Row[Any], summary: ExecutionSummary | None = None) -> J
         misfire_grace=timedelta(seconds=row.misfire_grace_seconds),
         max_concurrent=row.max_concurrent,
         labels=row.labels,
-        misfire_policy=MisfirePolicy(row.misfire_policy),
+        misfire_policy=_MISFIRE_POLICIES[row.misfire_policy],
         catchup_window=delta(row.catchup_window_seconds),
         catchup_limit=row.catchup_limit,
-        overlap_policy=OverlapPolicy(row.overlap_policy),
+        overlap_policy=_OVERLAP_POLICIES[row.overlap_policy],
         retry=_retry_from_json(row.retry),
         timeout=delta(row.timeout_seconds),
         history_limit=row.history_limit,
@@ -279,7 +297,7 @@ def job_from_row(row: sa.Row[Any], summary: ExecutionSummary | None = None) -> J
         # Rows of events written before migration 0007 lack them.
         created_by=getattr(row, "created_by", ""),
         updated_by=getattr(row, "updated_by", ""),
-        executor=ExecutorKind(getattr(row, "executor", "inline")),
+        executor=_EXECUTORS[getattr(row, "executor", "inline")],
         celery=celery_from_json(getattr(row, "celery", None)),
     )
 
@@ -288,8 +306,8 @@ def execution_from_row(row: sa.Row[Any]) -> Execution:
     return Execution(
         id=row.id,
         job_id=row.job_id,
-        state=ExecutionState(row.state),
-        source=ExecutionSource(row.source),
+        state=_STATES[row.state],
+        source=_SOURCES[row.source],
         scheduled_time=row.scheduled_time,
         create_time=row.create_time,
         start_time=row.start_time,
@@ -308,7 +326,7 @@ def execution_from_row(row: sa.Row[Any]) -> Execution:
         note=row.note,
         triggered_by=getattr(row, "triggered_by", ""),
         cancelled_by=getattr(row, "cancelled_by", ""),
-        executor=ExecutorKind(getattr(row, "executor", "inline")),
+        executor=_EXECUTORS[getattr(row, "executor", "inline")],
         celery_task_id=getattr(row, "celery_task_id", None) or "",
         worker=getattr(row, "worker", ""),
         pending_reason=getattr(row, "pending_reason", ""),
@@ -502,13 +520,19 @@ PG_JOB_WITH_SUMMARY = sa.select(
 
 def rows_from_records(records: list[Any]) -> list[Any]:
     """asyncpg records (``Session._fetch``) read as SQLAlchemy's rows of the same columns
-    would be: by attribute (a named tuple per statement's columns, made once). The values
-    are as SQLAlchemy's: its asyncpg adapter has the driver decode JSON, and timestamps come
-    as aware UTC datetimes."""
+    would be: by attribute. The values are as SQLAlchemy's: its asyncpg adapter has the
+    driver decode JSON, and timestamps come as aware UTC datetimes."""
     if not records:
         return []
-    make = _row_type(tuple(records[0].keys()))._make
-    return [make(record) for record in records]
+    return named(records, tuple(records[0].keys()))
+
+
+def named(rows: Iterable[Any], columns: tuple[str, ...]) -> list[Any]:
+    """Rows as named tuples, a type per column set made once: read by attribute at a
+    fraction of the cost of SQLAlchemy's ``Row`` (a page of 100 executions reads 3,500
+    attributes)."""
+    make = _row_type(columns)._make
+    return [make(row) for row in rows]
 
 
 @functools.cache
@@ -521,8 +545,8 @@ def job_with_summary(row: sa.Row[Any]) -> Job:
     if row.x_id is not None:
         summary = ExecutionSummary(
             id=row.x_id,
-            state=ExecutionState(row.x_state),
-            source=ExecutionSource(row.x_source),
+            state=_STATES[row.x_state],
+            source=_SOURCES[row.x_source],
             scheduled_time=row.x_scheduled_time,
             start_time=row.x_start_time,
             end_time=row.x_end_time,

@@ -38,6 +38,7 @@ from chronoplane.server.storage.sqlalchemy.changes import (
     Watermark,
     encode_row,
 )
+from chronoplane.server.storage.sqlalchemy.rows import named
 from chronoplane.server.storage.tables import (
     UtcDateTime,
     event_log,
@@ -286,6 +287,11 @@ _PG_APPEND_EVENTS = sa.text(
 ).bindparams(sa.bindparam("now", type_=UtcDateTime()), key=EVENT_WRITERS_KEY)
 
 
+def named_rows(result: sa.CursorResult[Any]) -> list[Any]:
+    """A result's rows as named tuples (``rows.named``)."""
+    return named(result, tuple(result.keys()))
+
+
 class PgStatement:
     """A statement compiled once for asyncpg (``Session._fetch``): its text, and its
     parameters in order, given by name or left at the values bound in the statement. Values
@@ -366,10 +372,10 @@ class Session:
     async def _rows(
         self, statement: sa.Executable, params: dict[str, Any] | None = None
     ) -> Sequence[sa.Row[Any]]:
-        """The rows of one read statement (``_read``)."""
+        """The rows of one read statement (``_read``), as named tuples (``rows.named``)."""
 
         async def rows(conn: AsyncConnection) -> Sequence[sa.Row[Any]]:
-            return (await conn.execute(statement, params)).all()
+            return named_rows(await conn.execute(statement, params))
 
         return await self._read(rows)
 
