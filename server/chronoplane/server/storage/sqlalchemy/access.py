@@ -52,9 +52,8 @@ class SqlAccessStore(Session, AccessStore):
 
     @translate_errors
     async def get_token(self, token_id: str) -> StoredToken | None:
-        async with self._read() as conn:
-            row = (await conn.execute(sa.select(tokens).where(tokens.c.id == token_id))).first()
-        return None if row is None else token_from_row(row)
+        rows = await self._rows(sa.select(tokens).where(tokens.c.id == token_id))
+        return token_from_row(rows[0]) if rows else None
 
     @translate_errors
     async def list_tokens(self) -> list[StoredToken]:
@@ -99,8 +98,7 @@ class SqlAccessStore(Session, AccessStore):
             select = select.where(audit_events.c.time < query.before)
         if before is not None:
             select = select.where(audit_events.c.id < before)
-        async with self._read() as conn:
-            rows = (await conn.execute(select)).all()
+        rows = await self._rows(select)
         page = [audit_from_row(row) for row in rows[:limit]]
         return AuditPage(events=page, next_before=page[-1].id if len(rows) > limit else None)
 

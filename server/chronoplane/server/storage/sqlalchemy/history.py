@@ -19,7 +19,7 @@ from chronoplane.server.models import (
     ExecutionQuery,
 )
 from chronoplane.server.storage.sqlalchemy.rows import UNFINISHED_STATES, execution_from_row
-from chronoplane.server.storage.sqlalchemy.session import Session, translate_errors
+from chronoplane.server.storage.sqlalchemy.session import Session, named_rows, translate_errors
 from chronoplane.server.storage.tables import (
     executions,
     jobs,
@@ -35,20 +35,18 @@ class History(Session):
 
     @translate_errors
     async def get_execution(self, execution_id: str) -> Execution:
-        async with self._read() as conn:
-            row = (await conn.execute(_EXECUTION_BY_ID, {"execution_id": execution_id})).first()
-        if row is None:
+        rows = await self._rows(_EXECUTION_BY_ID, {"execution_id": execution_id})
+        if not rows:
             raise ExecutionNotFound(execution_id)
-        return execution_from_row(row)
+        return execution_from_row(rows[0])
 
     @translate_errors
     async def get_execution_by_request_id(self, job_id: str, request_id: str) -> Execution | None:
-        async with self._read() as conn:
-            query = sa.select(executions).where(
-                executions.c.job_id == job_id, executions.c.dedupe_key == "r:" + request_id
-            )
-            row = (await conn.execute(query)).first()
-        return None if row is None else execution_from_row(row)
+        query = sa.select(executions).where(
+            executions.c.job_id == job_id, executions.c.dedupe_key == "r:" + request_id
+        )
+        rows = await self._rows(query)
+        return execution_from_row(rows[0]) if rows else None
 
     @translate_errors
     async def list_executions(
@@ -61,13 +59,15 @@ class History(Session):
             conditions.append(executions.c.state.in_(sorted(s.value for s in query.states)))
         if before is not None:
             conditions.append(executions.c.id < before)
-        async with self._read() as conn:
-            if query.scheduled_after is not None or query.scheduled_before is not None:
-                rows = await _newest_in_range(conn, conditions, query, limit + 1)
-            else:
-                select = sa.select(executions).where(*conditions)
-                select = select.order_by(executions.c.id.desc()).limit(limit + 1)
-                rows = (await conn.execute(select)).all()
+        if query.scheduled_after is not None or query.scheduled_before is not None:
+
+            async def in_range(conn: AsyncConnection) -> Sequence[sa.Row[Any]]:
+                return await _newest_in_range(conn, conditions, query, limit + 1)
+
+            rows = await self._read(in_range)
+        else:
+            select = sa.select(executions).where(*conditions)
+            rows = await self._rows(select.order_by(executions.c.id.desc()).limit(limit + 1))
         page = [execution_from_row(row) for row in rows[:limit]]
         return ExecutionPage(
             executions=page, next_before=page[-1].id if len(rows) > limit else None
@@ -176,7 +176,7 @@ async def _newest_in_range(
             by_id = executions.c.id.concat("").desc()
             ids = sa.select(executions.c.id).where(*conditions, *times).order_by(by_id)
             select = sa.select(executions).where(executions.c.id.in_(ids.limit(limit)))
-            return (await conn.execute(select.order_by(executions.c.id.desc()))).all()
+            return named_rows(await conn.execute(select.order_by(executions.c.id.desc())))
         newest = (
             sa.select(executions)
             .where(*conditions)
@@ -185,7 +185,7 @@ async def _newest_in_range(
             .subquery()
         )
         matched = sa.select(newest).where(*_in_range(newest.c.scheduled_time, query))
-        found = (await conn.execute(matched.order_by(newest.c.id.desc()).limit(limit))).all()
+        found = named_rows(await conn.execute(matched.order_by(newest.c.id.desc()).limit(limit)))
         if len(found) == limit:
             return found
         window *= _WINDOW_GROWTH

@@ -11,8 +11,10 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import exc
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from chronoplane.server.aio import GroupCommit
 from chronoplane.server.errors import (
     EtagMismatch,
     JobAlreadyExists,
@@ -41,13 +43,19 @@ from chronoplane.server.storage.sqlalchemy.changes import (
 from chronoplane.server.storage.sqlalchemy.rows import (
     JOB_SUMMARIES,
     JOB_WITH_SUMMARY,
+    PG_JOB_WITH_SUMMARY,
     execution_summary,
     job_from_row,
     job_values,
     job_with_summary,
     missed_from_json,
+    rows_from_records,
 )
-from chronoplane.server.storage.sqlalchemy.session import JOBS_CHANNEL, translate_errors
+from chronoplane.server.storage.sqlalchemy.session import (
+    JOBS_CHANNEL,
+    PgStatement,
+    translate_errors,
+)
 from chronoplane.server.storage.sqlalchemy.slots import Slots
 from chronoplane.server.storage.tables import (
     executions,
@@ -58,8 +66,17 @@ from chronoplane.server.storage.tables import (
 _NOTIFY_EACH = sa.text(
     "SELECT count(pg_notify(:channel, payload)) FROM unnest(CAST(:payloads AS text[])) AS payload"
 )
-# Built once: a statement's cache key is computed once per object, and these run per call.
-_JOB_BY_ID = JOB_WITH_SUMMARY.where(jobs.c.id == sa.bindparam("job_id"))
+# PostgreSQL: compiled once, run on the driver (Session._fetch).
+_PG_JOBS_BY_ID = PgStatement(
+    PG_JOB_WITH_SUMMARY.where(
+        jobs.c.id == sa.any_(sa.bindparam("job_ids", type_=postgresql.ARRAY(sa.String)))
+    )
+)
+_PG_JOBS_PAGE = PgStatement(
+    PG_JOB_WITH_SUMMARY.where(jobs.c.id > sa.bindparam("after"))
+    .order_by(jobs.c.id)
+    .limit(sa.bindparam("limit"))
+)
 
 
 @functools.cache
@@ -141,32 +158,56 @@ class SqlJobStore(Slots, JobStore):
         pairs = zip(new, request_ids, strict=True)
         return next((job.id for job, r in pairs if job.id in taken or r in taken), new[0].id)
 
-    @translate_errors
     async def get_job(self, job_id: str) -> Job:
-        async with self._read() as conn:
-            row = (await conn.execute(_JOB_BY_ID, {"job_id": job_id})).first()
-        if row is None:
+        job = await self._job_reads.submit(job_id)
+        if job is None:
             raise JobNotFound(job_id)
-        return job_with_summary(row)
+        return job
+
+    @functools.cached_property
+    def _job_reads(self) -> GroupCommit[str, Job | None]:
+        """Concurrent GetJobs share one statement: the ids asked for while one runs go
+        together in the next (a read that arrives sees a snapshot taken after it arrived).
+        On a loop that also serves gRPC, a round trip to the database costs more CPU than
+        the rows it brings (decision 0019). An error fails every read of the group."""
+        return GroupCommit(self._read_jobs, name="job-reads", alone=())
+
+    @translate_errors
+    async def _read_jobs(self, job_ids: list[str]) -> list[Job | None]:
+        rows: Sequence[Any]
+        wanted = sorted(set(job_ids))
+        if self._dialect == "postgresql":
+            args = _PG_JOBS_BY_ID.args(job_ids=wanted)
+            rows = rows_from_records(await self._fetch(_PG_JOBS_BY_ID.sql, *args))
+        else:
+            rows = await self._rows(JOB_WITH_SUMMARY.where(self._among(jobs.c.id, wanted)))
+        found = {row.id: job_with_summary(row) for row in rows}
+        return [found.get(job_id) for job_id in job_ids]
 
     @translate_errors
     async def get_jobs_by_request_ids(self, request_ids: Sequence[str]) -> dict[str, Job]:
         if not request_ids:
             return {}
-        query = JOB_WITH_SUMMARY.where(self._among(jobs.c.request_id, request_ids))
-        async with self._read() as conn:
-            rows = (await conn.execute(query)).all()
+        query = self._job_with_summary().where(self._among(jobs.c.request_id, request_ids))
+        rows = await self._rows(query)
         return {row.request_id: job_with_summary(row) for row in rows}
 
     @translate_errors
     async def list_jobs(self, *, after: str | None, limit: int) -> JobPage:
-        query = JOB_WITH_SUMMARY.order_by(jobs.c.id).limit(limit + 1)
-        if after is not None:
-            query = query.where(jobs.c.id > after)
-        async with self._read() as conn:
-            rows = (await conn.execute(query)).all()
+        rows: Sequence[Any]
+        if self._dialect == "postgresql":
+            args = _PG_JOBS_PAGE.args(after=after or "", limit=limit + 1)
+            rows = rows_from_records(await self._fetch(_PG_JOBS_PAGE.sql, *args))
+        else:
+            query = JOB_WITH_SUMMARY.order_by(jobs.c.id).limit(limit + 1)
+            if after is not None:
+                query = query.where(jobs.c.id > after)
+            rows = await self._rows(query)
         page = [job_with_summary(row) for row in rows[:limit]]
         return JobPage(jobs=page, next_after=page[-1].id if len(rows) > limit else None)
+
+    def _job_with_summary(self) -> sa.Select[Any]:
+        return PG_JOB_WITH_SUMMARY if self._dialect == "postgresql" else JOB_WITH_SUMMARY
 
     @translate_errors
     async def due_jobs(

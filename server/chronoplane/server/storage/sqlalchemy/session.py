@@ -10,8 +10,9 @@ import contextlib
 import functools
 import json
 import random
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, ParamSpec, Self, TypeVar
@@ -20,6 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy import event, exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.util.concurrency import greenlet_spawn
 
 from chronoplane.server.errors import (
     NotLeader,
@@ -36,6 +38,7 @@ from chronoplane.server.storage.sqlalchemy.changes import (
     Watermark,
     encode_row,
 )
+from chronoplane.server.storage.sqlalchemy.rows import named
 from chronoplane.server.storage.tables import (
     UtcDateTime,
     event_log,
@@ -147,12 +150,21 @@ def create_engine(
     return engine
 
 
+# Set while a read takes its connection from the pool: no pre-ping then (a read that finds
+# its connection dead runs again, once, on a pinged one; ``Session._read``). A context
+# variable, so that only this task's checkout skips it, whatever other tasks check out
+# meanwhile.
+_UNPINGED: ContextVar[bool] = ContextVar("chronoplane_unpinged", default=False)
+
+
 def _ping_outside_transaction(dbapi_connection: Any) -> bool:
     """The pre-ping of a pooled connection, as one round trip. SQLAlchemy's asyncpg adapter
     pings inside BEGIN ... ROLLBACK (for pgbouncer's transaction mode, which Chronoplane
     cannot be used through: its advisory locks belong to sessions), three round trips before
     every transaction; half of a GetJob's. Errors go to the pool as before (a disconnect
-    invalidates the pool, anything else is raised)."""
+    invalidates the pool, anything else is raised). Skipped for a read's first attempt."""
+    if _UNPINGED.get():
+        return True
     autocommit = dbapi_connection.autocommit
     dbapi_connection.autocommit = True
     try:
@@ -179,6 +191,19 @@ _UNAVAILABLE_CLASSES = ("08", "53", "57")
 
 
 CONFLICT_ATTEMPTS = 4
+
+
+def _disconnected(error: Exception) -> bool:
+    """Whether a driver error (asyncpg's, not yet SQLAlchemy's) says the connection is gone:
+    a socket error, or class 08 (connection exception), or the server ending the session
+    (57P01-57P03: terminated, shutting down, starting up)."""
+    state = str(getattr(error, "sqlstate", "") or "")
+    return (
+        isinstance(error, OSError)
+        or type(error).__name__ == "ConnectionDoesNotExistError"
+        or state[:2] == "08"
+        or state in ("57P01", "57P02", "57P03")
+    )
 
 
 def _sqlstate(error: exc.DBAPIError) -> str:
@@ -262,6 +287,28 @@ _PG_APPEND_EVENTS = sa.text(
 ).bindparams(sa.bindparam("now", type_=UtcDateTime()), key=EVENT_WRITERS_KEY)
 
 
+def named_rows(result: sa.CursorResult[Any]) -> list[Any]:
+    """A result's rows as named tuples (``rows.named``)."""
+    return named(result, tuple(result.keys()))
+
+
+class PgStatement:
+    """A statement compiled once for asyncpg (``Session._fetch``): its text, and its
+    parameters in order, given by name or left at the values bound in the statement. Values
+    go to asyncpg as they are, without the column types' bind processing: strings, numbers,
+    aware datetimes."""
+
+    def __init__(self, statement: sa.ClauseElement) -> None:
+        compiled = statement.compile(dialect=postgresql.asyncpg.dialect())  # type: ignore[no-untyped-call]
+        assert isinstance(compiled, sa.sql.compiler.SQLCompiler)
+        self.sql = str(compiled)
+        self._names = list(compiled.positiontup or ())
+        self._bound = compiled.params
+
+    def args(self, **values: Any) -> list[Any]:
+        return [values[name] if name in values else self._bound[name] for name in self._names]
+
+
 # Per changed resource: its job id, its body (the resource as JSON), its job's labels.
 _Bodies = dict[tuple[EventResource, str], tuple[str, dict[str, Any], Any]]
 
@@ -302,13 +349,68 @@ class Session:
         async with self._engine.begin() as conn:
             yield conn
 
-    @asynccontextmanager
-    async def _read(self) -> AsyncIterator[AsyncConnection]:
-        """One read statement, in autocommit: no BEGIN and COMMIT around it, two round trips
-        fewer on PostgreSQL. A single statement sees one snapshot anyway; a read of several
-        statements that must agree uses ``_begin``."""
-        async with self._reader.connect() as conn:
-            yield conn
+    async def _read(self, work: Callable[[AsyncConnection], Awaitable[R]]) -> R:
+        """``work`` on a connection in autocommit: no BEGIN and COMMIT around it, two round
+        trips fewer on PostgreSQL (a single statement sees one snapshot anyway; a read of
+        several statements that must agree uses ``_begin``). The connection is taken without
+        the pool's pre-ping, one round trip fewer again: should it turn out dead (the
+        database restarted, the session was terminated), it is dropped and ``work`` runs
+        once more on a fresh one, pinged. Reads change nothing, so a second run is safe."""
+        for pinged in (False, True):
+            unpinged = _UNPINGED.set(not pinged)
+            try:
+                async with self._reader.connect() as conn:
+                    return await work(conn)
+            except exc.DBAPIError as error:
+                # SQLAlchemy invalidated the connection (and the pool's older ones) already.
+                if pinged or not error.connection_invalidated:
+                    raise
+            finally:
+                _UNPINGED.reset(unpinged)
+        raise AssertionError("unreachable")
+
+    async def _rows(
+        self, statement: sa.Executable, params: dict[str, Any] | None = None
+    ) -> Sequence[sa.Row[Any]]:
+        """The rows of one read statement (``_read``), as named tuples (``rows.named``)."""
+
+        async def rows(conn: AsyncConnection) -> Sequence[sa.Row[Any]]:
+            return named_rows(await conn.execute(statement, params))
+
+        return await self._read(rows)
+
+    async def _fetch(self, sql: str, *args: Any) -> list[Any]:
+        """PostgreSQL only: one read statement on the driver's own connection (asyncpg
+        records), without SQLAlchemy's execution and result layers: half the CPU of a GetJob
+        went there. As ``_read``: autocommit (the pooled connection is in no transaction),
+        no pre-ping, once more on a pinged connection if this one was dead. Driver errors
+        are raised as SQLAlchemy's, so that ``translate_errors`` sees what it always does."""
+        for pinged in (False, True):
+            unpinged = _UNPINGED.set(not pinged)
+            try:
+                pooled = await self._engine.raw_connection()
+            finally:
+                _UNPINGED.reset(unpinged)
+            driver: Any = pooled.driver_connection
+            try:
+                records: list[Any] = await driver.fetch(sql, *args)
+                return records
+            except Exception as error:
+                dead = driver.is_closed() or _disconnected(error)
+                if dead:
+                    await greenlet_spawn(pooled.invalidate, error)
+                if pinged or not dead:
+                    raise exc.DBAPIError.instance(
+                        sql,
+                        args,
+                        error,
+                        Exception,
+                        connection_invalidated=dead,
+                        dialect=self._engine.dialect,
+                    ) from error
+            finally:
+                await greenlet_spawn(pooled.close)
+        raise AssertionError("unreachable")
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:

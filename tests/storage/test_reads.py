@@ -1,0 +1,122 @@
+"""Reads take their pooled connection without a pre-ping (PostgreSQL): one that turns out
+dead is dropped and the read runs again, once, on a fresh one; a database that is really
+gone is still StorageUnavailable (docs/decisions/0019-fast-reads.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+
+import asyncpg
+import pytest
+from sqlalchemy.engine import make_url
+from storage.helpers import T0, a_job, an_execution
+
+from chronoplane.server.errors import JobNotFound, StorageUnavailable
+from chronoplane.server.models import ExecutionQuery
+from chronoplane.server.storage.sqlalchemy import SqlAlchemyStore
+
+# PostgreSQL only: SQLite has no connections to lose.
+postgres_only = pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+
+
+async def _terminate_others(url: str) -> int:
+    """Ends every other session on the store's database, as a restart would."""
+    dsn = make_url(url).set(drivername="postgresql").render_as_string(False)
+    conn = await asyncpg.connect(dsn)
+    try:
+        ended: int = await conn.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        return ended
+    finally:
+        await conn.close()
+
+
+@postgres_only
+async def test_reads_run_again_on_a_fresh_connection_after_the_pooled_one_died(
+    store: SqlAlchemyStore, database_url: str
+) -> None:
+    job = await store.create_job(a_job("j1"), request_id=None)
+    execution = an_execution("j1", scheduled_time=T0 + timedelta(minutes=1))
+    await store.insert_executions([execution])
+    reads: dict[str, Callable[[], Awaitable[object]]] = {
+        # On the driver's connection (Session._fetch) ...
+        "get_job": lambda: store.get_job("j1"),
+        "list_jobs": lambda: store.list_jobs(after=None, limit=10),
+        # ... and through SQLAlchemy (Session._read).
+        "get_execution": lambda: store.get_execution(execution.id),
+        "list_executions": lambda: store.list_executions(
+            ExecutionQuery(job_id="j1"), before=None, limit=10
+        ),
+        "list_executions_in_range": lambda: store.list_executions(
+            ExecutionQuery(scheduled_after=T0), before=None, limit=10
+        ),
+    }
+    for name, read in reads.items():
+        first = await read()
+        assert await _terminate_others(database_url) >= 1, name
+        assert await read() == first, name
+    assert (await store.get_job("j1")).id == job.id
+    with pytest.raises(JobNotFound):
+        await store.get_job("nope")
+
+
+class Proxy:
+    """A TCP proxy in front of PostgreSQL: ``cut()`` ends every connection through it and
+    refuses new ones, as a database host gone from the network would."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._target = (host, port)
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+        self.port = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self._target)
+        self._writers += [writer, up_writer]
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    async def cut(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.transport.abort()
+        await self._server.wait_closed()
+
+
+async def test_a_database_that_is_gone_is_unavailable_after_one_more_try(
+    postgres_url: str,
+) -> None:
+    url = make_url(postgres_url)
+    proxy = Proxy(url.host or "127.0.0.1", url.port or 5432)
+    await proxy.start()
+    store = SqlAlchemyStore.from_url(url.set(port=proxy.port).render_as_string(False))
+    try:
+        await store.create_job(a_job("j1"), request_id=None)
+        await store.get_job("j1")
+        await proxy.cut()
+        for read in (
+            lambda: store.get_job("j1"),
+            lambda: store.list_jobs(after=None, limit=10),
+            lambda: store.list_executions(ExecutionQuery(), before=None, limit=10),
+        ):
+            with pytest.raises(StorageUnavailable):
+                await asyncio.wait_for(read(), 30)
+    finally:
+        await store.close()
