@@ -11,35 +11,31 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
 
-from chronoplane.server.aio import GroupCommit, in_turns
+from chronoplane.server.aio import GroupCommit
+from chronoplane.server.creation import JobCreation, NewJob, check_batch_size
 from chronoplane.server.dispatch import Dispatcher
 from chronoplane.server.engine.abc import Engine
 from chronoplane.server.errors import (
-    CeleryNotEnabled,
     EtagMismatch,
     InvalidArgument,
-    JobAlreadyExists,
     TaskNotRegistered,
 )
-from chronoplane.server.ids import new_job_id
 from chronoplane.server.models import (
-    DEFAULT_MAX_CONCURRENT,
     AuditEvent,
     AuditQuery,
-    DateTrigger,
     EventResource,
     Execution,
     ExecutionQuery,
     ExecutionState,
     ExecutorKind,
     Instance,
-    IntervalTrigger,
     Job,
     JSONObject,
     OverlapPolicy,
     Trigger,
 )
 from chronoplane.server.pagination import PageTokens, page_size
+from chronoplane.server.rules import JobRules
 from chronoplane.server.runner import Runner
 from chronoplane.server.schedule import HORIZON, TICK, Schedule
 from chronoplane.server.security import current_principal
@@ -52,18 +48,14 @@ from chronoplane.server.validation import (
     FieldLimits,
     Violations,
     check_args,
-    check_job,
     check_text,
 )
 from chronoplane.server.watch import StreamControl, WatchFilter, WatchHub, WatchItem
 
 __all__ = [
-    "MAX_BATCH_CREATE",
     "UPDATABLE_FIELDS",
-    "NewJob",
     "Page",
     "SchedulerService",
-    "check_batch_size",
 ]
 
 log = logging.getLogger(__name__)
@@ -89,10 +81,6 @@ UPDATABLE_FIELDS = frozenset(
         "celery",
     }
 )
-# Jobs one BatchCreateJobs may create, and the violations its refusal lists (they travel in
-# the status trailers, which clients take up to 8 KiB of).
-MAX_BATCH_CREATE = 1_000
-MAX_BATCH_VIOLATIONS = 20
 MAX_PREVIEW = 1_000
 DEFAULT_PREVIEW = 10
 MAX_BACKFILL = 1_000
@@ -110,21 +98,6 @@ T = TypeVar("T")
 class Page(Generic[T]):
     items: list[T]
     next_page_token: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class NewJob:
-    """A job to create as the client gave it: ``values`` are Job fields (a None trigger is
-    missing); an empty ``job_id`` asks the server to choose one."""
-
-    values: Mapping[str, Any]
-    job_id: str = ""
-    paused: bool = False
-    request_id: str = ""
-
-
-# Stands in for a missing trigger while the rest of a job is checked; never stored.
-_NO_TRIGGER: Trigger = DateTrigger(run_time=datetime.max.replace(tzinfo=UTC))
 
 
 def _utcnow() -> datetime:
@@ -166,9 +139,6 @@ class SchedulerService:
         self._leader_timeout = leader_timeout
         # Sends Celery jobs' executions to a broker, when celery_broker_url is set.
         self.dispatcher: Dispatcher | None = None
-        self._creates: GroupCommit[tuple[Job, str | None], Job] = GroupCommit(
-            self._insert_jobs, name="job-creates", alone=(JobAlreadyExists,)
-        )
         # Concurrent updates, pauses, resumes and deletions share a transaction, one change
         # of a job per transaction (decision 0020).
         self._changes: GroupCommit[JobChange, Job | JobRefusal] = GroupCommit(
@@ -176,6 +146,15 @@ class SchedulerService:
         )
         self.schedule = Schedule(
             store=store, engine=engine, runner=runner, clock=clock, horizon=horizon
+        )
+        self._rules = JobRules(
+            engine=engine,
+            tasks=tasks,
+            limits=limits,
+            celery_enabled=lambda: self.dispatcher is not None,
+        )
+        self._creation = JobCreation(
+            store=store, rules=self._rules, schedule=self.schedule, clock=clock
         )
 
     # -- the leader's schedule (schedule.py) --------------------------------------------------
@@ -209,7 +188,7 @@ class SchedulerService:
     ) -> Job:
         """Creates a job from the client's ``values`` (Job fields; a None trigger is missing)."""
         new = NewJob(values=values, job_id=job_id, paused=paused, request_id=request_id)
-        [job] = await self._create_jobs([new], batch=False)
+        [job] = await self._creation.create([new], batch=False)
         return job
 
     async def batch_create_jobs(self, new: Sequence[NewJob | InvalidArgument]) -> list[Job]:
@@ -217,91 +196,7 @@ class SchedulerService:
         InvalidArgument is one the transport could not decode (its fields named as CreateJob
         names them); it is refused with the violations of the others."""
         check_batch_size(len(new))
-        return await self._create_jobs(new, batch=True)
-
-    async def _create_jobs(
-        self, new: Sequence[NewJob | InvalidArgument], *, batch: bool
-    ) -> list[Job]:
-        """An entry whose request_id made a job before is that job; the others are checked
-        (every entry, before any is refused) and inserted in one transaction."""
-        prefixes = [f"requests[{n}]." if batch else "" for n in range(len(new))]
-        request_ids = [
-            n.request_id
-            for n in new
-            if isinstance(n, NewJob) and n.request_id and len(n.request_id) <= MAX_REQUEST_ID
-        ]
-        for attempt in range(2):
-            earlier = await self._store.get_jobs_by_request_ids(request_ids)
-            fresh = await self._new_jobs(new, earlier, prefixes, batch=batch)
-            jobs, ids = list(fresh.values()), [_request_id(new[n]) or None for n in fresh]
-            try:
-                if batch or len(jobs) != 1:
-                    stored = await self._store.create_jobs(jobs, request_ids=ids)
-                else:  # concurrent CreateJobs share a transaction
-                    stored = [await self._creates.submit((jobs[0], ids[0]))]
-            except JobAlreadyExists as error:
-                if attempt == 0 and request_ids:
-                    continue  # perhaps a request_id taken meanwhile (a retry of this call)
-                if not batch:
-                    raise
-                index = next((n for n, job in fresh.items() if job.id == error.job_id), 0)
-                raise JobAlreadyExists(error.job_id, field=f"{prefixes[index]}job.id") from error
-            async for job in in_turns(stored):
-                self.schedule.schedule(job, reschedule=True)
-            made = dict(zip(fresh, stored, strict=True))
-            return [made.get(n) or earlier[_request_id(entry)] for n, entry in enumerate(new)]
-        raise AssertionError("unreachable")
-
-    async def _insert_jobs(self, entries: list[tuple[Job, str | None]]) -> list[Job]:
-        """The jobs of concurrent CreateJobs, with their request ids, in one transaction."""
-        return await self._store.create_jobs(
-            [job for job, _ in entries], request_ids=[request_id for _, request_id in entries]
-        )
-
-    async def _new_jobs(
-        self,
-        new: Sequence[NewJob | InvalidArgument],
-        earlier: Mapping[str, Job],
-        prefixes: Sequence[str],
-        *,
-        batch: bool,
-    ) -> dict[int, Job]:
-        """The jobs to insert, by their index in ``new`` (those not made before); raises
-        InvalidArgument with the violations of every entry."""
-        violations = Violations()
-        now = self._clock()
-        checked: dict[int, Job] = {}
-        first_of: dict[tuple[str, str], int] = {}
-        async for n, entry in in_turns(enumerate(new)):
-            prefix = prefixes[n]
-            if isinstance(entry, InvalidArgument):
-                violations.extend(entry, prefix.rstrip("."))
-                continue
-            check_text(violations, f"{prefix}request_id", entry.request_id, limit=MAX_REQUEST_ID)
-            for field, value in (("request_id", entry.request_id), ("job.id", entry.job_id)):
-                first = first_of.setdefault((field, value), n) if value else n
-                if first != n:
-                    violations.add(f"{prefix}{field}", f"repeats that of requests[{first}]")
-            if entry.request_id in earlier:
-                continue
-            fields = dict(entry.values)
-            trigger = fields.pop("trigger", None)
-            draft = Job(
-                id=entry.job_id or new_job_id(), paused=entry.paused, trigger=_NO_TRIGGER, **fields
-            )
-            checked[n] = self._checked(draft, trigger, violations, now, f"{prefix}job")
-        violations.raise_if_any(limit=MAX_BATCH_VIOLATIONS if batch else None, field="requests")
-        principal = current_principal()
-        fresh: dict[int, Job] = {}
-        async for n, job in in_turns(checked.items()):
-            fresh[n] = replace(
-                job,
-                create_time=now,
-                next_run_time=self._first_run(job, now),
-                created_by=principal,
-                updated_by=principal,
-            )
-        return fresh
+        return await self._creation.create(new, batch=True)
 
     async def get_job(self, job_id: str) -> Job:
         return await self._store.get_job(job_id)
@@ -330,14 +225,14 @@ class SchedulerService:
             now = self._clock()
             fields = dict(changes)
             trigger = fields.pop("trigger") if "trigger" in fields else current.trigger
-            changed = self._prepare(
+            changed = self._rules.prepare(
                 replace(current, **fields, updated_by=current_principal()),
                 trigger,
                 Violations(),
                 now,
             )
             if "trigger" in changes:
-                changed = replace(changed, next_run_time=self._first_run(changed, now))
+                changed = replace(changed, next_run_time=self._rules.first_run(changed, now))
             try:
                 stored = await self._change(JobUpdate(job=changed, expected_version=expected))
             except EtagMismatch:
@@ -375,70 +270,10 @@ class SchedulerService:
             return current
         now = self._clock()
         changed = replace(current, paused=paused, updated_by=current_principal())
-        changed = replace(changed, next_run_time=self._first_run(changed, now))
+        changed = replace(changed, next_run_time=self._rules.first_run(changed, now))
         stored = await self._change(JobUpdate(job=changed, expected_version=expected))
         self.schedule.schedule(stored, reschedule=True)
         return stored
-
-    def _prepare(
-        self, job: Job, trigger: Trigger | None, violations: Violations, now: datetime
-    ) -> Job:
-        """Checks the job whole, with ``trigger`` as its trigger; fills defaults that depend
-        on the time of creation."""
-        job = self._checked(job, trigger, violations, now, "job")
-        violations.raise_if_any()
-        return job
-
-    def _checked(
-        self, job: Job, trigger: Trigger | None, violations: Violations, now: datetime, prefix: str
-    ) -> Job:
-        """``_prepare`` for a job named ``prefix`` in the request, adding what is wrong to
-        ``violations`` (the job returned is meaningful only if nothing was)."""
-        check_job(violations, job, prefix, self._limits)
-        if job.executor is ExecutorKind.CELERY:
-            self._check_celery(job, prefix, violations)
-        elif job.task and job.task not in self._tasks and len(job.task) <= 256:
-            violations.add(
-                f"{prefix}.task",
-                f"{job.task!r} is not a registered task (see ListTasks)",
-            )
-        job = replace(
-            job, trigger=self._check_trigger(trigger, f"{prefix}.trigger", violations, now)
-        )
-        if job.max_concurrent == 0 and job.overlap_policy is not OverlapPolicy.ALLOW:
-            job = replace(job, max_concurrent=DEFAULT_MAX_CONCURRENT)
-        return job
-
-    def _check_celery(self, job: Job, prefix: str, violations: Violations) -> None:
-        options = job.celery
-        check_text(violations, f"{prefix}.celery.queue", options.queue, limit=256)
-        check_text(violations, f"{prefix}.celery.routing_key", options.routing_key, limit=256)
-        if options.priority is not None and not 0 <= options.priority <= 9:
-            violations.add(f"{prefix}.celery.priority", "must be between 0 and 9")
-        if self.dispatcher is None:
-            violations.raise_if_any()
-            raise CeleryNotEnabled()
-
-    def _check_trigger(
-        self, trigger: Trigger | None, field: str, violations: Violations, now: datetime
-    ) -> Trigger:
-        if trigger is None:
-            violations.add(field, "is required: set cron, interval or date")
-            return _NO_TRIGGER
-        try:
-            self._engine.check(trigger, now=now)
-        except InvalidArgument as error:
-            violations.extend(error, field)
-            return trigger
-        if isinstance(trigger, IntervalTrigger) and trigger.start_time is None:
-            # Anchor the phase now, so a restart does not shift the interval.
-            return replace(trigger, start_time=now + trigger.every)
-        return trigger
-
-    def _first_run(self, job: Job, now: datetime) -> datetime | None:
-        if job.paused:
-            return None
-        return self._engine.next_fire_time(job.trigger, after=now)
 
     # -- executions ---------------------------------------------------------------------------
 
@@ -665,20 +500,9 @@ class SchedulerService:
         if not 0 <= count <= MAX_PREVIEW:
             violations.add("count", f"must be between 0 and {MAX_PREVIEW}")
         now = start or self._clock()
-        checked = self._check_trigger(trigger, "trigger", violations, now)
+        checked = self._rules.check_trigger(trigger, "trigger", violations, now)
         violations.raise_if_any()
         return self._engine.preview(checked, start=now, count=count or DEFAULT_PREVIEW)
-
-
-def check_batch_size(count: int) -> None:
-    if not 1 <= count <= MAX_BATCH_CREATE:
-        raise InvalidArgument.field(
-            "requests", f"has {count:,} entries; give 1 to {MAX_BATCH_CREATE:,} jobs a call"
-        )
-
-
-def _request_id(entry: NewJob | InvalidArgument) -> str:
-    return entry.request_id if isinstance(entry, NewJob) else ""
 
 
 def _listed() -> str:

@@ -10,14 +10,10 @@ from functools import lru_cache
 from typing import Any, TypeAlias
 
 from chronoplane.server.aio import in_turns
+from chronoplane.server.creation import NewJob, check_batch_size
 from chronoplane.server.errors import InvalidArgument, ServerStopping, WatchFellBehind
 from chronoplane.server.models import AuditQuery, Event, EventKind, EventResource, ExecutionQuery
-from chronoplane.server.service import (
-    UPDATABLE_FIELDS,
-    NewJob,
-    SchedulerService,
-    check_batch_size,
-)
+from chronoplane.server.service import UPDATABLE_FIELDS, SchedulerService
 from chronoplane.server.transport.convert import (
     audit_event_to_proto,
     execution_to_proto,
