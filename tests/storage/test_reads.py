@@ -120,3 +120,16 @@ async def test_a_database_that_is_gone_is_unavailable_after_one_more_try(
                 await asyncio.wait_for(read(), 30)
     finally:
         await store.close()
+
+
+@postgres_only
+async def test_a_read_cancelled_mid_statement_leaves_no_busy_connection(
+    store: SqlAlchemyStore,
+) -> None:
+    read = asyncio.create_task(store._fetch("SELECT pg_sleep(5)"))
+    await asyncio.sleep(0.3)
+    read.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await read
+    for _ in range(3):  # whichever pooled connection comes next is usable
+        assert [tuple(r) for r in await store._fetch("SELECT 1")] == [(1,)]

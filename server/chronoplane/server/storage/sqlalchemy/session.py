@@ -395,6 +395,10 @@ class Session:
             try:
                 records: list[Any] = await driver.fetch(sql, *args)
                 return records
+            except asyncio.CancelledError:
+                # Mid-statement: not a connection to hand to the next reader.
+                await greenlet_spawn(pooled.invalidate)
+                raise
             except Exception as error:
                 dead = driver.is_closed() or _disconnected(error)
                 if dead:
