@@ -215,6 +215,10 @@ def log_figures(scenario: str, log: str) -> int:
     emit(scenario, "longest_stall_ms", max(stalls, default=0.0), "ms")
     for line in lost[:5]:
         note(f"lost leadership: {line[:200]}")
+    for stall in re.findall(r"event loop stalled for \d+ ms; it was running:\n(?:  .*\n?)+", log)[
+        :3
+    ]:
+        note(f"{scenario}: {stall.strip()[-1500:]}")
     return len(lost)
 
 
