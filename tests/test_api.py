@@ -544,7 +544,9 @@ async def test_concurrent_triggers_share_transactions_and_fail_alone(
     executions = await wait_executions(server.stub, "t-a", 9)
     executions += await wait_executions(server.stub, "t-b", 8)
     assert {e.id for e in executions} == {e.id for e in made}
-    assert sum(admitted) == 20 and len(admitted) < 20 and max(admitted) > 1
+    # Shared: some admission wrote several triggers. (A group may be written again after a
+    # deadlock with the runs' own writes, so the calls are not counted exactly.)
+    assert max(admitted) > 1 and sum(admitted) >= 20
 
 
 async def test_failing_task_records_error_and_traceback(server: InProcessServer) -> None:
