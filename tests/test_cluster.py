@@ -408,7 +408,6 @@ def test_every_instance_down_across_several_fires(cluster: Cluster) -> None:
     three(cluster)
     jobs = create_jobs(cluster, grace=1.0)
     time.sleep(3)
-    killed = datetime.now(UTC)
     for server in cluster.alive():
         server.process.kill()
         server.process.wait(10)
@@ -416,19 +415,17 @@ def test_every_instance_down_across_several_fires(cluster: Cluster) -> None:
     three(cluster)
     time.sleep(4)
     for job in jobs:
-        # (A fire before the gap may be missed too, on a machine too busy to start it within
-        # the grace of 1 s: that is another record, of another gap.)
+        # One record of the gap (5 s, at least 3 fires). A fire before it may be missed
+        # alone, on a machine too busy to start it within the grace of 1 s: another record.
         missed = [
             e
             for e in executions(cluster, job)
-            if e.state == epb.EXECUTION_STATE_MISSED and _time(e.scheduled_time) >= killed
+            if e.state == epb.EXECUTION_STATE_MISSED and e.missed.count >= 3
         ]
-        # misfire_policy run_once (the default): one record of the gap, its latest fire run.
         assert len(missed) == 1, f"{job}: {len(missed)} MISSED records: " + ", ".join(
             f"{_time(e.scheduled_time):%S.%f} {epb.ExecutionState.Name(e.state)}"
             for e in executions(cluster, job)
         )
-        assert missed[0].missed.count >= 3
     assert check_each_fire_once(cluster, jobs) > JOBS * 10
 
 
