@@ -23,6 +23,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.util.concurrency import greenlet_spawn
 
+from chronoplane.server.aio import in_turns
 from chronoplane.server.errors import (
     NotLeader,
     StorageConflict,
@@ -494,12 +495,14 @@ class Session:
                 .outerjoin(jobs, jobs.c.id == executions.c.job_id)
                 .where(self._among(executions.c.id, execution_ids))
             )
-            for row in await conn.execute(query):
+            # In turns: a thousand rows' bodies take a few hundred ms to encode.
+            async for row in in_turns(await conn.execute(query)):
                 body = (row.job_id, encode_row(row), row.job_labels or {})
                 bodies[(EventResource.EXECUTION, row.id)] = body
         job_ids = changes.ids(EventResource.JOB)
         if job_ids:
-            for row in await conn.execute(sa.select(jobs).where(self._among(jobs.c.id, job_ids))):
+            query = sa.select(jobs).where(self._among(jobs.c.id, job_ids))
+            async for row in in_turns(await conn.execute(query)):
                 bodies[(EventResource.JOB, row.id)] = (row.id, encode_row(row), row.labels or {})
         return bodies
 
