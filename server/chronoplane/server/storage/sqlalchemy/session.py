@@ -419,8 +419,7 @@ class Session:
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
-        """A transaction that writes; what it noted as changed (``_changed``) becomes events
-        just before it commits."""
+        """A write transaction; what it noted as changed (``_changed``) becomes events."""
         appended = False
         async with contextlib.AsyncExitStack() as stack:
             if self._write_lock is not None:
@@ -467,8 +466,7 @@ class Session:
             await self._insert_events(conn, ordered, bodies)
 
     async def _known_bodies(self, conn: AsyncConnection, changes: Changes) -> _Bodies:
-        """The events of executions whose rows are known as written: only their jobs' labels
-        are read."""
+        """Events of executions whose rows are known as written: only their labels are read."""
         if not changes.known:
             return {}
         job_of = {i: body["job_id"] for i, body in changes.known.items()}
@@ -495,7 +493,6 @@ class Session:
                 .outerjoin(jobs, jobs.c.id == executions.c.job_id)
                 .where(self._among(executions.c.id, execution_ids))
             )
-            # In turns: a thousand rows' bodies take a few hundred ms to encode.
             async for row in in_turns(await conn.execute(query)):
                 body = (row.job_id, encode_row(row), row.job_labels or {})
                 bodies[(EventResource.EXECUTION, row.id)] = body
