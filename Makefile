@@ -36,6 +36,7 @@ proto-check: $(STAMP)
 # buf breaking compares with main (on main itself: with the commit before).
 buf: $(STAMP)
 	$(BIN)/buf lint
+	$(BIN)/buf format --diff --exit-code
 	@base=$$(git merge-base HEAD main 2>/dev/null || true); \
 	if [ "$$(git rev-parse HEAD 2>/dev/null)" = "$$(git rev-parse main 2>/dev/null)" ]; then \
 		base=$$(git rev-parse -q --verify HEAD~1 || true); fi; \

@@ -193,11 +193,16 @@ def _read_text(path: Path) -> str:
 
 def _peak_rss_mb(pid: int) -> float | None:
     """VmHWM (peak resident set) of a live process, in MiB."""
+    return _status_mb(pid, "VmHWM")
+
+
+def _status_mb(pid: int, field: str) -> float | None:
+    """A memory field of a live process's /proc status (VmRSS, VmHWM), in MiB."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return None
-    match = re.search(r"^VmHWM:\s+(\d+)\s+kB", status, re.MULTILINE)
+    match = re.search(rf"^{field}:\s+(\d+)\s+kB", status, re.MULTILINE)
     return int(match.group(1)) / 1024 if match else None
 
 

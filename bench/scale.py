@@ -48,6 +48,7 @@ import grpc
 from fire_throughput import (
     _maintenance_dsn,
     _peak_rss_mb,
+    _status_mb,
     _timestamp,
     note,
     percentile,
@@ -279,7 +280,7 @@ async def restarted(url: str, workdir: Path, args: argparse.Namespace) -> float:
         emit("restart", "seconds_to_serving", time.monotonic() - began, "s")
         loaded = re.search(r"leading \(epoch \d+\): (\d+) jobs due within", server.log)
         emit("restart", "jobs_scheduled", int(loaded.group(1)) if loaded else None, "jobs")
-        emit("restart", "rss_mb", _rss_mb(server.process.pid), "MiB")
+        emit("restart", "rss_mb", _status_mb(server.process.pid, "VmRSS"), "MiB")
         stub = pb_grpc.SchedulerServiceStub(grpc.aio.insecure_channel(server.address))
         late = sorted(await probe(stub, args.probe_seconds))
         emit("probe", "runs", len(late), "count")
@@ -291,12 +292,6 @@ async def restarted(url: str, workdir: Path, args: argparse.Namespace) -> float:
         log = server.log
     log_figures("restart", log)
     return rate
-
-
-def _rss_mb(pid: int) -> float | None:
-    status = Path(f"/proc/{pid}/status").read_text()
-    match = re.search(r"^VmRSS:\s+(\d+)\s+kB", status, re.MULTILINE)
-    return int(match.group(1)) / 1024 if match else None
 
 
 # -- the run --------------------------------------------------------------------------------------

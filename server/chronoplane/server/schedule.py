@@ -69,10 +69,6 @@ class Schedule:
         self._term = 0
         self._loading = False
 
-    @property
-    def away(self) -> int:
-        return len(self._away)
-
     # -- filling the engine -------------------------------------------------------------------
 
     async def load(self) -> int:

@@ -312,9 +312,6 @@ class SqlJobStore(Slots, JobStore):
         rows = (await conn.execute(query)).all()
         return {row.id: summary for row in rows if (summary := execution_summary(row)) is not None}
 
-    async def _notify_job(self, conn: AsyncConnection, job_id: str) -> None:
-        await self._notify_jobs(conn, [job_id])
-
     async def _notify_jobs(self, conn: AsyncConnection, job_ids: Sequence[str]) -> None:
         """Wakes the leader of a cluster, to read the jobs now rather than at the next resync
         (unless it made the change itself: each payload starts with the writer's id). One
