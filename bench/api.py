@@ -197,7 +197,7 @@ INSERT INTO executions (id, job_id, state, source, dedupe_key, scheduled_time, c
     start_time, end_time, task, args, result, error_message, error_traceback, instance_id,
     request_id, attempt, first_execution_id, error_type, missed, note, due_time, ready,
     holds_slot, force, cancel_reason, epoch, triggered_by, cancelled_by, executor,
-    celery_task_id, worker, pending_reason, dispatch_time, lease_expire_time)
+    celery_task_id, worker, pending_reason, dispatch_time, lease_expire_time, created_late)
 SELECT lpad(to_hex((extract(epoch FROM t) * 1000)::bigint), 12, '0')
         || lpad(to_hex(g::bigint), 16, '0'),
     CASE WHEN g % 10 = 0 THEN 'j000000'
@@ -207,7 +207,7 @@ SELECT lpad(to_hex((extract(epoch FROM t) * 1000)::bigint), 12, '0')
     CASE WHEN s = 'succeeded' THEN '{"n": 1}'::json END,
     CASE WHEN s = 'failed' THEN 'boom' ELSE '' END, '', 'inst-bench', NULL, 1, NULL,
     CASE WHEN s = 'failed' THEN 'RuntimeError' ELSE '' END, NULL, '', t, false, false, false,
-    NULL, NULL, 'system:schedule', '', 'inline', NULL, '', '', NULL, NULL
+    NULL, NULL, 'system:schedule', '', 'inline', NULL, '', '', NULL, NULL, false
 FROM (
     SELECT g, $2::timestamptz + (g * $3::double precision) * interval '1 second' AS t,
         CASE WHEN g % 1000 = 999 THEN 'timed_out' WHEN g % 100 = 99 THEN 'interrupted'

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
 import pytest
+import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -93,3 +95,53 @@ def test_concurrent_migrations_on_postgres_serialize(
         assert run_sync(_differences(url)) == []
     finally:
         run_sync(_admin(postgres, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+def test_created_late_is_computed_for_existing_executions(empty_url: str) -> None:
+    """Migration 0012 marks what existed: from the id on PostgreSQL (late past 5 s, and any
+    id not of ids.py's form), everything on SQLite (exact, only slower)."""
+    run_sync(upgrade(empty_url, "0011"))
+    scheduled = datetime(2027, 1, 1, tzinfo=UTC)
+    millis = int(scheduled.timestamp() * 1000)
+    ids = {
+        f"{millis + 5_000:012x}{1:016x}": False,  # 5 s after: on time
+        f"{millis + 5_001:012x}{2:016x}": True,  # just late
+        f"{millis - 60_000:012x}{3:016x}": False,  # made before (a retry)
+        "manual-1": True,  # not a time-ordered id
+    }
+
+    async def fill_and_read() -> dict[str, bool]:
+        engine = create_async_engine(empty_url)
+        try:
+            async with engine.begin() as conn:
+                await conn.execute(
+                    sa.text(
+                        "INSERT INTO jobs (id, display_name, description, task, args, trigger, "
+                        "paused, misfire_grace_seconds, max_concurrent, labels, misfire_policy, "
+                        "catchup_limit, overlap_policy, history_limit, version, create_time, "
+                        "update_time) VALUES ('j', '', '', 't', '{}', '{}', false, 1, 1, '{}', "
+                        "'run_once', 1, 'skip', 0, 1, :t, :t)"
+                    ),
+                    {"t": scheduled},
+                )
+                for n, execution_id in enumerate(ids):
+                    await conn.execute(
+                        sa.text(
+                            "INSERT INTO executions (id, job_id, state, source, dedupe_key, "
+                            "scheduled_time, create_time, task, args, error_message, "
+                            "error_traceback, instance_id, attempt, error_type, note, due_time, "
+                            "ready, holds_slot, force) VALUES (:id, 'j', 'succeeded', "
+                            "'schedule', :key, :t, :t, 't', '{}', '', '', '', 1, '', '', :t, "
+                            "false, false, false)"
+                        ),
+                        {"id": execution_id, "key": f"k{n}", "t": scheduled},
+                    )
+            await asyncio.to_thread(command.upgrade, alembic_config(empty_url), "0012")
+            async with engine.connect() as conn:
+                rows = await conn.execute(sa.text("SELECT id, created_late FROM executions"))
+                return {row.id: bool(row.created_late) for row in rows}
+        finally:
+            await engine.dispose()
+
+    expected = ids if "postgresql" in empty_url else dict.fromkeys(ids, True)
+    assert run_sync(fill_and_read()) == expected

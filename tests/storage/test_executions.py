@@ -134,3 +134,64 @@ async def test_admission_applies_the_overlap_policy_to_what_the_database_holds(
     # Both stop: the newer one gets the slot.
     await store.record_progress([finish(first), finish(forced)])
     assert await claimed_ids(store) == [newer.inserted[0].id]
+
+
+async def test_time_range_pages_hold_late_and_early_executions_in_id_order(
+    store: SqlAlchemyStore,
+) -> None:
+    """Past the first window (1,000), a range's page walks ids back from the range's end and
+    adds the executions created late (backfills, catch-ups): every page, through to the
+    last, is what sorting the whole range by id gives, with ids on both sides of the bound."""
+    for job_id in ("a", "b"):
+        await store.create_job(a_job(job_id), request_id=None)
+    start = 1_800_000_000_000  # milliseconds
+    made: list[Execution] = []
+
+    def add(n: int, scheduled_ms: int, created_ms: int) -> None:
+        state = ExecutionState.FAILED if n % 3 == 0 else ExecutionState.SUCCEEDED
+        made.append(
+            an_execution(
+                "ab"[n % 2],
+                id=f"{created_ms:012x}{n:016x}",
+                scheduled_time=datetime.fromtimestamp(scheduled_ms / 1000, UTC),
+                state=state,
+            )
+        )
+
+    for n in range(2_400):  # one a second, created 0-5.5 s after (late past 5 s), or before
+        add(n, start + n * 1000, start + n * 1000 + (n * 37) % 5_500 - (300 if n % 11 else 0))
+    for n in range(2_400, 2_700):  # a backfill of the whole range, an hour later
+        add(n, start + (n - 2_400) * 8_000 + 500, start + 3_600_000 + n)
+    for offset in range(0, len(made), 500):
+        await store.insert_executions(made[offset : offset + 500])
+
+    def second(s: float) -> datetime:
+        return datetime.fromtimestamp(start / 1000 + s, UTC)
+
+    queries = [
+        ExecutionQuery(scheduled_before=second(1_900.25)),
+        ExecutionQuery(scheduled_after=second(100), scheduled_before=second(1_700)),
+        ExecutionQuery(job_id="a", scheduled_before=second(2_100)),
+        ExecutionQuery(states=frozenset({ExecutionState.FAILED}), scheduled_before=second(2_300)),
+    ]
+    for query in queries:
+        expected = sorted(
+            (
+                e.id
+                for e in made
+                if (query.scheduled_after is None or e.scheduled_time >= query.scheduled_after)
+                and (query.scheduled_before is None or e.scheduled_time < query.scheduled_before)
+                and query.job_id in (None, e.job_id)
+                and (not query.states or e.state in query.states)
+            ),
+            reverse=True,
+        )
+        listed: list[str] = []
+        before = None
+        while True:
+            page = await store.list_executions(query, before=before, limit=100)
+            listed += [e.id for e in page.executions]
+            if page.next_before is None:
+                break
+            before = page.next_before
+        assert listed == expected, query

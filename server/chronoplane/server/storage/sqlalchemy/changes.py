@@ -61,6 +61,7 @@ _INTERNAL = frozenset(
         "cancel_reason",
         "epoch",
         "lease_expire_time",
+        "created_late",
     }
 )
 

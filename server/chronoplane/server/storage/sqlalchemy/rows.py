@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import functools
 import json
+import re
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
@@ -50,6 +51,25 @@ from chronoplane.server.storage.tables import (
 )
 
 UNFINISHED_STATES = (ExecutionState.PENDING.value, ExecutionState.RUNNING.value)
+
+# An execution whose id (the millisecond of its creation, ids.py) is more than this after its
+# scheduled time is created late (executions.created_late); the index of those lets a time
+# range's newest page walk ids back from the range's end (history.py).
+CREATED_LATE_MS = 5_000
+_TIMED_ID = re.compile(r"[0-9a-f]{28}")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MILLISECOND = timedelta(milliseconds=1)
+
+
+def created_late(execution_id: str, scheduled: datetime) -> bool:
+    if not _TIMED_ID.fullmatch(execution_id):
+        return True
+    return int(execution_id[:12], 16) > (scheduled - _EPOCH) // _MILLISECOND + CREATED_LATE_MS
+
+
+def late_id_bound(before: datetime) -> str:
+    """Every execution scheduled before ``before`` and not created late has a smaller id."""
+    return f"{(before - _EPOCH) // _MILLISECOND + CREATED_LATE_MS + 1:012x}"
 
 
 # Spelled as in the partial indexes of tables.executions (literals, not parameters), so that
@@ -452,6 +472,7 @@ def execution_values(
         "pending_reason": execution.pending_reason,
         "dispatch_time": execution.dispatch_time,
         "lease_expire_time": None,
+        "created_late": created_late(execution.id, execution.scheduled_time),
     }
 
 
@@ -476,6 +497,7 @@ PG_ARRAY_TYPES = {
     "pending_reason": "text",
     "dispatch_time": "timestamptz",
     "lease_expire_time": "timestamptz",
+    "created_late": "boolean",
 }
 
 
