@@ -243,7 +243,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 class DecodeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Parses Chronoplane and health-checking requests itself, outermost, so that one grpc
     cannot parse (invalid UTF-8 in a string field, a corrupt wire format) is INVALID_ARGUMENT
-    naming the message, not grpc's UNKNOWN, and never reaches a handler."""
+    naming the message, not grpc's UNKNOWN, and never reaches a handler. Its streams send
+    bytes as they are: a watch event is encoded once for all the streams it goes to."""
 
     def __init__(self) -> None:
         self._wrapped = PerMethod()
@@ -280,9 +281,16 @@ def _decoding(handler: Any) -> Any:
         end_with(context, status)
         return None
 
-    make = (
-        grpc.unary_stream_rpc_method_handler
-        if handler.response_streaming
-        else grpc.unary_unary_rpc_method_handler
+    if not handler.response_streaming:
+        return grpc.unary_unary_rpc_method_handler(
+            decoded, request_deserializer=None, response_serializer=handler.response_serializer
+        )
+    serialize = handler.response_serializer
+
+    def serialized_once(message: Any) -> bytes:
+        # A watch event goes to many streams encoded once: the servicer writes its bytes.
+        return message if isinstance(message, bytes) else serialize(message)
+
+    return grpc.unary_stream_rpc_method_handler(
+        decoded, request_deserializer=None, response_serializer=serialized_once
     )
-    return make(decoded, request_deserializer=None, response_serializer=handler.response_serializer)

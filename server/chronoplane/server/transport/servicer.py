@@ -297,18 +297,19 @@ _KINDS = {
 
 
 # One encoding per event, whatever the number of streams it goes to (events and notices
-# hash by identity).
+# hash by identity): the wire bytes, which the streams' serializer passes on as they are
+# (errors._decoding).
 @lru_cache(maxsize=4096)
-def _execution_event(item: Event | Notice) -> pb.WatchExecutionsResponse:
+def _execution_event(item: Event | Notice) -> bytes:
     message = pb.WatchExecutionsResponse(cursor=item.cursor, kind=_KINDS[item.kind])
     if item.execution is not None:
         message.execution.CopyFrom(execution_to_proto(item.execution))
-    return message
+    return message.SerializeToString()
 
 
 @lru_cache(maxsize=4096)
-def _job_event(item: Event | Notice) -> pb.WatchJobsResponse:
+def _job_event(item: Event | Notice) -> bytes:
     message = pb.WatchJobsResponse(cursor=item.cursor, kind=_KINDS[item.kind])
     if item.job is not None:
         message.job.CopyFrom(job_to_proto(item.job))
-    return message
+    return message.SerializeToString()
