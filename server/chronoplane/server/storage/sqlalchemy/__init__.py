@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from chronoplane.server.storage.abc import Store
 from chronoplane.server.storage.sqlalchemy.access import SqlAccessStore
+from chronoplane.server.storage.sqlalchemy.changes import EVENTS_CHANNEL
 from chronoplane.server.storage.sqlalchemy.dispatches import SqlDispatchStore
 from chronoplane.server.storage.sqlalchemy.events import SqlEventStore
 from chronoplane.server.storage.sqlalchemy.executions import SqlExecutionStore
@@ -34,7 +35,6 @@ from chronoplane.server.storage.sqlalchemy.rows import trigger_from_json, trigge
 from chronoplane.server.storage.sqlalchemy.session import (
     CANCEL_CHANNEL,
     CONNECT_TIMEOUT,
-    EVENTS_CHANNEL,
     JOBS_CHANNEL,
     KEEPALIVES,
     WORK_CHANNEL,

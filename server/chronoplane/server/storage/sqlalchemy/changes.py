@@ -22,10 +22,15 @@ from datetime import datetime
 from types import SimpleNamespace
 from typing import Any
 
+import sqlalchemy as sa
+
 from chronoplane.server.models import EventKind, EventResource
+from chronoplane.server.storage.tables import UtcDateTime
 
 __all__ = [
+    "EVENTS_CHANNEL",
     "EVENT_WRITERS_KEY",
+    "PG_APPEND_EVENTS",
     "Changes",
     "Watermark",
     "decode_body",
@@ -37,6 +42,24 @@ __all__ = [
 # commit (transaction-scoped; docs/decisions/0002-advisory-lock-keys.md, key 3). Nobody takes
 # it exclusively: no writer ever waits for it.
 EVENT_WRITERS_KEY = (0x43504C4E << 32) | 3
+
+# Events were appended (payload: the last cursor); every instance's watch hub reads them.
+EVENTS_CHANNEL = "chronoplane_events"
+
+# One round trip: the writers' lock (shared, held to the commit), the cursors from the
+# sequence (each row's nextval comes after the lock: no row exists before the lock's), the
+# rows (labels given as null are the job's, read here), and the notification.
+PG_APPEND_EVENTS = sa.text(
+    "WITH writer AS (SELECT pg_advisory_xact_lock_shared(CAST(:key AS bigint))), "
+    "appended AS (INSERT INTO events (cursor, resource, kind, job_id, body, labels, create_time) "
+    "SELECT nextval('events_cursor_seq'), e.resource, e.kind, e.job_id, CAST(e.body AS json), "
+    "COALESCE(CAST(NULLIF(e.labels, 'null') AS json), "
+    "(SELECT j.labels FROM jobs AS j WHERE j.id = e.job_id), CAST('{}' AS json)), :now "
+    "FROM writer, unnest(CAST(:resources AS varchar[]), CAST(:kinds AS varchar[]), "
+    "CAST(:job_ids AS varchar[]), CAST(:bodies AS text[]), CAST(:labels AS text[])) "
+    "AS e(resource, kind, job_id, body, labels) RETURNING 1) "
+    f"SELECT pg_notify('{EVENTS_CHANNEL}', '') FROM (SELECT count(*) FROM appended) AS done"
+).bindparams(sa.bindparam("now", type_=UtcDateTime()), key=EVENT_WRITERS_KEY)
 
 # Columns of a row that are times: ISO text in the JSON body.
 _TIMES = frozenset(

@@ -34,7 +34,7 @@ from chronoplane.server.models import (
     EventResource,
 )
 from chronoplane.server.storage.sqlalchemy.changes import (
-    EVENT_WRITERS_KEY,
+    PG_APPEND_EVENTS,
     Changes,
     Watermark,
     encode_row,
@@ -60,10 +60,6 @@ WORK_CHANNEL = "chronoplane_work"
 
 
 CANCEL_CHANNEL = "chronoplane_cancel"
-
-
-# Events were appended (payload: the last cursor); every instance's watch hub reads them.
-EVENTS_CHANNEL = "chronoplane_events"
 
 
 P = ParamSpec("P")
@@ -273,21 +269,6 @@ def translate_errors(
     return wrapper
 
 
-# One round trip: the writers' lock (shared, held to the commit), the cursors from the
-# sequence (each row's nextval comes after the lock: no row exists before the lock's), the
-# rows, and the notification.
-_PG_APPEND_EVENTS = sa.text(
-    "WITH writer AS (SELECT pg_advisory_xact_lock_shared(CAST(:key AS bigint))), "
-    "appended AS (INSERT INTO events (cursor, resource, kind, job_id, body, labels, create_time) "
-    "SELECT nextval('events_cursor_seq'), e.resource, e.kind, e.job_id, CAST(e.body AS json), "
-    "CAST(e.labels AS json), :now "
-    "FROM writer, unnest(CAST(:resources AS varchar[]), CAST(:kinds AS varchar[]), "
-    "CAST(:job_ids AS varchar[]), CAST(:bodies AS text[]), CAST(:labels AS text[])) "
-    "AS e(resource, kind, job_id, body, labels) RETURNING 1) "
-    f"SELECT pg_notify('{EVENTS_CHANNEL}', '') FROM (SELECT count(*) FROM appended) AS done"
-).bindparams(sa.bindparam("now", type_=UtcDateTime()), key=EVENT_WRITERS_KEY)
-
-
 def named_rows(result: sa.CursorResult[Any]) -> list[Any]:
     """A result's rows as named tuples (``rows.named``)."""
     return named(result, tuple(result.keys()))
@@ -466,19 +447,20 @@ class Session:
             await self._insert_events(conn, ordered, bodies)
 
     async def _known_bodies(self, conn: AsyncConnection, changes: Changes) -> _Bodies:
-        """Events of executions whose rows are known as written: only their labels are read."""
-        if not changes.known:
-            return {}
+        """Events of executions whose rows are known as written: only their labels are read
+        (on PostgreSQL by the statement appending the events: None here)."""
         job_of = {i: body["job_id"] for i, body in changes.known.items()}
-        query = sa.select(jobs.c.id, jobs.c.labels).where(
-            self._among(jobs.c.id, sorted(set(job_of.values())))
-        )
-        labels = dict((await conn.execute(query)).all())
+        labels = None
+        if job_of and self._dialect != "postgresql":
+            query = sa.select(jobs.c.id, jobs.c.labels).where(
+                self._among(jobs.c.id, job_of.values())
+            )
+            labels = dict((await conn.execute(query)).all())
         return {
             (EventResource.EXECUTION, execution_id): (
                 job_of[execution_id],
                 body,
-                labels.get(job_of[execution_id]) or {},
+                None if labels is None else labels.get(job_of[execution_id]) or {},
             )
             for execution_id, body in changes.known.items()
         }
@@ -512,7 +494,7 @@ class Session:
         now = datetime.now(UTC)
         if self._dialect == "postgresql":
             await conn.execute(
-                _PG_APPEND_EVENTS,
+                PG_APPEND_EVENTS,
                 {
                     "resources": [resource for (resource, _), _ in ordered],
                     "kinds": [kind.value for _, kind in ordered],
