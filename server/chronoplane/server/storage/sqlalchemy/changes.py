@@ -89,6 +89,10 @@ _INTERNAL = frozenset(
 )
 
 
+# Columns of the execution's job that a statement returned beside it (not the resource).
+_JOINED = frozenset({"job_labels", "job_timeout_seconds", "job_retry"})
+
+
 class Changes:
     """The resources one transaction changed, in the order it changed them."""
 
@@ -134,7 +138,7 @@ def encode_row(row: Any) -> dict[str, Any]:
 def encode_values(values: Any) -> dict[str, Any]:
     body: dict[str, Any] = {}
     for name, value in values.items():
-        if name in _INTERNAL or name == "job_labels":
+        if name in _INTERNAL or name in _JOINED:
             continue
         body[name] = value.isoformat() if isinstance(value, datetime) else value
     return body

@@ -39,6 +39,10 @@ from chronoplane.server.storage.tables import (
     jobs,
 )
 
+# What a worker needs of the job to run an execution, beside the claim.
+_RUN_POLICY = (jobs.c.timeout_seconds.label("job_timeout_seconds"), jobs.c.retry.label("job_retry"))
+_RUN_POLICY_NAMES = ("job_timeout_seconds", "job_retry")
+
 
 class SqlDispatchStore(Slots, DispatchStore):
     """What an instance sends to Celery and what the workers report of it."""
@@ -141,37 +145,41 @@ class SqlDispatchStore(Slots, DispatchStore):
     ) -> tuple[Execution, RunPolicy] | None:
         """The conditional claim of a worker: RUNNING on ``worker`` if it is still PENDING;
         None when it was started before (a redelivered message), cancelled or finished."""
-        async with self._write() as conn:
-            started = await conn.execute(
-                executions.update()
-                .where(
-                    executions.c.id == execution_id, executions.c.state == STATE_PENDING, IS_CELERY
-                )
-                .values(
-                    state=ExecutionState.RUNNING.value,
-                    start_time=self._now(),
-                    worker=worker,
-                    instance_id="",
-                    ready=False,
-                    holds_slot=True,
-                    lease_expire_time=lease_until,
-                    pending_reason="",
-                )
-                .returning(*executions.c)
+        # On PostgreSQL the job's run policy comes back with the claim (one round trip);
+        # SQLite's RETURNING cannot name the tables of UPDATE ... FROM.
+        joined = self._dialect == "postgresql"
+        claim = (
+            executions.update()
+            .where(executions.c.id == execution_id, executions.c.state == STATE_PENDING, IS_CELERY)
+            .values(
+                state=ExecutionState.RUNNING.value,
+                start_time=self._now(),
+                worker=worker,
+                instance_id="",
+                ready=False,
+                holds_slot=True,
+                lease_expire_time=lease_until,
+                pending_reason="",
             )
-            rows = list(started.mappings())
+        )
+        if joined:
+            claim = claim.where(jobs.c.id == executions.c.job_id).returning(
+                *executions.c, *_RUN_POLICY
+            )
+        else:
+            claim = claim.returning(*executions.c)
+        async with self._write() as conn:
+            rows = list((await conn.execute(claim)).mappings())
             if not rows:
                 return None
             self._changed_rows(conn, rows, EventKind.MODIFIED)
-            job = (
-                await conn.execute(
-                    sa.select(jobs.c.timeout_seconds, jobs.c.retry).where(
-                        jobs.c.id == rows[0]["job_id"]
-                    )
-                )
-            ).first()
-        policy = run_policy(job.timeout_seconds, job.retry) if job else RunPolicy()
-        return execution_from_mapping(rows[0]), policy
+            started = dict(rows[0])
+            if not joined:
+                of_job = sa.select(*_RUN_POLICY).where(jobs.c.id == started["job_id"])
+                job = (await conn.execute(of_job)).first()
+                started |= job._mapping if job else dict.fromkeys(_RUN_POLICY_NAMES)
+        policy = run_policy(started["job_timeout_seconds"], started["job_retry"])
+        return execution_from_mapping(started), policy
 
     @translate_errors
     async def renew_lease(self, execution_id: str, *, worker: str, until: datetime) -> bool:
