@@ -233,6 +233,14 @@ def _text(value: Any, unit: str = "") -> str:
     return f"{value} {unit}".strip() if unit not in ("", "count", "ratio", "bool") else str(value)
 
 
+def _label(key: str, value: Any) -> str:
+    if key == "rate":
+        return f"{value:g} executions/s"
+    if key == "in_flight":
+        return f"{value} in flight"
+    return str(value)
+
+
 def report(
     scenario: str, ours: Sequence[Result], peers: Sequence[Result], compared: Sequence[str]
 ) -> None:
@@ -242,7 +250,7 @@ def report(
         for figure in peer.figures:
             emit(scenario, peer, figure)
     for result in ours:
-        what = " ".join(f"{v:g}/s" if k == "rate" else str(v) for k, v in result.extra.items())
+        what = ", ".join(_label(key, value) for key, value in result.extra.items())
         for figure, (value, unit) in result.figures.items():
             against: list[Result | None] = [*peers] or [None]
             for other in against:
@@ -258,7 +266,7 @@ def report(
                         what,
                         figure,
                         _text(value, unit),
-                        other.system if other else "-",
+                        other.system if other and theirs is not None else "-",
                         _text(theirs, unit),
                         "-" if share is None else f"{share:.2f}",
                     )
@@ -310,7 +318,14 @@ def picked(system: str, lines: list[dict[str, Any]], names: Sequence[str], **whe
         for line in lines
         if all(line.get(k) == v for k, v in where.items())
     }
-    return Result(system, {name: found[name] for name in names if name in found})
+    return Result(
+        system,
+        {
+            name: (found[name][0], UNITS.get(name, found[name][1]))
+            for name in names
+            if name in found
+        },
+    )
 
 
 # -- unary ----------------------------------------------------------------------------------------
