@@ -150,6 +150,8 @@ UNITS = {
 }
 FIRE_COMPARED = ("executions_per_s", "lateness_p50_ms", "lateness_p99_ms", "run_fraction")
 FIRE_FIGURES = (*FIRE_COMPARED, "executed", "expected", "missed", "duplicates")
+# Steady: executions/s is only the rate the fires fall due at, the same for all.
+STEADY_COMPARED = FIRE_COMPARED[1:]
 CELERY_COMPARED = ("executions_per_s", "dispatch_to_start_p50_ms", "dispatch_to_start_p99_ms")
 CELERY_FIGURES = (*CELERY_COMPARED, "executions", "succeeded")
 UNARY_COMPARED = ("calls_per_s", "latency_p50_ms", "latency_p99_ms", "server_cpu_us_per_call")
@@ -204,7 +206,7 @@ class Result:
         return self.figures.get(figure, (None, ""))[0]
 
 
-ROWS: list[tuple[str, ...]] = []
+TABLES: list[tuple[str, list[tuple[str, ...]]]] = []
 
 
 def _rounded(value: Any) -> Any:
@@ -230,6 +232,8 @@ def _text(value: Any, unit: str = "") -> str:
         return "-"
     if isinstance(value, float):
         value = f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+    elif isinstance(value, int) and not isinstance(value, bool):
+        value = f"{value:,}"
     return f"{value} {unit}".strip() if unit not in ("", "count", "ratio", "bool") else str(value)
 
 
@@ -245,45 +249,40 @@ def report(
     scenario: str, ours: Sequence[Result], peers: Sequence[Result], compared: Sequence[str]
 ) -> None:
     """The peers' lines, then Chronoplane's, each compared figure once per peer with its
-    ratio; a table row for every Chronoplane figure."""
+    ratio; a table of every Chronoplane figure, each peer's beside it."""
     for peer in peers:
         for figure in peer.figures:
             emit(scenario, peer, figure)
+    table = [("", "figure", "chronoplane", *(c for p in peers for c in (p.system, "ratio")))]
     for result in ours:
         what = ", ".join(_label(key, value) for key, value in result.extra.items())
         for figure, (value, unit) in result.figures.items():
-            against: list[Result | None] = [*peers] or [None]
-            for other in against:
-                theirs = other.value(figure) if other else None
+            row = [what, figure, _text(value, unit)]
+            for peer in peers:
+                theirs = peer.value(figure)
                 share = ratio(value, theirs) if figure in compared else None
-                if other is not None and figure in compared:
-                    emit(scenario, result, figure, peer=other.system, ratio=_rounded(share))
-                elif other is None or other is peers[0]:
-                    emit(scenario, result, figure)
-                ROWS.append(
-                    (
-                        scenario,
-                        what,
-                        figure,
-                        _text(value, unit),
-                        other.system if other and theirs is not None else "-",
-                        _text(theirs, unit),
-                        "-" if share is None else f"{share:.2f}",
-                    )
-                )
+                if figure in compared:
+                    emit(scenario, result, figure, peer=peer.system, ratio=_rounded(share))
+                row += [_text(theirs, unit), "" if share is None else f"{share:.2f}"]
+            if figure not in compared or not peers:
+                emit(scenario, result, figure)
+            table.append(tuple(row))
+    TABLES.append((scenario, table))
 
 
 def print_table(failed: Sequence[str]) -> None:
-    header = ("scenario", "chronoplane", "figure", "value", "peer", "peer value", "ratio")
-    rows = [header, *ROWS, *((name, "FAILED", "", "", "", "", "") for name in failed)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    print("\nratio = Chronoplane / peer, measured in this run\n", file=sys.stderr)
-    for row in rows:
-        cells = [
-            c.ljust(w) if i < 3 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        ]
-        print("  ".join(cells).rstrip(), file=sys.stderr)
+    print("\nratio = Chronoplane / peer, measured in this run", file=sys.stderr)
+    for scenario, rows in TABLES:
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        print(f"\n{scenario}", file=sys.stderr)
+        for row in rows:
+            cells = [
+                c.ljust(w) if i < 2 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            ]
+            print("  " + "  ".join(cells).rstrip(), file=sys.stderr)
+    for name in failed:
+        print(f"\n{name}: FAILED (see above)", file=sys.stderr)
 
 
 # -- subprocesses ---------------------------------------------------------------------------------
@@ -504,7 +503,7 @@ async def steady(ctx: Context) -> None:
         )
         spec = {"kind": "steady", "jobs": count, "seconds": seconds, "phase": phase}
         peers = [await apscheduler(ctx, store, spec) for store in ("sqlalchemy", "memory")]
-        report(scenario, [ours], peers, FIRE_COMPARED)
+        report(scenario, [ours], peers, STEADY_COMPARED)
 
 
 # -- burst and steady: the APScheduler peer (runs in its own process) ---------------------------
