@@ -34,8 +34,11 @@ runs at once):
   returns the time it started; a listener takes it with the fire's scheduled time from
   APScheduler's executed events. Figures of all three: executions_per_s = executed / (last
   start - T), lateness_p50_ms / lateness_p99_ms (start - scheduled), executed, expected,
-  run_fraction (executed / expected), missed, duplicates; the peers' ``skipped`` counts fires
-  dropped as "maximum number of running instances reached".
+  run_fraction (executed / expected), missed (past the grace), other (Chronoplane: skipped
+  because the job's previous run was still running, failed or interrupted; APScheduler:
+  dropped as "maximum number of running instances reached", or failed), duplicates. A fire
+  counted in none of executed, missed and other was coalesced with a later one (both run late
+  fires of one job once) or, for Chronoplane, never recorded.
 * ``celery``: ``bench/celery_dispatch.py --burst N`` (TriggerJob of a Celery job, 32 in
   flight, one worker of 2 prefork processes) against a bare Celery app
   (``bench/celery_peer.py``) on the same Redis broker with the same worker settings (2
@@ -141,7 +144,7 @@ UNITS = {
     "executed": "count",
     "expected": "count",
     "missed": "count",
-    "skipped": "count",
+    "other": "count",
     "duplicates": "count",
     "executions": "count",
     "succeeded": "count",
@@ -149,7 +152,7 @@ UNITS = {
     "dispatch_to_start_p99_ms": "ms",
 }
 FIRE_COMPARED = ("executions_per_s", "lateness_p50_ms", "lateness_p99_ms", "run_fraction")
-FIRE_FIGURES = (*FIRE_COMPARED, "executed", "expected", "missed", "duplicates")
+FIRE_FIGURES = (*FIRE_COMPARED, "executed", "expected", "missed", "other", "duplicates")
 # Steady: executions/s is only the rate the fires fall due at, the same for all.
 STEADY_COMPARED = FIRE_COMPARED[1:]
 CELERY_COMPARED = ("executions_per_s", "dispatch_to_start_p50_ms", "dispatch_to_start_p99_ms")
@@ -607,7 +610,7 @@ def aps_figures(record: ApsRecord, expected: set[Any], first_due: float) -> dict
         "executed": executed,
         "expected": len(expected),
         "missed": record.missed,
-        "skipped": record.skipped,
+        "other": record.skipped + record.errors,
         "duplicates": sum(count - 1 for count in per_fire.values()),
     }
 
