@@ -64,8 +64,8 @@ Run it (PostgreSQL: the local server, trust auth, or ``--postgres-url`` /
 CHRONOPLANE_BENCH_POSTGRES_URL naming a maintenance database of a role that may CREATE
 DATABASE; Redis on 127.0.0.1:6379 or ``--redis-url``)::
 
-    .venv/bin/python bench/compare.py                      # the issue's sizes (about 25 min)
-    .venv/bin/python bench/compare.py --quick              # small sizes (a few minutes)
+    .venv/bin/python bench/compare.py                      # the issue's sizes (about 12 min)
+    .venv/bin/python bench/compare.py --quick              # small sizes (about 4 min)
     .venv/bin/python bench/compare.py --only burst,steady
 """
 
@@ -450,7 +450,8 @@ async def stream(ctx: Context) -> None:
             phase = [x for x in lines if x.get("layout") == layout and x.get("rate") == rate]
             found = {x["figure"]: (x["value"], x["unit"]) for x in phase}
             if found:  # watch_fanout stops at the first rate it falls behind at
-                figures = {ours: found[theirs] for theirs, ours in STREAM_NAMES.items()}
+                names = STREAM_NAMES.items()
+                figures = {ours: found[theirs] for theirs, ours in names if theirs in found}
                 ours.append(Result("chronoplane", figures, {"layout": layout, "rate": rate}))
     report("stream", ours, [peer], STREAM_COMPARED)
 
