@@ -179,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         _check_exposure(settings)
         from chronoplane.server.app import serve
+        from chronoplane.server.stall import quiet_collector
 
+        quiet_collector()
         asyncio.run(serve(settings))
     except (ConfigError, InstanceConflict, StorageUnavailable, AlreadyExists, OSError) as error:
         log.error("%s", error)
