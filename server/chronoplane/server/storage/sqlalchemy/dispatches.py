@@ -41,7 +41,6 @@ from chronoplane.server.storage.tables import (
 
 # What a worker needs of the job to run an execution, beside the claim.
 _RUN_POLICY = (jobs.c.timeout_seconds.label("job_timeout_seconds"), jobs.c.retry.label("job_retry"))
-_RUN_POLICY_NAMES = ("job_timeout_seconds", "job_retry")
 
 
 class SqlDispatchStore(Slots, DispatchStore):
@@ -177,7 +176,7 @@ class SqlDispatchStore(Slots, DispatchStore):
             if not joined:
                 of_job = sa.select(*_RUN_POLICY).where(jobs.c.id == started["job_id"])
                 job = (await conn.execute(of_job)).first()
-                started |= job._mapping if job else dict.fromkeys(_RUN_POLICY_NAMES)
+                started |= job._mapping if job else dict.fromkeys(c.name for c in _RUN_POLICY)
         policy = run_policy(started["job_timeout_seconds"], started["job_retry"])
         return execution_from_mapping(started), policy
 
