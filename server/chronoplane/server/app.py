@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from chronoplane.server import tracing
 from chronoplane.server.aio import cancelled, report_slow
 from chronoplane.server.cluster import Member
 from chronoplane.server.config import Settings
@@ -293,6 +294,7 @@ class Application:
             service,
             settings.address,
             tls=tls,
+            traced=tracing.enabled(),
             authenticator=authenticator,
             reflection=reflection,
             limits=Limits(

@@ -178,11 +178,17 @@ def main(argv: list[str] | None = None) -> int:
             log.info("database is up to date")
             return 0
         _check_exposure(settings)
+        from chronoplane.server import tracing
         from chronoplane.server.app import serve
         from chronoplane.server.stall import quiet_collector
 
+        if tracing.wanted(settings.otel_endpoint):
+            tracing.configure(settings.otel_endpoint)
         quiet_collector()
-        asyncio.run(serve(settings))
+        try:
+            asyncio.run(serve(settings))
+        finally:
+            tracing.shutdown()
     except (ConfigError, InstanceConflict, StorageUnavailable, AlreadyExists, OSError) as error:
         log.error("%s", error)
         return 1

@@ -101,6 +101,9 @@ class Settings:
     reflection: str = "auto"
     """Server reflection: on, off, or authenticated (any valid identity); auto: on without
     authentication, authenticated with it."""
+    otel_endpoint: str = ""
+    """An OTLP/gRPC collector (http://host:4317): OpenTelemetry traces of RPCs and runs
+    (``chronoplane[otel]``). The standard OTEL_* variables turn them on too."""
 
     @property
     def tls(self) -> bool:
@@ -291,6 +294,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_celery_arguments(parser)
     _add_limit_arguments(parser)
     _add_tls_arguments(parser)
+    parser.add_argument(
+        "--otel-endpoint",
+        metavar="URL",
+        help="send OpenTelemetry traces to this OTLP/gRPC collector (chronoplane[otel])",
+    )
 
 
 def _add_basic_arguments(parser: argparse.ArgumentParser) -> None:

@@ -294,6 +294,8 @@ class Execution:
     """Why a PENDING execution has not started, when something stands in the way."""
     dispatch_time: datetime | None = None
     """When it was sent to the broker."""
+    trace_parent: str = ""
+    """The W3C traceparent of the RPC that asked for it, when traces are on (tracing.py)."""
 
     @property
     def duration(self) -> timedelta | None:

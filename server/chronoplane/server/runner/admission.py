@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime
 
+from chronoplane.server import tracing
 from chronoplane.server.aio import GroupCommit
 from chronoplane.server.errors import ChronoplaneError, JobNotFound, NotLeader, TaskNotRegistered
 from chronoplane.server.ids import new_execution_id
@@ -82,6 +83,8 @@ class Admissions:
             instance_id=self._shared.instance_id,
             triggered_by=by,
             executor=job.executor,
+            # The RPC's, for a manual run or a backfill; a fire has none.
+            trace_parent=tracing.current_parent(),
         )
 
     # -- manual runs and backfills ------------------------------------------------------------

@@ -23,6 +23,7 @@ from chronoplane.server.runner.outcomes import (
 )
 from chronoplane.server.runner.state import Run, Shared
 from chronoplane.server.tasks import ExecutionContext, TaskRegistry, execution_context
+from chronoplane.server.tracing import execution_span
 
 __all__ = ["CANCEL_GRACE_SECONDS", "Running"]
 
@@ -77,9 +78,12 @@ class Running:
         shared = self._shared
         work: Work | None = None
         try:
-            work = run.work = self._start(run)
-            if work is not None:
-                await self._await_outcome(run, work)
+            with execution_span(run.execution, executor="inline") as outcome:
+                work = run.work = self._start(run)
+                if work is not None:
+                    await self._await_outcome(run, work)
+                if run.final is not None:
+                    outcome(run.final)
         except Exception:
             log.exception("execution %s: the runner failed", run.id)
             self._outcomes.finish(

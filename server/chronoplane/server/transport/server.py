@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection as grpc_reflection
 from grpc_reflection.v1alpha import reflection_pb2
 
+from chronoplane.server import tracing
 from chronoplane.server.security import Authenticator
 from chronoplane.server.service import SchedulerService
 from chronoplane.server.transport.audit import AuditInterceptor
@@ -123,10 +124,13 @@ class GrpcServer:
         reflection: str = "on",
         limits: Limits | None = None,
         audit: AuditInterceptor | None = None,
+        traced: bool = False,
     ) -> None:
         limits = limits or Limits()
-        # Outermost first: the audit log sees how every call ended, refusals included.
-        interceptors: list[Any] = [DecodeInterceptor()]
+        # Outermost first: the audit log sees how every call ended, refusals included; a
+        # call's span covers all of it.
+        interceptors: list[Any] = [tracing.grpc_interceptor()] if traced else []
+        interceptors.append(DecodeInterceptor())
         if audit is not None:
             interceptors.append(audit)
         interceptors.append(ErrorInterceptor())

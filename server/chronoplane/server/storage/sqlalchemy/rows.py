@@ -351,6 +351,7 @@ def execution_from_row(row: sa.Row[Any]) -> Execution:
         worker=getattr(row, "worker", ""),
         pending_reason=getattr(row, "pending_reason", ""),
         dispatch_time=getattr(row, "dispatch_time", None),
+        trace_parent=getattr(row, "trace_parent", ""),
     )
 
 
@@ -473,6 +474,7 @@ def execution_values(
         "dispatch_time": execution.dispatch_time,
         "lease_expire_time": None,
         "created_late": created_late(execution.id, execution.scheduled_time),
+        "trace_parent": execution.trace_parent,
     }
 
 
