@@ -20,6 +20,7 @@ from chronoplane.server.service import SchedulerService
 from chronoplane.server.transport.audit import AuditInterceptor
 from chronoplane.server.transport.auth import AuthInterceptor
 from chronoplane.server.transport.errors import DecodeInterceptor, ErrorInterceptor
+from chronoplane.server.transport.metrics import MetricsInterceptor
 from chronoplane.server.transport.servicer import SchedulerServicer
 from chronoplane.v1 import scheduler_service_pb2, scheduler_service_pb2_grpc
 
@@ -123,10 +124,13 @@ class GrpcServer:
         reflection: str = "on",
         limits: Limits | None = None,
         audit: AuditInterceptor | None = None,
+        metrics: bool = False,
     ) -> None:
         limits = limits or Limits()
-        # Outermost first: the audit log sees how every call ended, refusals included.
-        interceptors: list[Any] = [DecodeInterceptor()]
+        # Outermost first: the metrics and the audit log see how every call ended, refusals
+        # included.
+        interceptors: list[Any] = [MetricsInterceptor()] if metrics else []
+        interceptors.append(DecodeInterceptor())
         if audit is not None:
             interceptors.append(audit)
         interceptors.append(ErrorInterceptor())
