@@ -213,3 +213,43 @@ def socket_taken() -> Iterator[int]:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         yield int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_the_leader_reports_the_queue_and_task_labels_on_request(
+    database_url: str, tmp_path: Path
+) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    server = start_server(
+        database_url,
+        tmp_path,
+        f"--metrics-address={address}",
+        "--metrics-task-labels",
+        "--shutdown-grace=0",
+    )
+    try:
+        stub = server.stub()
+        never = jpb.Trigger(cron=jpb.CronTrigger(expression="0 0 1 1 *"))
+        job = jpb.Job(
+            id="slow",
+            task="test.block",
+            trigger=never,
+            max_concurrent=1,
+            overlap_policy=jpb.OVERLAP_POLICY_BUFFER_ALL,
+        )
+        stub.CreateJob(pb.CreateJobRequest(job=job))
+        for _ in range(3):  # one runs, two wait for its slot
+            stub.TriggerJob(pb.TriggerJobRequest(id="slow"))
+        deadline = time.monotonic() + 15  # the census reads every 5 s
+        while True:
+            samples = scrape(address)
+            if value(samples, "chronoplane_executions_pending") == 2:
+                break
+            assert time.monotonic() < deadline, "the census never saw the queue"
+            time.sleep(0.2)
+        assert value(samples, "chronoplane_executions_running") == 1
+        assert value(samples, "chronoplane_oldest_pending_execution_age_seconds") > 0
+        assert value(samples, "chronoplane_manual_runs_total", task="test.block") == 3
+        assert value(samples, "chronoplane_manual_runs_total") == 0  # no series without task
+    finally:
+        assert server.stop() == 0
