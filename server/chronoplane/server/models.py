@@ -374,6 +374,8 @@ class Event:
     labels: dict[str, str]
     resource: EventResource
     decode: Callable[[], Execution | Job] = field(repr=False)
+    # When the change was committed (the writer's clock, just before its commit).
+    create_time: datetime | None = None
 
     @cached_property
     def execution(self) -> Execution | None:

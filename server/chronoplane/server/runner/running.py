@@ -13,8 +13,9 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
+from chronoplane.server import metrics
 from chronoplane.server.executors.abc import Executor, Work
-from chronoplane.server.models import Execution, ExecutionState, RetryPolicy
+from chronoplane.server.models import Execution, ExecutionSource, ExecutionState, RetryPolicy
 from chronoplane.server.runner.outcomes import (
     MAX_NOTE_CHARS,
     Failure,
@@ -57,6 +58,10 @@ class Running:
         self._retry = retry
 
     def launch(self, run: Run) -> None:
+        execution = run.execution
+        if execution.source is not ExecutionSource.BACKFILL:  # late on purpose
+            late = (run.started - execution.scheduled_time).total_seconds()
+            metrics.scheduling.late(execution.task, max(0.0, late))
         self._shared.runs[run.id] = run
         run.task = asyncio.create_task(self._run(run), name=f"execution-{run.id}")
 

@@ -21,6 +21,7 @@ from chronoplane.server.service import SchedulerService
 from chronoplane.server.transport.audit import AuditInterceptor
 from chronoplane.server.transport.auth import AuthInterceptor
 from chronoplane.server.transport.errors import DecodeInterceptor, ErrorInterceptor
+from chronoplane.server.transport.metrics import MetricsInterceptor
 from chronoplane.server.transport.servicer import SchedulerServicer
 from chronoplane.v1 import scheduler_service_pb2, scheduler_service_pb2_grpc
 
@@ -125,11 +126,14 @@ class GrpcServer:
         limits: Limits | None = None,
         audit: AuditInterceptor | None = None,
         traced: bool = False,
+        metrics: bool = False,
     ) -> None:
         limits = limits or Limits()
-        # Outermost first: the audit log sees how every call ended, refusals included; a
-        # call's span covers all of it.
+        # Outermost first: a call's span covers all of it; the metrics and the audit log see
+        # how every call ended, refusals included.
         interceptors: list[Any] = [tracing.grpc_interceptor()] if traced else []
+        if metrics:
+            interceptors.append(MetricsInterceptor())
         interceptors.append(DecodeInterceptor())
         if audit is not None:
             interceptors.append(audit)

@@ -400,6 +400,7 @@ def event_from_row(row: sa.Row[Any]) -> Event:
         labels=labels,
         resource=resource,
         decode=decode,
+        create_time=row.create_time,
     )
 
 
@@ -410,6 +411,7 @@ EVENT_COLUMNS = (
     events.c.kind,
     events.c.job_id,
     events.c.labels,
+    events.c.create_time,
     sa.cast(events.c.body, sa.Text).label("body_text"),
 )
 
