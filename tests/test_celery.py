@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import timedelta
@@ -465,8 +466,13 @@ async def test_cancel_running_stops_the_worker_run_it_displaces(
 
 
 async def test_a_broker_outage_loses_no_fire_and_the_server_keeps_serving(
-    postgres_url: str, tmp_path: Path, queue: str, workers: list[Worker]
+    postgres_url: str,
+    tmp_path: Path,
+    queue: str,
+    workers: list[Worker],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="chronoplane.server.dispatch")
     redis = start_redis(tmp_path)
     try:
         async with serving(settings(postgres_url, redis.url)) as server:
@@ -496,3 +502,10 @@ async def test_a_broker_outage_loses_no_fire_and_the_server_keeps_serving(
             assert sorted(e.id for e in everything) == sorted(ids)
     finally:
         redis.stop()
+    # The operator reads the outage in two lines, without a traceback.
+    said = [r for r in caplog.records if r.name == "chronoplane.server.dispatch"]
+    down = [r for r in said if r.getMessage().startswith("Celery broker down")]
+    up = [r for r in said if r.getMessage().startswith("Celery broker back up")]
+    assert len(down) == 1 and down[0].levelno == logging.WARNING, said
+    assert len(up) == 1 and up[0].levelno == logging.INFO, said
+    assert not [r for r in said if r.exc_info], said

@@ -290,6 +290,11 @@ def test_kill_9_of_the_leader(cluster: Cluster) -> None:
     wait_until(resolved, INSTANCE_TIMEOUT + 4, "executions of the dead leader resolved")
     time.sleep(max(3.0, 6 - (time.monotonic() - killed)))
     assert check_each_fire_once(cluster, jobs) > JOBS * 8
+    # The survivor that leads says so, and who it declared dead, in lines, not tracebacks.
+    wait_until(lambda: f"instance {old_id} declared dead by" in new.log, 5, "declared dead")
+    assert "this instance leads now (epoch" in new.log
+    for survivor in cluster.alive():
+        assert "Traceback" not in survivor.log, survivor.log
 
 
 def test_kill_9_of_a_follower(cluster: Cluster) -> None:

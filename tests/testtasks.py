@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import logging
 import os
 import threading
 import time
@@ -54,6 +55,18 @@ async def flaky(key: str, failures: int, error: str = "ConnectionError") -> int:
     if _attempts[key] <= failures:
         raise getattr(builtins, error)(f"attempt {_attempts[key]} of {key} fails")
     return _attempts[key]
+
+
+@task("test.log")
+def log_lines(text: str) -> str:
+    """Logs ``text`` at INFO, then a caught error with its traceback (in a worker thread)."""
+    log = logging.getLogger("testtasks")
+    log.info("%s", text)
+    try:
+        raise ValueError(text)
+    except ValueError:
+        log.exception("the task caught an error")
+    return text
 
 
 @task("test.cluster_ledger")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63hronoplane/v1/instance.proto\x12\x0e\x63hronoplane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9f\x02\n\x08Instance\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\x0f\n\x07version\x18\x05 \x01(\t\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_seen_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06leader\x18\x08 \x01(\x08\x12\x10\n\x08insecure\x18\t \x01(\x08\x12\x0f\n\x07\x61\x64\x64ress\x18\n \x01(\t\x12\x13\n\x0bmax_running\x18\x0b \x01(\x05\x12\x0f\n\x07running\x18\x0c \x01(\x05\x12\x10\n\x08\x64raining\x18\r \x01(\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63hronoplane/v1/instance.proto\x12\x0e\x63hronoplane.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xae\x02\n\x08Instance\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04host\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\x0f\n\x07version\x18\x05 \x01(\t\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_seen_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06leader\x18\x08 \x01(\x08\x12\x10\n\x08insecure\x18\t \x01(\x08\x12\x0f\n\x07\x61\x64\x64ress\x18\n \x01(\t\x12\x13\n\x0bmax_running\x18\x0b \x01(\x05\x12\x0f\n\x07running\x18\x0c \x01(\x05\x12\x10\n\x08\x64raining\x18\r \x01(\x08\x12\r\n\x05\x65poch\x18\x0e \x01(\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,5 +33,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'chronoplane.v1.instance_pb2
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_INSTANCE']._serialized_start=83
-  _globals['_INSTANCE']._serialized_end=370
+  _globals['_INSTANCE']._serialized_end=385
 # @@protoc_insertion_point(module_scope)

@@ -38,6 +38,7 @@ class Instance(_message.Message):
     MAX_RUNNING_FIELD_NUMBER: _builtins.int
     RUNNING_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Identifier, new for every process start ("inst-" and 12 hex digits); never shared by two
     processes, even with the same name.
@@ -70,6 +71,10 @@ class Instance(_message.Message):
     """Whether it is stopping: it runs what it has to its end (heartbeating meanwhile) and takes
     nothing new.
     """
+    epoch: _builtins.int
+    """The leadership term it leads under (the fencing epoch its leader-only writes carry); 0
+    when it does not lead. A new leader's term is greater than every earlier one.
+    """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """When it started."""
@@ -94,10 +99,11 @@ class Instance(_message.Message):
         max_running: _builtins.int = ...,
         running: _builtins.int = ...,
         draining: _builtins.bool = ...,
+        epoch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_seen_time", b"last_seen_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "draining", b"draining", "host", b"host", "id", b"id", "insecure", b"insecure", "last_seen_time", b"last_seen_time", "leader", b"leader", "max_running", b"max_running", "name", b"name", "pid", b"pid", "running", b"running", "start_time", b"start_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "draining", b"draining", "epoch", b"epoch", "host", b"host", "id", b"id", "insecure", b"insecure", "last_seen_time", b"last_seen_time", "leader", b"leader", "max_running", b"max_running", "name", b"name", "pid", b"pid", "running", b"running", "start_time", b"start_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

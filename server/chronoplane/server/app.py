@@ -26,6 +26,7 @@ from chronoplane.server.dispatch import Dispatcher
 from chronoplane.server.engine.apscheduler import ApschedulerEngine
 from chronoplane.server.executors.inline import InlineExecutor
 from chronoplane.server.ids import new_instance_id
+from chronoplane.server.logs import describe_process, failure
 from chronoplane.server.metrics import MetricsServer
 from chronoplane.server.models import Instance, Role
 from chronoplane.server.pagination import PageTokens
@@ -75,6 +76,7 @@ class Application:
         self.metrics: MetricsServer | None = None
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
+        describe_process(self.instance_id, self._epoch)
 
     def stop(self) -> None:
         """Asks ``run`` to shut down; safe from a signal handler."""
@@ -178,6 +180,10 @@ class Application:
         if self.metrics is not None:
             await asyncio.to_thread(self.metrics.stop)
             self.metrics = None
+
+    def _epoch(self) -> int | None:
+        """The leadership term this instance leads under, for its log lines."""
+        return self.coordinator.epoch if self.coordinator is not None else None
 
     async def _open_store(self, stack: AsyncExitStack) -> SqlAlchemyStore:
         """The database, migrated; on SQLite locked to this process, and what a former
@@ -407,8 +413,8 @@ class Application:
         while True:
             try:
                 purged = await service.purge_history(max_age=max_age, audit_max_age=audit_max_age)
-            except Exception:
-                log.exception("purging execution history failed; trying again later")
+            except Exception as error:
+                failure(log, "purging execution history failed; trying again later", error)
             else:
                 if purged:
                     log.info("purged %d executions from the history", purged)
@@ -424,8 +430,8 @@ class Application:
                 continue
             try:
                 purged = await store.purge_events(before=datetime.now(UTC) - retention)
-            except Exception:
-                log.exception("purging watch events failed; trying again later")
+            except Exception as error:
+                failure(log, "purging watch events failed; trying again later", error)
             else:
                 if purged:
                     log.debug("purged %d watch events", purged)

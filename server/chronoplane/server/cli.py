@@ -127,12 +127,10 @@ def _stamp(value: datetime | None) -> str:
     return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value else "-"
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+def _configure_logging(level: str, log_format: str) -> None:
+    from chronoplane.server.logs import configure
+
+    configure(level, log_format)
     # APScheduler narrates every wake-up at INFO; its warnings still show.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
@@ -182,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"chronoplane: {error}", file=sys.stderr)  # noqa: T201
         return 2
-    _configure_logging(settings.log_level)
+    _configure_logging(settings.log_level, settings.log_format)
     try:
         if args.command == "token":
             return asyncio.run(_token_command(settings, args))

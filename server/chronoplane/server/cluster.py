@@ -32,6 +32,7 @@ from chronoplane.server.aio import cancelled
 from chronoplane.server.coordination.abc import Coordinator
 from chronoplane.server.engine.abc import Engine
 from chronoplane.server.errors import JobNotFound
+from chronoplane.server.logs import Outage, brief, failure
 from chronoplane.server.models import Execution, ExecutorKind, Instance, Job
 from chronoplane.server.runner import Runner
 from chronoplane.server.service import SchedulerService
@@ -229,8 +230,8 @@ class Member:
                     await self._engine.shutdown()
                 else:
                     await self._lead(epoch)
-            except Exception:
-                log.exception("could not take up leadership (epoch %s); trying again", epoch)
+            except Exception as error:
+                failure(log, f"could not take up leadership (epoch {epoch}); trying again", error)
                 # Still elected: a leader without its schedule would fire nothing.
                 await asyncio.sleep(self._hb)
                 if epoch is not None and self._terms.empty():
@@ -271,7 +272,9 @@ class Member:
 
     async def _heartbeat_forever(self) -> None:
         wait = self._hb
-        failing_since: float | None = None
+        outage = Outage(
+            log, "instance heartbeat failed (retrying)", "instance heartbeats get through again"
+        )
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
@@ -282,22 +285,13 @@ class Member:
             try:
                 await self._heartbeat()
             except Exception as error:
-                if failing_since is None:
-                    failing_since = monotonic()
-                    log.warning("instance heartbeat failed (retrying): %s", error)
-                else:
-                    log.debug("instance heartbeat failed again: %s", error)
+                outage.failed(error)
                 await self._tell_health(False)
                 # Tried again sooner: health and the lease are back moments after the
                 # database is.
                 wait = min(self._hb, RETRY_HEARTBEAT_SECONDS)
             else:
-                if failing_since is not None:
-                    log.info(
-                        "instance heartbeats get through again, after %.1f s",
-                        monotonic() - failing_since,
-                    )
-                    failing_since = None
+                outage.ok()
                 wait = self._hb
 
     async def _heartbeat(self) -> None:
@@ -350,7 +344,7 @@ class Member:
         try:
             fixed = await self._service.resync()
         except Exception as error:
-            log.warning("job resync failed: %s", error)
+            log.warning("job resync failed: %s", brief(error))
             return
         if fixed:
             log.info("resync: %d jobs brought up to date", fixed)
@@ -364,11 +358,16 @@ class Member:
                 try:
                     await self._service.sync_job(job_id)
                 except Exception as error:
-                    log.warning("could not bring job %s up to date: %s", job_id, error)
+                    log.warning("could not bring job %s up to date: %s", job_id, brief(error))
 
     async def _refill_forever(self) -> None:
         """The leader's horizon moves on (schedule.py), a thirtieth of it at a time."""
         every = min(REFILL_INTERVAL, max(0.5, self._service.schedule.horizon.total_seconds() / 30))
+        outage = Outage(
+            log,
+            "could not move the schedule's horizon on (trying again)",
+            "the schedule's horizon moves on again",
+        )
         while True:
             await asyncio.sleep(every)
             if not self._service.leading or not self._idle.is_set():
@@ -376,7 +375,9 @@ class Member:
             try:
                 await self._service.schedule.refill()
             except Exception as error:
-                log.warning("could not move the schedule's horizon on (trying again): %s", error)
+                outage.failed(error)
+            else:
+                outage.ok()
 
     async def _resync_forever(self) -> None:
         while True:
@@ -386,6 +387,11 @@ class Member:
     # -- what dead instances left (leader, cluster mode) --------------------------------------
 
     async def _sweep_forever(self) -> None:
+        outage = Outage(
+            log,
+            "looking for dead instances failed (trying again)",
+            "looking for dead instances works again",
+        )
         while True:
             await asyncio.sleep(self._hb)
             if not self._service.leading:
@@ -393,10 +399,11 @@ class Member:
             try:
                 await self.sweep()
             except Exception as error:
-                log.warning("sweeping dead instances' executions failed: %s", error)
+                outage.failed(error)
+            else:
+                outage.ok()
 
     async def sweep(self) -> None:
-        abandoned = []
         if self._shared:
             removed = await self._store.remove_stale_instances(
                 stale_after=self._instance_timeout * REMOVE_AFTER_TIMEOUTS
@@ -404,28 +411,58 @@ class Member:
             if removed:
                 log.info("removed %d stale instances: %s", len(removed), ", ".join(removed))
             silent = await self._silent()
-            if silent:
-                epoch = self._coordinator.epoch if self._coordinator is not None else None
-                if epoch is None:
-                    return
-                timeout = self._instance_timeout.total_seconds()
-                judged = await self._store.abandon_instances(
-                    silent,
-                    message=f"abandoned: not heard from for {timeout:g} s",
-                    now=self._clock(),
-                    epoch=epoch,
-                )
-                _count_abandoned(judged)
-                abandoned += judged
-                log.warning(
-                    "judged dead (not heard from for %g s): %s",
-                    timeout,
-                    ", ".join(f"{i} (last heard {_heard(seen)})" for i, seen in silent.items()),
-                )
-        abandoned += await self._store.abandon_expired_leases(
+            if silent and not await self._judge(silent):
+                return
+        lapsed = await self._store.abandon_expired_leases(
             message="abandoned: the Celery worker running it stopped renewing its lease"
         )
-        await self._retry_abandoned(abandoned)
+        if lapsed:
+            retried = await self._retry_abandoned(lapsed)
+            log.warning(
+                "Celery workers stopped renewing the leases of %d running executions: marked "
+                "ABANDONED (%d retried)",
+                len(lapsed),
+                retried,
+            )
+
+    async def _judge(self, silent: dict[str, datetime | None]) -> bool:
+        """Declares the silent instances dead (their running executions ABANDONED), one line
+        each; False if this instance no longer leads."""
+        epoch = self._coordinator.epoch if self._coordinator is not None else None
+        if epoch is None:
+            return False
+        timeout = self._instance_timeout.total_seconds()
+        abandoned = await self._store.abandon_instances(
+            silent,
+            message=f"abandoned: not heard from for {timeout:g} s",
+            now=self._clock(),
+            epoch=epoch,
+        )
+        _count_abandoned(abandoned)
+        for dead, last in silent.items():
+            theirs = [e for e in abandoned if e.instance_id == dead]
+            retried = await self._retry_abandoned(theirs)
+            log.warning(
+                "instance %s declared dead by %s (leader, epoch %d): not heard from for %g s "
+                "(last heard %s); %d running executions marked ABANDONED (%d retried)",
+                dead,
+                self.instance.id,
+                epoch,
+                timeout,
+                _heard(last),
+                len(theirs),
+                retried,
+            )
+        earlier = [e for e in abandoned if e.instance_id not in silent]
+        if earlier:
+            retried = await self._retry_abandoned(earlier)
+            log.warning(
+                "%d running executions of instances declared dead before: marked ABANDONED "
+                "(%d retried)",
+                len(earlier),
+                retried,
+            )
+        return True
 
     async def _silent(self) -> dict[str, datetime | None]:
         """The instances this leader has watched stay silent for instance_timeout, with the
@@ -452,7 +489,8 @@ class Member:
             if now - since >= timeout and (last is not None or instance_id in owners)
         }
 
-    async def _retry_abandoned(self, abandoned: list[Execution]) -> None:
+    async def _retry_abandoned(self, abandoned: list[Execution]) -> int:
+        """Retries those the job's policy retries; returns how many."""
         jobs: dict[str, Job | None] = {}
         retried = 0
         for execution in abandoned:
@@ -464,13 +502,7 @@ class Member:
             job = jobs[execution.job_id]
             if job is not None and self._runner.retry_abandoned(execution, job):
                 retried += 1
-        if abandoned:
-            log.warning(
-                "dead instances or workers left %d running executions: marked ABANDONED "
-                "(%d retried)",
-                len(abandoned),
-                retried,
-            )
+        return retried
 
 
 def _count_abandoned(abandoned: list[Execution]) -> None:

@@ -31,6 +31,9 @@ class Settings:
     max_running: int = 1000
     """Executions this instance runs at once at most; it claims no more from the queue."""
     log_level: str = "INFO"
+    log_format: str = "text"
+    """text for a terminal, or json: one object per line, with the job, execution, instance
+    and epoch a line is about (logs.py)."""
     insecure: bool = False
     history_max_age_days: float = 30.0
     """Executions that ended longer ago are purged; 0 keeps them forever."""
@@ -188,6 +191,8 @@ class Settings:
         self._check_limits()
         self._check_security()
         self._check_timing()
+        if self.log_format not in {"text", "json"}:
+            raise ConfigError("log_format must be text or json")
         path = self.sqlite_path()
         if path is not None:
             return replace(self, database_url=f"sqlite+aiosqlite:///{path}")
@@ -343,6 +348,9 @@ def _add_basic_arguments(parser: argparse.ArgumentParser) -> None:
         help="executions this instance runs at once at most (default 1000)",
     )
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument(
+        "--log-format", choices=["text", "json"], help="text (default) or json, a line each"
+    )
 
 
 def _add_history_arguments(parser: argparse.ArgumentParser) -> None:

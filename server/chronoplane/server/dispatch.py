@@ -18,6 +18,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from chronoplane.server.executors.abc import Broker, BrokerError
+from chronoplane.server.logs import Outage, brief
 from chronoplane.server.storage.abc import Dispatch, Store
 
 __all__ = ["Dispatcher"]
@@ -55,6 +56,14 @@ class Dispatcher:
         self._sends = asyncio.Semaphore(CONCURRENT_SENDS)
         self._background: set[asyncio.Task[None]] = set()
         self.sent = 0
+        self._broker_down = Outage(
+            log,
+            "Celery broker down: its executions stay PENDING and are sent again",
+            "Celery broker back up",
+        )
+        self._claims_down = Outage(
+            log, "dispatching to Celery failed (trying again)", "dispatching to Celery works again"
+        )
 
     def start(self) -> None:
         self._loop = asyncio.create_task(self._dispatch_forever(), name="celery-dispatch")
@@ -81,7 +90,7 @@ class Dispatcher:
             try:
                 await self._broker.revoke(task_id)
             except BrokerError as error:
-                log.warning("could not revoke Celery task %s: %s", task_id, error)
+                log.warning("could not revoke Celery task %s: %s", task_id, brief(error))
 
         task = asyncio.create_task(revoke(), name=f"revoke-{task_id}")
         self._background.add(task)
@@ -102,10 +111,11 @@ class Dispatcher:
                     if len(claim.dispatches) == MAX_BATCH:
                         continue  # there may be more
                 delay = 0.1
+                self._claims_down.ok()
             except asyncio.CancelledError:
                 raise
             except Exception as error:
-                log.warning("dispatching to Celery failed: %s; again in %.1f s", error, delay)
+                self._claims_down.failed(error)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
@@ -133,29 +143,28 @@ class Dispatcher:
             )
             failed.append((execution_id, reason[:1024], retry_at))
         if failed:
-            log.warning(
-                "the Celery broker did not take %d executions (%s); they stay PENDING and are "
-                "sent again",
-                len(failed),
-                failed[0][1],
-            )
+            self._broker_down.failed(f"it did not take {len(failed)} executions: {failed[0][1]}")
+        elif sent:
+            self._broker_down.ok()
         if len(self._failures) > 100_000:
             self._failures.clear()
         # Until this is written the rows are this instance's: keep at it (a database that
         # is away stops everything else too).
         delay = 0.1
+        outage = Outage(
+            log, f"recording {len(sent)} sends failed (trying again)", "sends are recorded again"
+        )
         while True:
             try:
                 await self._store.record_dispatches(
                     instance_id=self._instance_id, sent=sent, failed=failed
                 )
+                outage.ok()
                 break
             except asyncio.CancelledError:
                 raise
             except Exception as error:
-                log.warning(
-                    "recording %d sends failed: %s; again in %.1f s", len(sent), error, delay
-                )
+                outage.failed(error)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         self.sent += len(sent)

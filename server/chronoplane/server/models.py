@@ -346,6 +346,8 @@ class Instance:
     leader: bool = False
     draining: bool = False
     """It is stopping: it runs what it has to its end and takes nothing new."""
+    epoch: int = 0
+    """The leadership term it leads under; 0 when it does not lead."""
 
 
 class EventResource(enum.StrEnum):

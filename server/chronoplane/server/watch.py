@@ -29,6 +29,7 @@ from typing import Any
 
 from chronoplane.server import metrics
 from chronoplane.server.errors import CursorOutOfRange, TooManyWatchers
+from chronoplane.server.logs import Outage, brief
 from chronoplane.server.models import (
     Event,
     EventResource,
@@ -108,11 +109,13 @@ class StreamControl:
     """The transport's handle on one stream: ``stop`` ends it at once (cancelling the task,
     which may be waiting for a client that does not read) when its buffer overflows or the
     server stops; ``start`` is the cursor it began after (a point to resume from before
-    anything was sent)."""
+    anything was sent); ``peer`` is who watches, for the log."""
 
-    def __init__(self, task: asyncio.Task[Any] | None = None) -> None:
+    def __init__(self, task: asyncio.Task[Any] | None = None, *, peer: str = "") -> None:
         self.start: int | None = None
         self.stopped: StopReason | None = None
+        self.peer = peer or "a client"
+        self.began = time.monotonic()
         self._task = task
 
     def stop(self, reason: StopReason) -> None:
@@ -192,6 +195,11 @@ class WatchHub:
 
     def close_streams(self) -> None:
         """Ends every stream (the server stops): clients resume on another instance."""
+        if self._watchers:
+            log.info(
+                "ending %d watch streams: the server stops (their clients resume elsewhere)",
+                len(self._watchers),
+            )
         for watcher in list(self._watchers):
             watcher.control.stop(StopReason.SERVER_STOPPING)
 
@@ -205,6 +213,9 @@ class WatchHub:
         self._wake.set()
 
     async def _tail_forever(self) -> None:
+        outage = Outage(
+            log, "reading watch events failed (trying again)", "watch events are read again"
+        )
         while True:
             # Writers still in flight past the last read: they end with a commit (which wakes
             # us) or a rollback (which does not), so look again soon either way.
@@ -220,10 +231,9 @@ class WatchHub:
             self._end_stalled()
             try:
                 await self._read_new()
+                outage.ok()
             except Exception as error:
-                log.warning(
-                    "reading watch events failed, retrying: %s: %s", type(error).__name__, error
-                )
+                outage.failed(error)
                 await asyncio.sleep(min(1.0, self._poll_interval))
 
     async def _read_new(self) -> None:
@@ -317,6 +327,7 @@ class WatchHub:
         last = await self._join(watcher, after)
         # Events past the snapshot's cursor whose changes it already showed.
         shown: frozenset[int] = frozenset()
+        why = "the client went away"
         try:
             if snapshot:
                 point, notices = await self._snapshot(watch_filter)
@@ -351,8 +362,31 @@ class WatchHub:
                         last = max(last, self._position)
                         yield Notice(cursor=last, kind=NoticeKind.PROGRESS)
                         watcher.active = time.monotonic()
+        except Exception as error:
+            why = brief(error)
+            raise
         finally:
             self._unregister(watcher)
+            self._log_end(watcher, why, last)
+
+    def _log_end(self, watcher: _Watcher, why: str, cursor: int) -> None:
+        """One line for a stream that ended (those ended by a stop: close_streams')."""
+        control = watcher.control
+        if control.stopped is StopReason.SERVER_STOPPING:
+            return
+        what = f"{watcher.filter.resource.value} watch of {control.peer}"
+        lasted = time.monotonic() - control.began
+        if control.stopped is StopReason.FELL_BEHIND:
+            log.warning(
+                "%s ended after %.0f s: it fell behind, and its client read nothing for %g s "
+                "(it may resume after cursor %d)",
+                what,
+                lasted,
+                self._stall_timeout,
+                cursor,
+            )
+            return
+        log.info("%s ended after %.0f s at cursor %d: %s", what, lasted, cursor, why)
 
     async def _join(self, watcher: _Watcher, after: int | None) -> int:
         """Registers the watcher; returns the cursor it starts after (events after it reach

@@ -1,9 +1,10 @@
 """chronoctl: create, inspect, trigger, backfill and pause the jobs of a Chronoplane server.
 
 One module per noun (jobs, executions, watch, instances, audit, tasks and preview), each with
-its commands and how it prints their answers; output.py holds what they share: tables and
-``key: value`` blocks for people, proto3 JSON for scripts (``--output json``, as grpcurl
-prints it). API tokens are managed on the server's host, with ``chronoplane token``.
+its commands and how it prints their answers, and status.py, the overview; output.py holds what
+they share: tables and ``key: value`` blocks for people, proto3 JSON for scripts
+(``--output json``, as grpcurl prints it). API tokens are managed on the server's host, with
+``chronoplane token``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 from google.protobuf.message import Message
 
 from chronoplane.client._client import AsyncClient
-from chronoplane.client.cli import audit, executions, instances, jobs, tasks
+from chronoplane.client.cli import audit, executions, instances, jobs, status, tasks
 from chronoplane.client.cli.output import add_globals, render
 from chronoplane.client.errors import ChronoplaneError, InvalidArgument
 
@@ -37,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chronoctl", description=__doc__.split("\n\n")[0])
     add_globals(parser, top=True)
     commands = parser.add_subparsers(metavar="COMMAND", required=True)
+    status.add_commands(commands)
     tasks.add_commands(commands)
     instances.add_commands(commands)
     group = commands.add_parser("jobs", help="create, inspect, trigger, backfill and pause jobs")
@@ -92,7 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # chronoctl executions watch | head
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    text = render(message, args.output, _RENDERERS)
+    if args.render is not None:  # a command that prints its answer its own way
+        text = args.render(message, args.output)
+    else:
+        text = render(message, args.output, _RENDERERS)
     if text:
         sys.stdout.write(text + "\n")
     return 0

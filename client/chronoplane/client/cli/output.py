@@ -82,7 +82,7 @@ def command(
     what argparse cannot (options that go with others)."""
     parser: argparse.ArgumentParser = group.add_parser(name, help=summary, description=summary)
     add_globals(parser, top=False)
-    parser.set_defaults(run=run, check=check)
+    parser.set_defaults(run=run, check=check, render=None)
     return parser
 
 

@@ -48,6 +48,7 @@ from sqlalchemy.pool import NullPool
 from chronoplane.server import metrics
 from chronoplane.server.aio import cancelled
 from chronoplane.server.coordination.abc import Coordinator
+from chronoplane.server.logs import Outage
 from chronoplane.server.storage.sqlalchemy import CONNECT_TIMEOUT, SessionLimits
 
 __all__ = [
@@ -149,6 +150,9 @@ class LeaderElection(Coordinator):
         self._running = threading.Event()
         # When (monotonic) the server's loop last ran a callback the election sent it.
         self._loop_seen = monotonic()
+        self._outage = Outage(
+            log, "leader election failed (trying again)", "leader election works again"
+        )
 
     @property
     def epoch(self) -> int | None:
@@ -213,13 +217,14 @@ class LeaderElection(Coordinator):
                     await self._campaign()
                 else:
                     await self._heartbeat()
+                self._outage.ok()
             except asyncio.CancelledError:
                 raise
             except Exception as error:
                 if self._epoch is not None:
                     await self._resign(f"the leader lock connection failed: {error}")
                 else:
-                    log.warning("leader election: %s", error)
+                    self._outage.failed(error)
                     await self._close()
             if not self._first_round.is_set():
                 self._tell(lambda _: self._first_round.set(), None)
@@ -269,7 +274,7 @@ class LeaderElection(Coordinator):
         self._epoch = int(epoch)
         self._lease_until = sent + self._lease
         self._suspect = None
-        log.info("this instance leads now (epoch %d)", self._epoch)
+        log.info("this instance leads now (epoch %d)", self._epoch, extra={"epoch": self._epoch})
         self._tell(self._on_elected, self._epoch)
 
     async def _try_lock(self, conn: AsyncConnection) -> bool:
@@ -362,7 +367,9 @@ class LeaderElection(Coordinator):
     def _step_down(self, reason: str) -> None:
         epoch, self._epoch = self._epoch, None
         self._lease_until = 0.0
-        log.warning("this instance stops leading (epoch %s): %s", epoch, reason)
+        log.warning(
+            "this instance stops leading (epoch %s): %s", epoch, reason, extra={"epoch": epoch}
+        )
         self._tell(self._on_deposed, reason)
 
 
@@ -394,6 +401,9 @@ class ChangeListener:
 
     async def _run(self) -> None:
         delay = 0.5
+        outage = Outage(
+            log, "change listener: connection lost (reconnecting)", "change listener reconnected"
+        )
         while True:
             lost = asyncio.Event()
             try:
@@ -408,6 +418,7 @@ class ChangeListener:
                     for channel in self._handlers:
                         await raw.add_listener(channel, notified)
                     delay = 0.5
+                    outage.ok()
                     await self._on_resync()
                     while not lost.is_set() and not raw.is_closed():
                         with contextlib.suppress(TimeoutError):
@@ -415,10 +426,10 @@ class ChangeListener:
                         if not lost.is_set():
                             # A cheap round trip: a silently dead connection shows here.
                             await asyncio.wait_for(raw.execute("SELECT 1"), 5.0)
-                log.warning("change listener: connection lost; reconnecting in %.1f s", delay)
+                outage.failed("the database closed it")
             except asyncio.CancelledError:
                 raise
             except Exception as error:
-                log.warning("change listener: %s; reconnecting in %.1f s", error, delay)
+                outage.failed(error)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)

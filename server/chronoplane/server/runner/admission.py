@@ -17,6 +17,7 @@ from chronoplane.server import metrics, tracing
 from chronoplane.server.aio import GroupCommit
 from chronoplane.server.errors import ChronoplaneError, JobNotFound, NotLeader, TaskNotRegistered
 from chronoplane.server.ids import new_execution_id
+from chronoplane.server.logs import Outage, brief
 from chronoplane.server.models import (
     FINAL_STATES,
     SCHEDULE_PRINCIPAL,
@@ -56,6 +57,11 @@ class Admissions:
         # Concurrent TriggerJobs share a transaction, as a leader's fires do.
         self._triggers: GroupCommit[Admission, Execution | None] = GroupCommit(
             self._admit_each, name="trigger-admissions"
+        )
+        self._outage = Outage(
+            log,
+            "recording new executions failed (trying again)",
+            "new executions are recorded again",
         )
 
     def runnable(self, job: Job) -> bool:
@@ -202,6 +208,7 @@ class Admissions:
                     return None
                 await asyncio.sleep(next(delays))
                 continue
+            self._outage.ok()
             self._admitted(admitted)
             return admitted
 
@@ -209,7 +216,7 @@ class Admissions:
         """Whether a failed write of ``count`` admissions is given up (logged either way)."""
         shared = self._shared
         if isinstance(error, ChronoplaneError):  # the database's: worth waiting for
-            log.warning("recording %d executions failed, retrying: %s", count, error)
+            self._outage.failed(error)
             if not (shared.stopping and epoch is None and waited > STOP_RETRY_SECONDS):
                 return False
         else:
@@ -248,7 +255,7 @@ class Admissions:
         try:
             displaced = await shared.store.displace_oldest(job_ids, now=shared.clock())
         except ChronoplaneError as error:
-            log.warning("could not stop runs displaced by newer ones: %s", error)
+            log.warning("could not stop runs displaced by newer ones: %s", brief(error))
             return
         for execution in displaced:
             if execution.executor is ExecutorKind.CELERY:

@@ -10,6 +10,7 @@ import logging
 
 from chronoplane.server import metrics
 from chronoplane.server.errors import CancellationPending, ExecutionFinished
+from chronoplane.server.logs import brief
 from chronoplane.server.models import Execution, ExecutionState, ExecutorKind
 from chronoplane.server.runner.outcomes import Outcomes
 from chronoplane.server.runner.state import Shared
@@ -89,7 +90,7 @@ class Cancels:
             try:
                 await self.apply_requests()
             except Exception as error:
-                log.warning("reading cancel requests failed: %s", error)
+                log.warning("reading cancel requests failed: %s", brief(error))
             if not self._again:
                 return
 

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 
+from chronoplane.server.logs import Outage
 from chronoplane.server.runner.cancels import Cancels
 from chronoplane.server.runner.running import Running
 from chronoplane.server.runner.state import Run, Shared
@@ -46,6 +47,7 @@ class Claimer:
         delay = 0.1
         loop = asyncio.get_running_loop()
         last_poll = loop.time()
+        outage = Outage(log, "claiming executions failed (trying again)", "claims work again")
         while not shared.stopping:
             await self._wait()
             if shared.stopping:
@@ -56,10 +58,11 @@ class Claimer:
                     last_poll = loop.time()
                     await self._poll()
             except Exception as error:
-                log.warning("claiming executions failed: %s; again in %.1f s", error, delay)
+                outage.failed(error)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
+            outage.ok()
             delay = 0.1
 
     async def _wait(self) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from chronoplane.server.engine.abc import Fire
+from chronoplane.server.logs import failure
 from chronoplane.server.models import (
     Execution,
     ExecutionSource,
@@ -129,10 +130,10 @@ class Fires:
                     size += len(due.run) + 1
                 try:
                     await self._write(batch)
-                except Exception:
+                except Exception as error:
                     # A bug must not stop every later fire from being recorded; these are
                     # recorded from the database when the leader takes up its term again.
-                    log.exception("could not record the fires of %d jobs", len(batch))
+                    failure(log, f"could not record the fires of {len(batch)} jobs", error)
                     if self._shared.relead is not None:
                         self._shared.relead()
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chronoplane.server import metrics
+from chronoplane.server.logs import Outage, failure
 from chronoplane.server.models import ExecutionState
 from chronoplane.server.runner.state import Run, Shared
 from chronoplane.server.storage.abc import ExecutionFinish, NextRun, SlotRelease
@@ -101,6 +102,11 @@ class Outcomes:
         self._ready = asyncio.Event()
         # Held while a batch is written, so that stop() never cancels a write half-way.
         self.lock = asyncio.Lock()
+        self._outage = Outage(
+            log,
+            "recording execution progress failed (kept, trying again)",
+            "execution progress is recorded again",
+        )
 
     def finish(
         self,
@@ -152,8 +158,8 @@ class Outcomes:
             self._ready.clear()
             try:
                 await self.flush()
-            except Exception:
-                log.exception("could not record execution progress")
+            except Exception as error:
+                failure(log, "could not record execution progress", error)
 
     async def flush(self) -> None:
         """Writes everything queued so far (and what comes meanwhile)."""
@@ -179,16 +185,13 @@ class Outcomes:
             except Exception as error:
                 # Kept and tried again, whatever went wrong: a lost final state would leave
                 # an execution RUNNING for ever.
-                log.warning(
-                    "recording execution progress failed, retrying: %s: %s",
-                    type(error).__name__,
-                    error,
-                )
+                self._outage.failed(error)
                 # Put them back under anything newer, then wait before trying again.
                 self._finishes = finishes | self._finishes
                 self._releases = releases | self._releases
                 self._next_runs = next_runs | self._next_runs
                 await asyncio.sleep(next(delays))
                 continue
+            self._outage.ok()
             if progress.readied:
                 self._shared.wake.set()  # slots were freed: queued executions may go

@@ -81,6 +81,18 @@ class Running:
 
     async def _run(self, run: Run) -> None:
         shared = self._shared
+        execution = run.execution
+        # In this run's own context: the task sees it (current_execution), and every line
+        # logged about the run, the task's own included, names its job and execution.
+        execution_context.set(
+            ExecutionContext(
+                execution_id=execution.id,
+                job_id=execution.job_id,
+                scheduled_time=execution.scheduled_time,
+                attempt=execution.attempt,
+                instance_id=shared.instance_id,
+            )
+        )
         work: Work | None = None
         try:
             with execution_span(run.execution, executor="inline") as outcome:
@@ -123,21 +135,11 @@ class Running:
         def on_start(when: datetime) -> None:
             run.started = when  # a synchronous task may have waited for a thread
 
-        context = ExecutionContext(
-            execution_id=execution.id,
-            job_id=execution.job_id,
-            scheduled_time=execution.scheduled_time,
-            attempt=execution.attempt,
-            instance_id=self._shared.instance_id,
-        )
-        token = execution_context.set(context)
         try:
             return self._executor.start(definition, execution.args, on_start)
         except Exception as error:  # calling it failed (wrong arguments, say)
             self._fail(run, error)
             return None
-        finally:
-            execution_context.reset(token)
 
     async def _await_outcome(self, run: Run, work: Work) -> None:
         timeout = run.policy.timeout.total_seconds() if run.policy.timeout else None

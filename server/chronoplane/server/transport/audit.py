@@ -19,6 +19,7 @@ import grpc
 from google.protobuf import json_format
 
 from chronoplane.server.aio import GroupCommit, in_turns
+from chronoplane.server.logs import failure
 from chronoplane.server.models import AuditEvent, JSONObject
 from chronoplane.server.security import MUTATING_RPCS, current_identity
 from chronoplane.server.transport.errors import PerMethod
@@ -247,11 +248,11 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     async def _write(self, events: Sequence[AuditEvent]) -> None:
         try:
             await self._commits.submit(events)
-        except Exception:
-            log.exception(
-                "the audit events (%d) of %s by %s (%s) could not be written",
-                len(events),
-                events[0].rpc,
-                events[0].principal,
-                events[0].code,
+        except Exception as error:
+            first = events[0]
+            failure(
+                log,
+                f"the audit events ({len(events)}) of {first.rpc} by {first.principal} "
+                f"({first.code}) could not be written",
+                error,
             )

@@ -522,6 +522,7 @@ def instance_to_proto(instance: Instance) -> instance_pb2.Instance:
         max_running=instance.max_running,
         running=instance.running,
         draining=instance.draining,
+        epoch=instance.epoch,
     )
 
 

@@ -186,7 +186,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     async def WatchExecutions(  # type: ignore[override]
         self, request: pb.WatchExecutionsRequest, context: Context
     ) -> None:
-        control = StreamControl(asyncio.current_task())
+        control = StreamControl(asyncio.current_task(), peer=context.peer())
         stream = self._service.watch(
             EventResource.EXECUTION,
             job_ids=list(request.job_ids),
@@ -208,7 +208,7 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     async def WatchJobs(  # type: ignore[override]
         self, request: pb.WatchJobsRequest, context: Context
     ) -> None:
-        control = StreamControl(asyncio.current_task())
+        control = StreamControl(asyncio.current_task(), peer=context.peer())
         stream = self._service.watch(
             EventResource.JOB,
             job_ids=list(request.job_ids),

@@ -89,7 +89,8 @@ class SqlInstanceStore(Slots, InstanceStore):
         leads = (instances.c.id == leader_id.scalar_subquery()) & (
             instances.c.last_seen >= self._seen_since(leader_timeout)
         )
-        query = sa.select(instances, leads.label("leader")).order_by(
+        epoch = sa.select(leadership.c.epoch).where(leadership.c.id == 1).scalar_subquery()
+        query = sa.select(instances, leads.label("leader"), epoch.label("epoch")).order_by(
             instances.c.start_time, instances.c.id
         )
         async with self._begin() as conn:
@@ -109,6 +110,7 @@ class SqlInstanceStore(Slots, InstanceStore):
                     last_seen_time=row.last_seen,
                     leader=bool(row.leader) and row.fenced_at is None,
                     draining=row.draining,
+                    epoch=row.epoch if row.leader and row.fenced_at is None else 0,
                 )
                 for row in rows
             ]
