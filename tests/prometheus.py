@@ -43,7 +43,9 @@ class PrometheusTools:
     prometheus: str
     promtool: str
 
-    def run_promtool(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    def run_promtool(
+        self, *args: str, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [self.promtool, *args], input=stdin, capture_output=True, text=True, timeout=60
         )
