@@ -141,7 +141,8 @@ def _config(targets: list[str]) -> dict[str, Any]:
 def running_prometheus(
     tools: PrometheusTools, workdir: Path, targets: list[str]
 ) -> Iterator[Prometheus]:
-    """A Prometheus scraping ``targets`` (``host:port``) every second, stopped at the end."""
+    """A Prometheus scraping ``targets`` (``host:port``) every second, once it has scraped each
+    of them; stopped at the end."""
     root = workdir / f"prometheus-{time.monotonic_ns()}"
     root.mkdir()
     config = root / "prometheus.yml"
@@ -167,6 +168,8 @@ def running_prometheus(
             if process.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"prometheus did not start:\n{log_path.read_text()}")
             time.sleep(0.1)
+        # Its scrape manager takes the targets about 5 s after start: wait for a scrape of each.
+        running.wait_for("up", lambda result: len(result) == len(targets), timeout=15)
         yield running
     finally:
         process.terminate()
