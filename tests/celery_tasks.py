@@ -25,6 +25,26 @@ app.conf.broker_transport_options = {
 app.conf.task_ignore_result = True
 app.conf.worker_hijack_root_logger = False
 
+
+def _trace_to_file(path: str) -> None:
+    """Exports this worker's spans as JSON lines to ``path`` (tests/test_tracing.py): the
+    way a worker sets up OpenTelemetry itself, with a file for an exporter."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
+
+    def line(span: Any) -> str:
+        return str(span.to_json(indent=None)) + "\n"
+
+    provider = TracerProvider()
+    exporter = ConsoleSpanExporter(out=open(path, "a", buffering=1), formatter=line)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+
+
+if os.environ.get("CHRONOPLANE_TEST_SPANS"):
+    _trace_to_file(os.environ["CHRONOPLANE_TEST_SPANS"])
+
 chronoplane = Chronoplane(
     app, lease=timedelta(seconds=float(os.environ.get("CHRONOPLANE_TEST_LEASE", "30")))
 )

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+from chronoplane.server import tracing
 from chronoplane.server.models import Execution, ExecutionState, RunPolicy
 from chronoplane.server.runner import Failure, json_result, retry_of
 from chronoplane.server.storage.abc import Admission, ExecutionFinish
@@ -134,6 +135,8 @@ class Chronoplane:
             )
         self.app = app
         self.database_url = url
+        # Each execution's span, through the tracer provider the worker sets up (if any).
+        tracing.install_if_available()
         self.lease = lease
         # (pid, loop, store): the prefork process's store, on its main thread's loop.
         self._kept: tuple[int, asyncio.AbstractEventLoop, SqlAlchemyStore] | None = None
@@ -174,12 +177,14 @@ class Chronoplane:
             )
             return None
         execution, policy = started
-        lease = _Lease(self, execution_id, worker)
-        lease.start()
-        try:
-            outcome = _call(function, kwargs, policy.timeout)
-        finally:
-            lease.stop()
+        with tracing.execution_span(execution, executor="celery", worker=worker) as traced:
+            lease = _Lease(self, execution_id, worker)
+            lease.start()
+            try:
+                outcome = _call(function, kwargs, policy.timeout)
+            finally:
+                lease.stop()
+            traced(outcome.state, outcome.error_message)
         run_async(self._finish(execution, policy, outcome))
         return outcome.result
 

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from chronoplane.server import metrics, tracing
 from chronoplane.server.aio import cancelled, report_slow
+from chronoplane.server.census import Census
 from chronoplane.server.cluster import Member
-from chronoplane.server.config import Settings
+from chronoplane.server.config import ConfigError, Settings
 from chronoplane.server.coordination.abc import Coordinator
 from chronoplane.server.coordination.local import FileLock, SoleLeader
 from chronoplane.server.coordination.postgres import ChangeListener, LeaderElection
@@ -24,6 +26,7 @@ from chronoplane.server.dispatch import Dispatcher
 from chronoplane.server.engine.apscheduler import ApschedulerEngine
 from chronoplane.server.executors.inline import InlineExecutor
 from chronoplane.server.ids import new_instance_id
+from chronoplane.server.metrics import MetricsServer
 from chronoplane.server.models import Instance, Role
 from chronoplane.server.pagination import PageTokens
 from chronoplane.server.runner import Runner
@@ -69,6 +72,7 @@ class Application:
         self.coordinator: Coordinator | None = None
         self.hub: WatchHub | None = None
         self.address: str | None = None
+        self.metrics: MetricsServer | None = None
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
 
@@ -90,6 +94,7 @@ class Application:
             member, runner, hub, service = parts.member, parts.runner, parts.hub, parts.service
             monitor = LoopMonitor()
             monitor.on_stall(member.stalled)
+            monitor.on_lag(metrics.EVENT_LOOP_LAG.observe)
             monitor.start()
             stack.callback(monitor.stop)
             # Pushed now, so that they unwind after the runs have drained: the row goes
@@ -107,6 +112,7 @@ class Application:
             member.attach(coordinator)
             self.coordinator = coordinator
             server = self._grpc_server(service, store)
+            stack.push_async_callback(self._stop_metrics)  # after the drain: it is watched
             stack.push_async_callback(self._drain, server, runner, hub)
             stack.push_async_callback(coordinator.stop)
             stack.push_async_callback(runner.flush_fires)
@@ -115,18 +121,7 @@ class Application:
             # Serve once the first round is decided, so a lone server serves with its schedule.
             await asyncio.wait_for(coordinator.settled(), settings.leader_timeout * 2)
             await member.settled()
-            for task in (
-                asyncio.create_task(self._purge_forever(service), name="purge"),
-                asyncio.create_task(self._purge_events_forever(store), name="events"),
-            ):
-                stack.push_async_callback(cancelled, task)
-            await server.start()
-            member.on_health(server.serving)
-            stack.push_async_callback(member.drain)
-            self.address = server.address
-            await member.readdress(server.address)
-            self._log_serving(server, member)
-            self.ready.set()
+            await self._serve(stack, server, parts, store)
             await self._stop.wait()
             log.info("shutting down: no new RPCs, %d executions running", runner.running)
             # A hang in a step of the unwind is then named in the log.
@@ -136,6 +131,53 @@ class Application:
             )
         watchdog.cancel()
         log.info("stopped")
+
+    async def _serve(
+        self, stack: AsyncExitStack, server: GrpcServer, parts: _Parts, store: SqlAlchemyStore
+    ) -> None:
+        """Starts the side tasks, the gRPC server, then the metrics endpoint, and says so."""
+        tasks = [
+            asyncio.create_task(self._purge_forever(parts.service), name="purge"),
+            asyncio.create_task(self._purge_events_forever(store), name="events"),
+        ]
+        if self.settings.metrics_address:
+            census = Census(store, leading=self._leading)
+            tasks.append(asyncio.create_task(census.run_forever(), name="census"))
+        for task in tasks:
+            stack.push_async_callback(cancelled, task)
+        await server.start()
+        parts.member.on_health(server.serving)
+        stack.push_async_callback(parts.member.drain)
+        self.address = server.address
+        await parts.member.readdress(server.address)
+        self._start_metrics()
+        self._log_serving(server, parts.member)
+        self.ready.set()
+
+    def _leading(self) -> bool:
+        return self.coordinator is not None and self.coordinator.epoch is not None
+
+    def _start_metrics(self) -> None:
+        """The /metrics endpoint, once the gRPC server serves; with its TLS."""
+        settings = self.settings
+        if not settings.metrics_address:
+            return
+        try:
+            self.metrics = MetricsServer(
+                settings.metrics_address,
+                certfile=settings.tls_cert,
+                keyfile=settings.tls_key,
+                client_ca=settings.tls_client_ca,
+            )
+        except OSError as error:
+            raise ConfigError(
+                f"metrics_address {settings.metrics_address}: cannot serve metrics there: {error}"
+            ) from None
+
+    async def _stop_metrics(self) -> None:
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.stop)
+            self.metrics = None
 
     async def _open_store(self, stack: AsyncExitStack) -> SqlAlchemyStore:
         """The database, migrated; on SQLite locked to this process, and what a former
@@ -158,6 +200,9 @@ class Application:
             stack.push_async_callback(lock.release)
         await upgrade(settings.database_url)
         store = SqlAlchemyStore(engine_sql, instance_id=self.instance_id)
+        if settings.metrics_address:
+            metrics.use_task_labels(settings.metrics_task_labels)
+            metrics.sample_pool(store.pool_usage)
         if sqlite_path is not None:
             # Alone on this database: whatever is unfinished, a former process left.
             interrupted = await store.interrupt_unfinished(
@@ -293,6 +338,7 @@ class Application:
             service,
             settings.address,
             tls=tls,
+            traced=tracing.enabled(),
             authenticator=authenticator,
             reflection=reflection,
             limits=Limits(
@@ -303,6 +349,7 @@ class Application:
                 min_ping_interval=settings.min_ping_interval,
             ),
             audit=AuditInterceptor(service.record_audits, instance_id=self.instance_id),
+            metrics=bool(settings.metrics_address),
         )
 
     async def _drain(self, server: GrpcServer, runner: Runner, hub: WatchHub) -> None:
@@ -319,6 +366,9 @@ class Application:
         tls = ""
         if settings.tls:
             tls = " with TLS" + (" and client certificates" if settings.tls_client_ca else "")
+        if self.metrics is not None:
+            scheme = "https" if settings.tls else "http"
+            tls += f", metrics on {scheme}://{self.metrics.address}/metrics"
         log.info(
             "chronoplane %s serving on %s%s (instance %s %s, %s, %d jobs scheduled, database %s)",
             _version(),

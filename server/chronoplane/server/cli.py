@@ -141,6 +141,7 @@ def _configure_logging(level: str) -> None:
 def _check_exposure(settings: Settings) -> None:
     """Beyond loopback: TLS (and credentials, which auth_required then demands), or
     --insecure, said loudly."""
+    _check_metrics_exposure(settings)
     if settings.is_loopback():
         return
     if settings.insecure:
@@ -158,6 +159,20 @@ def _check_exposure(settings: Settings) -> None:
             "client certificates: --tls-client-ca); --insecure accepts anyone on the network "
             "as an administrator"
         )
+
+
+def _check_metrics_exposure(settings: Settings) -> None:
+    """The metrics endpoint beyond loopback: with the server's TLS, or --insecure."""
+    address = settings.metrics_address
+    if not address or settings.is_loopback(address) or settings.tls:
+        return
+    if settings.insecure:
+        log.warning("INSECURE: serving metrics on %s without TLS", address)
+        return
+    raise ConfigError(
+        f"refusing to serve metrics on {address} (metrics_address): beyond loopback the "
+        "metrics endpoint needs the server's TLS (--tls-cert and --tls-key), or --insecure"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,11 +193,17 @@ def main(argv: list[str] | None = None) -> int:
             log.info("database is up to date")
             return 0
         _check_exposure(settings)
+        from chronoplane.server import tracing
         from chronoplane.server.app import serve
         from chronoplane.server.stall import quiet_collector
 
+        if tracing.wanted(settings.otel_endpoint):
+            tracing.configure(settings.otel_endpoint)
         quiet_collector()
-        asyncio.run(serve(settings))
+        try:
+            asyncio.run(serve(settings))
+        finally:
+            tracing.shutdown()
     except (ConfigError, InstanceConflict, StorageUnavailable, AlreadyExists, OSError) as error:
         log.error("%s", error)
         return 1

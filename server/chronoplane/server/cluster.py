@@ -27,11 +27,12 @@ from datetime import UTC, datetime, timedelta
 from time import monotonic
 from typing import Any
 
+from chronoplane.server import metrics
 from chronoplane.server.aio import cancelled
 from chronoplane.server.coordination.abc import Coordinator
 from chronoplane.server.engine.abc import Engine
 from chronoplane.server.errors import JobNotFound
-from chronoplane.server.models import Execution, Instance, Job
+from chronoplane.server.models import Execution, ExecutorKind, Instance, Job
 from chronoplane.server.runner import Runner
 from chronoplane.server.service import SchedulerService
 from chronoplane.server.storage.abc import Store
@@ -115,11 +116,15 @@ class Member:
         self._coordinator = coordinator
 
     def elected(self, epoch: int) -> None:
+        metrics.LEADER.set(1)
+        metrics.LEADER_EPOCH.set(epoch)
         self._idle.clear()
         self._terms.put_nowait(epoch)
 
     def deposed(self, reason: str) -> None:
         # At once, before anything else runs: no fire is written after this.
+        metrics.LEADER.set(0)
+        metrics.LEADERSHIP_LOST.inc()
         self._service.leading = False
         self._runner.follow()
         self._idle.clear()
@@ -303,7 +308,9 @@ class Member:
             live_after=self._instance_timeout,
             draining=self._draining,
         )
+        metrics.HEARTBEAT_DURATION.observe(monotonic() - sent)
         if live:
+            metrics.INSTANCES_ALIVE.set(live)
             self._heard = sent
             self._runner.cluster_size(live)
             await self._tell_health(True)
@@ -402,12 +409,14 @@ class Member:
                 if epoch is None:
                     return
                 timeout = self._instance_timeout.total_seconds()
-                abandoned += await self._store.abandon_instances(
+                judged = await self._store.abandon_instances(
                     silent,
                     message=f"abandoned: not heard from for {timeout:g} s",
                     now=self._clock(),
                     epoch=epoch,
                 )
+                _count_abandoned(judged)
+                abandoned += judged
                 log.warning(
                     "judged dead (not heard from for %g s): %s",
                     timeout,
@@ -462,6 +471,13 @@ class Member:
                 len(abandoned),
                 retried,
             )
+
+
+def _count_abandoned(abandoned: list[Execution]) -> None:
+    """The inline executions of dead instances (the leader counts Celery ends: census.py)."""
+    for execution in abandoned:
+        if execution.executor is ExecutorKind.INLINE:
+            metrics.scheduling.ended(execution.task, "abandoned", "inline")
 
 
 def _minutes(span: timedelta) -> str:

@@ -98,9 +98,16 @@ class Settings:
     """Seconds a ping may go unanswered before the connection is closed."""
     min_ping_interval: float = 10.0
     """Clients may ping at most this often (seconds) without data; more often, they are cut."""
+    metrics_address: str = ""
+    """HOST:PORT to serve Prometheus metrics on (/metrics); empty: no metrics endpoint."""
+    metrics_task_labels: bool = False
+    """Scheduling metrics carry a ``task`` label (one series per task name)."""
     reflection: str = "auto"
     """Server reflection: on, off, or authenticated (any valid identity); auto: on without
     authentication, authenticated with it."""
+    otel_endpoint: str = ""
+    """An OTLP/gRPC collector (http://host:4317): OpenTelemetry traces of RPCs and runs
+    (``chronoplane[otel]``). The standard OTEL_* variables turn them on too."""
 
     @property
     def tls(self) -> bool:
@@ -138,11 +145,13 @@ class Settings:
         host, _, _ = self.address.rpartition(":")
         return host.strip("[]")
 
-    def is_loopback(self) -> bool:
-        if self.host == "localhost":
+    def is_loopback(self, address: str | None = None) -> bool:
+        """Whether ``address`` (by default the gRPC one) is on loopback."""
+        host = self.host if address is None else address.rpartition(":")[0].strip("[]")
+        if host == "localhost":
             return True
         try:
-            return ipaddress.ip_address(self.host).is_loopback
+            return ipaddress.ip_address(host).is_loopback
         except ValueError:
             return False
 
@@ -188,6 +197,8 @@ class Settings:
         """Where it listens, its database and its broker."""
         if ":" not in self.address or not self.address.rpartition(":")[2].isdigit():
             raise ConfigError(f"address {self.address!r} is not HOST:PORT")
+        if self.metrics_address:
+            _check_metrics_address(self.metrics_address)
         if not self.database_url.startswith(("sqlite+aiosqlite:///", "postgresql+asyncpg://")):
             raise ConfigError(
                 "database_url must start with sqlite+aiosqlite:/// or postgresql+asyncpg://"
@@ -255,6 +266,15 @@ class Settings:
                 )
 
 
+def _check_metrics_address(address: str) -> None:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(
+            f"metrics_address {address!r} is not HOST:PORT (--metrics-address, "
+            "CHRONOPLANE_METRICS_ADDRESS)"
+        )
+
+
 _ENV_PREFIX = "CHRONOPLANE_"
 # Slack between the end of a silent leader's lease and the earliest takeover: clock rate
 # differences and scheduling delays must fit in it.
@@ -289,8 +309,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_cluster_arguments(parser)
     _add_watch_arguments(parser)
     _add_celery_arguments(parser)
+    _add_metrics_arguments(parser)
     _add_limit_arguments(parser)
     _add_tls_arguments(parser)
+    parser.add_argument(
+        "--otel-endpoint",
+        metavar="URL",
+        help="send OpenTelemetry traces to this OTLP/gRPC collector (chronoplane[otel])",
+    )
 
 
 def _add_basic_arguments(parser: argparse.ArgumentParser) -> None:
@@ -398,6 +424,22 @@ def _add_celery_arguments(parser: argparse.ArgumentParser) -> None:
     )
     celery.add_argument(
         "--celery-send-timeout", type=float, help="seconds a send may take (default 5)"
+    )
+
+
+def _add_metrics_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of the Prometheus metrics endpoint."""
+    metrics = parser.add_argument_group("metrics")
+    metrics.add_argument(
+        "--metrics-address",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics on HOST:PORT/metrics (default: off)",
+    )
+    metrics.add_argument(
+        "--metrics-task-labels",
+        action="store_true",
+        default=None,
+        help="give the scheduling metrics a task label (one series per task name)",
     )
 
 

@@ -294,6 +294,8 @@ class Execution:
     """Why a PENDING execution has not started, when something stands in the way."""
     dispatch_time: datetime | None = None
     """When it was sent to the broker."""
+    trace_parent: str = ""
+    """The W3C traceparent of the RPC that asked for it, when traces are on (tracing.py)."""
 
     @property
     def duration(self) -> timedelta | None:
@@ -372,6 +374,8 @@ class Event:
     labels: dict[str, str]
     resource: EventResource
     decode: Callable[[], Execution | Job] = field(repr=False)
+    # When the change was committed (the writer's clock, just before its commit).
+    create_time: datetime | None = None
 
     @cached_property
     def execution(self) -> Execution | None:

@@ -50,6 +50,7 @@ class LoopMonitor:
         self._report_after = report_after
         self._clock = clock
         self._listeners: list[Callable[[float], None]] = []
+        self._lag_listeners: list[Callable[[float], None]] = []
         self._handle: asyncio.TimerHandle | None = None
         self._expected = 0.0
         self._last_tick = 0.0
@@ -63,6 +64,11 @@ class LoopMonitor:
     def on_stall(self, listener: Callable[[float], None]) -> None:
         """``listener(seconds)`` is called, from the loop, after each stall."""
         self._listeners.append(listener)
+
+    def on_lag(self, listener: Callable[[float], None]) -> None:
+        """``listener(seconds)`` is called, from the loop, with each tick's lag (the metrics'
+        histogram); it must be quick."""
+        self._lag_listeners.append(listener)
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -89,6 +95,8 @@ class LoopMonitor:
         now = self._clock()
         lag = now - self._expected
         self.max_lag = max(self.max_lag, lag)
+        for observe in self._lag_listeners:
+            observe(max(0.0, lag))
         if lag >= self._report_after:
             self.stalls += 1
             sample, self._sample = self._sample, None

@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from chronoplane.server import metrics
 from chronoplane.server.errors import CursorOutOfRange, TooManyWatchers
 from chronoplane.server.models import (
     Event,
@@ -39,9 +40,21 @@ from chronoplane.server.models import (
 )
 from chronoplane.server.storage.abc import Store
 
-__all__ = ["Notice", "NoticeKind", "StopReason", "StreamControl", "WatchFilter", "WatchHub"]
+__all__ = [
+    "WATCH_KINDS",
+    "Notice",
+    "NoticeKind",
+    "StopReason",
+    "StreamControl",
+    "WatchFilter",
+    "WatchHub",
+]
 
 log = logging.getLogger(__name__)
+
+# The watch metrics' kind label of each resource (metrics.py).
+WATCH_KINDS = {EventResource.EXECUTION: "executions", EventResource.JOB: "jobs"}
+_OPEN = {resource: metrics.WATCHERS_OPEN.labels(kind) for resource, kind in WATCH_KINDS.items()}
 
 # How soon the hub reads again while events are being written past what it could read.
 BEHIND_POLL_SECONDS = 0.05
@@ -267,6 +280,7 @@ class WatchHub:
         if self._count >= self._max_watchers:
             raise TooManyWatchers(self._max_watchers)
         self._count += 1
+        _OPEN[watcher.filter.resource].inc()
         self._watchers.add(watcher)
         resource = watcher.filter.resource
         if not watcher.filter.job_ids:
@@ -276,6 +290,7 @@ class WatchHub:
 
     def _unregister(self, watcher: _Watcher) -> None:
         self._count -= 1
+        _OPEN[watcher.filter.resource].dec()
         self._watchers.discard(watcher)
         resource = watcher.filter.resource
         self._everything[resource].discard(watcher)

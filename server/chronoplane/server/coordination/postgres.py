@@ -45,6 +45,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
+from chronoplane.server import metrics
 from chronoplane.server.aio import cancelled
 from chronoplane.server.coordination.abc import Coordinator
 from chronoplane.server.storage.sqlalchemy import CONNECT_TIMEOUT, SessionLimits
@@ -350,6 +351,7 @@ class LeaderElection(Coordinator):
             await self._resign("another instance took the leadership")
             return
         self._lease_until = sent + self._lease
+        metrics.LEASE_RENEWAL_DURATION.observe(self._monotonic() - sent)
 
     async def _resign(self, reason: str) -> None:
         """Steps down and drops the lock connection: a hung or foreign session must not keep

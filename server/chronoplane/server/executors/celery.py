@@ -62,6 +62,9 @@ class CeleryBroker:
             "retry": False,
             "headers": {"chronoplane_execution_id": execution.id},
         }
+        if execution.trace_parent:
+            # W3C trace context, as OpenTelemetry's Celery instrumentation reads it.
+            options["headers"]["traceparent"] = execution.trace_parent
         if dispatch.options.queue:
             options["queue"] = dispatch.options.queue
         if dispatch.options.routing_key:

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime
 
+from chronoplane.server import metrics, tracing
 from chronoplane.server.aio import GroupCommit
 from chronoplane.server.errors import ChronoplaneError, JobNotFound, NotLeader, TaskNotRegistered
 from chronoplane.server.ids import new_execution_id
 from chronoplane.server.models import (
+    FINAL_STATES,
     SCHEDULE_PRINCIPAL,
     Execution,
     ExecutionSource,
@@ -82,6 +85,8 @@ class Admissions:
             instance_id=self._shared.instance_id,
             triggered_by=by,
             executor=job.executor,
+            # The RPC's, for a manual run or a backfill; a fire has none.
+            trace_parent=tracing.current_parent(),
         )
 
     # -- manual runs and backfills ------------------------------------------------------------
@@ -229,6 +234,7 @@ class Admissions:
         shared = self._shared
         if admitted.fenced:
             shared.fenced()
+        _count(admitted.inserted)
         for execution, policy in admitted.claimed:
             started = execution.start_time or shared.clock()
             self._running.launch(Run(execution=execution, policy=policy, started=started))
@@ -251,3 +257,29 @@ class Admissions:
             run = shared.runs.get(execution.id)
             if run is not None:  # the others' instances are told by the database
                 run.request_stop(ExecutionState.CANCELLED, DISPLACED)
+
+
+def _count(inserted: list[Execution]) -> None:
+    """The metrics of what an admission wrote (metrics.py), a counter step per kind and
+    task, not per execution: a leader's batch can be thousands of fires."""
+    counts: Counter[tuple[str, ExecutionSource, ExecutionState, ExecutorKind]] = Counter()
+    missed: Counter[str] = Counter()
+    for e in inserted:
+        counts[e.task, e.source, e.state, e.executor] += 1
+        if e.missed is not None:
+            missed[e.task] += e.missed.count
+    scheduling = metrics.scheduling
+    for (task, source, state, executor), count in counts.items():
+        if source is ExecutionSource.SCHEDULE and state is not ExecutionState.MISSED:
+            scheduling.fired(task, count)
+        elif source in (ExecutionSource.MANUAL, ExecutionSource.BACKFILL):
+            scheduling.manual(task, count)
+        elif source is ExecutionSource.RETRY:
+            scheduling.retried(task, count)
+        if state is ExecutionState.SKIPPED:
+            scheduling.skipped_fires(task, count)
+        # Final from the start; a Celery one's end the leader counts (census.py).
+        if state in FINAL_STATES and executor is ExecutorKind.INLINE:
+            scheduling.ended(task, state.value, executor.value, count)
+    for task, count in missed.items():
+        scheduling.missed_fires(task, count)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from chronoplane.server import metrics
 from chronoplane.server.errors import CancellationPending, ExecutionFinished
 from chronoplane.server.models import Execution, ExecutionState, ExecutorKind
 from chronoplane.server.runner.outcomes import Outcomes
@@ -52,6 +53,8 @@ class Cancels:
             execution_id, message=message, now=shared.clock(), by=by
         )
         if request.done:
+            if request.execution.executor is ExecutorKind.INLINE:  # Celery's: census.py
+                metrics.scheduling.ended(request.execution.task, "cancelled", "inline")
             await self.revoke(request.execution)
             return request.execution
         return await self._wait_for(execution_id, request.execution.instance_id)

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from chronoplane.server import metrics
 from chronoplane.server.models import ExecutionState
 from chronoplane.server.runner.state import Run, Shared
 from chronoplane.server.storage.abc import ExecutionFinish, NextRun, SlotRelease
@@ -116,6 +117,7 @@ class Outcomes:
         if run.final is not None:
             return
         run.final = state
+        metrics.scheduling.ended(run.execution.task, state.value, "inline")
         self._finishes[run.id] = ExecutionFinish(
             id=run.id,
             job_id=run.execution.job_id,

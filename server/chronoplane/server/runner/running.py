@@ -13,8 +13,9 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
+from chronoplane.server import metrics
 from chronoplane.server.executors.abc import Executor, Work
-from chronoplane.server.models import Execution, ExecutionState, RetryPolicy
+from chronoplane.server.models import Execution, ExecutionSource, ExecutionState, RetryPolicy
 from chronoplane.server.runner.outcomes import (
     MAX_NOTE_CHARS,
     Failure,
@@ -23,6 +24,7 @@ from chronoplane.server.runner.outcomes import (
 )
 from chronoplane.server.runner.state import Run, Shared
 from chronoplane.server.tasks import ExecutionContext, TaskRegistry, execution_context
+from chronoplane.server.tracing import execution_span
 
 __all__ = ["CANCEL_GRACE_SECONDS", "Running"]
 
@@ -56,6 +58,10 @@ class Running:
         self._retry = retry
 
     def launch(self, run: Run) -> None:
+        execution = run.execution
+        if execution.source is not ExecutionSource.BACKFILL:  # late on purpose
+            late = (run.started - execution.scheduled_time).total_seconds()
+            metrics.scheduling.late(execution.task, max(0.0, late))
         self._shared.runs[run.id] = run
         run.task = asyncio.create_task(self._run(run), name=f"execution-{run.id}")
 
@@ -77,9 +83,12 @@ class Running:
         shared = self._shared
         work: Work | None = None
         try:
-            work = run.work = self._start(run)
-            if work is not None:
-                await self._await_outcome(run, work)
+            with execution_span(run.execution, executor="inline") as outcome:
+                work = run.work = self._start(run)
+                if work is not None:
+                    await self._await_outcome(run, work)
+                if run.final is not None:
+                    outcome(run.final)
         except Exception:
             log.exception("execution %s: the runner failed", run.id)
             self._outcomes.finish(

@@ -163,6 +163,8 @@ executions = sa.Table(
     # ranges of ListExecutions find these through their own index, the others by walking ids
     # back from the range's end (history.py, migration 0012). Unknown counts as late.
     sa.Column("created_late", sa.Boolean, nullable=False, server_default=sa.true()),
+    # The W3C traceparent of the RPC that asked for it (tracing.py), or empty.
+    sa.Column("trace_parent", sa.String(64), nullable=False, server_default=""),
     sa.UniqueConstraint("job_id", "dedupe_key"),
     sa.Index(None, "job_id", "id"),
     # ListExecutions' filters, each read newest first (by id) from its index, or from the

@@ -15,11 +15,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection as grpc_reflection
 from grpc_reflection.v1alpha import reflection_pb2
 
+from chronoplane.server import tracing
 from chronoplane.server.security import Authenticator
 from chronoplane.server.service import SchedulerService
 from chronoplane.server.transport.audit import AuditInterceptor
 from chronoplane.server.transport.auth import AuthInterceptor
 from chronoplane.server.transport.errors import DecodeInterceptor, ErrorInterceptor
+from chronoplane.server.transport.metrics import MetricsInterceptor
 from chronoplane.server.transport.servicer import SchedulerServicer
 from chronoplane.v1 import scheduler_service_pb2, scheduler_service_pb2_grpc
 
@@ -123,10 +125,16 @@ class GrpcServer:
         reflection: str = "on",
         limits: Limits | None = None,
         audit: AuditInterceptor | None = None,
+        traced: bool = False,
+        metrics: bool = False,
     ) -> None:
         limits = limits or Limits()
-        # Outermost first: the audit log sees how every call ended, refusals included.
-        interceptors: list[Any] = [DecodeInterceptor()]
+        # Outermost first: a call's span covers all of it; the metrics and the audit log see
+        # how every call ended, refusals included.
+        interceptors: list[Any] = [tracing.grpc_interceptor()] if traced else []
+        if metrics:
+            interceptors.append(MetricsInterceptor())
+        interceptors.append(DecodeInterceptor())
         if audit is not None:
             interceptors.append(audit)
         interceptors.append(ErrorInterceptor())

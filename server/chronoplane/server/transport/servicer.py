@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from functools import lru_cache
 from typing import Any, TypeAlias
 
+from chronoplane.server import metrics
 from chronoplane.server.aio import in_turns
 from chronoplane.server.creation import NewJob, check_batch_size
 from chronoplane.server.errors import InvalidArgument, ServerStopping, WatchFellBehind
@@ -29,6 +31,7 @@ from chronoplane.server.transport.convert import (
     trigger_from_proto,
 )
 from chronoplane.server.watch import (
+    WATCH_KINDS,
     Notice,
     NoticeKind,
     StopReason,
@@ -193,7 +196,14 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             snapshot=request.snapshot,
             control=control,
         )
-        await _stream(stream, _execution_event, context, control, self._service.watch_buffer)
+        await _stream(
+            stream,
+            _execution_event,
+            context,
+            control,
+            self._service.watch_buffer,
+            EventResource.EXECUTION,
+        )
 
     async def WatchJobs(  # type: ignore[override]
         self, request: pb.WatchJobsRequest, context: Context
@@ -207,7 +217,9 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
             snapshot=request.snapshot,
             control=control,
         )
-        await _stream(stream, _job_event, context, control, self._service.watch_buffer)
+        await _stream(
+            stream, _job_event, context, control, self._service.watch_buffer, EventResource.JOB
+        )
 
     async def ListAuditEvents(
         self, request: pb.ListAuditEventsRequest, context: Context
@@ -261,19 +273,39 @@ def _optional_time(request: Any, name: str) -> datetime | None:
     return timestamp_from_proto(getattr(request, name), name)
 
 
+class _WatchMetrics:
+    """A kind of watch's label children (metrics.py)."""
+
+    def __init__(self, kind: str) -> None:
+        self.sent = metrics.WATCH_EVENTS_SENT.labels(kind)
+        self.lagging = metrics.WATCHERS_ENDED_LAGGING.labels(kind)
+
+    def delivered(self, item: WatchItem) -> None:
+        self.sent.inc()
+        committed = getattr(item, "create_time", None)  # events have it, notices not
+        if committed is not None:
+            metrics.WATCH_EVENT_LAG.observe(max(0.0, time.time() - committed.timestamp()))
+
+
+_WATCH_METRICS = {resource: _WatchMetrics(kind) for resource, kind in WATCH_KINDS.items()}
+
+
 async def _stream(
     stream: AsyncIterator[WatchItem],
     encode: Callable[[WatchItem], Any],
     context: Context,
     control: StreamControl,
     buffer: int,
+    resource: EventResource,
 ) -> None:
     sent: int | None = None
+    measured = _WATCH_METRICS[resource]
     try:
         async with contextlib.aclosing(stream):  # type: ignore[type-var]
             async for item in stream:
                 await context.write(encode(item))
                 sent = item.cursor
+                measured.delivered(item)
     except asyncio.CancelledError:
         if control.stopped is None:
             raise  # the client went away
@@ -283,6 +315,7 @@ async def _stream(
     cursor = sent if sent is not None else (control.start or 0)
     if control.stopped is StopReason.SERVER_STOPPING:
         raise ServerStopping(cursor)
+    measured.lagging.inc()
     raise WatchFellBehind(cursor, buffer)
 
 

@@ -29,10 +29,12 @@ from chronoplane.server.storage.abc.executions import (
     Admitted,
     CancelRequest,
     Claim,
+    EndedCount,
     ExecutionFinish,
     ExecutionStore,
     NextRun,
     Progress,
+    QueueDepth,
     SlotRelease,
 )
 from chronoplane.server.storage.abc.instances import InstanceStore
@@ -56,6 +58,7 @@ __all__ = [
     "DispatchClaim",
     "DispatchStore",
     "DueKey",
+    "EndedCount",
     "EventStore",
     "ExecutionFinish",
     "ExecutionStore",
@@ -67,6 +70,7 @@ __all__ = [
     "JobUpdate",
     "NextRun",
     "Progress",
+    "QueueDepth",
     "SlotRelease",
     "Store",
 ]

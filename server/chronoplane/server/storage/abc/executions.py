@@ -13,6 +13,7 @@ from chronoplane.server.models import (
     ExecutionPage,
     ExecutionQuery,
     ExecutionState,
+    ExecutorKind,
     OverlapPolicy,
     RunPolicy,
 )
@@ -23,16 +24,37 @@ __all__ = [
     "Admitted",
     "CancelRequest",
     "Claim",
+    "EndedCount",
     "ExecutionFinish",
     "ExecutionStore",
     "NextRun",
     "Progress",
+    "QueueDepth",
     "SlotRelease",
 ]
 
 
 # The error message of a run stopped for a newer one (overlap policy CANCEL_RUNNING).
 DISPLACED = "cancelled for a newer run (overlap policy cancel_running)"
+
+
+@dataclass(frozen=True, kw_only=True)
+class QueueDepth:
+    """The cluster's queue at one moment (``queue_depth``)."""
+
+    pending: int
+    running: int
+    oldest_due: datetime | None
+    """The earliest due time of a PENDING execution that is due; None when none is."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EndedCount:
+    """How many executions of a task ended in a state (``count_ended``)."""
+
+    state: ExecutionState
+    task: str
+    count: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -244,6 +266,19 @@ class ExecutionStore(ABC):
         self, query: ExecutionQuery, *, before: str | None, limit: int
     ) -> ExecutionPage:
         """Executions matching ``query``, newest first, those with an id less than ``before``."""
+
+    @abstractmethod
+    async def queue_depth(self, *, now: datetime) -> QueueDepth:
+        """How many executions are PENDING and RUNNING, and the earliest due time of those
+        PENDING at ``now``; from indexes, in time proportional to the queue, never to the
+        history."""
+
+    @abstractmethod
+    async def count_ended(
+        self, *, executor: ExecutorKind, after: datetime, until: datetime
+    ) -> list[EndedCount]:
+        """How many executions of ``executor`` ended (end time) in ``(after, until]``, by
+        state and task; from the end time's index."""
 
     @abstractmethod
     async def interrupt_unfinished(self, *, message: str, now: datetime) -> int:

@@ -85,6 +85,7 @@ _INTERNAL = frozenset(
         "epoch",
         "lease_expire_time",
         "created_late",
+        "trace_parent",
     }
 )
 

@@ -17,8 +17,15 @@ from chronoplane.server.models import (
     Execution,
     ExecutionPage,
     ExecutionQuery,
+    ExecutionState,
+    ExecutorKind,
 )
+from chronoplane.server.storage.abc import EndedCount, QueueDepth
 from chronoplane.server.storage.sqlalchemy.rows import (
+    IS_QUEUED,
+    IS_READY,
+    STATE_PENDING,
+    STATE_RUNNING,
     UNFINISHED_STATES,
     execution_from_row,
     late_id_bound,
@@ -76,6 +83,48 @@ class History(Session):
         return ExecutionPage(
             executions=page, next_before=page[-1].id if len(rows) > limit else None
         )
+
+    @translate_errors
+    async def queue_depth(self, *, now: datetime) -> QueueDepth:
+        count = sa.func.count()
+        pending = sa.select(count).where(executions.c.state == STATE_PENDING)  # (state, id)
+        running = sa.select(count).where(executions.c.state == STATE_RUNNING)
+        # The ready ones by ix_executions_ready (its first entry), the queued ones (waiting
+        # for a slot, or sent to Celery) by ix_executions_queued.
+        due = executions.c.due_time <= now
+        oldest = [
+            sa.select(sa.func.min(executions.c.due_time)).where(which, due)
+            for which in (IS_READY, IS_QUEUED)
+        ]
+
+        async def read(conn: AsyncConnection) -> QueueDepth:
+            values = [(await conn.execute(query)).scalar() for query in (pending, running)]
+            dues = [(await conn.execute(query)).scalar() for query in oldest]
+            return QueueDepth(
+                pending=int(values[0] or 0),
+                running=int(values[1] or 0),
+                oldest_due=min((d for d in dues if d is not None), default=None),
+            )
+
+        return await self._read(read)
+
+    @translate_errors
+    async def count_ended(
+        self, *, executor: ExecutorKind, after: datetime, until: datetime
+    ) -> list[EndedCount]:
+        query = (
+            sa.select(executions.c.state, executions.c.task, sa.func.count().label("ended"))
+            .where(
+                executions.c.end_time > after,
+                executions.c.end_time <= until,
+                executions.c.executor == executor.value,
+            )
+            .group_by(executions.c.state, executions.c.task)
+        )
+        return [
+            EndedCount(state=ExecutionState(row.state), task=row.task, count=int(row.ended))
+            for row in await self._rows(query)
+        ]
 
     @translate_errors
     async def purge_executions(

@@ -351,6 +351,7 @@ def execution_from_row(row: sa.Row[Any]) -> Execution:
         worker=getattr(row, "worker", ""),
         pending_reason=getattr(row, "pending_reason", ""),
         dispatch_time=getattr(row, "dispatch_time", None),
+        trace_parent=getattr(row, "trace_parent", ""),
     )
 
 
@@ -399,6 +400,7 @@ def event_from_row(row: sa.Row[Any]) -> Event:
         labels=labels,
         resource=resource,
         decode=decode,
+        create_time=row.create_time,
     )
 
 
@@ -409,6 +411,7 @@ EVENT_COLUMNS = (
     events.c.kind,
     events.c.job_id,
     events.c.labels,
+    events.c.create_time,
     sa.cast(events.c.body, sa.Text).label("body_text"),
 )
 
@@ -473,6 +476,7 @@ def execution_values(
         "dispatch_time": execution.dispatch_time,
         "lease_expire_time": None,
         "created_late": created_late(execution.id, execution.scheduled_time),
+        "trace_parent": execution.trace_parent,
     }
 
 

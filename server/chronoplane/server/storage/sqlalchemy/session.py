@@ -325,6 +325,18 @@ class Session:
     async def close(self) -> None:
         await self._engine.dispose()
 
+    def pool_usage(self) -> tuple[int, int]:
+        """The pool's connections checked out, and the callers waiting for one; safe to read
+        from another thread (it only reads). The waiting ones are those parked on the pool's
+        asyncio queue, which SQLAlchemy does not expose: 0 if it is not where it was."""
+        pool: Any = self._engine.sync_engine.pool
+        checkedout = getattr(pool, "checkedout", None)
+        in_use = int(checkedout()) if checkedout is not None else 0
+        # Not made yet (memoized on first use, on the loop's thread): nobody waited.
+        queue = getattr(pool, "_pool", None)
+        waiters = getattr(vars(queue).get("_queue"), "_getters", ()) if queue is not None else ()
+        return in_use, sum(1 for waiter in list(waiters) if not waiter.done())
+
     @asynccontextmanager
     async def _begin(self) -> AsyncIterator[AsyncConnection]:
         """A read transaction."""
