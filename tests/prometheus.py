@@ -7,6 +7,8 @@ on a machine whose package lists were never fetched). If neither works the tests
 how to provide them: they never skip. Debian's packaged service is never used (where systemd
 runs, the install's start of it is undone): each test starts its own ``prometheus`` on a free
 loopback port, with its storage in the test's temporary directory, and stops it at the end.
+
+Also the PromQL that docs/ hands to operators: the alert rules' and the Grafana dashboard's.
 """
 
 from __future__ import annotations
@@ -26,9 +28,20 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from harness import free_port
+from harness import ROOT, free_port
 
-__all__ = ["Prometheus", "PrometheusTools", "find_prometheus", "running_prometheus"]
+__all__ = [
+    "ALERTS",
+    "ALERTS_TEST",
+    "DASHBOARD",
+    "Prometheus",
+    "PrometheusTools",
+    "alert_rules",
+    "dashboard_panels",
+    "find_prometheus",
+    "monitoring_expressions",
+    "running_prometheus",
+]
 
 HOW_TO = (
     "the tests need Prometheus: put prometheus and promtool on PATH "
@@ -97,8 +110,11 @@ class Prometheus:
     def query(self, expr: str) -> list[dict[str, Any]]:
         """The instant vector ``expr`` gives now: ``[{"metric": {...}, "value": float}]``."""
         address = f"{self.url}/api/v1/query?{urllib.parse.urlencode({'query': expr})}"
-        with urllib.request.urlopen(address, timeout=5) as response:
-            body = json.load(response)
+        try:
+            with urllib.request.urlopen(address, timeout=5) as response:
+                body = json.load(response)
+        except urllib.error.HTTPError as error:  # 400/422: the query's error, in JSON
+            raise AssertionError(f"{expr}: {error.read().decode()}") from None
         assert body["status"] == "success", body
         assert body["data"]["resultType"] == "vector", body
         return [
@@ -178,3 +194,34 @@ def running_prometheus(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+# -- the PromQL of docs/ ------------------------------------------------------------------------
+
+ALERTS = ROOT / "docs" / "prometheus" / "alerts.yml"
+ALERTS_TEST = ROOT / "docs" / "prometheus" / "alerts_test.yml"
+DASHBOARD = ROOT / "docs" / "grafana" / "chronoplane.json"
+
+# Grafana's variables, as Grafana would put them in before sending a query.
+GRAFANA_VARIABLES = {"$instance": ".*", "$__rate_interval": "1m", "$__range": "1h"}
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    groups = yaml.safe_load(ALERTS.read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def dashboard_panels() -> list[dict[str, Any]]:
+    return [p for p in json.loads(DASHBOARD.read_text())["panels"] if p["type"] != "row"]
+
+
+def monitoring_expressions() -> list[str]:
+    """The PromQL of the dashboard (its variables put in as Grafana would) and of the alerts."""
+    found = []
+    for panel in dashboard_panels():
+        for target in panel["targets"]:
+            expr = target["expr"]
+            for variable, value in GRAFANA_VARIABLES.items():
+                expr = expr.replace(variable, value)
+            found.append(expr)
+    return found + [rule["expr"] for rule in alert_rules()]

@@ -2,7 +2,8 @@
 and PromQL over its HTTP API sees what the test caused: one fire a second, started within
 the second, exactly as many fires as executions listed, and across a two-instance cluster
 one leader, which moves to the survivor after kill -9 of the leader. ``promtool check
-metrics`` finds no problem in a scrape of /metrics."""
+metrics`` finds no problem in a scrape of /metrics, and every query of the dashboard and the
+alert rules runs on the live data."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from google.protobuf import duration_pb2, struct_pb2
 from harness import ServerProcess, free_port, start_server
-from prometheus import PrometheusTools, running_prometheus
+from prometheus import PrometheusTools, monitoring_expressions, running_prometheus
 
 from chronoplane.v1 import job_pb2 as jpb
 from chronoplane.v1 import scheduler_service_pb2 as pb
@@ -66,6 +67,9 @@ def test_prometheus_sees_one_fire_a_second_started_in_time(
         lateness = "sum by (le) (rate(chronoplane_fire_lateness_seconds_bucket[10s]))"
         [p99] = prometheus.query(f"histogram_quantile(0.99, {lateness})")
         assert math.isfinite(p99["value"]) and 0 < p99["value"] < 1.0, p99
+        # What the dashboard and the alerts ask runs on live data too (no matching errors).
+        for expr in monitoring_expressions():
+            prometheus.query(expr)
         # Paused, the count stops where the executions do.
         server.stub().PauseJob(pb.PauseJobRequest(id="tick"))
         prometheus.wait_for(
