@@ -17,6 +17,7 @@ import pytest
 import pytest_asyncio
 from harness import run_sync
 from postgres import PostgresServer, find_postgres
+from prometheus import PrometheusTools, find_prometheus
 
 from chronoplane.server.app import Application
 from chronoplane.server.config import Settings
@@ -44,6 +45,15 @@ async def _admin(server: PostgresServer, *statements: str) -> None:
             await conn.execute(statement)
     finally:
         await conn.close()
+
+
+@pytest.fixture(scope="session")
+def prometheus_tools() -> PrometheusTools:
+    """prometheus and promtool, installed from Debian's package when not on PATH."""
+    try:
+        return find_prometheus()
+    except RuntimeError as error:
+        pytest.fail(str(error), pytrace=False)
 
 
 @pytest.fixture(scope="session")
