@@ -262,3 +262,62 @@ def test_the_leader_reports_the_queue_and_task_labels_on_request(
         assert value(samples, "chronoplane_manual_runs_total") == 0  # no series without task
     finally:
         assert server.stop() == 0
+
+
+def test_the_leader_counts_the_ends_of_celery_runs(postgres_url: str, tmp_path: Path) -> None:
+    """Celery runs end on workers: the leader counts them from the database, once."""
+    from brokers import redis_url, start_worker
+
+    broker = redis_url(tmp_path)
+    queue = f"chronoplane-metrics-{tmp_path.name[-12:]}"
+    metrics = f"127.0.0.1:{free_port()}"
+    server = start_server(
+        postgres_url,
+        tmp_path,
+        f"--metrics-address={metrics}",
+        f"--celery-broker-url={broker}",
+    )
+    worker = start_worker(tmp_path, broker=broker, database_url=postgres_url, queue=queue)
+    try:
+        stub = server.stub()
+        never = jpb.Trigger(cron=jpb.CronTrigger(expression="0 0 1 1 *"))
+        for job_id, task in (("sum", "celery.add"), ("fail", "celery.fail")):
+            args = struct_pb2.Struct()
+            args.update({"a": 1, "b": 2} if task == "celery.add" else {})
+            job = jpb.Job(
+                id=job_id,
+                task=task,
+                args=args,
+                trigger=never,
+                executor=epb.EXECUTOR_CELERY,
+                celery=jpb.CeleryOptions(queue=queue),
+            )
+            stub.CreateJob(pb.CreateJobRequest(job=job))
+            stub.TriggerJob(pb.TriggerJobRequest(id=job_id))
+        settled(stub, "sum", 1)
+        settled(stub, "fail", 1)
+        ended = {"succeeded": 0.0, "failed": 0.0}
+        deadline = time.monotonic() + 40  # the census reads ends some seconds behind
+        while time.monotonic() < deadline:
+            samples = scrape(metrics)
+            ended = {
+                state: value(
+                    samples, "chronoplane_executions_finished_total", state=state, executor="celery"
+                )
+                for state in ended
+            }
+            if all(ended.values()):
+                break
+            time.sleep(1)
+        time.sleep(6)  # a census later, nothing is counted again
+        samples = scrape(metrics)
+        again = {
+            state: value(
+                samples, "chronoplane_executions_finished_total", state=state, executor="celery"
+            )
+            for state in ended
+        }
+        assert ended == again == {"succeeded": 1.0, "failed": 1.0}
+    finally:
+        worker.stop()
+        assert server.stop() == 0
