@@ -29,9 +29,12 @@ const DETAILS = createRegistry(
 );
 const STATUS_DETAILS_HEADER = "grpc-status-details-bin";
 
-/** A failed call, with the google.rpc.Status the server sent and its details decoded. */
+/**
+ * A failed call, with the google.rpc.Status the server sent and its details decoded. It is a
+ * ConnectError too, and keeps ConnectError's name: Connect recognises its errors by that name
+ * (Symbol.hasInstance) and would otherwise wrap this one into a plain ConnectError again.
+ */
 export class ChronoplaneError extends ConnectError {
-  override name = "ChronoplaneError";
   /** The google.rpc.Status of the `grpc-status-details-bin` trailer (code and message only if absent). */
   readonly status: Status;
   /** Every detail of the status that this client knows (BadRequest, ErrorInfo, ...). */
@@ -42,6 +45,11 @@ export class ChronoplaneError extends ConnectError {
     this.details = error.details;
     this.status = decodeStatus(error);
     this.detailMessages = this.status.details.flatMap((any) => anyUnpack(any, DETAILS) ?? []);
+  }
+
+  /** Only errors made by this class (ConnectError's own check accepts any ConnectError). */
+  static override [Symbol.hasInstance](value: unknown): boolean {
+    return typeof value === "object" && value !== null && Object.prototype.isPrototypeOf.call(ChronoplaneError.prototype, value);
   }
 
   /** Wraps anything a call threw; a ChronoplaneError is returned as it is. */
