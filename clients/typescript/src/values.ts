@@ -1,8 +1,8 @@
 /**
  * Typed conversions between plain TypeScript values and the API's protobuf types: enums by
  * their full proto name, field masks from field names, Timestamp and Duration, Struct.
- * Generated messages already hold Struct fields (Job.args) as JsonObject and Value fields
- * (Execution.result) as JsonValue; the Struct helpers are for a standalone Struct.
+ * Generated messages hold Struct fields (Job.args, TriggerJobRequest.args) as plain
+ * JsonObject already; a Value field (Execution.result) is a Value message: valueToJson.
  */
 import {
   create,
