@@ -7,7 +7,7 @@
 import { create, createRegistry, fromBinary, type Message } from "@bufbuild/protobuf";
 import { base64Decode } from "@bufbuild/protobuf/wire";
 import { anyUnpack } from "@bufbuild/protobuf/wkt";
-import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
+import { ConnectError, type Interceptor } from "@connectrpc/connect";
 import {
   BadRequestSchema,
   ErrorInfoSchema,
@@ -90,11 +90,6 @@ function decodeStatus(error: ConnectError): Status {
   }
   // No trailer (for example a transport failure): the code and message are all there is.
   return create(StatusSchema, { code: error.code, message: error.rawMessage });
-}
-
-/** Is this a ChronoplaneError with this code? */
-export function isCode(error: unknown, code: Code): error is ChronoplaneError {
-  return error instanceof ChronoplaneError && error.code === code;
 }
 
 /**

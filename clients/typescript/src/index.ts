@@ -1,5 +1,5 @@
 export { createChronoplaneClient, type ClientOptions, type SchedulerClient } from "./client.js";
-export { ChronoplaneError, isCode, richErrors } from "./errors.js";
+export { ChronoplaneError, richErrors } from "./errors.js";
 export {
   enumName,
   enumValue,
