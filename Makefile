@@ -6,6 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PROTOS := $(wildcard proto/chronoplane/v1/*.proto)
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+TS := clients/typescript
 
 .PHONY: run test lint typecheck proto proto-check buf pytest bench clean
 
@@ -19,9 +20,15 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/chronoplane serve $(ARGS)
 
-proto: $(STAMP)
+# Regenerates the Python stubs and the TypeScript client's code (protoc-gen-es from its
+# node_modules, installed with `npm ci` when package-lock.json is newer).
+proto: $(STAMP) $(TS)/node_modules/.package-lock.json
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -Iproto --python_out=client --grpc_python_out=client \
 		--mypy_out=client --mypy_grpc_out=client $(PROTOS)
+	$(BIN)/buf generate --template $(TS)/buf.gen.yaml
+
+$(TS)/node_modules/.package-lock.json: $(TS)/package-lock.json
+	npm --prefix $(TS) ci --no-audit --no-fund
 
 # Generated stubs are committed; fail when they are not what `make proto` makes now.
 proto-check: $(STAMP)
