@@ -39,6 +39,7 @@ from chronoplane.v1 import scheduler_service_pb2 as pb
 __all__ = [
     "audit_event",
     "backfill_result",
+    "each",
     "enum_value",
     "execution",
     "execution_event",

@@ -263,7 +263,7 @@ def _tls_mismatch(details: str, tls: bool | None) -> str:
     if tls is False and any(sign in details for sign in _PLAINTEXT_TO_TLS):
         return (
             "the server closed the connection as it opened: if it serves TLS, connect with "
-            "TLS (tls=True or tls_ca=...; chronoctl --tls-ca or --tls)"
+            "TLS (tls=True or tls_ca=...; chronoctl: CHRONOPLANE_TLS_CA)"
         )
     if tls and any(sign in details for sign in _TLS_TO_PLAINTEXT):
         return (
