@@ -108,6 +108,9 @@ async def test_watch_events_carry_kinds_and_items(client: AsyncClient) -> None:
     assert first.kind is WatchEventKind.SNAPSHOT and first.item and first.item.id == "watched"
     assert marker.kind is WatchEventKind.SNAPSHOT_END and marker.item is None
     assert isinstance(marker.cursor, int) and marker.cursor >= first.cursor
+    states = client.watch_executions(states=["SUCCEEDED", "failed"], snapshot=True)
+    assert (await anext(states)).kind is WatchEventKind.SNAPSHOT_END  # no such execution yet
+    await states.aclose()
 
 
 async def test_the_synchronous_client_and_the_typed_example(server: InProcessServer) -> None:

@@ -19,7 +19,6 @@ from chronoplane.client.models import (
     OverlapPolicy,
     RetryPolicy,
     Trigger,
-    _ProtoEnum,
 )
 from chronoplane.v1 import execution_pb2, job_pb2
 
@@ -91,19 +90,17 @@ def struct(value: Mapping[str, Any]) -> struct_pb2.Struct:
     return message
 
 
-def _policy(value: int | str, kind: type[_ProtoEnum], proto: Any) -> int:
-    return enum_value(kind, value, proto)
-
-
 def misfire_policy(value: Misfire) -> job_pb2.MisfirePolicy.ValueType:
-    """A misfire policy given as an enum value or a name ("skip", "run_once", "run_all")."""
-    return job_pb2.MisfirePolicy.ValueType(_policy(value, MisfirePolicy, job_pb2.MisfirePolicy))
+    """A misfire policy given as a member, a name ("skip", "run_once", "run_all") or a value."""
+    number = enum_value(MisfirePolicy, value, job_pb2.MisfirePolicy)
+    return job_pb2.MisfirePolicy.ValueType(number)
 
 
 def overlap_policy(value: Overlap) -> job_pb2.OverlapPolicy.ValueType:
-    """An overlap policy given as an enum value or a name ("skip", "allow", "buffer_one",
-    "buffer_all", "cancel_running")."""
-    return job_pb2.OverlapPolicy.ValueType(_policy(value, OverlapPolicy, job_pb2.OverlapPolicy))
+    """An overlap policy given as a member, a name ("skip", "allow", "buffer_one",
+    "buffer_all", "cancel_running") or a value."""
+    number = enum_value(OverlapPolicy, value, job_pb2.OverlapPolicy)
+    return job_pb2.OverlapPolicy.ValueType(number)
 
 
 def execution_states(
