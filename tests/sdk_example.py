@@ -3,6 +3,7 @@ tests/test_sdk.py against a real server: what the types promise is what the valu
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 
 from chronoplane.client import (
@@ -36,6 +37,7 @@ def nightly_report(address: str) -> tuple[Job, Execution]:
         started = client.trigger_job(job.id)
         execution = client.get_execution(started.id)
         while execution.state in (ExecutionState.PENDING, ExecutionState.RUNNING):
+            time.sleep(0.05)
             execution = client.get_execution(started.id)
         return job, execution
 
