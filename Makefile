@@ -5,19 +5,32 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PROTOS := $(wildcard proto/chronoplane/v1/*.proto)
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# Two distributions: the client (client/pyproject.toml) and the server (pyproject.toml).
+PROJECTS := pyproject.toml client/pyproject.toml
+SUM := $(shell cat $(PROJECTS) | cksum | cut -d' ' -f1)
+# `make test` and the rest: the server, the client and the dev toolchain.
+STAMP := $(VENV)/.installed-dev-$(SUM)
+# `make run`: the server and its runtime only (a venv that has the toolchain keeps it).
+RUN_STAMP := $(VENV)/.installed-run-$(SUM)
 TS := clients/typescript
 
 .PHONY: run test lint typecheck proto proto-check buf pytest bench clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+
+$(STAMP): $(PROJECTS) | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e './client[yaml]' -e '.[dev]'
 	rm -f $(VENV)/.installed-*
+	touch $@ $(RUN_STAMP)
+
+$(RUN_STAMP): $(PROJECTS) | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ./client -e .
+	rm -f $(VENV)/.installed-run-*
 	touch $@
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/chronoplane serve $(ARGS)
 
 # Regenerates the Python stubs and the TypeScript client's code (protoc-gen-es from its
