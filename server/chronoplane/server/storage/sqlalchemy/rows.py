@@ -18,6 +18,7 @@ from chronoplane.server.models import (
     CeleryOptions,
     CronTrigger,
     DateTrigger,
+    DayMatch,
     Event,
     EventKind,
     EventResource,
@@ -140,7 +141,11 @@ def trigger_to_json(trigger: Trigger) -> dict[str, Any]:
     spec: dict[str, Any]
     if isinstance(trigger, CronTrigger):
         kind = "cron"
-        spec = {"expression": trigger.expression, "time_zone": trigger.time_zone}
+        spec = {
+            "expression": trigger.expression,
+            "time_zone": trigger.time_zone,
+            "day_match": trigger.day_match.value,
+        }
         if trigger.start_time or trigger.end_time:
             spec |= {"start_time": _iso(trigger.start_time), "end_time": _iso(trigger.end_time)}
     elif isinstance(trigger, IntervalTrigger):
@@ -153,6 +158,8 @@ def trigger_to_json(trigger: Trigger) -> dict[str, Any]:
     else:
         kind = "date"
         spec = {"run_time": _iso(trigger.run_time)}
+        if trigger.local_time is not None:
+            spec |= {"local_time": trigger.local_time.isoformat(), "time_zone": trigger.time_zone}
     if trigger.jitter:
         spec["jitter_seconds"] = trigger.jitter.total_seconds()
     return {kind: spec}
@@ -165,6 +172,9 @@ def trigger_from_json(data: dict[str, Any]) -> Trigger:
         return CronTrigger(
             expression=spec["expression"],
             time_zone=spec["time_zone"],
+            # Rows written before migration 0014 (or by an older server) had both day fields
+            # match.
+            day_match=DayMatch(spec.get("day_match", DayMatch.ALL.value)),
             start_time=_parse(spec.get("start_time")),
             end_time=_parse(spec.get("end_time")),
             jitter=jitter,
@@ -178,7 +188,13 @@ def trigger_from_json(data: dict[str, Any]) -> Trigger:
         )
     run_time = _parse(spec["run_time"])
     assert run_time is not None
-    return DateTrigger(run_time=run_time, jitter=jitter)
+    local = spec.get("local_time")
+    return DateTrigger(
+        run_time=run_time,
+        jitter=jitter,
+        local_time=datetime.fromisoformat(local) if local else None,
+        time_zone=spec.get("time_zone", ""),
+    )
 
 
 def _retry_to_json(retry: RetryPolicy) -> dict[str, Any] | None:
