@@ -573,7 +573,11 @@ async def test_cli_json_is_proto3_json_with_camel_case_keys(server: InProcessSer
         "2",
     )
     job = json.loads(await ok(address, "--json", "jobs", "get", "j"))
-    assert job["trigger"]["cron"] == {"expression": "0 3 * * *", "timeZone": "Europe/Berlin"}
+    assert job["trigger"]["cron"] == {
+        "expression": "0 3 * * *",
+        "timeZone": "Europe/Berlin",
+        "dayMatch": "DAY_MATCH_ANY",
+    }
     assert job["maxConcurrent"] == 2 and job["misfireGrace"] == "60s"
     assert "nextRunTime" in job and "next_run_time" not in job
     # --json is accepted after the command too.

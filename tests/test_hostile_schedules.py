@@ -44,7 +44,9 @@ def to_proto(trigger: Trigger) -> jpb.Trigger:
                 time_zone=trigger.time_zone,
                 start_time=_timestamp(trigger.start_time),
                 end_time=_timestamp(trigger.end_time),
-                day_match=jpb.DAY_MATCH_ALL if trigger.day_match == DayMatch.ALL else 0,
+                day_match=jpb.DAY_MATCH_ALL
+                if trigger.day_match == DayMatch.ALL
+                else jpb.DAY_MATCH_UNSPECIFIED,
             ),
             jitter=jitter,
         )

@@ -509,7 +509,8 @@ class AsyncClient:
     async def preview_trigger(
         self, trigger: job_pb2.Trigger, *, count: int = 0, start_time: datetime | None = None
     ) -> list[datetime]:
-        """The next ``count`` (0 means 10) fire times of a trigger after start_time (or now)."""
+        """The next ``count`` (0 means 10) fire times of a trigger at or after start_time (or
+        now)."""
         request = pb.PreviewTriggerRequest(
             trigger=trigger,
             count=count,

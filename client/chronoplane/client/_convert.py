@@ -158,8 +158,20 @@ def every(
     return job_pb2.Trigger(interval=interval, jitter=_jitter(jitter))
 
 
-def at(when: datetime, *, jitter: timedelta | float | None = None) -> job_pb2.Trigger:
-    """Fires once, at an aware datetime (up to ``jitter`` later)."""
-    return job_pb2.Trigger(
-        date=job_pb2.DateTrigger(run_time=timestamp(when)), jitter=_jitter(jitter)
-    )
+def at(
+    when: datetime, *, time_zone: str = "", jitter: timedelta | float | None = None
+) -> job_pb2.Trigger:
+    """Fires once (up to ``jitter`` later): at an aware datetime, or at a wall time in a
+    zone, a naive ``when`` with ``time_zone`` or a ``when`` whose tzinfo is a ZoneInfo. The
+    server reads a wall time as cron does: one in a spring-forward gap fires at the gap's
+    end, one that happens twice at its first occurrence (``fold=1`` names the second)."""
+    key = getattr(when.tzinfo, "key", None)
+    if time_zone and when.tzinfo is not None:
+        raise ValueError("with time_zone, give a naive datetime (a wall time in that zone)")
+    if key is not None and not when.fold:
+        time_zone, when = key, when.replace(tzinfo=None)
+    if time_zone:
+        date = job_pb2.DateTrigger(local_time=when.isoformat(), time_zone=time_zone)
+    else:
+        date = job_pb2.DateTrigger(run_time=timestamp(when))
+    return job_pb2.Trigger(date=date, jitter=_jitter(jitter))
