@@ -841,6 +841,8 @@ def test_execution_text_shows_missed_fires_and_notes() -> None:
         ["jobs", "create", "x", "--task", "t", "--every", "5s", "--misfire-policy", "sometimes"],
         ["jobs", "create", "x", "--task", "t", "--every", "5s", "--overlap", "queue"],
         ["jobs", "create", "x", "--task", "t", "--at", "2030-01-01T00:00Z", "--end", "2031-01-01"],
+        ["jobs", "create", "x", "--task", "t", "--at", "2030-01-01T00:00Z", "--tz", "UTC"],
+        ["jobs", "create", "x", "--task", "t", "--at", "next tuesday"],
         ["jobs", "create", "x", "--task", "t", "--every", "5s", "--retry-on", "ValueError"],
         ["jobs", "create", "x", "--task", "t", "--every", "5s", "--max-backoff", "1m"],
         ["jobs", "trigger", "x", "--overlap", "sometimes"],

@@ -135,3 +135,21 @@ async def test_chronoctl_and_the_client_send_the_wall_time(server: InProcessServ
     )
     shown = await _chronoctl(address, "jobs", "get", "local", zone="UTC")
     assert f"at 2027-03-14T02:30:00 {NEW_YORK} (" in shown
+
+
+def test_the_clients_at_sends_wall_times_by_zone_name() -> None:
+    new_york = ZoneInfo(NEW_YORK)
+    wall = at(datetime(2027, 3, 14, 2, 30, tzinfo=new_york)).date
+    assert (wall.local_time, wall.time_zone, wall.HasField("run_time")) == (
+        "2027-03-14T02:30:00",
+        NEW_YORK,
+        False,
+    )
+    naive = at(datetime(2027, 3, 14, 2, 30), time_zone=NEW_YORK).date
+    assert (naive.local_time, naive.time_zone) == ("2027-03-14T02:30:00", NEW_YORK)
+    # fold=1 names the second 01:30 of a fall-back (EST): an instant, sent as one.
+    second = at(datetime(2027, 11, 7, 1, 30, fold=1, tzinfo=new_york)).date
+    assert second.run_time.ToDatetime(tzinfo=UTC) == datetime(2027, 11, 7, 6, 30, tzinfo=UTC)
+    assert not second.local_time
+    with pytest.raises(ValueError, match="naive"):
+        at(datetime(2027, 3, 14, 2, 30, tzinfo=UTC), time_zone=NEW_YORK)
