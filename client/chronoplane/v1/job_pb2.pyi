@@ -505,7 +505,7 @@ class CronTrigger(_message.Message):
     (second minute hour day-of-month month day-of-week), or a macro: @hourly, @daily (or
     @midnight), @weekly, @monthly, @yearly (or @annually); reads show it as written. Day of
     week counts 0 or 7 as Sunday, as crontab does; names (sun, mon, ...) and month names
-    (jan, ...) are accepted in any case. Day of month also takes L (the last day), LW (the
+    (jan, ...) are accepted in any case. Day of month also takes L or last (the last day), LW (the
     last weekday, Monday to Friday) and 15W (the weekday nearest the 15th, within the
     month); day of week takes 5L or FRIL (the last Friday of the month) and 5#2 or FRI#2
     (the second Friday); ? in either day field means *. How the two day fields join is

@@ -113,11 +113,12 @@ class DayRule:
         return None
 
     def possible(self, months: frozenset[int]) -> bool:
-        """Whether the rule selects a day in some month of ``months`` of some year."""
+        """Whether the rule selects a day in some month of ``months`` of some year: only a
+        month's length and the weekday of its 1st matter, and every pair occurs."""
+        lengths = {length for month in months for length in _LENGTHS[month]}
         return any(
             self.matches(length, first, day)
-            for month in months
-            for length in _LENGTHS[month]
+            for length in lengths
             for first in range(7)
             for day in range(1, length + 1)
         )
