@@ -235,6 +235,8 @@ def test_dst_rules_hold_for_extensions() -> None:
         ("0 0 * * L", "day of week: 'L': 'L' alone (Quartz's Saturday) is not supported"),
         ("5L * * * *", "minute: '5L': 'L' (last) is only supported in day of month"),
         ("0 0 * ? *", "month: '?' (no specific value) is only allowed in the day fields"),
+        ("0 0 ?,1 * *", "day of month: '?' (no specific value) must be the whole field"),
+        ("0 0 * * 1-5#2", "day of week: '1-5#2': '#' takes one weekday and a count from 1 to 5"),
         ("H 0 * * *", "minute: 'H': 'H' (Jenkins' hashed value) is not supported"),
         ("0 0 * * Fooday", "day of week: 'Fooday' is not a number or a name"),
         ("0 0 1 1 * 2027", "'2027' looks like a year field: a year field is not supported"),

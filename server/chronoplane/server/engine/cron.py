@@ -190,13 +190,19 @@ def _refuse_extension(what: str, item: str) -> None:
     """Names the extension a token uses where this field does not take it."""
     lower = item.lower()
     if item == "?":
+        if what.startswith("day of"):
+            raise CronSyntaxError(f"{what}: '?' (no specific value) must be the whole field")
         raise CronSyntaxError(f"{what}: '?' (no specific value) is only allowed in the day fields")
+    if "#" in item and what == "day of week":
+        raise CronSyntaxError(
+            f"{what}: {item!r}: '#' takes one weekday and a count from 1 to 5, like 1#2"
+        )
     if "#" in item:
         raise CronSyntaxError(
             f"{what}: {item!r}: '#' (the nth weekday of the month) is only supported in day "
             "of week, like 1#2 for the second Monday"
         )
-    if lower == "h" or lower.startswith(("h(", "h/")):
+    if lower == "h" or lower.startswith("h/"):
         raise CronSyntaxError(f"{what}: {item!r}: 'H' (Jenkins' hashed value) is not supported")
     if (lower.endswith("w") and lower[:-1].isdigit()) or lower == "lw":
         raise CronSyntaxError(
