@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from chronoplane.server.models import CronTrigger, IntervalTrigger, Trigger
+from chronoplane.server.models import CronTrigger, DayMatch, IntervalTrigger, Trigger
 
 __all__ = ["ACCEPTED_TIME_ZONES", "CORPUS", "Hostile"]
 
@@ -23,8 +23,9 @@ class Hostile:
     field: str
 
 
-def _expression(id: str, expression: str) -> Hostile:
-    return Hostile(id=id, trigger=CronTrigger(expression=expression), field="cron.expression")
+def _expression(id: str, expression: str, day_match: DayMatch = DayMatch.ANY) -> Hostile:
+    trigger = CronTrigger(expression=expression, day_match=day_match)
+    return Hostile(id=id, trigger=trigger, field="cron.expression")
 
 
 def _zone(id: str, time_zone: str) -> Hostile:
@@ -72,10 +73,15 @@ CORPUS: list[Hostile] = [
     _expression("empty-list-item", "1,,2 * * * *"),
     _expression("weekday-name-in-minutes", "mon * * * *"),
     _expression("last-in-minutes", "last * * * *"),
-    _expression("quartz-l", "0 0 L * *"),
-    _expression("quartz-w", "0 0 1W * *"),
-    _expression("quartz-hash", "0 0 * * 5#3"),
-    _expression("question-in-day", "0 0 ? * *"),
+    _expression("quartz-l-offset", "0 0 L-3 * *"),
+    _expression("quartz-l-alone-in-weekday", "0 0 * * L"),
+    _expression("w-in-a-range", "0 0 1-5W * *"),
+    _expression("w-in-weekday", "0 0 * * 1W"),
+    _expression("hash-in-day-of-month", "0 0 1#2 * *"),
+    _expression("hash-sixth", "0 0 * * 1#6"),
+    _expression("question-in-month", "0 0 * ? *"),
+    _expression("jenkins-hash", "H 0 * * *"),
+    _expression("year-field", "0 0 1 1 * 2027"),
     # Garbage characters.
     _expression("letters", "a b c d e"),
     _expression("shell", "0 0 * * * ;rm -rf /"),
@@ -97,11 +103,15 @@ CORPUS: list[Hostile] = [
     _expression("feb-31", "0 0 31 2 *"),
     _expression("31-in-short-months", "0 0 31 4,6,9,11 *"),
     _expression("feb-30-31-names", "0 0 30,31 feb *"),
-    _expression("feb-31-weekdays", "0 0 31 2 1-5"),
-    _expression("short-months-31-monday", "0 0 31 apr,jun mon"),
+    _expression("feb-31-weekdays-all", "0 0 31 2 1-5", DayMatch.ALL),
+    _expression("short-months-31-monday-all", "0 0 31 apr,jun mon", DayMatch.ALL),
+    _expression("last-weekday-on-sunday-all", "0 0 LW * 0", DayMatch.ALL),
+    _expression("feb-31-starred-weekday", "0 0 31 2 */2"),
     # Macros.
     _expression("reboot", "@reboot"),
-    _expression("daily-macro", "@daily"),
+    _expression("unknown-macro", "@fortnightly"),
+    _expression("macro-with-fields", "@daily 5"),
+    _expression("macro-with-newline", "@daily\n"),
     _expression("every-macro", "@every 5m"),
     # Time zones.
     _zone("unknown", "Mars/Olympus"),

@@ -598,7 +598,11 @@ async def test_cli_json_is_proto3_json_with_camel_case_keys(server: InProcessSer
         "2",
     )
     job = json.loads(await ok(address, "--json", "jobs", "get", "j"))
-    assert job["trigger"]["cron"] == {"expression": "0 3 * * *", "timeZone": "Europe/Berlin"}
+    assert job["trigger"]["cron"] == {
+        "expression": "0 3 * * *",
+        "timeZone": "Europe/Berlin",
+        "dayMatch": "DAY_MATCH_ANY",
+    }
     assert job["maxConcurrent"] == 2 and job["misfireGrace"] == "60s"
     assert "nextRunTime" in job and "next_run_time" not in job
     # --json is accepted after the command too.
@@ -862,6 +866,8 @@ def test_execution_text_shows_missed_fires_and_notes() -> None:
         ["jobs", "create", "x", "--task", "t", "--every", "5s", "--misfire-policy", "sometimes"],
         ["jobs", "create", "x", "--task", "t", "--every", "5s", "--overlap", "queue"],
         ["jobs", "create", "x", "--task", "t", "--at", "2030-01-01T00:00Z", "--end", "2031-01-01"],
+        ["jobs", "create", "x", "--task", "t", "--at", "2030-01-01T00:00Z", "--tz", "UTC"],
+        ["jobs", "create", "x", "--task", "t", "--at", "next tuesday"],
         ["jobs", "create", "x", "--task", "t", "--every", "5s", "--retry-on", "ValueError"],
         ["jobs", "create", "x", "--task", "t", "--every", "5s", "--max-backoff", "1m"],
         ["jobs", "trigger", "x", "--overlap", "sometimes"],

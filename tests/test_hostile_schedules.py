@@ -14,7 +14,7 @@ from hostile_corpus import ACCEPTED_TIME_ZONES, CORPUS, Hostile
 
 from chronoplane.server.engine.apscheduler import ApschedulerEngine
 from chronoplane.server.errors import InvalidArgument
-from chronoplane.server.models import CronTrigger, IntervalTrigger, Trigger
+from chronoplane.server.models import CronTrigger, DayMatch, IntervalTrigger, Trigger
 from chronoplane.v1 import job_pb2 as jpb
 from chronoplane.v1 import scheduler_service_pb2 as pb
 
@@ -44,6 +44,9 @@ def to_proto(trigger: Trigger) -> jpb.Trigger:
                 time_zone=trigger.time_zone,
                 start_time=_timestamp(trigger.start_time),
                 end_time=_timestamp(trigger.end_time),
+                day_match=jpb.DAY_MATCH_ALL
+                if trigger.day_match == DayMatch.ALL
+                else jpb.DAY_MATCH_UNSPECIFIED,
             ),
             jitter=jitter,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,7 +18,10 @@ from harness import BIN, run_sync
 from postgres import PostgresServer
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from chronoplane.server.engine.apscheduler import ApschedulerEngine
+from chronoplane.server.models import CronTrigger, DayMatch
 from chronoplane.server.storage.migrate import alembic_config, upgrade
+from chronoplane.server.storage.sqlalchemy import trigger_from_json
 from chronoplane.server.storage.tables import metadata
 
 
@@ -145,3 +149,71 @@ def test_created_late_is_computed_for_existing_executions(empty_url: str) -> Non
 
     expected = ids if "postgresql" in empty_url else dict.fromkeys(ids, True)
     assert run_sync(fill_and_read()) == expected
+
+
+def test_cron_jobs_from_before_0014_keep_both_day_fields_matching(empty_url: str) -> None:
+    """Migration 0014: a cron job stored before it keeps DAY_MATCH_ALL (it fires as it did);
+    other triggers are left alone; downgrade takes the key away again."""
+    run_sync(upgrade(empty_url, "0013"))
+    triggers = {
+        "cron": {"cron": {"expression": "0 0 1,15 * 1", "time_zone": "UTC"}},
+        "date": {"date": {"run_time": "2027-01-01T00:00:00+00:00"}},
+    }
+
+    async def fill() -> None:
+        engine = create_async_engine(empty_url)
+        try:
+            async with engine.begin() as conn:
+                for job_id, trigger in triggers.items():
+                    await conn.execute(
+                        sa.insert(sa.table("jobs", *(sa.column(c) for c in _JOB_COLUMNS))),
+                        {**_JOB_ROW, "id": job_id, "trigger": json.dumps(trigger)},
+                    )
+        finally:
+            await engine.dispose()
+
+    async def read() -> dict[str, object]:
+        engine = create_async_engine(empty_url)
+        try:
+            async with engine.connect() as conn:
+                rows = await conn.execute(sa.text("SELECT id, trigger FROM jobs"))
+                return {row.id: _json(row.trigger) for row in rows}
+        finally:
+            await engine.dispose()
+
+    run_sync(fill())
+    run_sync(upgrade(empty_url))
+    stored = run_sync(read())
+    assert stored["date"] == triggers["date"]
+    cron = trigger_from_json(stored["cron"])  # type: ignore[arg-type]
+    assert isinstance(cron, CronTrigger) and cron.day_match == DayMatch.ALL
+    # Mondays that are a 1st or a 15th, not every Monday.
+    start = datetime(2026, 6, 2, tzinfo=UTC)
+    fires = ApschedulerEngine().preview(cron, start=start, count=2)
+    assert fires == [datetime(2026, 6, 15, tzinfo=UTC), datetime(2027, 2, 1, tzinfo=UTC)]
+    run_sync(asyncio.to_thread(command.downgrade, alembic_config(empty_url), "0013"))
+    assert run_sync(read()) == triggers
+
+
+_JOB_ROW = {
+    "display_name": "",
+    "description": "",
+    "task": "t",
+    "args": "{}",
+    "paused": False,
+    "misfire_grace_seconds": 1,
+    "max_concurrent": 1,
+    "labels": "{}",
+    "misfire_policy": "run_once",
+    "catchup_limit": 1,
+    "overlap_policy": "skip",
+    "history_limit": 0,
+    "version": 1,
+    "create_time": datetime(2026, 1, 1, tzinfo=UTC),
+    "update_time": datetime(2026, 1, 1, tzinfo=UTC),
+}
+_JOB_COLUMNS = ["id", "trigger", *_JOB_ROW]
+
+
+def _json(value: object) -> object:
+    return json.loads(value) if isinstance(value, str) else value

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from storage.helpers import T0, a_job, an_execution
@@ -17,6 +17,7 @@ from chronoplane.server.errors import (
 from chronoplane.server.models import (
     CronTrigger,
     DateTrigger,
+    DayMatch,
     EventKind,
     IntervalTrigger,
     Job,
@@ -28,11 +29,17 @@ from chronoplane.server.storage.sqlalchemy import SqlAlchemyStore
 async def test_jobs_round_trip_every_field_and_trigger_kind(store: SqlAlchemyStore) -> None:
     triggers = [
         CronTrigger(expression="*/5 * * * *", time_zone="Europe/Berlin"),
+        CronTrigger(expression="@weekly", day_match=DayMatch.ALL),
         IntervalTrigger(
             every=timedelta(seconds=90), start_time=T0, end_time=T0 + timedelta(days=1)
         ),
         IntervalTrigger(every=timedelta(hours=1)),
         DateTrigger(run_time=T0),
+        DateTrigger(
+            run_time=datetime(2027, 3, 14, 7, tzinfo=UTC),
+            local_time=datetime(2027, 3, 14, 2, 30),
+            time_zone="America/New_York",
+        ),
     ]
     for n, trigger in enumerate(triggers):
         job = a_job(f"j{n}", trigger=trigger, misfire_grace=timedelta(seconds=12.5))

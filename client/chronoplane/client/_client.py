@@ -505,7 +505,8 @@ class ProtoClient:
         count: int = 0,
         start_time: datetime | None = None,
     ) -> list[datetime]:
-        """The next ``count`` (0 means 10) fire times of a trigger after start_time (or now)."""
+        """The next ``count`` (0 means 10) fire times of a trigger at or after start_time (or
+        now)."""
         request = pb.PreviewTriggerRequest(
             trigger=trigger_message(trigger),
             count=count,

@@ -13,6 +13,7 @@ from chronoplane.client._from_proto import enum_value
 from chronoplane.client.models import (
     CeleryOptions,
     CronTrigger,
+    DayMatch,
     ExecutionState,
     IntervalTrigger,
     MisfirePolicy,
@@ -135,6 +136,10 @@ def trigger_message(trigger: Trigger | job_pb2.Trigger) -> job_pb2.Trigger:
             start_time=_maybe(trigger.start_time),
             end_time=_maybe(trigger.end_time),
         )
+        if trigger.day_match is not None:
+            spec.day_match = job_pb2.DayMatch.ValueType(
+                enum_value(DayMatch, trigger.day_match, job_pb2.DayMatch)
+            )
         return job_pb2.Trigger(cron=spec, jitter=jitter)
     if isinstance(trigger, IntervalTrigger):
         interval = job_pb2.IntervalTrigger(
@@ -143,9 +148,12 @@ def trigger_message(trigger: Trigger | job_pb2.Trigger) -> job_pb2.Trigger:
             end_time=_maybe(trigger.end_time),
         )
         return job_pb2.Trigger(interval=interval, jitter=jitter)
-    return job_pb2.Trigger(
-        date=job_pb2.DateTrigger(run_time=timestamp(trigger.run_time)), jitter=jitter
+    date = job_pb2.DateTrigger(
+        run_time=_maybe(trigger.run_time),
+        local_time=trigger.local_time.isoformat() if trigger.local_time else "",
+        time_zone=trigger.time_zone,
     )
+    return job_pb2.Trigger(date=date, jitter=jitter)
 
 
 def retry_message(retry: RetryPolicy | job_pb2.RetryPolicy) -> job_pb2.RetryPolicy:
@@ -214,6 +222,8 @@ def every(
     return trigger_message(models.every(period, start=start, end=end, jitter=jitter))
 
 
-def at(when: datetime, *, jitter: timedelta | float | None = None) -> job_pb2.Trigger:
+def at(
+    when: datetime, *, time_zone: str = "", jitter: timedelta | float | None = None
+) -> job_pb2.Trigger:
     """:func:`chronoplane.client.at` as a message."""
-    return trigger_message(models.at(when, jitter=jitter))
+    return trigger_message(models.at(when, time_zone=time_zone, jitter=jitter))

@@ -15,6 +15,7 @@ from chronoplane.client.models import (
     CeleryOptions,
     CronTrigger,
     DateTrigger,
+    DayMatch,
     Execution,
     ExecutionSource,
     ExecutionState,
@@ -122,6 +123,7 @@ def trigger(message: job_pb2.Trigger) -> Trigger | None:
             start_time=_time(spec, "start_time"),
             end_time=_time(spec, "end_time"),
             jitter=jitter,
+            day_match=_enum(DayMatch, spec.day_match, job_pb2.DayMatch),
         )
     if kind == "interval":
         return IntervalTrigger(
@@ -131,7 +133,14 @@ def trigger(message: job_pb2.Trigger) -> Trigger | None:
             jitter=jitter,
         )
     if kind == "date":
-        return DateTrigger(run_time=message.date.run_time.ToDatetime(tzinfo=UTC), jitter=jitter)
+        date = message.date
+        local = datetime.fromisoformat(date.local_time) if date.local_time else None
+        return DateTrigger(
+            run_time=_time(date, "run_time"),
+            local_time=local,
+            time_zone=date.time_zone,
+            jitter=jitter,
+        )
     return None
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "CeleryOptions",
     "CronTrigger",
     "DateTrigger",
+    "DayMatch",
     "Execution",
     "ExecutionSource",
     "ExecutionState",
@@ -91,6 +92,14 @@ class Executor(_ProtoEnum):
     CELERY = "celery"
 
 
+class DayMatch(_ProtoEnum):
+    """When both day fields of a cron expression are restricted: either may match (crontab's
+    rule), or both must."""
+
+    ANY = "any"
+    ALL = "all"
+
+
 class MisfirePolicy(_ProtoEnum):
     SKIP = "skip"
     RUN_ONCE = "run_once"
@@ -126,6 +135,8 @@ class CronTrigger:
     start_time: datetime | None = None
     end_time: datetime | None = None
     jitter: timedelta | None = None
+    day_match: DayMatch | None = None
+    """ANY (crontab's rule, the default for a new trigger) or ALL; None: the server's default."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,10 +151,15 @@ class IntervalTrigger:
 
 @dataclass(frozen=True, kw_only=True)
 class DateTrigger:
-    """Fires once, at ``run_time``."""
+    """Fires once, at ``run_time``; or at the wall time ``local_time`` (naive) in
+    ``time_zone``, read with cron's rules (a time in a spring-forward gap fires at the gap's
+    end, a repeated one at its first occurrence), ``run_time`` then being what it resolved to
+    (None until the server has said)."""
 
-    run_time: datetime
+    run_time: datetime | None = None
     jitter: timedelta | None = None
+    local_time: datetime | None = None
+    time_zone: str = ""
 
 
 Trigger: TypeAlias = CronTrigger | IntervalTrigger | DateTrigger
@@ -344,15 +360,19 @@ def cron(
     start: datetime | None = None,
     end: datetime | None = None,
     jitter: timedelta | float | None = None,
+    day_match: DayMatch | str | None = None,
 ) -> CronTrigger:
     """Fires when the cron expression matches, in the time zone (UTC when empty), never before
-    start nor after end; each run starts up to ``jitter`` (a timedelta or seconds) late."""
+    start nor after end; each run starts up to ``jitter`` (a timedelta or seconds) late.
+    ``day_match``: "any" (crontab's rule, the default) or "all" when both day fields are
+    restricted."""
     return CronTrigger(
         expression=expression,
         time_zone=time_zone,
         start_time=start,
         end_time=end,
         jitter=_span(jitter),
+        day_match=DayMatch(day_match) if day_match is not None else None,
     )
 
 
@@ -370,8 +390,22 @@ def every(
     )
 
 
-def at(when: datetime, *, jitter: timedelta | float | None = None) -> DateTrigger:
-    """Fires once, at an aware datetime (up to ``jitter`` later)."""
+def at(
+    when: datetime, *, time_zone: str = "", jitter: timedelta | float | None = None
+) -> DateTrigger:
+    """Fires once (up to ``jitter`` later): at an aware datetime, or at a wall time in a zone,
+    a naive ``when`` with ``time_zone`` or a ``when`` whose tzinfo is a ZoneInfo. The server
+    reads a wall time as cron does: one in a spring-forward gap fires at the gap's end, one
+    that happens twice at its first occurrence (``fold=1`` names the second, as an instant)."""
+    key = getattr(when.tzinfo, "key", None)
+    if time_zone and when.tzinfo is not None:
+        raise ValueError("with time_zone, give a naive datetime (a wall time in that zone)")
+    if key is not None and not when.fold:
+        time_zone, when = key, when.replace(tzinfo=None)
+    if time_zone:
+        return DateTrigger(local_time=when, time_zone=time_zone, jitter=_span(jitter))
+    if when.tzinfo is None:
+        raise ValueError("a naive datetime needs time_zone (or give an aware one)")
     return DateTrigger(run_time=when, jitter=_span(jitter))
 
 

@@ -104,6 +104,38 @@ OVERLAP_POLICY_CANCEL_RUNNING: OverlapPolicy.ValueType  # 5
 """Cancel the oldest running execution (it ends CANCELLED) and start this one."""
 Global___OverlapPolicy: _TypeAlias = OverlapPolicy  # noqa: Y015
 
+class _DayMatch:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DayMatchEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DayMatch.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DAY_MATCH_UNSPECIFIED: _DayMatch.ValueType  # 0
+    """Means DAY_MATCH_ANY."""
+    DAY_MATCH_ANY: _DayMatch.ValueType  # 1
+    """A day matches when either field matches, as in cronie, Vixie cron and Kubernetes:
+    "0 0 1,15 * 1" fires on the 1st, the 15th and every Monday.
+    """
+    DAY_MATCH_ALL: _DayMatch.ValueType  # 2
+    """A day matches when both fields match: "0 0 1,15 * 1" fires on a 1st or 15th that is a
+    Monday.
+    """
+
+class DayMatch(_DayMatch, metaclass=_DayMatchEnumTypeWrapper):
+    """How a cron expression's two day fields join when both are restricted."""
+
+DAY_MATCH_UNSPECIFIED: DayMatch.ValueType  # 0
+"""Means DAY_MATCH_ANY."""
+DAY_MATCH_ANY: DayMatch.ValueType  # 1
+"""A day matches when either field matches, as in cronie, Vixie cron and Kubernetes:
+"0 0 1,15 * 1" fires on the 1st, the 15th and every Monday.
+"""
+DAY_MATCH_ALL: DayMatch.ValueType  # 2
+"""A day matches when both fields match: "0 0 1,15 * 1" fires on a 1st or 15th that is a
+Monday.
+"""
+Global___DayMatch: _TypeAlias = DayMatch  # noqa: Y015
+
 @_typing.final
 class Job(_message.Message):
     """A job: which task runs, with which arguments, on which trigger, under which policies."""
@@ -467,12 +499,18 @@ class CronTrigger(_message.Message):
     TIME_ZONE_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    DAY_MATCH_FIELD_NUMBER: _builtins.int
     expression: _builtins.str
-    """Five fields (minute hour day-of-month month day-of-week) or six, with seconds first
-    (second minute hour day-of-month month day-of-week). Day of week counts 0 or 7 as Sunday,
-    as crontab does; names (sun, mon, ...) and month names (jan, ...) are accepted. When both
-    day of month and day of week are restricted, a fire needs both to match. An expression
-    that is malformed or never matches a date within 100 years is rejected.
+    """Five fields (minute hour day-of-month month day-of-week), six with seconds first
+    (second minute hour day-of-month month day-of-week), or a macro: @hourly, @daily (or
+    @midnight), @weekly, @monthly, @yearly (or @annually); reads show it as written. Day of
+    week counts 0 or 7 as Sunday, as crontab does; names (sun, mon, ...) and month names
+    (jan, ...) are accepted in any case. Day of month also takes L or last (the last day), LW (the
+    last weekday, Monday to Friday) and 15W (the weekday nearest the 15th, within the
+    month); day of week takes 5L or FRIL (the last Friday of the month) and 5#2 or FRI#2
+    (the second Friday); ? in either day field means *. How the two day fields join is
+    day_match. An expression that is malformed or never matches a date within 100 years is
+    rejected.
     """
     time_zone: _builtins.str
     """IANA time zone name, for example "Europe/Berlin". Empty means "UTC". The expression
@@ -484,6 +522,11 @@ class CronTrigger(_message.Message):
       America/New_York) fires once, at its first occurrence. The repeated hour fires nothing
       it already fired, so an every-minute expression is quiet for that hour: use an interval
       trigger for a period of elapsed time.
+    """
+    day_match: Global___DayMatch.ValueType
+    """How day of month and day of week join when both are restricted (neither starts with *
+    nor is ?). Unset means DAY_MATCH_ANY on create and update; reads always show ANY or ALL.
+    Jobs created before this field existed read as DAY_MATCH_ALL, their rule then.
     """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
@@ -500,10 +543,11 @@ class CronTrigger(_message.Message):
         time_zone: _builtins.str = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        day_match: Global___DayMatch.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "expression", b"expression", "start_time", b"start_time", "time_zone", b"time_zone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["day_match", b"day_match", "end_time", b"end_time", "expression", b"expression", "start_time", b"start_time", "time_zone", b"time_zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -547,23 +591,40 @@ Global___IntervalTrigger: _TypeAlias = IntervalTrigger  # noqa: Y015
 
 @_typing.final
 class DateTrigger(_message.Message):
-    """A one-shot schedule."""
+    """A one-shot schedule: an instant (run_time), or a wall-clock time in a time zone
+    (local_time and time_zone).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     RUN_TIME_FIELD_NUMBER: _builtins.int
+    LOCAL_TIME_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_FIELD_NUMBER: _builtins.int
+    local_time: _builtins.str
+    """A wall-clock time without an offset, ISO 8601 like "2027-03-14T02:30:00", in time_zone.
+    Read with cron's rules: a time that does not exist (a spring-forward gap) fires at the
+    end of the gap (02:30 on 2027-03-14 in America/New_York fires at 03:00 EDT); a time that
+    happens twice fires at its first occurrence. Reads show it as given.
+    """
+    time_zone: _builtins.str
+    """IANA time zone of local_time, for example "America/New_York"; required with it."""
     @_builtins.property
     def run_time(self) -> _timestamp_pb2.Timestamp:
-        """When the job fires."""
+        """When the job fires. Reads always show it; for a local_time, the instant it resolved to.
+        On create and update, required unless local_time is set; with local_time, it must be
+        unset or equal to that instant.
+        """
 
     def __init__(
         self,
         *,
         run_time: _timestamp_pb2.Timestamp | None = ...,
+        local_time: _builtins.str = ...,
+        time_zone: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["run_time", b"run_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_time", b"run_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["local_time", b"local_time", "run_time", b"run_time", "time_zone", b"time_zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -896,7 +896,9 @@ class PreviewTriggerRequest(_message.Message):
 
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
-        """Compute fire times after this time; unset means now."""
+        """Compute fire times at or after this time (a fire exactly at start_time is included);
+        unset means now.
+        """
 
     def __init__(
         self,

@@ -22,6 +22,7 @@ __all__ = [
     "CeleryOptions",
     "CronTrigger",
     "DateTrigger",
+    "DayMatch",
     "Event",
     "EventKind",
     "EventResource",
@@ -123,10 +124,20 @@ class CeleryOptions:
     """0 to 9 (what both Redis and RabbitMQ transports take); None leaves it unset."""
 
 
+class DayMatch(enum.StrEnum):
+    """How a cron expression's day of month and day of week join when both are restricted."""
+
+    ANY = "any"
+    """Either may match: crontab's rule (cronie, Vixie cron, Kubernetes)."""
+    ALL = "all"
+    """Both must match: Chronoplane's rule before migration 0014."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class CronTrigger:
     expression: str
     time_zone: str = "UTC"
+    day_match: DayMatch = DayMatch.ANY
     start_time: datetime | None = None
     end_time: datetime | None = None
     jitter: timedelta = timedelta(0)
@@ -143,7 +154,11 @@ class IntervalTrigger:
 @dataclass(frozen=True, kw_only=True)
 class DateTrigger:
     run_time: datetime
+    """The instant; for a wall time, the one it resolved to (walltime.py)."""
     jitter: timedelta = timedelta(0)
+    local_time: datetime | None = None
+    """A naive wall time in ``time_zone``, when the trigger was given one."""
+    time_zone: str = ""
 
 
 Trigger: TypeAlias = CronTrigger | IntervalTrigger | DateTrigger

@@ -20,6 +20,7 @@ from google.protobuf.message import Message
 
 from chronoplane.client._client import ProtoClient
 from chronoplane.client.cli import audit, executions, instances, jobs, status, tasks
+from chronoplane.client.cli.args import check_at
 from chronoplane.client.cli.output import add_globals, render
 from chronoplane.client.errors import ChronoplaneError, InvalidArgument
 
@@ -74,8 +75,9 @@ def _report(error: ChronoplaneError) -> None:
 
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """What argparse cannot say: options that go with others."""
-    if getattr(args, "tz", None) is not None and args.cron is None:
-        parser.error("--tz goes with --cron")
+    if getattr(args, "tz", None) is not None and args.cron is None and args.every is not None:
+        parser.error("--tz goes with --cron or --at")
+    check_at(parser, args)
     if args.check is not None:
         args.check(parser, args)
 

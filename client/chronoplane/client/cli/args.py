@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from chronoplane.client._convert import OVERLAP_POLICIES, at, cron, every
@@ -17,6 +19,7 @@ __all__ = [
     "add_overlap_option",
     "add_state_option",
     "add_trigger_options",
+    "check_at",
     "duration",
     "instant",
     "json_object",
@@ -92,9 +95,17 @@ def add_trigger_options(parser: argparse.ArgumentParser, *, date: bool) -> None:
     kinds.add_argument("--every", type=duration, metavar="DURATION", help="e.g. 5s, 10m, 1h")
     if date:
         kinds.add_argument(
-            "--at", type=instant, metavar="ISO8601", help="once, at this time (local if no zone)"
+            "--at",
+            type=datetime.fromisoformat,
+            metavar="ISO8601",
+            help="once, at this time; without an offset, a wall time in --tz (default: this "
+            "machine's zone); in a spring-forward gap it fires at the gap's end",
         )
-    parser.add_argument("--tz", metavar="ZONE", help="IANA time zone of --cron (default UTC)")
+    parser.add_argument(
+        "--tz",
+        metavar="ZONE",
+        help="IANA time zone of --cron (default UTC) or of an --at without offset",
+    )
 
 
 def trigger_of(args: argparse.Namespace) -> job_pb2.Trigger:
@@ -105,7 +116,49 @@ def trigger_of(args: argparse.Namespace) -> job_pb2.Trigger:
         return cron(args.cron, args.tz or "", start=start, end=end, jitter=jitter)
     if args.every is not None:
         return every(args.every, start=start, end=end, jitter=jitter)
-    return at(args.at, jitter=jitter)
+    return at(args.at, time_zone=args.tz or "", jitter=jitter)
+
+
+def check_at(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """An --at without offset is a wall time in --tz, or in this machine's zone (by name, so
+    that the server reads it, and a time in a spring-forward gap is not moved an hour early
+    as ``mktime`` would move it)."""
+    when: datetime | None = getattr(args, "at", None)
+    if when is None:
+        return
+    if when.tzinfo is not None:
+        if args.tz:
+            parser.error("--at has a UTC offset: --tz goes with a wall time (no offset)")
+        return
+    if not args.tz:
+        args.tz = local_zone_name()
+        if not args.tz:
+            parser.error("cannot tell this machine's time zone: give --tz or an offset in --at")
+
+
+def local_zone_name() -> str | None:
+    """This machine's IANA zone name: tzlocal's answer where it is installed (the server has
+    it), else TZ or /etc/localtime's link or /etc/timezone, as tzlocal reads them on Unix;
+    the client distribution depends on grpcio and protobuf alone."""
+    try:
+        import tzlocal
+    except ImportError:
+        pass
+    else:
+        try:
+            return str(tzlocal.get_localzone_name()) or None
+        except (LookupError, ValueError, OSError):
+            return None
+    named = os.environ.get("TZ", "").lstrip(":")
+    if named and not named.startswith("/"):
+        return named
+    link = os.path.realpath(named or "/etc/localtime")
+    if "/zoneinfo/" in link:
+        return link.split("/zoneinfo/", 1)[1]
+    try:
+        return Path("/etc/timezone").read_text().strip() or None
+    except OSError:
+        return None
 
 
 def add_overlap_option(parser: argparse._ActionsContainer, help_text: str) -> None:

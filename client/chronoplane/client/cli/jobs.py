@@ -281,11 +281,16 @@ def trigger_text(trigger: job_pb2.Trigger, *, bounds: bool = False) -> str:
     if kind == "cron":
         spec = trigger.cron
         text = f"cron {spec.expression} ({spec.time_zone or 'UTC'})"
+        if spec.day_match == job_pb2.DAY_MATCH_ALL:
+            text += " both day fields"
     elif kind == "interval":
         spec = trigger.interval
         text = f"every {span(spec.every.ToTimedelta())}"
     elif kind == "date":
-        return f"at {time(trigger.date, 'run_time')}"
+        date = trigger.date
+        if date.local_time:
+            return f"at {date.local_time} {date.time_zone} ({time(date, 'run_time')})"
+        return f"at {time(date, 'run_time')}"
     else:
         return ""
     if bounds and spec.HasField("start_time"):

@@ -30,6 +30,7 @@ from chronoplane.server.engine.abc import Engine, Fire, FireHandler
 from chronoplane.server.engine.wallclock import WallClockCronTrigger
 from chronoplane.server.errors import FieldViolation, InvalidArgument
 from chronoplane.server.models import CronTrigger, DateTrigger, IntervalTrigger, Job, Trigger
+from chronoplane.server.walltime import time_zone, zone_names
 
 __all__ = ["ApschedulerEngine", "build_trigger"]
 
@@ -40,7 +41,6 @@ MAX_INTERVAL = timedelta(days=3650)
 MAX_JITTER = timedelta(days=1)
 # A trigger whose first fire is further away than this is taken for a mistake.
 HORIZON = timedelta(days=36525)
-_MAX_TIME_ZONE = 64
 _MAX_SHOWN = 64
 # APScheduler's own overlap guard must never stop a fire: overlap is the runner's business.
 _UNLIMITED_INSTANCES = 1 << 30
@@ -48,25 +48,8 @@ _UNLIMITED_INSTANCES = 1 << 30
 TRIGGER_CACHE = 4096
 
 
-@functools.cache
-def _zone_names() -> frozenset[str]:
-    """IANA names zoneinfo finds (about 0.1 s to list, so once). ``localtime`` is dropped: it
-    is the host's own zone under a file name, not a zone name, and would move with the host."""
-    return frozenset(zoneinfo.available_timezones() - {"localtime"})
-
-
 def _time_zone(name: str) -> zoneinfo.ZoneInfo:
-    """Only listed names reach ``ZoneInfo``, which would otherwise read any file under the
-    zone directories (``posixrules``, ``right/UTC``) and accept case-folded names on some
-    file systems."""
-    if len(name) > _MAX_TIME_ZONE:
-        raise InvalidArgument.field("cron.time_zone", f"longer than {_MAX_TIME_ZONE} characters")
-    name = name or "UTC"
-    if name not in _zone_names():
-        raise InvalidArgument.field(
-            "cron.time_zone", f"{name!r} is not an IANA time zone (like 'Europe/Berlin')"
-        )
-    return zoneinfo.ZoneInfo(name)
+    return time_zone(name, "cron.time_zone")
 
 
 class _BoundedIntervalTrigger(ApsIntervalTrigger):  # type: ignore[misc]
@@ -104,6 +87,7 @@ def _cron_trigger(trigger: CronTrigger) -> WallClockCronTrigger:
         built = WallClockCronTrigger(
             trigger.expression,
             zone or zoneinfo.ZoneInfo("UTC"),
+            day_match=trigger.day_match,
             start_time=trigger.start_time,
             end_time=trigger.end_time,
         )
@@ -257,7 +241,7 @@ class _Timer(AsyncIOScheduler):  # type: ignore[misc]
 
 class ApschedulerEngine(Engine):
     def __init__(self) -> None:
-        _zone_names()  # listed now, so that no request pays for it
+        zone_names()  # listed now, so that no request pays for it
         self._scheduler = _Timer(timezone=UTC)
         self._scheduler.add_executor(_FireExecutor(self), alias="fire")
         self._handler: FireHandler | None = None

@@ -20,18 +20,45 @@ server and after every restart, and the (job, scheduled time) dedupe keys built 
 
 from __future__ import annotations
 
-import math
 from datetime import UTC, datetime, timedelta
+from typing import Any, ClassVar
 from zoneinfo import ZoneInfo
 
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger as ApsCronTrigger
+from apscheduler.triggers.cron.fields import DayOfMonthField
 
 from chronoplane.server.engine.cron import parse_crontab
+from chronoplane.server.engine.days import DayRule
+from chronoplane.server.models import DayMatch
+from chronoplane.server.walltime import first_instant, transition
 
 __all__ = ["WallClockCronTrigger"]
 
 _TICK = timedelta(microseconds=1)
+
+
+class _DayField(DayOfMonthField):  # type: ignore[misc]
+    """APScheduler's day-of-month field, answered by our ``DayRule`` (both day fields, their
+    extensions and crontab's "either" rule), where APScheduler's own fields only "and"."""
+
+    def __init__(self, name: str, exprs: Any, is_default: bool = False) -> None:
+        assert isinstance(exprs, DayRule)
+        self.name, self.is_default = name, False
+        self.expressions: list[object] = []
+        self.rule = exprs
+
+    def get_next_value(self, dateval: datetime) -> int | None:
+        return self.rule.next_day(dateval.year, dateval.month, dateval.day)
+
+    def __str__(self) -> str:
+        return repr(self.rule)
+
+
+class _Matcher(ApsCronTrigger):  # type: ignore[misc]
+    """APScheduler's walk through the calendar, with our day field."""
+
+    FIELDS_MAP: ClassVar[dict[str, type]] = {**ApsCronTrigger.FIELDS_MAP, "day": _DayField}
 
 
 class WallClockCronTrigger(BaseTrigger):  # type: ignore[misc]
@@ -43,21 +70,22 @@ class WallClockCronTrigger(BaseTrigger):  # type: ignore[misc]
         expression: str,
         zone: ZoneInfo,
         *,
+        day_match: DayMatch = DayMatch.ANY,
         start_time: datetime | None = None,
         end_time: datetime | None = None,
     ) -> None:
-        fields = parse_crontab(expression)
+        fields = parse_crontab(expression, day_match)
         self.expression = expression
+        self.day_match = day_match
         self.zone = zone
         self.start_time = start_time.astimezone(UTC) if start_time else None
         self.end_time = end_time.astimezone(UTC) if end_time else None
-        self._matcher = ApsCronTrigger(
+        self._matcher = _Matcher(
             second=fields.second,
             minute=fields.minute,
             hour=fields.hour,
-            day=fields.day,
+            day=fields.days,
             month=fields.month,
-            day_of_week=fields.day_of_week,
             timezone=UTC,
         )
 
@@ -74,7 +102,7 @@ class WallClockCronTrigger(BaseTrigger):  # type: ignore[misc]
             threshold = max(threshold, self.start_time)
         try:
             wall = self._next_match(self._first_wall(threshold))
-            fire = None if wall is None else self._instant(wall)
+            fire = None if wall is None else first_instant(wall, self.zone)
         except (OverflowError, ValueError):  # at the ends of datetime's range (year 1 or 9999)
             return None
         if fire is None or (self.end_time is not None and fire > self.end_time):
@@ -92,8 +120,8 @@ class WallClockCronTrigger(BaseTrigger):  # type: ignore[misc]
         wall = before.replace(tzinfo=None, fold=0)
         if before.fold:
             first = wall.replace(tzinfo=self.zone).astimezone(UTC)
-            transition = self._transition(first, before)
-            return (transition - _TICK).astimezone(self.zone).replace(tzinfo=None) + _TICK
+            end = transition(first, before, self.zone)
+            return (end - _TICK).astimezone(self.zone).replace(tzinfo=None) + _TICK
         return wall + _TICK
 
     def _next_match(self, wall: datetime) -> datetime | None:
@@ -101,31 +129,8 @@ class WallClockCronTrigger(BaseTrigger):  # type: ignore[misc]
         found: datetime | None = self._matcher.get_next_fire_time(None, wall.replace(tzinfo=UTC))
         return None if found is None else found.replace(tzinfo=None)
 
-    def _instant(self, wall: datetime) -> datetime:
-        """When ``wall`` happens: its first occurrence, or the end of the gap it falls in."""
-        instant = wall.replace(tzinfo=self.zone).astimezone(UTC)
-        if instant.astimezone(self.zone).replace(tzinfo=None) == wall:
-            return instant
-        # In a gap fold=0 reads the wall time with the offset from before the jump, an instant
-        # after the gap, and fold=1 with the offset from after it, an instant before the gap.
-        earlier = wall.replace(tzinfo=self.zone, fold=1).astimezone(UTC)
-        return self._transition(earlier, instant)
-
-    def _transition(self, earlier: datetime, later: datetime) -> datetime:
-        """The first instant in (``earlier``, ``later``] with ``later``'s UTC offset, found by
-        bisection in whole seconds (tzdata transitions fall on whole seconds)."""
-        offset = later.astimezone(self.zone).utcoffset()
-        low, high = math.floor(earlier.timestamp()), math.ceil(later.timestamp())
-        while high - low > 1:
-            middle = (low + high) // 2
-            if datetime.fromtimestamp(middle, self.zone).utcoffset() == offset:
-                high = middle
-            else:
-                low = middle
-        return datetime.fromtimestamp(high, UTC)
-
     def __str__(self) -> str:
-        return f"wallclock_cron[{self.expression!r}, {self.zone.key}]"
+        return f"wallclock_cron[{self.expression!r}, {self.zone.key}, {self.day_match}]"
 
     def __repr__(self) -> str:
         bounds = "".join(
@@ -133,4 +138,7 @@ class WallClockCronTrigger(BaseTrigger):  # type: ignore[misc]
             for name, value in (("start_time", self.start_time), ("end_time", self.end_time))
             if value is not None
         )
-        return f"<WallClockCronTrigger ({self.expression!r}, zone={self.zone.key!r}{bounds})>"
+        return (
+            f"<WallClockCronTrigger ({self.expression!r}, zone={self.zone.key!r}, "
+            f"day_match={self.day_match.value!r}{bounds})>"
+        )

@@ -10,6 +10,7 @@ from typing import Any
 
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
+from chronoplane.server import walltime
 from chronoplane.server.errors import InvalidArgument
 from chronoplane.server.models import (
     DEFAULT_CATCHUP_LIMIT,
@@ -18,6 +19,7 @@ from chronoplane.server.models import (
     CeleryOptions,
     CronTrigger,
     DateTrigger,
+    DayMatch,
     Execution,
     ExecutionSource,
     ExecutionState,
@@ -181,6 +183,7 @@ def trigger_from_proto(message: job_pb2.Trigger, field: str) -> Trigger | None:
         return CronTrigger(
             expression=spec.expression,
             time_zone=spec.time_zone or "UTC",
+            day_match=_DAY_MATCH.get(spec.day_match, DayMatch.ANY),
             start_time=_optional_time(spec, "start_time", f"{field}.cron"),
             end_time=_optional_time(spec, "end_time", f"{field}.cron"),
             jitter=jitter,
@@ -194,13 +197,26 @@ def trigger_from_proto(message: job_pb2.Trigger, field: str) -> Trigger | None:
             jitter=jitter,
         )
     if kind == "date":
-        if not message.date.HasField("run_time"):
-            raise InvalidArgument.field(f"{field}.date.run_time", "is required")
-        return DateTrigger(
-            run_time=timestamp_from_proto(message.date.run_time, f"{field}.date.run_time"),
-            jitter=jitter,
-        )
+        return _date_trigger(message.date, f"{field}.date", jitter)
     return None
+
+
+def _date_trigger(spec: job_pb2.DateTrigger, field: str, jitter: timedelta) -> DateTrigger:
+    run_time = _optional_time(spec, "run_time", field)
+    if not spec.local_time and not spec.time_zone:
+        if run_time is None:
+            raise InvalidArgument.field(f"{field}.run_time", "is required")
+        return DateTrigger(run_time=run_time, jitter=jitter)
+    if not spec.local_time:
+        raise InvalidArgument.field(f"{field}.local_time", "is required with time_zone")
+    wall, instant = walltime.local_time(spec.local_time, spec.time_zone, field)
+    if run_time is not None and run_time != instant:
+        raise InvalidArgument.field(
+            f"{field}.run_time",
+            f"is {run_time.isoformat()}, but local_time {spec.local_time} in "
+            f"{spec.time_zone} is {instant.isoformat()}: give one of them",
+        )
+    return DateTrigger(run_time=instant, local_time=wall, time_zone=spec.time_zone, jitter=jitter)
 
 
 def _trigger_to_proto(trigger: Trigger) -> job_pb2.Trigger:
@@ -212,6 +228,7 @@ def _trigger_to_proto(trigger: Trigger) -> job_pb2.Trigger:
                 time_zone=trigger.time_zone,
                 start_time=timestamp_to_proto(trigger.start_time),
                 end_time=timestamp_to_proto(trigger.end_time),
+                day_match=_DAY_MATCH_PROTO[trigger.day_match],
             ),
             jitter=jitter,
         )
@@ -224,9 +241,16 @@ def _trigger_to_proto(trigger: Trigger) -> job_pb2.Trigger:
             ),
             jitter=jitter,
         )
-    return job_pb2.Trigger(
-        date=job_pb2.DateTrigger(run_time=timestamp_to_proto(trigger.run_time)), jitter=jitter
+    date = job_pb2.DateTrigger(
+        run_time=timestamp_to_proto(trigger.run_time),
+        local_time=trigger.local_time.isoformat() if trigger.local_time else "",
+        time_zone=trigger.time_zone,
     )
+    return job_pb2.Trigger(date=date, jitter=jitter)
+
+
+_DAY_MATCH = {job_pb2.DAY_MATCH_ANY: DayMatch.ANY, job_pb2.DAY_MATCH_ALL: DayMatch.ALL}
+_DAY_MATCH_PROTO = {value: key for key, value in _DAY_MATCH.items()}
 
 
 # -- policies -------------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ from chronoplane.server.storage.sqlalchemy.events import SqlEventStore
 from chronoplane.server.storage.sqlalchemy.executions import SqlExecutionStore
 from chronoplane.server.storage.sqlalchemy.instances import SqlInstanceStore
 from chronoplane.server.storage.sqlalchemy.jobs import SqlJobStore
-from chronoplane.server.storage.sqlalchemy.rows import trigger_from_json, trigger_to_json
 from chronoplane.server.storage.sqlalchemy.session import (
     CANCEL_CHANNEL,
     CONNECT_TIMEOUT,
@@ -41,6 +40,7 @@ from chronoplane.server.storage.sqlalchemy.session import (
     SessionLimits,
     create_engine,
 )
+from chronoplane.server.storage.sqlalchemy.triggers import trigger_from_json, trigger_to_json
 
 __all__ = [
     "CANCEL_CHANNEL",

@@ -16,8 +16,6 @@ import sqlalchemy as sa
 from chronoplane.server.models import (
     AuditEvent,
     CeleryOptions,
-    CronTrigger,
-    DateTrigger,
     Event,
     EventKind,
     EventResource,
@@ -26,7 +24,6 @@ from chronoplane.server.models import (
     ExecutionState,
     ExecutionSummary,
     ExecutorKind,
-    IntervalTrigger,
     Job,
     MisfirePolicy,
     MissedFires,
@@ -35,7 +32,6 @@ from chronoplane.server.models import (
     Role,
     RunPolicy,
     StoredToken,
-    Trigger,
 )
 from chronoplane.server.storage.abc import (
     Admission,
@@ -43,6 +39,7 @@ from chronoplane.server.storage.abc import (
 from chronoplane.server.storage.sqlalchemy.changes import (
     decode_body,
 )
+from chronoplane.server.storage.sqlalchemy.triggers import trigger_from_json, trigger_to_json
 from chronoplane.server.storage.tables import (
     audit_events,
     events,
@@ -133,52 +130,6 @@ def _seconds(value: timedelta | None) -> float | None:
 
 def delta(value: float | None) -> timedelta | None:
     return None if value is None else timedelta(seconds=value)
-
-
-def trigger_to_json(trigger: Trigger) -> dict[str, Any]:
-    """The stored form; jitter is written only when set, so older rows read the same."""
-    spec: dict[str, Any]
-    if isinstance(trigger, CronTrigger):
-        kind = "cron"
-        spec = {"expression": trigger.expression, "time_zone": trigger.time_zone}
-        if trigger.start_time or trigger.end_time:
-            spec |= {"start_time": _iso(trigger.start_time), "end_time": _iso(trigger.end_time)}
-    elif isinstance(trigger, IntervalTrigger):
-        kind = "interval"
-        spec = {
-            "every_seconds": trigger.every.total_seconds(),
-            "start_time": _iso(trigger.start_time),
-            "end_time": _iso(trigger.end_time),
-        }
-    else:
-        kind = "date"
-        spec = {"run_time": _iso(trigger.run_time)}
-    if trigger.jitter:
-        spec["jitter_seconds"] = trigger.jitter.total_seconds()
-    return {kind: spec}
-
-
-def trigger_from_json(data: dict[str, Any]) -> Trigger:
-    kind, spec = next(iter(data.items()))
-    jitter = timedelta(seconds=spec.get("jitter_seconds", 0))
-    if kind == "cron":
-        return CronTrigger(
-            expression=spec["expression"],
-            time_zone=spec["time_zone"],
-            start_time=_parse(spec.get("start_time")),
-            end_time=_parse(spec.get("end_time")),
-            jitter=jitter,
-        )
-    if kind == "interval":
-        return IntervalTrigger(
-            every=timedelta(seconds=spec["every_seconds"]),
-            start_time=_parse(spec["start_time"]),
-            end_time=_parse(spec["end_time"]),
-            jitter=jitter,
-        )
-    run_time = _parse(spec["run_time"])
-    assert run_time is not None
-    return DateTrigger(run_time=run_time, jitter=jitter)
 
 
 def _retry_to_json(retry: RetryPolicy) -> dict[str, Any] | None:

@@ -14,7 +14,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file chronoplane/v1/job.proto.
  */
 export const file_chronoplane_v1_job: GenFile = /*@__PURE__*/
-  fileDesc("ChhjaHJvbm9wbGFuZS92MS9qb2IucHJvdG8SDmNocm9ub3BsYW5lLnYxIoQICgNKb2ISCgoCaWQYASABKAkSFAoMZGlzcGxheV9uYW1lGAIgASgJEhMKC2Rlc2NyaXB0aW9uGAMgASgJEgwKBHRhc2sYBCABKAkSJQoEYXJncxgFIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSKAoHdHJpZ2dlchgGIAEoCzIXLmNocm9ub3BsYW5lLnYxLlRyaWdnZXISDgoGcGF1c2VkGAcgASgIEjAKDW1pc2ZpcmVfZ3JhY2UYCCABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SGQoIY29hbGVzY2UYCSABKAhCAhgBSACIAQESFgoObWF4X2NvbmN1cnJlbnQYCiABKAUSLwoGbGFiZWxzGAsgAygLMh8uY2hyb25vcGxhbmUudjEuSm9iLkxhYmVsc0VudHJ5Ei8KC2NyZWF0ZV90aW1lGAwgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgNIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEZXRhZxgOIAEoCRIxCg1uZXh0X3J1bl90aW1lGA8gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI4Cg5sYXN0X2V4ZWN1dGlvbhgQIAEoCzIgLmNocm9ub3BsYW5lLnYxLkV4ZWN1dGlvblN1bW1hcnkSNQoObWlzZmlyZV9wb2xpY3kYESABKA4yHS5jaHJvbm9wbGFuZS52MS5NaXNmaXJlUG9saWN5EjEKDmNhdGNodXBfd2luZG93GBIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEhUKDWNhdGNodXBfbGltaXQYEyABKAUSNQoOb3ZlcmxhcF9wb2xpY3kYFCABKA4yHS5jaHJvbm9wbGFuZS52MS5PdmVybGFwUG9saWN5EioKBXJldHJ5GBUgASgLMhsuY2hyb25vcGxhbmUudjEuUmV0cnlQb2xpY3kSKgoHdGltZW91dBgWIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIVCg1oaXN0b3J5X2xpbWl0GBcgASgFEhIKCmNyZWF0ZWRfYnkYGCABKAkSEgoKdXBkYXRlZF9ieRgZIAEoCRIqCghleGVjdXRvchgaIAEoDjIYLmNocm9ub3BsYW5lLnYxLkV4ZWN1dG9yEi0KBmNlbGVyeRgbIAEoCzIdLmNocm9ub3BsYW5lLnYxLkNlbGVyeU9wdGlvbnMaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUILCglfY29hbGVzY2UiVwoNQ2VsZXJ5T3B0aW9ucxINCgVxdWV1ZRgBIAEoCRITCgtyb3V0aW5nX2tleRgCIAEoCRIVCghwcmlvcml0eRgDIAEoBUgAiAEBQgsKCV9wcmlvcml0eSK1AQoLUmV0cnlQb2xpY3kSFAoMbWF4X2F0dGVtcHRzGAEgASgFEjIKD2luaXRpYWxfYmFja29mZhgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIaChJiYWNrb2ZmX211bHRpcGxpZXIYAyABKAESLgoLbWF4X2JhY2tvZmYYBCABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SEAoIcmV0cnlfb24YBSADKAkiywEKB1RyaWdnZXISKwoEY3JvbhgBIAEoCzIbLmNocm9ub3BsYW5lLnYxLkNyb25UcmlnZ2VySAASMwoIaW50ZXJ2YWwYAiABKAsyHy5jaHJvbm9wbGFuZS52MS5JbnRlcnZhbFRyaWdnZXJIABIrCgRkYXRlGAMgASgLMhsuY2hyb25vcGxhbmUudjEuRGF0ZVRyaWdnZXJIABIpCgZqaXR0ZXIYBCABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb25CBgoEa2luZCKSAQoLQ3JvblRyaWdnZXISEgoKZXhwcmVzc2lvbhgBIAEoCRIRCgl0aW1lX3pvbmUYAiABKAkSLgoKc3RhcnRfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIpkBCg9JbnRlcnZhbFRyaWdnZXISKAoFZXZlcnkYASABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SLgoKc3RhcnRfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIjsKC0RhdGVUcmlnZ2VyEiwKCHJ1bl90aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCIpCgRUYXNrEgwKBG5hbWUYASABKAkSEwoLZGVzY3JpcHRpb24YAiABKAkqgQEKDU1pc2ZpcmVQb2xpY3kSHgoaTUlTRklSRV9QT0xJQ1lfVU5TUEVDSUZJRUQQABIXChNNSVNGSVJFX1BPTElDWV9TS0lQEAESGwoXTUlTRklSRV9QT0xJQ1lfUlVOX09OQ0UQAhIaChZNSVNGSVJFX1BPTElDWV9SVU5fQUxMEAMqwwEKDU92ZXJsYXBQb2xpY3kSHgoaT1ZFUkxBUF9QT0xJQ1lfVU5TUEVDSUZJRUQQABIXChNPVkVSTEFQX1BPTElDWV9TS0lQEAESGAoUT1ZFUkxBUF9QT0xJQ1lfQUxMT1cQAhIdChlPVkVSTEFQX1BPTElDWV9CVUZGRVJfT05FEAMSHQoZT1ZFUkxBUF9QT0xJQ1lfQlVGRkVSX0FMTBAEEiEKHU9WRVJMQVBfUE9MSUNZX0NBTkNFTF9SVU5OSU5HEAViBnByb3RvMw", [file_chronoplane_v1_execution, file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp]);
+  fileDesc("ChhjaHJvbm9wbGFuZS92MS9qb2IucHJvdG8SDmNocm9ub3BsYW5lLnYxIoQICgNKb2ISCgoCaWQYASABKAkSFAoMZGlzcGxheV9uYW1lGAIgASgJEhMKC2Rlc2NyaXB0aW9uGAMgASgJEgwKBHRhc2sYBCABKAkSJQoEYXJncxgFIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSKAoHdHJpZ2dlchgGIAEoCzIXLmNocm9ub3BsYW5lLnYxLlRyaWdnZXISDgoGcGF1c2VkGAcgASgIEjAKDW1pc2ZpcmVfZ3JhY2UYCCABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SGQoIY29hbGVzY2UYCSABKAhCAhgBSACIAQESFgoObWF4X2NvbmN1cnJlbnQYCiABKAUSLwoGbGFiZWxzGAsgAygLMh8uY2hyb25vcGxhbmUudjEuSm9iLkxhYmVsc0VudHJ5Ei8KC2NyZWF0ZV90aW1lGAwgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgNIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEZXRhZxgOIAEoCRIxCg1uZXh0X3J1bl90aW1lGA8gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI4Cg5sYXN0X2V4ZWN1dGlvbhgQIAEoCzIgLmNocm9ub3BsYW5lLnYxLkV4ZWN1dGlvblN1bW1hcnkSNQoObWlzZmlyZV9wb2xpY3kYESABKA4yHS5jaHJvbm9wbGFuZS52MS5NaXNmaXJlUG9saWN5EjEKDmNhdGNodXBfd2luZG93GBIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEhUKDWNhdGNodXBfbGltaXQYEyABKAUSNQoOb3ZlcmxhcF9wb2xpY3kYFCABKA4yHS5jaHJvbm9wbGFuZS52MS5PdmVybGFwUG9saWN5EioKBXJldHJ5GBUgASgLMhsuY2hyb25vcGxhbmUudjEuUmV0cnlQb2xpY3kSKgoHdGltZW91dBgWIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIVCg1oaXN0b3J5X2xpbWl0GBcgASgFEhIKCmNyZWF0ZWRfYnkYGCABKAkSEgoKdXBkYXRlZF9ieRgZIAEoCRIqCghleGVjdXRvchgaIAEoDjIYLmNocm9ub3BsYW5lLnYxLkV4ZWN1dG9yEi0KBmNlbGVyeRgbIAEoCzIdLmNocm9ub3BsYW5lLnYxLkNlbGVyeU9wdGlvbnMaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUILCglfY29hbGVzY2UiVwoNQ2VsZXJ5T3B0aW9ucxINCgVxdWV1ZRgBIAEoCRITCgtyb3V0aW5nX2tleRgCIAEoCRIVCghwcmlvcml0eRgDIAEoBUgAiAEBQgsKCV9wcmlvcml0eSK1AQoLUmV0cnlQb2xpY3kSFAoMbWF4X2F0dGVtcHRzGAEgASgFEjIKD2luaXRpYWxfYmFja29mZhgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIaChJiYWNrb2ZmX211bHRpcGxpZXIYAyABKAESLgoLbWF4X2JhY2tvZmYYBCABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SEAoIcmV0cnlfb24YBSADKAkiywEKB1RyaWdnZXISKwoEY3JvbhgBIAEoCzIbLmNocm9ub3BsYW5lLnYxLkNyb25UcmlnZ2VySAASMwoIaW50ZXJ2YWwYAiABKAsyHy5jaHJvbm9wbGFuZS52MS5JbnRlcnZhbFRyaWdnZXJIABIrCgRkYXRlGAMgASgLMhsuY2hyb25vcGxhbmUudjEuRGF0ZVRyaWdnZXJIABIpCgZqaXR0ZXIYBCABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb25CBgoEa2luZCK/AQoLQ3JvblRyaWdnZXISEgoKZXhwcmVzc2lvbhgBIAEoCRIRCgl0aW1lX3pvbmUYAiABKAkSLgoKc3RhcnRfdGltZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEisKCWRheV9tYXRjaBgFIAEoDjIYLmNocm9ub3BsYW5lLnYxLkRheU1hdGNoIpkBCg9JbnRlcnZhbFRyaWdnZXISKAoFZXZlcnkYASABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SLgoKc3RhcnRfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wImIKC0RhdGVUcmlnZ2VyEiwKCHJ1bl90aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBISCgpsb2NhbF90aW1lGAIgASgJEhEKCXRpbWVfem9uZRgDIAEoCSIpCgRUYXNrEgwKBG5hbWUYASABKAkSEwoLZGVzY3JpcHRpb24YAiABKAkqgQEKDU1pc2ZpcmVQb2xpY3kSHgoaTUlTRklSRV9QT0xJQ1lfVU5TUEVDSUZJRUQQABIXChNNSVNGSVJFX1BPTElDWV9TS0lQEAESGwoXTUlTRklSRV9QT0xJQ1lfUlVOX09OQ0UQAhIaChZNSVNGSVJFX1BPTElDWV9SVU5fQUxMEAMqwwEKDU92ZXJsYXBQb2xpY3kSHgoaT1ZFUkxBUF9QT0xJQ1lfVU5TUEVDSUZJRUQQABIXChNPVkVSTEFQX1BPTElDWV9TS0lQEAESGAoUT1ZFUkxBUF9QT0xJQ1lfQUxMT1cQAhIdChlPVkVSTEFQX1BPTElDWV9CVUZGRVJfT05FEAMSHQoZT1ZFUkxBUF9QT0xJQ1lfQlVGRkVSX0FMTBAEEiEKHU9WRVJMQVBfUE9MSUNZX0NBTkNFTF9SVU5OSU5HEAUqSwoIRGF5TWF0Y2gSGQoVREFZX01BVENIX1VOU1BFQ0lGSUVEEAASEQoNREFZX01BVENIX0FOWRABEhEKDURBWV9NQVRDSF9BTEwQAmIGcHJvdG8z", [file_chronoplane_v1_execution, file_google_protobuf_duration, file_google_protobuf_struct, file_google_protobuf_timestamp]);
 
 /**
  * A job: which task runs, with which arguments, on which trigger, under which policies.
@@ -395,11 +395,16 @@ export const TriggerSchema: GenMessage<Trigger> = /*@__PURE__*/
  */
 export type CronTrigger = Message<"chronoplane.v1.CronTrigger"> & {
   /**
-   * Five fields (minute hour day-of-month month day-of-week) or six, with seconds first
-   * (second minute hour day-of-month month day-of-week). Day of week counts 0 or 7 as Sunday,
-   * as crontab does; names (sun, mon, ...) and month names (jan, ...) are accepted. When both
-   * day of month and day of week are restricted, a fire needs both to match. An expression
-   * that is malformed or never matches a date within 100 years is rejected.
+   * Five fields (minute hour day-of-month month day-of-week), six with seconds first
+   * (second minute hour day-of-month month day-of-week), or a macro: @hourly, @daily (or
+   * @midnight), @weekly, @monthly, @yearly (or @annually); reads show it as written. Day of
+   * week counts 0 or 7 as Sunday, as crontab does; names (sun, mon, ...) and month names
+   * (jan, ...) are accepted in any case. Day of month also takes L or last (the last day), LW (the
+   * last weekday, Monday to Friday) and 15W (the weekday nearest the 15th, within the
+   * month); day of week takes 5L or FRIL (the last Friday of the month) and 5#2 or FRI#2
+   * (the second Friday); ? in either day field means *. How the two day fields join is
+   * day_match. An expression that is malformed or never matches a date within 100 years is
+   * rejected.
    *
    * @generated from field: string expression = 1;
    */
@@ -433,6 +438,15 @@ export type CronTrigger = Message<"chronoplane.v1.CronTrigger"> & {
    * @generated from field: google.protobuf.Timestamp end_time = 4;
    */
   endTime?: Timestamp | undefined;
+
+  /**
+   * How day of month and day of week join when both are restricted (neither starts with *
+   * nor is ?). Unset means DAY_MATCH_ANY on create and update; reads always show ANY or ALL.
+   * Jobs created before this field existed read as DAY_MATCH_ALL, their rule then.
+   *
+   * @generated from field: chronoplane.v1.DayMatch day_match = 5;
+   */
+  dayMatch: DayMatch;
 };
 
 /**
@@ -478,17 +492,37 @@ export const IntervalTriggerSchema: GenMessage<IntervalTrigger> = /*@__PURE__*/
   messageDesc(file_chronoplane_v1_job, 5);
 
 /**
- * A one-shot schedule.
+ * A one-shot schedule: an instant (run_time), or a wall-clock time in a time zone
+ * (local_time and time_zone).
  *
  * @generated from message chronoplane.v1.DateTrigger
  */
 export type DateTrigger = Message<"chronoplane.v1.DateTrigger"> & {
   /**
-   * When the job fires.
+   * When the job fires. Reads always show it; for a local_time, the instant it resolved to.
+   * On create and update, required unless local_time is set; with local_time, it must be
+   * unset or equal to that instant.
    *
    * @generated from field: google.protobuf.Timestamp run_time = 1;
    */
   runTime?: Timestamp | undefined;
+
+  /**
+   * A wall-clock time without an offset, ISO 8601 like "2027-03-14T02:30:00", in time_zone.
+   * Read with cron's rules: a time that does not exist (a spring-forward gap) fires at the
+   * end of the gap (02:30 on 2027-03-14 in America/New_York fires at 03:00 EDT); a time that
+   * happens twice fires at its first occurrence. Reads show it as given.
+   *
+   * @generated from field: string local_time = 2;
+   */
+  localTime: string;
+
+  /**
+   * IANA time zone of local_time, for example "America/New_York"; required with it.
+   *
+   * @generated from field: string time_zone = 3;
+   */
+  timeZone: string;
 };
 
 /**
@@ -624,4 +658,40 @@ export enum OverlapPolicy {
  */
 export const OverlapPolicySchema: GenEnum<OverlapPolicy> = /*@__PURE__*/
   enumDesc(file_chronoplane_v1_job, 1);
+
+/**
+ * How a cron expression's two day fields join when both are restricted.
+ *
+ * @generated from enum chronoplane.v1.DayMatch
+ */
+export enum DayMatch {
+  /**
+   * Means DAY_MATCH_ANY.
+   *
+   * @generated from enum value: DAY_MATCH_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * A day matches when either field matches, as in cronie, Vixie cron and Kubernetes:
+   * "0 0 1,15 * 1" fires on the 1st, the 15th and every Monday.
+   *
+   * @generated from enum value: DAY_MATCH_ANY = 1;
+   */
+  ANY = 1,
+
+  /**
+   * A day matches when both fields match: "0 0 1,15 * 1" fires on a 1st or 15th that is a
+   * Monday.
+   *
+   * @generated from enum value: DAY_MATCH_ALL = 2;
+   */
+  ALL = 2,
+}
+
+/**
+ * Describes the enum chronoplane.v1.DayMatch.
+ */
+export const DayMatchSchema: GenEnum<DayMatch> = /*@__PURE__*/
+  enumDesc(file_chronoplane_v1_job, 2);
 

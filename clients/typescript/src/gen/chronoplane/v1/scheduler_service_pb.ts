@@ -832,7 +832,8 @@ export type PreviewTriggerRequest = Message<"chronoplane.v1.PreviewTriggerReques
   count: number;
 
   /**
-   * Compute fire times after this time; unset means now.
+   * Compute fire times at or after this time (a fire exactly at start_time is included);
+   * unset means now.
    *
    * @generated from field: google.protobuf.Timestamp start_time = 3;
    */
