@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     if args.render is not None:  # a command that prints its answer its own way
-        text = args.render(message, args.output)
+        text = args.render(message, args)
     else:
         text = render(message, args.output, _RENDERERS)
     if text:

@@ -145,6 +145,8 @@ def wanted(entries: Sequence[Any]) -> list[Wanted]:
     seen: dict[str, int] = {}
     for n, entry in enumerate(entries):
         where = f"jobs[{n}]"
+        if isinstance(entry, dict) and set(entry) == {"job"}:  # as `jobs get --json` prints
+            entry = entry["job"]
         if not isinstance(entry, dict):
             raise _problem(where, "is not an object")
         names = {_BY_JSON_NAME.get(str(key), str(key)) for key in entry}
