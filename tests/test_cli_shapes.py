@@ -9,6 +9,7 @@ import json
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -110,6 +111,21 @@ def test_chronoctl_json_is_what_grpcurl_prints(server: ServerProcess) -> None:
     paused = as_json(chronoctl(server, "--json", "jobs", "pause", "shapes"))
     assert paused == grpcurl(server, "GetJob", {"id": "shapes"})
     assert as_json(chronoctl(server, "--json", "jobs", "delete", "shapes")) == {}
+
+
+def test_what_jobs_get_prints_can_be_applied_back(server: ServerProcess, tmp_path: Path) -> None:
+    chronoctl(server, "jobs", "create", "kept", "--task", "chronoplane.echo", "--every", "1h")
+    printed = as_json(chronoctl(server, "--json", "jobs", "get", "kept"))
+    printed["job"]["trigger"] = {"interval": {"every": "7200s"}}
+    one, listed = tmp_path / "one.json", tmp_path / "listed.json"
+    one.write_text(json.dumps(printed))
+    listed.write_text(json.dumps([printed]))
+    assert chronoctl(server, "jobs", "apply", "-f", str(one)).splitlines() == [
+        "update  kept  (trigger)",
+        "0 created, 1 updated, 0 deleted, 0 unchanged",
+    ]
+    applied = chronoctl(server, "jobs", "apply", "-f", str(listed))
+    assert applied == "0 created, 0 updated, 0 deleted, 1 unchanged\n"
 
 
 def test_jobs_delete_says_what_it_deleted(server: ServerProcess) -> None:

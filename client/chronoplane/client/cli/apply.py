@@ -133,6 +133,8 @@ def load(path: str) -> list[Any]:
             raise _problem(path, f"is neither JSON nor YAML: {error}") from None
     if isinstance(document, dict) and set(document) == {"jobs"}:
         document = document["jobs"]
+    elif isinstance(document, dict) and set(document) == {"job"}:  # `jobs get --json`
+        document = [document]
     if document is None:
         document = []
     if not isinstance(document, list):
