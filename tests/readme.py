@@ -331,7 +331,7 @@ def walk(tour: Tour, found: list[Block], *, retry: bool) -> Iterator[tuple[Block
         if block.marker == "background":
             assert len(block.steps) == 1, f"README line {block.line}: one command in background"
             waiting = (block, tour.start(block.steps[0]))
-            time.sleep(1.0)  # the watch is registered before the next block changes things
+            time.sleep(1.5)  # the watch is registered before the next block changes things
             continue
         for step in block.steps:
             output = tour.run(step)
