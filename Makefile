@@ -5,23 +5,43 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PROTOS := $(wildcard proto/chronoplane/v1/*.proto)
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# Two distributions: the client (client/pyproject.toml) and the server (pyproject.toml).
+PROJECTS := pyproject.toml client/pyproject.toml
+SUM := $(shell cat $(PROJECTS) | cksum | cut -d' ' -f1)
+# `make test` and the rest: the server, the client and the dev toolchain.
+STAMP := $(VENV)/.installed-dev-$(SUM)
+# `make run`: the server and its runtime only (a venv that has the toolchain keeps it).
+RUN_STAMP := $(VENV)/.installed-run-$(SUM)
+TS := clients/typescript
 
 .PHONY: run test lint typecheck proto proto-check buf pytest bench clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+
+$(STAMP): $(PROJECTS) | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e './client[yaml]' -e '.[dev]'
 	rm -f $(VENV)/.installed-*
+	touch $@ $(RUN_STAMP)
+
+$(RUN_STAMP): $(PROJECTS) | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ./client -e .
+	rm -f $(VENV)/.installed-run-*
 	touch $@
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/chronoplane serve $(ARGS)
 
-proto: $(STAMP)
+# Regenerates the Python stubs and the TypeScript client's code (protoc-gen-es from its
+# node_modules, installed with `npm ci` when package-lock.json is newer).
+proto: $(STAMP) $(TS)/node_modules/.package-lock.json
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -Iproto --python_out=client --grpc_python_out=client \
 		--mypy_out=client --mypy_grpc_out=client $(PROTOS)
+	$(BIN)/buf generate --template $(TS)/buf.gen.yaml
+
+$(TS)/node_modules/.package-lock.json: $(TS)/package-lock.json
+	npm --prefix $(TS) ci --no-audit --no-fund
 
 # Generated stubs are committed; fail when they are not what `make proto` makes now.
 proto-check: $(STAMP)

@@ -32,6 +32,8 @@ DATABASE)::
 
     .venv/bin/python bench/api.py
     .venv/bin/python bench/api.py --quick          # 2,000 jobs, 20,000 executions, 2 s each
+    .venv/bin/python bench/api.py --only bare --serve-arg=--metrics-address=127.0.0.1:0
+                                                   # what the interceptors cost, metrics on
 """
 
 from __future__ import annotations
@@ -647,6 +649,13 @@ def _parser() -> argparse.ArgumentParser:
         help="use this database and keep it: filled unless an earlier run filled it",
     )
     parser.add_argument("--only", default="unary,bare,lists,writes", help="which parts")
+    parser.add_argument(
+        "--serve-arg",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="a flag for the measured server, e.g. --serve-arg=--metrics-address=127.0.0.1:0",
+    )
     parser.add_argument("--filters", default="", help="comma-separated list filters to run")
     parser.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)
@@ -662,7 +671,9 @@ async def _measure(args: argparse.Namespace, world: World, workdir: Path) -> Non
     echo_command = [sys.executable, __file__, "--echo-server"]
     async with (
         started(echo_command, workdir / "echo.log") as echo,
-        started([*_server_command(), *_serve_arguments(url)], workdir / "server.log") as chrono,
+        started(
+            [*_server_command(), *_serve_arguments(url), *args.serve_arg], workdir / "server.log"
+        ) as chrono,
     ):
         await read_key(world)
         echoes: dict[int, Run] = {}

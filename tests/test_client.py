@@ -24,30 +24,36 @@ from chronoplane.client import (
     AlreadyExists,
     AsyncClient,
     ChronoplaneError,
+    CronTrigger,
+    DateTrigger,
+    Execution,
+    ExecutionSource,
+    ExecutionState,
     FailedPrecondition,
+    IntervalTrigger,
     InvalidArgument,
+    MisfirePolicy,
     NotFound,
+    OverlapPolicy,
+    RetryPolicy,
+    Trigger,
     Unavailable,
+    WatchEvent,
+    WatchEventKind,
     at,
     cron,
     every,
     retry_policy,
 )
+from chronoplane.client._client import ProtoClient
+from chronoplane.client._convert import trigger_message
 from chronoplane.client.cli.executions import execution_text
 from chronoplane.v1 import execution_pb2 as epb
 from chronoplane.v1 import job_pb2 as jpb
 from chronoplane.v1 import scheduler_service_pb2 as pb
 
 CHRONOCTL = str(Path(sys.executable).parent / "chronoctl")
-FINAL = {
-    epb.EXECUTION_STATE_SUCCEEDED,
-    epb.EXECUTION_STATE_FAILED,
-    epb.EXECUTION_STATE_MISSED,
-    epb.EXECUTION_STATE_SKIPPED,
-    epb.EXECUTION_STATE_INTERRUPTED,
-    epb.EXECUTION_STATE_CANCELLED,
-    epb.EXECUTION_STATE_TIMED_OUT,
-}
+FINAL = {state for state in ExecutionState if state.final}
 
 
 @pytest_asyncio.fixture
@@ -57,7 +63,7 @@ async def client(server: InProcessServer) -> AsyncIterator[AsyncClient]:
         yield client
 
 
-async def finished(client: AsyncClient, execution_id: str, within: float = 15) -> epb.Execution:
+async def finished(client: AsyncClient, execution_id: str, within: float = 15) -> Execution:
     deadline = asyncio.get_running_loop().time() + within
     while (execution := await client.get_execution(execution_id)).state not in FINAL:
         assert asyncio.get_running_loop().time() < deadline, f"still {execution.state}"
@@ -65,11 +71,9 @@ async def finished(client: AsyncClient, execution_id: str, within: float = 15) -
     return execution
 
 
-async def running(client: AsyncClient, execution_id: str, within: float = 15) -> epb.Execution:
+async def running(client: AsyncClient, execution_id: str, within: float = 15) -> Execution:
     deadline = asyncio.get_running_loop().time() + within
-    while (execution := await client.get_execution(execution_id)).state != (
-        epb.EXECUTION_STATE_RUNNING
-    ):
+    while (execution := await client.get_execution(execution_id)).state != "running":
         assert asyncio.get_running_loop().time() < deadline, f"still {execution.state}"
         await asyncio.sleep(0.05)
     return execution
@@ -91,21 +95,26 @@ async def test_create_get_list_trigger_pause_resume(client: AsyncClient) -> None
         labels={"team": "data"},
         misfire_grace=timedelta(minutes=5),
     )
-    assert created.etag and created.HasField("next_run_time")
-    assert created.misfire_grace.ToTimedelta() == timedelta(minutes=5)
+    assert created.etag and created.next_run_time is not None
+    assert created.next_run_time.tzinfo is UTC and created.next_run_time.hour in (1, 2)
+    assert created.misfire_grace == timedelta(minutes=5)
+    assert created.trigger == CronTrigger(expression="0 3 * * *", time_zone="Europe/Berlin")
+    assert created.args == {"a": 1, "b": 2} and type(created.args["a"]) is int
     assert await client.get_job("adder") == created
     assert [job.id for job in await client.list_jobs()] == ["adder"]
 
     started = await client.trigger_job("adder", args={"a": 40, "b": 2}, request_id="r-1")
-    assert started.source == epb.EXECUTION_SOURCE_MANUAL
+    assert started.source is ExecutionSource.MANUAL and str(started.source) == "manual"
     done = await finished(client, started.id)
-    assert done.state == epb.EXECUTION_STATE_SUCCEEDED
-    assert done.result.struct_value.fields["sum"].number_value == 42
+    assert done.state is ExecutionState.SUCCEEDED
+    assert done.result["sum"] == 42 and type(done.result["sum"]) is int
+    assert done.duration is not None and done.duration > timedelta(0)
+    assert done.start_time is not None and done.start_time.utcoffset() == timedelta(0)
 
     paused = await client.pause_job("adder")
-    assert paused.paused and not paused.HasField("next_run_time")
+    assert paused.paused and paused.next_run_time is None
     resumed = await client.resume_job("adder", etag=paused.etag)
-    assert not resumed.paused and resumed.HasField("next_run_time")
+    assert not resumed.paused and resumed.next_run_time is not None
 
 
 async def test_update_changes_only_the_fields_given(client: AsyncClient) -> None:
@@ -114,7 +123,7 @@ async def test_update_changes_only_the_fields_given(client: AsyncClient) -> None
     )
     updated = await client.update_job("upd", etag=created.etag, description="new")
     assert updated.description == "new"
-    assert dict(updated.labels) == {"a": "1"}
+    assert updated.labels == {"a": "1"}
     assert updated.etag != created.etag
 
 
@@ -129,12 +138,15 @@ async def test_lists_page_through_the_server_up_to_a_limit(client: AsyncClient) 
     assert [e.id for e in await client.list_executions(job_id="many", limit=2)] == [
         e.id for e in everything[:2]
     ]
-    succeeded = await client.list_executions(states=[epb.EXECUTION_STATE_SUCCEEDED])
-    assert len(succeeded) == 5
+    for states in (["succeeded"], [ExecutionState.SUCCEEDED], ["EXECUTION_STATE_SUCCEEDED"]):
+        assert len(await client.list_executions(states=states)) == 5
+    assert await client.list_executions(states=["failed", "RUNNING"]) == []
+    with pytest.raises(ValueError, match="succeeded"):
+        await client.list_executions(states=["done"])
 
 
 async def test_batch_create_takes_what_create_job_takes(client: AsyncClient) -> None:
-    message = jpb.Job(id="m", task="chronoplane.echo", trigger=every(60))
+    message = jpb.Job(id="m", task="chronoplane.echo", trigger=trigger_message(every(60)))
     created = await client.batch_create_jobs(
         [
             {"job_id": "a", "task": "test.add", "trigger": cron("0 3 * * *"), "args": {"a": 1}},
@@ -147,13 +159,15 @@ async def test_batch_create_takes_what_create_job_takes(client: AsyncClient) -> 
                 "request_id": "rb",
             },
             message,
-            pb.CreateJobRequest(job=jpb.Job(id="r", task="chronoplane.echo", trigger=every(5))),
+            pb.CreateJobRequest(
+                job=jpb.Job(id="r", task="chronoplane.echo", trigger=trigger_message(every(5)))
+            ),
         ]
     )
     assert [job.id for job in created] == ["a", "b", "m", "r"]
-    assert dict(created[0].args) == {"a": 1}
-    assert created[1].overlap_policy == jpb.OVERLAP_POLICY_ALLOW
-    assert created[1].retry.max_attempts == 3
+    assert created[0].args == {"a": 1}
+    assert created[1].overlap_policy is OverlapPolicy.ALLOW
+    assert created[1].retry is not None and created[1].retry.max_attempts == 3
     again = await client.batch_create_jobs(
         [{"job_id": "b", "task": "chronoplane.echo", "trigger": every(60), "request_id": "rb"}]
     )
@@ -234,7 +248,7 @@ async def test_a_job_created_with_policies_reads_them_back(client: AsyncClient) 
         misfire_policy="run_all",
         catchup_window=timedelta(hours=6),
         catchup_limit=3,
-        overlap_policy=jpb.OVERLAP_POLICY_BUFFER_ONE,
+        overlap_policy=OverlapPolicy.BUFFER_ONE,
         retry=retry_policy(
             4,
             initial_backoff=timedelta(seconds=30),
@@ -246,40 +260,41 @@ async def test_a_job_created_with_policies_reads_them_back(client: AsyncClient) 
         history_limit=500,
     )
     assert await client.get_job("policies") == created
-    assert created.trigger.cron.start_time.ToDatetime(tzinfo=UTC) == start
-    assert created.trigger.cron.end_time.ToDatetime(tzinfo=UTC) == end
-    assert created.trigger.jitter.ToTimedelta() == timedelta(seconds=90)
-    assert created.next_run_time.ToDatetime(tzinfo=UTC) >= start
-    assert created.misfire_policy == jpb.MISFIRE_POLICY_RUN_ALL
-    assert not created.coalesce  # the deprecated field still tells RUN_ALL apart
-    assert created.catchup_window.ToTimedelta() == timedelta(hours=6)
-    assert created.catchup_limit == 3
-    assert created.overlap_policy == jpb.OVERLAP_POLICY_BUFFER_ONE
-    assert created.retry == jpb.RetryPolicy(
-        max_attempts=4,
-        initial_backoff=created.retry.initial_backoff,
-        backoff_multiplier=3,
-        max_backoff=created.retry.max_backoff,
-        retry_on=["ConnectionError", "builtins.TimeoutError"],
+    assert created.trigger == CronTrigger(
+        expression="30 2 * * *",
+        time_zone="Europe/Berlin",
+        start_time=start,
+        end_time=end,
+        jitter=timedelta(seconds=90),
     )
-    assert created.retry.initial_backoff.ToTimedelta() == timedelta(seconds=30)
-    assert created.retry.max_backoff.ToTimedelta() == timedelta(minutes=10)
-    assert created.timeout.ToTimedelta() == timedelta(hours=1)
+    assert created.next_run_time is not None and created.next_run_time >= start
+    assert created.misfire_policy is MisfirePolicy.RUN_ALL
+    assert created.catchup_window == timedelta(hours=6)
+    assert created.catchup_limit == 3
+    assert created.overlap_policy is OverlapPolicy.BUFFER_ONE
+    assert created.retry == RetryPolicy(
+        max_attempts=4,
+        initial_backoff=timedelta(seconds=30),
+        backoff_multiplier=3,
+        max_backoff=timedelta(minutes=10),
+        retry_on=("ConnectionError", "builtins.TimeoutError"),
+    )
+    assert created.timeout == timedelta(hours=1)
     assert created.history_limit == 500
 
     # Update changes the policies named, and 0 / one attempt remove a setting.
     updated = await client.update_job(
         "policies",
         etag=created.etag,
-        misfire_policy=jpb.MISFIRE_POLICY_SKIP,
+        misfire_policy="SKIP",
         overlap_policy="buffer_all",
         timeout=0,
         retry=retry_policy(1),
         history_limit=0,
     )
-    assert updated.misfire_policy == jpb.MISFIRE_POLICY_SKIP and updated.coalesce
-    assert updated.overlap_policy == jpb.OVERLAP_POLICY_BUFFER_ALL
-    assert not updated.HasField("timeout") and not updated.HasField("retry")
+    assert updated.misfire_policy == "skip"
+    assert updated.overlap_policy is OverlapPolicy.BUFFER_ALL
+    assert updated.timeout is None and updated.retry is None
     assert updated.history_limit == 0
     assert updated.catchup_window == created.catchup_window  # not named: unchanged
     assert updated.trigger == created.trigger
@@ -287,16 +302,16 @@ async def test_a_job_created_with_policies_reads_them_back(client: AsyncClient) 
 
 async def test_defaults_and_the_deprecated_coalesce(client: AsyncClient) -> None:
     plain = await client.create_job("plain", task="chronoplane.echo", trigger=every(60))
-    assert plain.misfire_policy == jpb.MISFIRE_POLICY_RUN_ONCE and plain.coalesce
-    assert plain.overlap_policy == jpb.OVERLAP_POLICY_SKIP
+    assert plain.misfire_policy is MisfirePolicy.RUN_ONCE
+    assert plain.overlap_policy is OverlapPolicy.SKIP
     assert plain.catchup_limit == 10
-    assert not plain.HasField("retry") and not plain.HasField("timeout")
+    assert plain.retry is None and plain.timeout is None
     legacy = await client.create_job(
         "legacy", task="chronoplane.echo", trigger=every(60), coalesce=False
     )
-    assert legacy.misfire_policy == jpb.MISFIRE_POLICY_RUN_ALL and not legacy.coalesce
+    assert legacy.misfire_policy is MisfirePolicy.RUN_ALL
     relaxed = await client.update_job("legacy", coalesce=True)
-    assert relaxed.misfire_policy == jpb.MISFIRE_POLICY_RUN_ONCE and relaxed.coalesce
+    assert relaxed.misfire_policy is MisfirePolicy.RUN_ONCE
 
 
 async def test_a_policy_name_that_does_not_exist_fails_before_calling(
@@ -313,21 +328,29 @@ async def test_a_policy_name_that_does_not_exist_fails_before_calling(
 
 async def test_jitter_on_every_trigger_kind(client: AsyncClient) -> None:
     later = datetime.now(UTC).replace(microsecond=0) + timedelta(days=1)
-    for job_id, trigger, jitter in [
-        ("c", cron("0 * * * *", jitter=timedelta(minutes=5)), timedelta(minutes=5)),
+    kinds: list[tuple[str, Trigger, timedelta]] = [
+        ("c", cron("0 * * * *", "UTC", jitter=timedelta(minutes=5)), timedelta(minutes=5)),
         (
             "e",
             every(3600, start=later, end=later + timedelta(days=1), jitter=30),
             timedelta(seconds=30),
         ),
         ("a", at(later, jitter=10.5), timedelta(seconds=10.5)),
-    ]:
+    ]
+    for job_id, trigger, jitter in kinds:
         job = await client.create_job(job_id, task="chronoplane.echo", trigger=trigger)
-        assert job.trigger.WhichOneof("kind") == trigger.WhichOneof("kind")
-        assert job.trigger.jitter.ToTimedelta() == jitter, job_id
-    interval = (await client.get_job("e")).trigger.interval
-    assert interval.start_time.ToDatetime(tzinfo=UTC) == later
-    assert interval.end_time.ToDatetime(tzinfo=UTC) == later + timedelta(days=1)
+        assert job.trigger == trigger and type(job.trigger) is type(trigger)
+        assert trigger.jitter == jitter, job_id
+    interval = (await client.get_job("e")).trigger
+    assert interval == IntervalTrigger(
+        every=timedelta(hours=1),
+        start_time=later,
+        end_time=later + timedelta(days=1),
+        jitter=timedelta(seconds=30),
+    )
+    assert (await client.get_job("a")).trigger == DateTrigger(
+        run_time=later, jitter=timedelta(seconds=10.5)
+    )
 
 
 async def test_cancel_a_running_execution(client: AsyncClient) -> None:
@@ -335,9 +358,9 @@ async def test_cancel_a_running_execution(client: AsyncClient) -> None:
     started = await client.trigger_job("blocker", args={"seconds": 30})
     await running(client, started.id)
     cancelled = await client.cancel_execution(started.id, reason="deploy in progress")
-    assert cancelled.state == epb.EXECUTION_STATE_CANCELLED
+    assert cancelled.state is ExecutionState.CANCELLED
     assert "deploy in progress" in cancelled.error_message
-    assert cancelled.HasField("end_time")
+    assert cancelled.end_time is not None
     assert await client.get_execution(started.id) == cancelled
 
     with pytest.raises(FailedPrecondition) as caught:
@@ -352,14 +375,14 @@ async def test_trigger_overlap_policy_overrides_the_jobs(client: AsyncClient) ->
     first = await client.trigger_job("busy")
     await running(client, first.id)
     skipped = await client.trigger_job("busy")  # the job's policy: SKIP
-    assert skipped.state == epb.EXECUTION_STATE_SKIPPED
+    assert skipped.state is ExecutionState.SKIPPED
     waiting = await client.trigger_job("busy", overlap_policy="buffer_one")
-    assert waiting.state == epb.EXECUTION_STATE_PENDING
-    extra = await client.trigger_job("busy", overlap_policy=jpb.OVERLAP_POLICY_ALLOW)
+    assert waiting.state is ExecutionState.PENDING
+    extra = await client.trigger_job("busy", overlap_policy=OverlapPolicy.ALLOW)
     await running(client, extra.id)
     for execution in (waiting, extra, first):
         cancelled = await client.cancel_execution(execution.id)
-        assert cancelled.state == epb.EXECUTION_STATE_CANCELLED
+        assert cancelled.state is ExecutionState.CANCELLED
 
 
 async def test_backfill_runs_each_past_fire_once(client: AsyncClient) -> None:
@@ -369,18 +392,16 @@ async def test_backfill_runs_each_past_fire_once(client: AsyncClient) -> None:
     response = await client.backfill_job("minutely", start=start, end=end)
     assert response.already_backfilled == 0
     created = list(response.executions)
-    assert [e.scheduled_time.ToDatetime(tzinfo=UTC) for e in created] == [
-        start + timedelta(minutes=i) for i in range(3)
-    ]
-    assert {e.source for e in created} == {epb.EXECUTION_SOURCE_BACKFILL}
+    assert [e.scheduled_time for e in created] == [start + timedelta(minutes=i) for i in range(3)]
+    assert {e.source for e in created} == {ExecutionSource.BACKFILL}
     for execution in created:
-        assert (await finished(client, execution.id)).state == epb.EXECUTION_STATE_SUCCEEDED
+        assert (await finished(client, execution.id)).state is ExecutionState.SUCCEEDED
 
     # A wider range runs only the fires not backfilled yet.
     earlier = start - timedelta(minutes=1)
     again = await client.backfill_job("minutely", start=earlier, end=end, overlap_policy="allow")
     assert again.already_backfilled == 3
-    assert [e.scheduled_time.ToDatetime(tzinfo=UTC) for e in again.executions] == [earlier]
+    assert [e.scheduled_time for e in again.executions] == [earlier]
 
     with pytest.raises(InvalidArgument) as caught:
         await client.backfill_job(
@@ -419,7 +440,7 @@ async def test_purge_never_deletes_a_running_execution(client: AsyncClient) -> N
     started = await client.trigger_job("long", args={"seconds": 30})
     await running(client, started.id)
     assert await client.purge_executions(older_than=datetime.now(UTC) + timedelta(hours=1)) == 0
-    assert (await client.cancel_execution(started.id)).state == epb.EXECUTION_STATE_CANCELLED
+    assert (await client.cancel_execution(started.id)).state is ExecutionState.CANCELLED
 
 
 async def test_retries_are_executions_of_their_own(client: AsyncClient) -> None:
@@ -435,19 +456,19 @@ async def test_retries_are_executions_of_their_own(client: AsyncClient) -> None:
     deadline = asyncio.get_running_loop().time() + 15
     while True:
         attempts = await client.list_executions(job_id="flaky")
-        if any(e.state == epb.EXECUTION_STATE_SUCCEEDED for e in attempts):
+        if any(e.state is ExecutionState.SUCCEEDED for e in attempts):
             break
         assert asyncio.get_running_loop().time() < deadline, attempts
         await asyncio.sleep(0.05)
     attempts.sort(key=lambda e: e.attempt)
     assert [(e.attempt, e.state) for e in attempts] == [
-        (1, epb.EXECUTION_STATE_FAILED),
-        (2, epb.EXECUTION_STATE_FAILED),
-        (3, epb.EXECUTION_STATE_SUCCEEDED),
+        (1, "failed"),
+        (2, "failed"),
+        (3, "succeeded"),
     ]
     assert attempts[0].id == first.id and not attempts[0].first_execution_id
     assert [e.first_execution_id for e in attempts[1:]] == [first.id, first.id]
-    assert [e.source for e in attempts[1:]] == [epb.EXECUTION_SOURCE_RETRY] * 2
+    assert [e.source for e in attempts[1:]] == [ExecutionSource.RETRY] * 2
     assert attempts[0].error_type == "builtins.ConnectionError"
 
 
@@ -456,7 +477,7 @@ async def test_a_run_past_its_timeout_is_timed_out(client: AsyncClient) -> None:
         "slow", task="test.block", trigger=every(3600), timeout=timedelta(milliseconds=300)
     )
     done = await finished(client, (await client.trigger_job("slow")).id)
-    assert done.state == epb.EXECUTION_STATE_TIMED_OUT
+    assert done.state is ExecutionState.TIMED_OUT
 
 
 @pytest.mark.parametrize(
@@ -464,9 +485,13 @@ async def test_a_run_past_its_timeout_is_timed_out(client: AsyncClient) -> None:
     [
         "chronoplane.client",
         "chronoplane.client._client",
+        "chronoplane.client._async",
         "chronoplane.client._convert",
+        "chronoplane.client._from_proto",
         "chronoplane.client._requests",
+        "chronoplane.client._sync",
         "chronoplane.client.errors",
+        "chronoplane.client.models",
         "chronoplane.client.cli",
     ],
 )
@@ -873,35 +898,36 @@ async def test_watch_executions_follows_a_run_and_resumes_after_a_cursor(
     client: AsyncClient,
 ) -> None:
     await client.create_job("echo", task="chronoplane.echo", trigger=cron("0 3 * * *"), paused=True)
-    events: list[pb.WatchExecutionsResponse] = []
+    events: list[WatchEvent[Execution]] = []
 
     async def follow(after: int | None) -> None:
         async for event in client.watch_executions(job_ids=["echo"], after_cursor=after):
-            if event.kind != pb.WATCH_EVENT_KIND_PROGRESS:
+            if event.kind is not WatchEventKind.PROGRESS:
                 events.append(event)
-            if event.execution.state == epb.EXECUTION_STATE_SUCCEEDED:
+            if event.item is not None and event.item.state is ExecutionState.SUCCEEDED:
                 return
 
     following = asyncio.create_task(follow(None))
     await asyncio.sleep(0.3)
     first = await client.trigger_job("echo")
     await asyncio.wait_for(following, 15)
-    assert [e.execution.id for e in events] == [first.id] * len(events)
-    assert events[0].kind == pb.WATCH_EVENT_KIND_ADDED
+    assert [e.item.id for e in events if e.item] == [first.id] * len(events)
+    assert events[0].kind is WatchEventKind.ADDED
     seen = events[-1].cursor
     second = await client.trigger_job("echo")
     await finished(client, second.id)
     events.clear()
     await asyncio.wait_for(follow(seen), 15)  # what happened while no one watched
-    assert {e.execution.id for e in events} == {second.id}
+    assert {e.item.id for e in events if e.item} == {second.id}
     assert all(e.cursor > seen for e in events)
 
     snapshot = client.watch_jobs(snapshot=True)
     current = await anext(snapshot)
     marker = await anext(snapshot)
     await snapshot.aclose()
-    assert current.kind == pb.WATCH_EVENT_KIND_SNAPSHOT and current.job.id == "echo"
-    assert marker.kind == pb.WATCH_EVENT_KIND_SNAPSHOT_END
+    assert current.kind is WatchEventKind.SNAPSHOT and current.item is not None
+    assert current.item.id == "echo" and current.item.paused
+    assert marker.kind is WatchEventKind.SNAPSHOT_END and marker.item is None
 
 
 async def test_chronoctl_watch_prints_events_as_json_lines(server: InProcessServer) -> None:
@@ -965,7 +991,8 @@ async def test_apply_creates_from_yaml_then_changes_only_what_changed(
     async with AsyncClient(str(server.app.address)) as client:
         hourly = await client.get_job("hourly")
         nightly = await client.get_job("nightly")
-    assert hourly.misfire_grace.seconds == 30 and hourly.trigger.interval.HasField("start_time")
+    assert hourly.misfire_grace == timedelta(seconds=30)
+    assert isinstance(hourly.trigger, IntervalTrigger) and hourly.trigger.start_time
     assert (await ok(address, "jobs", "apply", "-f", str(path))).splitlines() == [
         "0 created, 0 updated, 0 deleted, 2 unchanged"
     ]
@@ -983,16 +1010,18 @@ async def test_apply_creates_from_yaml_then_changes_only_what_changed(
     async with AsyncClient(str(server.app.address)) as client:
         changed = await client.get_job("nightly")
         paused = await client.get_job("hourly")
-    assert changed.trigger.cron.expression == "0 4 * * *" and dict(changed.args) == {"region": "us"}
-    assert dict(changed.labels) == {"team": "data"} and changed.etag != nightly.etag
-    assert paused.paused and paused.misfire_grace.seconds == 30 and paused.etag != hourly.etag
+    assert isinstance(changed.trigger, CronTrigger) and changed.trigger.expression == "0 4 * * *"
+    assert changed.args == {"region": "us"}
+    assert changed.labels == {"team": "data"} and changed.etag != nightly.etag
+    assert paused.paused and paused.misfire_grace == timedelta(seconds=30)
+    assert paused.etag != hourly.etag
 
 
 async def test_apply_updates_with_the_etag_it_read(server: InProcessServer) -> None:
     """A job changed between apply's read and its write is not overwritten: ABORTED."""
     from chronoplane.client.cli import apply
 
-    async with AsyncClient(str(server.app.address)) as client:
+    async with ProtoClient(str(server.app.address)) as client:  # apply works on messages
         await client.create_job("raced", task="chronoplane.echo", trigger=every(60))
         wanted = apply.wanted([{"id": "raced", "description": "from the file"}])
         todo = apply.plan(wanted, await client.list_jobs(), prune=False)

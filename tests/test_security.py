@@ -23,7 +23,7 @@ from cryptography.x509.oid import NameOID
 from google.protobuf import json_format, struct_pb2
 from harness import BIN, free_port, start_server, violations
 
-from chronoplane.client import AsyncClient, ChronoplaneError, cron
+from chronoplane.client import AsyncClient, ChronoplaneError, WatchEventKind, cron
 from chronoplane.server.config import Settings
 from chronoplane.server.models import Role, StoredToken
 from chronoplane.server.security import RPC_ROLES, hash_secret, new_token
@@ -237,7 +237,7 @@ async def test_streams_are_refused_like_unary_calls(guarded: InProcessServer) ->
     async with AsyncClient(guarded.app.address or "", token=viewer) as client:
         stream = client.watch_jobs(snapshot=True, resume=False)
         marker = await anext(stream)
-        assert marker.kind == pb.WATCH_EVENT_KIND_SNAPSHOT_END
+        assert marker.kind is WatchEventKind.SNAPSHOT_END
         await stream.aclose()
 
 

@@ -1,4 +1,8 @@
-"""AsyncClient: one method per SchedulerService call, plain Python in, protobuf messages out."""
+"""ProtoClient: one method per SchedulerService call, plain Python in, protobuf messages out.
+
+chronoctl prints what it returns (proto3 JSON, as grpcurl does); the SDK's AsyncClient and
+Client (chronoplane.client) call it and convert the messages to dataclasses.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +18,11 @@ from google.protobuf.message import Message
 from chronoplane.client._convert import (
     Misfire,
     Overlap,
+    execution_states,
     from_timestamp,
     struct,
     timestamp,
+    trigger_message,
 )
 from chronoplane.client._requests import (
     RENAMED,
@@ -26,6 +32,7 @@ from chronoplane.client._requests import (
     with_celery,
 )
 from chronoplane.client.errors import error_info, from_rpc_error
+from chronoplane.client.models import CeleryOptions, ExecutionState, RetryPolicy, Trigger
 from chronoplane.v1 import (
     audit_pb2,
     execution_pb2,
@@ -35,37 +42,18 @@ from chronoplane.v1 import (
 )
 from chronoplane.v1 import scheduler_service_pb2 as pb
 
-__all__ = ["AsyncClient"]
+__all__ = ["ProtoClient"]
 
 
 # The most a list call returns per page; lists page through the server with this.
 _PAGE_SIZE = 1000
 
 
-class AsyncClient:
-    """A connection to a Chronoplane server, to use as ``async with AsyncClient(address)``.
+class ProtoClient:
+    """A connection to a Chronoplane server whose calls return chronoplane.v1 messages.
 
-    ``timeout`` bounds each call, in seconds (None waits for ever). ``token`` is sent as
-    ``authorization: Bearer <token>`` on every call. ``tls_ca`` (a PEM file; or
-    ``tls=True`` for the system's roots) makes the channel TLS; ``tls_cert`` and ``tls_key``
-    add a client certificate (mTLS). A failed call raises a subclass of
-    :class:`chronoplane.client.errors.ChronoplaneError`.
-
-    A job's settings, in :meth:`create_job` and :meth:`update_job`: durations are timedeltas
-    or seconds; policies are enum values of ``chronoplane.v1.job_pb2`` or their lowercase
-    names.
-
-    - ``misfire_policy``: what happens to fires missed by more than ``misfire_grace``
-      (default 60 s): ``"skip"``, ``"run_once"`` (the default) or ``"run_all"``, at most
-      ``catchup_limit`` (default 10) of them, none older than ``catchup_window``.
-    - ``overlap_policy``: what a fire does when ``max_concurrent`` (default 1) runs are
-      going: ``"skip"`` (the default), ``"allow"``, ``"buffer_one"``, ``"buffer_all"`` or
-      ``"cancel_running"``.
-    - ``retry``: from :func:`retry_policy`; ``timeout``: runs longer than this end
-      TIMED_OUT; ``history_limit``: keep this many executions, the newest (0: no limit).
-    - ``celery``: run the job's executions on Celery workers, routed so (``task`` is then a
-      Celery task name registered with ``chronoplane.celery``; the server needs
-      ``celery_broker_url``).
+    It takes what :class:`chronoplane.client.AsyncClient` takes (which calls it and converts
+    the messages to dataclasses); its docstring explains the arguments and a job's settings.
     """
 
     def __init__(
@@ -84,7 +72,8 @@ class AsyncClient:
         interceptors: list[Any] | None = (
             [_BearerUnary(token), _BearerStream(token)] if token else None
         )
-        if tls or tls_ca or tls_cert:
+        self._tls = bool(tls or tls_ca or tls_cert)
+        if self._tls:
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=_read(tls_ca),
                 private_key=_read(tls_key),
@@ -109,7 +98,7 @@ class AsyncClient:
         try:
             return await rpc(request, timeout=self.timeout)
         except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error) from error
+            raise from_rpc_error(error, tls=self._tls) from error
 
     async def _pages(self, rpc: Any, request: Any, field: str, limit: int | None) -> list[Any]:
         """Every item of a list call (at most ``limit``), following page tokens."""
@@ -130,7 +119,7 @@ class AsyncClient:
         job_id: str = "",
         *,
         task: str,
-        trigger: job_pb2.Trigger,
+        trigger: Trigger | job_pb2.Trigger,
         args: Mapping[str, Any] | None = None,
         display_name: str = "",
         description: str = "",
@@ -141,13 +130,13 @@ class AsyncClient:
         catchup_limit: int = 0,
         overlap_policy: Overlap | None = None,
         max_concurrent: int = 0,
-        retry: job_pb2.RetryPolicy | None = None,
+        retry: RetryPolicy | job_pb2.RetryPolicy | None = None,
         timeout: timedelta | float | None = None,  # noqa: ASYNC109 - the job's, not the call's
         history_limit: int = 0,
         labels: Mapping[str, str] | None = None,
         request_id: str = "",
         coalesce: bool | None = None,
-        celery: job_pb2.CeleryOptions | None = None,
+        celery: CeleryOptions | job_pb2.CeleryOptions | None = None,
     ) -> job_pb2.Job:
         """Creates a job (the server picks its id when ``job_id`` is empty) and returns it.
 
@@ -222,7 +211,7 @@ class AsyncClient:
         *,
         etag: str = "",
         task: str | None = None,
-        trigger: job_pb2.Trigger | None = None,
+        trigger: Trigger | job_pb2.Trigger | None = None,
         args: Mapping[str, Any] | None = None,
         display_name: str | None = None,
         description: str | None = None,
@@ -232,7 +221,7 @@ class AsyncClient:
         catchup_limit: int | None = None,
         overlap_policy: Overlap | None = None,
         max_concurrent: int | None = None,
-        retry: job_pb2.RetryPolicy | None = None,
+        retry: RetryPolicy | job_pb2.RetryPolicy | None = None,
         timeout: timedelta | float | None = None,  # noqa: ASYNC109 - the job's, not the call's
         history_limit: int | None = None,
         labels: Mapping[str, str] | None = None,
@@ -352,7 +341,7 @@ class AsyncClient:
         self,
         *,
         job_id: str = "",
-        states: Iterable[execution_pb2.ExecutionState.ValueType] = (),
+        states: Iterable[ExecutionState | str | int] = (),
         scheduled_after: datetime | None = None,
         scheduled_before: datetime | None = None,
         limit: int | None = None,
@@ -360,7 +349,7 @@ class AsyncClient:
         """Executions, newest first: every one matching (or the first ``limit``)."""
         request = pb.ListExecutionsRequest(
             job_id=job_id,
-            states=states,
+            states=execution_states(states),
             scheduled_after=timestamp(scheduled_after) if scheduled_after else None,
             scheduled_before=timestamp(scheduled_before) if scheduled_before else None,
         )
@@ -400,7 +389,7 @@ class AsyncClient:
         self,
         *,
         job_ids: Iterable[str] = (),
-        states: Iterable[execution_pb2.ExecutionState.ValueType] = (),
+        states: Iterable[ExecutionState | str | int] = (),
         labels: Mapping[str, str] | None = None,
         after_cursor: int | None = None,
         snapshot: bool = False,
@@ -414,7 +403,10 @@ class AsyncClient:
         the gap is shorter than the server's event retention. Other errors are raised.
         """
         request = pb.WatchExecutionsRequest(
-            job_ids=list(job_ids), states=list(states), labels=dict(labels or {}), snapshot=snapshot
+            job_ids=list(job_ids),
+            states=execution_states(states),
+            labels=dict(labels or {}),
+            snapshot=snapshot,
         )
         if after_cursor is not None:
             request.after_cursor = after_cursor
@@ -459,7 +451,7 @@ class AsyncClient:
                     info is not None and info.reason == "WATCH_FELL_BEHIND"
                 )
                 if not resume or not resumable:
-                    raise from_rpc_error(error) from error
+                    raise from_rpc_error(error, tls=self._tls) from error
                 fresh = not request.HasField("after_cursor") and not request.snapshot
                 if fresh and info is not None and "cursor" in info.metadata:
                     request.after_cursor = int(info.metadata["cursor"])
@@ -507,11 +499,15 @@ class AsyncClient:
         return list(response.tasks)
 
     async def preview_trigger(
-        self, trigger: job_pb2.Trigger, *, count: int = 0, start_time: datetime | None = None
+        self,
+        trigger: Trigger | job_pb2.Trigger,
+        *,
+        count: int = 0,
+        start_time: datetime | None = None,
     ) -> list[datetime]:
         """The next ``count`` (0 means 10) fire times of a trigger after start_time (or now)."""
         request = pb.PreviewTriggerRequest(
-            trigger=trigger,
+            trigger=trigger_message(trigger),
             count=count,
             start_time=timestamp(start_time) if start_time else None,
         )

@@ -1,4 +1,4 @@
-"""Plain Python values to protobuf messages: triggers, policies, times, durations, arguments."""
+"""The SDK's values to protobuf messages: triggers, policies, times, durations, arguments."""
 
 from __future__ import annotations
 
@@ -8,7 +8,19 @@ from typing import Any, TypeAlias
 
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
-from chronoplane.v1 import job_pb2
+from chronoplane.client import models
+from chronoplane.client._from_proto import enum_value
+from chronoplane.client.models import (
+    CeleryOptions,
+    CronTrigger,
+    ExecutionState,
+    IntervalTrigger,
+    MisfirePolicy,
+    OverlapPolicy,
+    RetryPolicy,
+    Trigger,
+)
+from chronoplane.v1 import execution_pb2, job_pb2
 
 __all__ = [
     "MISFIRE_POLICIES",
@@ -16,21 +28,26 @@ __all__ = [
     "Misfire",
     "Overlap",
     "at",
+    "celery_message",
     "cron",
     "duration",
     "every",
+    "execution_states",
     "from_timestamp",
     "misfire_policy",
     "overlap_policy",
+    "retry_message",
     "retry_policy",
     "struct",
     "timestamp",
+    "trigger_message",
 ]
 
-Misfire: TypeAlias = job_pb2.MisfirePolicy.ValueType | str
-"""A misfire policy: ``job_pb2.MISFIRE_POLICY_RUN_ALL``, or its name, ``"run_all"``."""
-Overlap: TypeAlias = job_pb2.OverlapPolicy.ValueType | str
-"""An overlap policy: ``job_pb2.OVERLAP_POLICY_BUFFER_ALL``, or its name, ``"buffer_all"``."""
+Misfire: TypeAlias = MisfirePolicy | str | job_pb2.MisfirePolicy.ValueType
+"""A misfire policy: ``MisfirePolicy.RUN_ALL``, its name ``"run_all"``, or the proto value."""
+Overlap: TypeAlias = OverlapPolicy | str | job_pb2.OverlapPolicy.ValueType
+"""An overlap policy: ``OverlapPolicy.BUFFER_ALL``, its name ``"buffer_all"``, or the proto
+value."""
 
 # The policies by lowercase name: "skip", "run_once", "run_all"; "skip", "allow", ...
 MISFIRE_POLICIES: dict[str, job_pb2.MisfirePolicy.ValueType] = {
@@ -73,25 +90,85 @@ def struct(value: Mapping[str, Any]) -> struct_pb2.Struct:
     return message
 
 
-def _policy(value: int | str, names: Mapping[str, int], kind: str) -> int:
-    if isinstance(value, str):
-        try:
-            return names[value.lower().replace("-", "_")]
-        except KeyError:
-            choices = ", ".join(names)
-            raise ValueError(f"{value!r} is not a {kind} policy; one of: {choices}") from None
-    return value
-
-
 def misfire_policy(value: Misfire) -> job_pb2.MisfirePolicy.ValueType:
-    """A misfire policy given as an enum value or a name ("skip", "run_once", "run_all")."""
-    return job_pb2.MisfirePolicy.ValueType(_policy(value, MISFIRE_POLICIES, "misfire"))
+    """A misfire policy given as a member, a name ("skip", "run_once", "run_all") or a value."""
+    number = enum_value(MisfirePolicy, value, job_pb2.MisfirePolicy)
+    return job_pb2.MisfirePolicy.ValueType(number)
 
 
 def overlap_policy(value: Overlap) -> job_pb2.OverlapPolicy.ValueType:
-    """An overlap policy given as an enum value or a name ("skip", "allow", "buffer_one",
-    "buffer_all", "cancel_running")."""
-    return job_pb2.OverlapPolicy.ValueType(_policy(value, OVERLAP_POLICIES, "overlap"))
+    """An overlap policy given as a member, a name ("skip", "allow", "buffer_one",
+    "buffer_all", "cancel_running") or a value."""
+    number = enum_value(OverlapPolicy, value, job_pb2.OverlapPolicy)
+    return job_pb2.OverlapPolicy.ValueType(number)
+
+
+def execution_states(
+    states: Iterable[ExecutionState | str | int],
+) -> list[execution_pb2.ExecutionState.ValueType]:
+    """Execution states given as members, names or proto values, as proto values."""
+    return [
+        execution_pb2.ExecutionState.ValueType(
+            enum_value(ExecutionState, state, execution_pb2.ExecutionState)
+        )
+        for state in states
+    ]
+
+
+def _maybe(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    return timestamp(value) if value is not None else None
+
+
+def _maybe_duration(value: timedelta | None) -> duration_pb2.Duration | None:
+    return duration(value) if value else None
+
+
+def trigger_message(trigger: Trigger | job_pb2.Trigger) -> job_pb2.Trigger:
+    """A trigger (a CronTrigger, IntervalTrigger or DateTrigger) as a message."""
+    if isinstance(trigger, job_pb2.Trigger):
+        return trigger
+    jitter = _maybe_duration(trigger.jitter)
+    if isinstance(trigger, CronTrigger):
+        spec = job_pb2.CronTrigger(
+            expression=trigger.expression,
+            time_zone=trigger.time_zone,
+            start_time=_maybe(trigger.start_time),
+            end_time=_maybe(trigger.end_time),
+        )
+        return job_pb2.Trigger(cron=spec, jitter=jitter)
+    if isinstance(trigger, IntervalTrigger):
+        interval = job_pb2.IntervalTrigger(
+            every=duration(trigger.every),
+            start_time=_maybe(trigger.start_time),
+            end_time=_maybe(trigger.end_time),
+        )
+        return job_pb2.Trigger(interval=interval, jitter=jitter)
+    return job_pb2.Trigger(
+        date=job_pb2.DateTrigger(run_time=timestamp(trigger.run_time)), jitter=jitter
+    )
+
+
+def retry_message(retry: RetryPolicy | job_pb2.RetryPolicy) -> job_pb2.RetryPolicy:
+    if isinstance(retry, job_pb2.RetryPolicy):
+        return retry
+    return job_pb2.RetryPolicy(
+        max_attempts=retry.max_attempts,
+        initial_backoff=_maybe_duration(retry.initial_backoff),
+        backoff_multiplier=retry.backoff_multiplier,
+        max_backoff=_maybe_duration(retry.max_backoff),
+        retry_on=list(retry.retry_on),
+    )
+
+
+def celery_message(celery: CeleryOptions | job_pb2.CeleryOptions) -> job_pb2.CeleryOptions:
+    if isinstance(celery, job_pb2.CeleryOptions):
+        return celery
+    return job_pb2.CeleryOptions(
+        queue=celery.queue, routing_key=celery.routing_key, priority=celery.priority
+    )
+
+
+# The builders as messages, for chronoctl (the SDK takes the dataclasses).
 
 
 def retry_policy(
@@ -102,24 +179,16 @@ def retry_policy(
     max_backoff: timedelta | float | None = None,
     retry_on: Iterable[str] = (),
 ) -> job_pb2.RetryPolicy:
-    """Tries a failed or timed-out run again, up to ``max_attempts`` runs in all.
-
-    The first retry waits ``initial_backoff`` (default 1 s), each further one
-    ``backoff_multiplier`` (default 2) times longer, at most ``max_backoff`` (default 10 min).
-    ``retry_on`` limits retries to failures raising these exception classes ("ConnectionError",
-    "builtins.ConnectionError"; a timeout counts as "TimeoutError"); empty means any failure.
-    """
-    return job_pb2.RetryPolicy(
-        max_attempts=max_attempts,
-        initial_backoff=duration(initial_backoff) if initial_backoff is not None else None,
-        backoff_multiplier=backoff_multiplier,
-        max_backoff=duration(max_backoff) if max_backoff is not None else None,
-        retry_on=list(retry_on),
+    """:func:`chronoplane.client.retry_policy` as a message."""
+    return retry_message(
+        models.retry_policy(
+            max_attempts,
+            initial_backoff=initial_backoff,
+            backoff_multiplier=backoff_multiplier,
+            max_backoff=max_backoff,
+            retry_on=retry_on,
+        )
     )
-
-
-def _jitter(jitter: timedelta | float | None) -> duration_pb2.Duration | None:
-    return duration(jitter) if jitter else None
 
 
 def cron(
@@ -130,15 +199,8 @@ def cron(
     end: datetime | None = None,
     jitter: timedelta | float | None = None,
 ) -> job_pb2.Trigger:
-    """Fires when the cron expression matches, in the time zone (UTC when empty), never before
-    start nor after end; each run starts up to ``jitter`` (a timedelta or seconds) late."""
-    spec = job_pb2.CronTrigger(
-        expression=expression,
-        time_zone=time_zone,
-        start_time=timestamp(start) if start else None,
-        end_time=timestamp(end) if end else None,
-    )
-    return job_pb2.Trigger(cron=spec, jitter=_jitter(jitter))
+    """:func:`chronoplane.client.cron` as a message."""
+    return trigger_message(models.cron(expression, time_zone, start=start, end=end, jitter=jitter))
 
 
 def every(
@@ -148,18 +210,10 @@ def every(
     end: datetime | None = None,
     jitter: timedelta | float | None = None,
 ) -> job_pb2.Trigger:
-    """Fires every period (a timedelta or seconds), from start (or one period on) until end;
-    each run starts up to ``jitter`` late (less than the period)."""
-    interval = job_pb2.IntervalTrigger(
-        every=duration(period),
-        start_time=timestamp(start) if start else None,
-        end_time=timestamp(end) if end else None,
-    )
-    return job_pb2.Trigger(interval=interval, jitter=_jitter(jitter))
+    """:func:`chronoplane.client.every` as a message."""
+    return trigger_message(models.every(period, start=start, end=end, jitter=jitter))
 
 
 def at(when: datetime, *, jitter: timedelta | float | None = None) -> job_pb2.Trigger:
-    """Fires once, at an aware datetime (up to ``jitter`` later)."""
-    return job_pb2.Trigger(
-        date=job_pb2.DateTrigger(run_time=timestamp(when)), jitter=_jitter(jitter)
-    )
+    """:func:`chronoplane.client.at` as a message."""
+    return trigger_message(models.at(when, jitter=jitter))

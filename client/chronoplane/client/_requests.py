@@ -10,11 +10,15 @@ from typing import Any
 from chronoplane.client._convert import (
     Misfire,
     Overlap,
+    celery_message,
     duration,
     misfire_policy,
     overlap_policy,
+    retry_message,
     struct,
+    trigger_message,
 )
+from chronoplane.client.models import CeleryOptions, RetryPolicy, Trigger
 from chronoplane.v1 import execution_pb2, job_pb2
 from chronoplane.v1 import scheduler_service_pb2 as pb
 
@@ -30,7 +34,7 @@ def job_message(
     *,
     etag: str = "",
     task: str | None = None,
-    trigger: job_pb2.Trigger | None = None,
+    trigger: Trigger | job_pb2.Trigger | None = None,
     args: Mapping[str, Any] | None = None,
     display_name: str | None = None,
     description: str | None = None,
@@ -43,7 +47,7 @@ def job_message(
     catchup_window: timedelta | float | None = None,
     catchup_limit: int | None = None,
     overlap: Overlap | None = None,
-    retry: job_pb2.RetryPolicy | None = None,
+    retry: RetryPolicy | job_pb2.RetryPolicy | None = None,
     timeout: timedelta | float | None = None,
     history_limit: int | None = None,
 ) -> job_pb2.Job:
@@ -51,7 +55,7 @@ def job_message(
         id=job_id,
         etag=etag,
         task=task or "",
-        trigger=trigger,
+        trigger=trigger_message(trigger) if trigger is not None else None,
         args=struct(args) if args is not None else None,
         display_name=display_name or "",
         description=description or "",
@@ -67,16 +71,18 @@ def job_message(
         catchup_window=duration(catchup_window) if catchup_window else None,
         catchup_limit=catchup_limit or 0,
         overlap_policy=overlap_value(overlap),
-        retry=retry,
+        retry=retry_message(retry) if retry is not None else None,
         timeout=duration(timeout) if timeout else None,
         history_limit=history_limit or 0,
     )
 
 
-def with_celery(job: job_pb2.Job, celery: job_pb2.CeleryOptions | None) -> job_pb2.Job:
+def with_celery(
+    job: job_pb2.Job, celery: CeleryOptions | job_pb2.CeleryOptions | None
+) -> job_pb2.Job:
     if celery is not None:
         job.executor = execution_pb2.EXECUTOR_CELERY
-        job.celery.CopyFrom(celery)
+        job.celery.CopyFrom(celery_message(celery))
     return job
 
 

@@ -1,6 +1,6 @@
 """Typed errors: every failed call raises one, chosen by the gRPC status code.
 
-ChronoplaneError                      any failed call; .code, .message, .reason
+ChronoplaneError                      any failed call; .code, .message, .reason, .metadata
 ├── InvalidArgument (ValueError)      a bad request; .field_violations names each bad field
 ├── NotFound (LookupError)            the job or execution does not exist
 ├── AlreadyExists                     the job id is taken
@@ -8,16 +8,27 @@ ChronoplaneError                      any failed call; .code, .message, .reason
 │                                     database rolled the call back (STORAGE_CONFLICT): retry
 ├── FailedPrecondition                the state of things forbids the call: .reason is
 │                                     TASK_NOT_REGISTERED or EXECUTION_FINISHED
-├── Unavailable (ConnectionError)     the server, or its database, cannot be reached
+├── OutOfRange (IndexError)           a watch's after_cursor is outside the kept history;
+│                                     .oldest_cursor and .newest_cursor say what is kept
+├── ResourceExhausted                 a limit was reached: .limit names the setting
+│                                     (max_watchers, watch_buffer: .cursor to resume after)
+├── Unauthenticated (PermissionError) no token, or one the server does not know
+├── PermissionDenied (PermissionError) the token's role may not make the call
+├── Unavailable (ConnectionError)     the server, or its database, cannot be reached; reason
+│                                     TLS_MISMATCH when one side spoke TLS and the other not
 ├── DeadlineExceeded (TimeoutError)   no answer within the timeout
+├── Cancelled                         the call was cancelled (the channel was closed)
 ├── Unimplemented                     the server does not know the call (older version)
 └── Internal                          the server failed; its log has the details
 
-A status code with no class of its own (UNKNOWN, RESOURCE_EXHAUSTED, ...) raises
+``.metadata`` is the ErrorInfo's metadata the server attached (for example the error id of
+an INTERNAL error). A status code with no class of its own (UNKNOWN, DATA_LOSS) raises
 ChronoplaneError itself, with ``.code`` telling which.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -26,12 +37,17 @@ from grpc_status import rpc_status
 __all__ = [
     "Aborted",
     "AlreadyExists",
+    "Cancelled",
     "ChronoplaneError",
     "DeadlineExceeded",
     "FailedPrecondition",
     "Internal",
     "InvalidArgument",
     "NotFound",
+    "OutOfRange",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "Unauthenticated",
     "Unavailable",
     "Unimplemented",
     "error_info",
@@ -44,19 +60,30 @@ class ChronoplaneError(Exception):
 
     ``code`` is the gRPC status code, ``message`` the server's human-readable message and
     ``reason`` its machine-readable one (google.rpc.ErrorInfo, for example "JOB_NOT_FOUND"),
-    empty when the error did not come from a Chronoplane server.
+    empty when the error did not come from a Chronoplane server; ``metadata`` is the
+    ErrorInfo's metadata.
     """
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
     def __init__(
-        self, message: str, *, code: grpc.StatusCode | None = None, reason: str = ""
+        self,
+        message: str,
+        *,
+        code: grpc.StatusCode | None = None,
+        reason: str = "",
+        metadata: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.reason = reason
+        self.metadata = dict(metadata or {})
         if code is not None:
             self.code = code
+
+    def _cursor(self, key: str) -> int | None:
+        text = self.metadata.get(key, "")
+        return int(text) if text.lstrip("-").isdigit() else None
 
 
 class InvalidArgument(ChronoplaneError, ValueError):
@@ -70,9 +97,10 @@ class InvalidArgument(ChronoplaneError, ValueError):
         *,
         code: grpc.StatusCode | None = None,
         reason: str = "",
-        field_violations: dict[str, str] | None = None,
+        metadata: Mapping[str, str] | None = None,
+        field_violations: Mapping[str, str] | None = None,
     ) -> None:
-        super().__init__(message, code=code, reason=reason)
+        super().__init__(message, code=code, reason=reason, metadata=metadata)
         self.field_violations = dict(field_violations or {})
 
 
@@ -103,6 +131,55 @@ class FailedPrecondition(ChronoplaneError):
     """
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class OutOfRange(ChronoplaneError, IndexError):
+    """Raised when a watch's ``after_cursor`` is outside the event history the server keeps;
+    resume from ``oldest_cursor`` or ``newest_cursor``, or start again with a snapshot."""
+
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+    @property
+    def oldest_cursor(self) -> int | None:
+        return self._cursor("oldest_cursor")
+
+    @property
+    def newest_cursor(self) -> int | None:
+        return self._cursor("newest_cursor")
+
+
+class ResourceExhausted(ChronoplaneError):
+    """Raised when a limit of the server was reached; ``limit`` names its setting
+    ("max_watchers", "watch_buffer"; empty for grpc's own, such as the message size).
+    A watch that fell behind (reason WATCH_FELL_BEHIND) resumes after ``cursor``."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    @property
+    def limit(self) -> str:
+        return self.metadata.get("limit", "")
+
+    @property
+    def cursor(self) -> int | None:
+        return self._cursor("cursor")
+
+
+class Unauthenticated(ChronoplaneError, PermissionError):
+    """Raised when the call has no token, or one the server does not know (or has revoked)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ChronoplaneError, PermissionError):
+    """Raised when the caller's role may not make the call; the message names the role."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Cancelled(ChronoplaneError):
+    """Raised when the call was cancelled before it ended, e.g. by closing the client."""
+
+    code = grpc.StatusCode.CANCELLED
 
 
 class Unavailable(ChronoplaneError, ConnectionError):
@@ -137,6 +214,11 @@ _BY_CODE: dict[grpc.StatusCode, type[ChronoplaneError]] = {
         AlreadyExists,
         Aborted,
         FailedPrecondition,
+        OutOfRange,
+        ResourceExhausted,
+        Unauthenticated,
+        PermissionDenied,
+        Cancelled,
         Unavailable,
         DeadlineExceeded,
         Unimplemented,
@@ -162,11 +244,6 @@ def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | Non
     return None
 
 
-def _reason(status: status_pb2.Status) -> str:
-    info = error_details_pb2.ErrorInfo()
-    return next((info.reason for detail in status.details if detail.Unpack(info)), "")
-
-
 def _field_violations(status: status_pb2.Status) -> dict[str, str]:
     found: dict[str, str] = {}
     bad = error_details_pb2.BadRequest()
@@ -176,14 +253,45 @@ def _field_violations(status: status_pb2.Status) -> dict[str, str]:
     return found
 
 
-def from_rpc_error(error: grpc.aio.AioRpcError) -> ChronoplaneError:
-    """The typed error for a failed call, with the details the server attached."""
+# What grpc says when one side of a connection spoke TLS and the other did not.
+_PLAINTEXT_TO_TLS = ("Socket closed", "Connection reset by peer")
+_TLS_TO_PLAINTEXT = ("WRONG_VERSION_NUMBER", "handshake failed", "Handshake failed")
+
+
+def _tls_mismatch(details: str, tls: bool | None) -> str:
+    """Why the connection failed, when it looks like a TLS/plaintext mismatch; else ""."""
+    if tls is False and any(sign in details for sign in _PLAINTEXT_TO_TLS):
+        return (
+            "the server closed the connection as it opened: if it serves TLS, connect with "
+            "TLS (tls=True or tls_ca=...; chronoctl: CHRONOPLANE_TLS_CA)"
+        )
+    if tls and any(sign in details for sign in _TLS_TO_PLAINTEXT):
+        return (
+            "the TLS handshake failed: if the server speaks plaintext (started without "
+            "tls_cert), connect without TLS; otherwise check its certificate and tls_ca"
+        )
+    return ""
+
+
+def from_rpc_error(error: grpc.aio.AioRpcError, *, tls: bool | None = None) -> ChronoplaneError:
+    """The typed error for a failed call, with the details the server attached.
+
+    ``tls`` says whether the channel was TLS, to explain an UNAVAILABLE that comes from
+    talking TLS to a plaintext port, or plaintext to a TLS one.
+    """
     code = error.code()
     message = error.details() or code.name
     status = _rich_status(error)
-    reason = _reason(status) if status else ""
+    info = error_info(error) or error_details_pb2.ErrorInfo()
+    reason, metadata = info.reason, dict(info.metadata)
+    if code == grpc.StatusCode.UNAVAILABLE and not reason:
+        why = _tls_mismatch(message, tls)
+        if why:
+            message, reason = f"{message}: {why}", "TLS_MISMATCH"
     kind = _BY_CODE.get(code, ChronoplaneError)
     if kind is InvalidArgument:
         violations = _field_violations(status) if status else {}
-        return InvalidArgument(message, reason=reason, field_violations=violations)
-    return kind(message, code=code, reason=reason)
+        return InvalidArgument(
+            message, reason=reason, metadata=metadata, field_violations=violations
+        )
+    return kind(message, code=code, reason=reason, metadata=metadata)

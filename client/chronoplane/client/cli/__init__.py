@@ -19,7 +19,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from chronoplane.client._client import AsyncClient
+from chronoplane.client._client import ProtoClient
 from chronoplane.client.cli import audit, executions, instances, jobs, status, tasks
 from chronoplane.client.cli.output import add_globals, render
 from chronoplane.client.errors import ChronoplaneError, InvalidArgument
@@ -56,7 +56,7 @@ async def _run(args: argparse.Namespace) -> Message:
     current = asyncio.current_task()
     assert current is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGINT, current.cancel)
-    client = AsyncClient(
+    client = ProtoClient(
         args.address,
         token=os.environ.get("CHRONOPLANE_TOKEN") or None,
         tls_ca=os.environ.get("CHRONOPLANE_TLS_CA") or None,

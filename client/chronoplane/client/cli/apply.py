@@ -26,11 +26,10 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
 from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import Message
 
-from chronoplane.client._client import AsyncClient
+from chronoplane.client._client import ProtoClient
 from chronoplane.client.errors import InvalidArgument
 from chronoplane.v1 import job_pb2
 
@@ -121,16 +120,28 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _yaml(path: str, text: str) -> Any:
+    # PyYAML is the client's one optional dependency: chronoplane-client[yaml].
+    try:
+        import yaml
+    except ModuleNotFoundError:
+        raise _problem(
+            path,
+            "is not JSON, and reading YAML needs PyYAML: pip install 'chronoplane-client[yaml]'",
+        ) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise _problem(path, f"is neither JSON nor YAML: {error}") from None
+
+
 def load(path: str) -> list[Any]:
     """The file's list of jobs, as JSON values."""
     text = sys.stdin.read() if path == "-" else Path(path).read_text()
     try:
         document = json.loads(text)
     except json.JSONDecodeError:
-        try:
-            document = _plain(yaml.safe_load(text))
-        except yaml.YAMLError as error:
-            raise _problem(path, f"is neither JSON nor YAML: {error}") from None
+        document = _plain(_yaml(path, text))
     if isinstance(document, dict) and set(document) == {"jobs"}:
         document = document["jobs"]
     elif isinstance(document, dict) and set(document) == {"job"}:  # `jobs get --json`
@@ -215,7 +226,7 @@ def plan(jobs: Sequence[Wanted], current: Iterable[job_pb2.Job], *, prune: bool)
 # -- carrying it out ------------------------------------------------------------------------
 
 
-async def _update(client: AsyncClient, job: job_pb2.Job, fields: list[str]) -> None:
+async def _update(client: ProtoClient, job: job_pb2.Job, fields: list[str]) -> None:
     etag = job.etag
     mask = [name for name in fields if name != "paused"]
     if mask:
@@ -227,7 +238,7 @@ async def _update(client: AsyncClient, job: job_pb2.Job, fields: list[str]) -> N
             await client.resume_job(job.id, etag=etag)
 
 
-async def carry_out(client: AsyncClient, todo: Plan) -> None:
+async def carry_out(client: ProtoClient, todo: Plan) -> None:
     for start in range(0, len(todo.create), BATCH):
         await client.batch_create_jobs(todo.create[start : start + BATCH])
     for job, fields in todo.update:
@@ -236,7 +247,7 @@ async def carry_out(client: AsyncClient, todo: Plan) -> None:
         await client.delete_job(job.id, etag=job.etag)
 
 
-async def apply(client: AsyncClient, args: argparse.Namespace) -> Message:
+async def apply(client: ProtoClient, args: argparse.Namespace) -> Message:
     jobs = wanted(load(args.file))
     todo = plan(jobs, await client.list_jobs(), prune=args.prune)
     if not args.dry_run:

@@ -7,7 +7,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from chronoplane.client._client import AsyncClient
+from chronoplane.client._client import ProtoClient
 from chronoplane.client.cli.args import when
 from chronoplane.client.cli.output import command, table, time
 from chronoplane.v1 import scheduler_service_pb2 as pb
@@ -15,7 +15,7 @@ from chronoplane.v1 import scheduler_service_pb2 as pb
 __all__ = ["RENDERERS", "add_commands"]
 
 
-async def _audit(client: AsyncClient, args: argparse.Namespace) -> Message:
+async def _audit(client: ProtoClient, args: argparse.Namespace) -> Message:
     events = await client.list_audit_events(
         principal=args.principal,
         rpc=args.rpc,

@@ -7,7 +7,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from chronoplane.client._client import AsyncClient
+from chronoplane.client._client import ProtoClient
 from chronoplane.client.cli.args import STATES, add_state_option, when
 from chronoplane.client.cli.output import (
     command,
@@ -27,22 +27,22 @@ from chronoplane.v1 import scheduler_service_pb2 as pb
 __all__ = ["RENDERERS", "add_commands", "execution_text", "executions_table"]
 
 
-async def _list(client: AsyncClient, args: argparse.Namespace) -> Message:
+async def _list(client: ProtoClient, args: argparse.Namespace) -> Message:
     executions = await client.list_executions(
         job_id=args.job, states=[STATES[name] for name in args.state], limit=args.limit
     )
     return pb.ListExecutionsResponse(executions=executions)
 
 
-async def _get(client: AsyncClient, args: argparse.Namespace) -> Message:
+async def _get(client: ProtoClient, args: argparse.Namespace) -> Message:
     return await client.get_execution(args.id)
 
 
-async def _cancel(client: AsyncClient, args: argparse.Namespace) -> Message:
+async def _cancel(client: ProtoClient, args: argparse.Namespace) -> Message:
     return await client.cancel_execution(args.id, reason=args.reason)
 
 
-async def _purge(client: AsyncClient, args: argparse.Namespace) -> Message:
+async def _purge(client: ProtoClient, args: argparse.Namespace) -> Message:
     purged = await client.purge_executions(
         job_id=args.job, older_than=args.older_than, keep_last=args.keep_last
     )

@@ -7,14 +7,14 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from chronoplane.client._client import AsyncClient
+from chronoplane.client._client import ProtoClient
 from chronoplane.client.cli.output import command, table, time
 from chronoplane.v1 import scheduler_service_pb2 as pb
 
 __all__ = ["RENDERERS", "add_commands"]
 
 
-async def _instances(client: AsyncClient, args: argparse.Namespace) -> Message:
+async def _instances(client: ProtoClient, args: argparse.Namespace) -> Message:
     return pb.ListInstancesResponse(instances=await client.list_instances())
 
 

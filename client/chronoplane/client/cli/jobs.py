@@ -9,7 +9,7 @@ from typing import Any
 from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 
-from chronoplane.client._client import AsyncClient
+from chronoplane.client._client import ProtoClient
 from chronoplane.client._convert import MISFIRE_POLICIES, OVERLAP_POLICIES, retry_policy
 from chronoplane.client.cli.apply import __doc__ as apply_doc
 from chronoplane.client.cli.apply import applied_text, apply
@@ -47,15 +47,15 @@ __all__ = ["RENDERERS", "add_commands", "job_text"]
 # -- the commands ---------------------------------------------------------------------------
 
 
-async def _list(client: AsyncClient, args: argparse.Namespace) -> Message:
+async def _list(client: ProtoClient, args: argparse.Namespace) -> Message:
     return pb.ListJobsResponse(jobs=await client.list_jobs())
 
 
-async def _get(client: AsyncClient, args: argparse.Namespace) -> Message:
+async def _get(client: ProtoClient, args: argparse.Namespace) -> Message:
     return await client.get_job(args.id)
 
 
-async def _create(client: AsyncClient, args: argparse.Namespace) -> Message:
+async def _create(client: ProtoClient, args: argparse.Namespace) -> Message:
     return await client.create_job(
         args.id,
         task=args.task,
@@ -108,15 +108,15 @@ def _check_create(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error("--queue, --routing-key and --priority go with --celery")
 
 
-async def _pause(client: AsyncClient, args: argparse.Namespace) -> Message:
+async def _pause(client: ProtoClient, args: argparse.Namespace) -> Message:
     return await client.pause_job(args.id)
 
 
-async def _resume(client: AsyncClient, args: argparse.Namespace) -> Message:
+async def _resume(client: ProtoClient, args: argparse.Namespace) -> Message:
     return await client.resume_job(args.id)
 
 
-async def _delete(client: AsyncClient, args: argparse.Namespace) -> Message:
+async def _delete(client: ProtoClient, args: argparse.Namespace) -> Message:
     await client.delete_job(args.id)
     return pb.DeleteJobResponse()
 
@@ -128,13 +128,13 @@ def _render_delete(response: Message, args: argparse.Namespace) -> str:
     return f"deleted job {args.id} and its execution history"
 
 
-async def _trigger(client: AsyncClient, args: argparse.Namespace) -> Message:
+async def _trigger(client: ProtoClient, args: argparse.Namespace) -> Message:
     return await client.trigger_job(
         args.id, args=args.args, request_id=args.request_id, overlap_policy=args.overlap
     )
 
 
-async def _backfill(client: AsyncClient, args: argparse.Namespace) -> Message:
+async def _backfill(client: ProtoClient, args: argparse.Namespace) -> Message:
     return await client.backfill_job(
         args.id, start=args.start, end=args.end, overlap_policy=args.overlap
     )

@@ -13,7 +13,7 @@ from typing import Any
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from chronoplane.client._client import AsyncClient
+from chronoplane.client._client import ProtoClient
 from chronoplane.client._convert import from_timestamp
 from chronoplane.v1 import execution_pb2, job_pb2
 
@@ -40,7 +40,7 @@ __all__ = [
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
-Run = Callable[[AsyncClient, argparse.Namespace], Awaitable[Message]]
+Run = Callable[[ProtoClient, argparse.Namespace], Awaitable[Message]]
 Check = Callable[[argparse.ArgumentParser, argparse.Namespace], None]
 Renderers = dict[type[Message], Callable[[Any], str]]
 

@@ -18,7 +18,7 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import Message
 
-from chronoplane.client._client import AsyncClient
+from chronoplane.client._client import ProtoClient
 from chronoplane.client._convert import from_timestamp
 from chronoplane.client.cli.output import command, fields, integral, span, table
 from chronoplane.v1 import execution_pb2 as epb
@@ -35,7 +35,7 @@ DUE_WITHIN = timedelta(minutes=1)
 FAILED_WITHIN = timedelta(hours=1)
 
 
-async def _status(client: AsyncClient, args: argparse.Namespace) -> Message:
+async def _status(client: ProtoClient, args: argparse.Namespace) -> Message:
     now = datetime.now(UTC)
     instances, jobs, running, pending, failed = await asyncio.gather(
         client.list_instances(),

@@ -7,7 +7,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from chronoplane.client._client import AsyncClient
+from chronoplane.client._client import ProtoClient
 from chronoplane.client._convert import from_timestamp, timestamp
 from chronoplane.client.cli.args import add_trigger_options, trigger_of
 from chronoplane.client.cli.output import command, table
@@ -16,11 +16,11 @@ from chronoplane.v1 import scheduler_service_pb2 as pb
 __all__ = ["RENDERERS", "add_commands"]
 
 
-async def _tasks(client: AsyncClient, args: argparse.Namespace) -> Message:
+async def _tasks(client: ProtoClient, args: argparse.Namespace) -> Message:
     return pb.ListTasksResponse(tasks=await client.list_tasks())
 
 
-async def _preview(client: AsyncClient, args: argparse.Namespace) -> Message:
+async def _preview(client: ProtoClient, args: argparse.Namespace) -> Message:
     times = await client.preview_trigger(trigger_of(args), count=args.count)
     return pb.PreviewTriggerResponse(fire_times=[timestamp(t) for t in times])
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from chronoplane.client._client import AsyncClient
+from chronoplane.client._client import ProtoClient
 from chronoplane.client.cli.args import STATES, label
 from chronoplane.client.cli.output import proto_json, state
 from chronoplane.v1 import scheduler_service_pb2 as pb
@@ -47,7 +47,7 @@ def add_watch_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress", action="store_true", help="print progress events too")
 
 
-async def watch_executions(client: AsyncClient, args: argparse.Namespace) -> Message:
+async def watch_executions(client: ProtoClient, args: argparse.Namespace) -> Message:
     events = client.watch_executions(
         job_ids=args.job,
         states=[STATES[name] for name in args.state],
@@ -58,7 +58,7 @@ async def watch_executions(client: AsyncClient, args: argparse.Namespace) -> Mes
     return await _print_events(events, args)
 
 
-async def watch_jobs(client: AsyncClient, args: argparse.Namespace) -> Message:
+async def watch_jobs(client: ProtoClient, args: argparse.Namespace) -> Message:
     events = client.watch_jobs(
         job_ids=args.job, labels=dict(args.label), after_cursor=args.after, snapshot=args.snapshot
     )
