@@ -597,7 +597,7 @@ async def test_cli_json_is_proto3_json_with_camel_case_keys(server: InProcessSer
         "--max-concurrent",
         "2",
     )
-    job = json.loads(await ok(address, "--json", "jobs", "get", "j"))
+    job = json.loads(await ok(address, "--json", "jobs", "get", "j"))["job"]
     assert job["trigger"]["cron"] == {
         "expression": "0 3 * * *",
         "timeZone": "Europe/Berlin",
@@ -698,7 +698,7 @@ async def test_cli_create_with_policies_shows_them(server: InProcessServer) -> N
     )
     assert shown["timeout"] == "1h" and shown["history limit"] == "500"
 
-    job = json.loads(await ok(address, "--json", "jobs", "get", "nightly"))
+    job = json.loads(await ok(address, "--json", "jobs", "get", "nightly"))["job"]
     assert job["misfirePolicy"] == "MISFIRE_POLICY_RUN_ALL"
     assert job["overlapPolicy"] == "OVERLAP_POLICY_BUFFER_ONE"
     assert job["retry"]["retryOn"] == ["ConnectionError", "TimeoutError"]

@@ -154,6 +154,28 @@ async def test_an_execution_is_streamed_from_creation_to_its_end(
     await watcher.close()
 
 
+@pytest.mark.parametrize("task", ["chronoplane.echo", "test.add"])
+async def test_an_executions_start_time_is_the_same_in_the_reply_events_and_get(
+    watch_server: InProcessServer, task: str
+) -> None:
+    """An async task, and a synchronous one that goes through the thread pool."""
+    server = watch_server
+    await create(server.stub, "timed", task=task, args=struct(a=1, b=2), paused=True)
+    watcher = Collector(server.stub.WatchExecutions(pb.WatchExecutionsRequest()))
+    await registered(server, 1)
+    execution = await trigger(server, "timed")
+    assert execution.state == epb.EXECUTION_STATE_RUNNING and execution.HasField("start_time")
+    await watcher.until(
+        lambda c: any(finished(e.execution.state) for e in c.changes()), what="its end"
+    )
+    got = (await server.stub.GetExecution(pb.GetExecutionRequest(id=execution.id))).execution
+    assert got.state == epb.EXECUTION_STATE_SUCCEEDED
+    seen = [execution, *(e.execution for e in watcher.changes()), got]
+    assert {e.start_time.ToJsonString() for e in seen} == {execution.start_time.ToJsonString()}
+    assert got.end_time.ToDatetime() - got.start_time.ToDatetime() == got.duration.ToTimedelta()
+    await watcher.close()
+
+
 async def test_job_changes_are_streamed_with_the_job_as_it_is(
     watch_server: InProcessServer,
 ) -> None:

@@ -299,7 +299,10 @@ class Execution(_message.Message):
 
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
-        """When the task started; empty if it never started."""
+        """When the execution became RUNNING; empty if it never did. It is set once: TriggerJob's
+        reply, watch events and GetExecution show the same time (a synchronous task may wait for
+        a worker thread after it; that wait counts in the duration).
+        """
 
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:

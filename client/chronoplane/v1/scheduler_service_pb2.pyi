@@ -1056,7 +1056,10 @@ class WatchExecutionsResponse(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     EXECUTION_FIELD_NUMBER: _builtins.int
     cursor: _builtins.int
-    """The event's position in the cluster's event history; increases strictly along a stream."""
+    """The event's position in the cluster's event history; increases strictly from change to
+    change along a stream. A PROGRESS event repeats the cursor before it when nothing at all
+    happened since, and moves past the events the filter left out otherwise.
+    """
     kind: Global___WatchEventKind.ValueType
     """What happened."""
     @_builtins.property
@@ -1148,7 +1151,9 @@ class WatchJobsResponse(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     JOB_FIELD_NUMBER: _builtins.int
     cursor: _builtins.int
-    """The event's position in the cluster's event history (shared with WatchExecutions)."""
+    """The event's position in the cluster's event history (shared with WatchExecutions); as
+    there, a PROGRESS event may repeat the cursor before it.
+    """
     kind: Global___WatchEventKind.ValueType
     """What happened."""
     @_builtins.property

@@ -15,7 +15,13 @@ import traceback
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
-from chronoplane.server.config import ConfigError, Settings, add_arguments, load_settings
+from chronoplane.server.config import (
+    ConfigError,
+    Settings,
+    add_arguments,
+    add_database_arguments,
+    load_settings,
+)
 from chronoplane.server.errors import AlreadyExists, InstanceConflict, StorageUnavailable
 from chronoplane.server.models import AuditEvent, JSONObject
 
@@ -42,12 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--expires-in", type=_days, metavar="DAYS", help="it stops working after DAYS days"
     )
-    add_arguments(create)
+    add_database_arguments(create)
     listing = tokens.add_parser("list", help="list tokens (never their secrets)")
-    add_arguments(listing)
+    add_database_arguments(listing)
     revoke = tokens.add_parser("revoke", help="revoke a token (within 5 s on every server)")
     revoke.add_argument("name")
-    add_arguments(revoke)
+    add_database_arguments(revoke)
     return parser
 
 
@@ -177,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = load_settings(args)
+        if args.command == "serve":  # before anything starts: a wrong --tasks is one line
+            from chronoplane.server.tasks import load_modules
+
+            load_modules(settings.tasks)
     except ConfigError as error:
         print(f"chronoplane: {error}", file=sys.stderr)  # noqa: T201
         return 2

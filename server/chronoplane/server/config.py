@@ -12,7 +12,13 @@ from typing import Any
 
 from chronoplane.server.validation import FieldLimits
 
-__all__ = ["ConfigError", "Settings", "add_arguments", "load_settings"]
+__all__ = [
+    "ConfigError",
+    "Settings",
+    "add_arguments",
+    "add_database_arguments",
+    "load_settings",
+]
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///chronoplane.db"
 
@@ -324,14 +330,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_basic_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of the server: address, database, tasks, runs, logs."""
+def add_database_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of commands that only open the database: --config and --database-url."""
     parser.add_argument("--config", help="TOML settings file (env CHRONOPLANE_CONFIG)")
-    parser.add_argument("--address", help="HOST:PORT to listen on (default 127.0.0.1:50051)")
     parser.add_argument(
         "--database-url",
         help="sqlite+aiosqlite:///path or postgresql+asyncpg://… (default ./chronoplane.db)",
     )
+
+
+def _add_basic_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of the server: address, database, tasks, runs, logs."""
+    add_database_arguments(parser)
+    parser.add_argument("--address", help="HOST:PORT to listen on (default 127.0.0.1:50051)")
     parser.add_argument(
         "--tasks",
         action="append",

@@ -20,10 +20,14 @@ import asyncio
 import contextvars
 import importlib
 import inspect
+import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
+
+from chronoplane.server.config import ConfigError
 
 __all__ = [
     "ExecutionContext",
@@ -112,9 +116,27 @@ def task(name: str | None = None, *, description: str = "") -> Callable[[F], F]:
 
 
 def load_modules(modules: list[str]) -> None:
-    """Imports the task modules named on the command line; their decorators register them."""
+    """Imports the task modules named on the command line; their decorators register them.
+
+    As ``celery -A`` does, the working directory comes first on ``sys.path``, so that
+    ``--tasks myapp.tasks`` finds ``./myapp/tasks.py``. A module that is not there is a
+    ``ConfigError`` naming the flag; an import that fails inside the module keeps its
+    traceback, which says where.
+    """
+    cwd = os.getcwd()
+    if modules and cwd not in sys.path:
+        sys.path.insert(0, cwd)
     for module in modules:
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            if error.name is None or not _is_prefix(error.name, module):
+                raise
+            raise ConfigError(f"--tasks {module}: no module named {error.name!r}") from None
+
+
+def _is_prefix(package: str, module: str) -> bool:
+    return module == package or module.startswith(package + ".")
 
 
 @task("chronoplane.echo", description="Returns its arguments; useful to try things out.")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -51,6 +52,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _run(args: argparse.Namespace) -> Message:
+    # Ctrl-C cancels the command, so that its channel is closed before the loop ends (a
+    # KeyboardInterrupt through asyncio.run leaves grpc's shutdown to print a traceback).
+    current = asyncio.current_task()
+    assert current is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGINT, current.cancel)
     client = ProtoClient(
         args.address,
         token=os.environ.get("CHRONOPLANE_TOKEN") or None,
@@ -91,13 +97,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ChronoplaneError as error:
         _report(error)
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         return 130
     except BrokenPipeError:  # chronoctl executions watch | head
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     if args.render is not None:  # a command that prints its answer its own way
-        text = args.render(message, args.output)
+        text = args.render(message, args)
     else:
         text = render(message, args.output, _RENDERERS)
     if text:

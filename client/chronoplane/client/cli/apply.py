@@ -144,6 +144,8 @@ def load(path: str) -> list[Any]:
         document = _plain(_yaml(path, text))
     if isinstance(document, dict) and set(document) == {"jobs"}:
         document = document["jobs"]
+    elif isinstance(document, dict) and set(document) == {"job"}:  # `jobs get --json`
+        document = [document]
     if document is None:
         document = []
     if not isinstance(document, list):
@@ -156,6 +158,8 @@ def wanted(entries: Sequence[Any]) -> list[Wanted]:
     seen: dict[str, int] = {}
     for n, entry in enumerate(entries):
         where = f"jobs[{n}]"
+        if isinstance(entry, dict) and set(entry) == {"job"}:  # as `jobs get --json` prints
+            entry = entry["job"]
         if not isinstance(entry, dict):
             raise _problem(where, "is not an object")
         names = {_BY_JSON_NAME.get(str(key), str(key)) for key in entry}

@@ -31,6 +31,7 @@ from chronoplane.client.cli.output import (
     nothing,
     optional_span,
     plural,
+    proto_json,
     span,
     state,
     table,
@@ -120,6 +121,13 @@ async def _delete(client: ProtoClient, args: argparse.Namespace) -> Message:
     return pb.DeleteJobResponse()
 
 
+def _render_delete(response: Message, args: argparse.Namespace) -> str:
+    """grpcurl's empty object for scripts; for people, what is gone."""
+    if args.output == "json":
+        return proto_json(response)
+    return f"deleted job {args.id} and its execution history"
+
+
 async def _trigger(client: ProtoClient, args: argparse.Namespace) -> Message:
     return await client.trigger_job(
         args.id, args=args.args, request_id=args.request_id, overlap_policy=args.overlap
@@ -145,9 +153,11 @@ def add_commands(group: Any) -> None:
     for name, run, summary in [
         ("pause", _pause, "stop a job from firing"),
         ("resume", _resume, "let a paused job fire again"),
-        ("delete", _delete, "delete a job and its execution history"),
     ]:
         command(group, name, run, summary).add_argument("id", metavar="ID")
+    delete = command(group, "delete", _delete, "delete a job and its execution history")
+    delete.add_argument("id", metavar="ID")
+    delete.set_defaults(render=_render_delete)
     trigger = command(group, "trigger", _trigger, "run a job now")
     trigger.add_argument("id", metavar="ID")
     trigger.add_argument("--args", type=json_object, metavar="JSON", help="instead of the job's")

@@ -15,7 +15,7 @@ from google.protobuf.message import Message
 
 from chronoplane.client._client import ProtoClient
 from chronoplane.client._convert import from_timestamp
-from chronoplane.v1 import execution_pb2
+from chronoplane.v1 import execution_pb2, job_pb2
 
 __all__ = [
     "DEFAULT_ADDRESS",
@@ -29,6 +29,7 @@ __all__ = [
     "nothing",
     "optional_span",
     "plural",
+    "proto_json",
     "render",
     "source",
     "span",
@@ -88,8 +89,21 @@ def command(
 
 def render(message: Message, output: str, renderers: Renderers) -> str:
     if output == "json":
-        return json_format.MessageToJson(message)
+        return proto_json(message)
     return renderers[type(message)](message)
+
+
+# The responses that carry one job or execution name it so; chronoctl prints the same.
+_ENVELOPES: dict[type[Message], str] = {job_pb2.Job: "job", execution_pb2.Execution: "execution"}
+
+
+def proto_json(message: Message, *, indent: int | None = 2) -> str:
+    """What grpcurl prints for the RPC's response: proto3 JSON (camelCase, enums by name), a
+    lone job or execution inside its response's ``{"job": …}``, and whole doubles as the
+    integers Go prints (``2``, not ``2.0``)."""
+    value = integral(json_format.MessageToDict(message))
+    envelope = _ENVELOPES.get(type(message))
+    return json.dumps({envelope: value} if envelope else value, indent=indent, ensure_ascii=False)
 
 
 # -- pieces of text -------------------------------------------------------------------------

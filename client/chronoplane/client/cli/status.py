@@ -122,10 +122,10 @@ def _oldest(pending: list[epb.Execution], now: datetime, more: bool) -> dict[str
 # -- the output -----------------------------------------------------------------------------
 
 
-def _render(message: struct_pb2.Struct, output: str) -> str:
+def _render(message: struct_pb2.Struct, args: argparse.Namespace) -> str:
     """Text for people; for scripts, JSON with whole numbers as integers and keys sorted."""
     values: Mapping[str, Any] = integral(json_format.MessageToDict(message))
-    if output == "json":
+    if args.output == "json":
         return json.dumps(values, indent=2, sort_keys=True)
     return _text(values)
 

@@ -8,12 +8,11 @@ import argparse
 import sys
 from typing import Any
 
-from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from chronoplane.client._client import ProtoClient
 from chronoplane.client.cli.args import STATES, label
-from chronoplane.client.cli.output import state
+from chronoplane.client.cli.output import proto_json, state
 from chronoplane.v1 import scheduler_service_pb2 as pb
 
 __all__ = ["add_watch_options", "event_line", "watch_executions", "watch_jobs"]
@@ -78,7 +77,7 @@ async def _print_events(events: Any, args: argparse.Namespace) -> Message:
 
 def event_line(event: pb.WatchExecutionsResponse | pb.WatchJobsResponse, *, json: bool) -> str:
     if json:
-        return json_format.MessageToJson(event, indent=None)
+        return proto_json(event, indent=None)
     head = f"{event.cursor:>8}  {_KIND_WORDS.get(event.kind, '?'):<8}"
     if event.kind == pb.WATCH_EVENT_KIND_SNAPSHOT_END:
         return head.rstrip()

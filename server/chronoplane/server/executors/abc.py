@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from chronoplane.server.models import JSONObject
@@ -14,10 +12,7 @@ from chronoplane.server.tasks import TaskDefinition
 if TYPE_CHECKING:
     from chronoplane.server.storage.abc import Dispatch
 
-__all__ = ["Broker", "BrokerError", "Executor", "StartCallback", "Work"]
-
-StartCallback = Callable[[datetime], None]
-"""Told, on the event loop, the moment the task's code begins."""
+__all__ = ["Broker", "BrokerError", "Executor", "Work"]
 
 
 class Work(ABC):
@@ -41,8 +36,9 @@ class Work(ABC):
 
 class Executor(ABC):
     @abstractmethod
-    def start(self, task: TaskDefinition, args: JSONObject, on_start: StartCallback) -> Work:
-        """Starts the task; must be called on the event loop."""
+    def start(self, task: TaskDefinition, args: JSONObject) -> Work:
+        """Starts the task; must be called on the event loop. A synchronous task may wait for
+        a worker thread; the execution is RUNNING, and its start time set, before that."""
 
     @abstractmethod
     def busy(self) -> int:

@@ -7,10 +7,9 @@ import contextlib
 import contextvars
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import UTC, datetime
 from typing import Any
 
-from chronoplane.server.executors.abc import Executor, StartCallback, Work
+from chronoplane.server.executors.abc import Executor, Work
 from chronoplane.server.models import JSONObject
 from chronoplane.server.tasks import TaskDefinition
 
@@ -70,27 +69,19 @@ class InlineExecutor(Executor):
         self._busy = 0
         self._lock = threading.Lock()
 
-    def start(self, task: TaskDefinition, args: JSONObject, on_start: StartCallback) -> Work:
+    def start(self, task: TaskDefinition, args: JSONObject) -> Work:
         if task.is_async:
-            on_start(datetime.now(UTC))
             return _AsyncWork(asyncio.ensure_future(task.func(**args)))
         loop = asyncio.get_running_loop()
         # The thread sees the caller's context variables (current_execution, say).
         context = contextvars.copy_context()
-        future = self._pool.submit(context.run, self._call, loop, task, args, on_start)
+        future = self._pool.submit(context.run, self._call, task, args)
         return _ThreadWork(loop, future)
 
-    def _call(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        task: TaskDefinition,
-        args: JSONObject,
-        on_start: StartCallback,
-    ) -> Any:
+    def _call(self, task: TaskDefinition, args: JSONObject) -> Any:
         with self._lock:
             self._busy += 1
         try:
-            loop.call_soon_threadsafe(on_start, datetime.now(UTC))
             return task.func(**args)
         finally:
             with self._lock:

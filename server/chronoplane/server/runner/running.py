@@ -10,7 +10,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from chronoplane.server import metrics
@@ -131,12 +131,10 @@ class Running:
                 error_message=f"task {execution.task!r} is not registered on this server",
             )
             return None
-
-        def on_start(when: datetime) -> None:
-            run.started = when  # a synchronous task may have waited for a thread
-
         try:
-            return self._executor.start(definition, execution.args, on_start)
+            # run.started stays when the execution became RUNNING: the time every reply and
+            # event has shown (a synchronous task may still wait for a thread after it).
+            return self._executor.start(definition, execution.args)
         except Exception as error:  # calling it failed (wrong arguments, say)
             self._fail(run, error)
             return None

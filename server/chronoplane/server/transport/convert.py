@@ -8,7 +8,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
 from chronoplane.server import walltime
 from chronoplane.server.errors import InvalidArgument
@@ -143,20 +143,9 @@ def _struct_to_proto(value: JSONObject) -> struct_pb2.Struct:
 
 
 def _value_to_proto(value: Any) -> struct_pb2.Value:
-    message = struct_pb2.Value()
-    if value is None:
-        message.null_value = struct_pb2.NULL_VALUE
-    elif isinstance(value, bool):
-        message.bool_value = value
-    elif isinstance(value, int | float):
-        message.number_value = value
-    elif isinstance(value, str):
-        message.string_value = value
-    elif isinstance(value, dict):
-        message.struct_value.update(value)
-    else:
-        message.list_value.extend(value)
-    return message
+    """Any JSON value; ``{}`` and ``[]`` too (``struct_value.update({})`` would leave the
+    Value empty, which grpcurl cannot print: "nil Value")."""
+    return json_format.ParseDict(value, struct_pb2.Value())
 
 
 # -- triggers -------------------------------------------------------------------------------------

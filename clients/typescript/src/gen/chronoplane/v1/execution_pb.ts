@@ -105,7 +105,9 @@ export type Execution = Message<"chronoplane.v1.Execution"> & {
   createTime?: Timestamp | undefined;
 
   /**
-   * When the task started; empty if it never started.
+   * When the execution became RUNNING; empty if it never did. It is set once: TriggerJob's
+   * reply, watch events and GetExecution show the same time (a synchronous task may wait for
+   * a worker thread after it; that wait counts in the duration).
    *
    * @generated from field: google.protobuf.Timestamp start_time = 7;
    */

@@ -960,7 +960,9 @@ export const WatchExecutionsRequestSchema: GenMessage<WatchExecutionsRequest> = 
  */
 export type WatchExecutionsResponse = Message<"chronoplane.v1.WatchExecutionsResponse"> & {
   /**
-   * The event's position in the cluster's event history; increases strictly along a stream.
+   * The event's position in the cluster's event history; increases strictly from change to
+   * change along a stream. A PROGRESS event repeats the cursor before it when nothing at all
+   * happened since, and moves past the events the filter left out otherwise.
    *
    * @generated from field: int64 cursor = 1;
    */
@@ -1037,7 +1039,8 @@ export const WatchJobsRequestSchema: GenMessage<WatchJobsRequest> = /*@__PURE__*
  */
 export type WatchJobsResponse = Message<"chronoplane.v1.WatchJobsResponse"> & {
   /**
-   * The event's position in the cluster's event history (shared with WatchExecutions).
+   * The event's position in the cluster's event history (shared with WatchExecutions); as
+   * there, a PROGRESS event may repeat the cursor before it.
    *
    * @generated from field: int64 cursor = 1;
    */
