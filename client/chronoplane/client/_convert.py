@@ -136,10 +136,9 @@ def trigger_message(trigger: Trigger | job_pb2.Trigger) -> job_pb2.Trigger:
             start_time=_maybe(trigger.start_time),
             end_time=_maybe(trigger.end_time),
         )
-        if trigger.day_match is not None:
-            spec.day_match = job_pb2.DayMatch.ValueType(
-                enum_value(DayMatch, trigger.day_match, job_pb2.DayMatch)
-            )
+        spec.day_match = job_pb2.DayMatch.ValueType(
+            enum_value(DayMatch, trigger.day_match, job_pb2.DayMatch)
+        )
         return job_pb2.Trigger(cron=spec, jitter=jitter)
     if isinstance(trigger, IntervalTrigger):
         interval = job_pb2.IntervalTrigger(

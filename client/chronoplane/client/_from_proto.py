@@ -123,7 +123,7 @@ def trigger(message: job_pb2.Trigger) -> Trigger | None:
             start_time=_time(spec, "start_time"),
             end_time=_time(spec, "end_time"),
             jitter=jitter,
-            day_match=_enum(DayMatch, spec.day_match, job_pb2.DayMatch),
+            day_match=_enum(DayMatch, spec.day_match, job_pb2.DayMatch) or DayMatch.ANY,
         )
     if kind == "interval":
         return IntervalTrigger(

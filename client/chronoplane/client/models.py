@@ -135,8 +135,9 @@ class CronTrigger:
     start_time: datetime | None = None
     end_time: datetime | None = None
     jitter: timedelta | None = None
-    day_match: DayMatch | None = None
-    """ANY (crontab's rule, the default for a new trigger) or ALL; None: the server's default."""
+    day_match: DayMatch = DayMatch.ANY
+    """When both day fields are restricted: ANY (crontab's rule, the default) or ALL (jobs
+    created before the field existed read as ALL, their rule then)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -360,7 +361,7 @@ def cron(
     start: datetime | None = None,
     end: datetime | None = None,
     jitter: timedelta | float | None = None,
-    day_match: DayMatch | str | None = None,
+    day_match: DayMatch | str = DayMatch.ANY,
 ) -> CronTrigger:
     """Fires when the cron expression matches, in the time zone (UTC when empty), never before
     start nor after end; each run starts up to ``jitter`` (a timedelta or seconds) late.
@@ -372,7 +373,7 @@ def cron(
         start_time=start,
         end_time=end,
         jitter=_span(jitter),
-        day_match=DayMatch(day_match) if day_match is not None else None,
+        day_match=DayMatch(day_match),
     )
 
 
