@@ -23,6 +23,9 @@ from chronoplane.v1 import scheduler_service_pb2 as pb
 TEXT = README.read_text()
 TOUR = section(TEXT, "## A five-minute tour")
 OWN_TASKS = section(TEXT, "## Your own tasks")
+FROM_PYTHON = section(TEXT, "## From Python")
+# A datetime as the SDK prints one: aware, in UTC.
+PRINTED_TIME = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(\.\d+)?\+00:00")
 
 
 def serve(workdir: Path, *args: str) -> ServerProcess:
@@ -83,6 +86,24 @@ def test_the_python_snippet_runs_with_the_client_as_it_is(
     stub = fresh_server.stub()
     got = stub.GetExecution(pb.GetExecutionRequest(id=execution_id)).execution
     assert got.job_id == "from-python" and dict(got.args) == {"n": 1}
+
+
+def test_the_sdk_example_prints_what_the_readme_shows(
+    fresh_server: ServerProcess, tmp_path: Path
+) -> None:
+    """The first example of "From Python", with its output (times aside)."""
+    found = re.search(r"^```python\n(.*?)^```\n.*?^```\n(.*?)^```$", FROM_PYTHON, re.S | re.M)
+    assert found, "no example with its output"
+    example, shown = found.groups()
+    script = tmp_path / "example.py"
+    script.write_text(example.replace("127.0.0.1:50051", fresh_server.address))
+    ran = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert (
+        PRINTED_TIME.sub("<time>", ran.stdout).strip() == PRINTED_TIME.sub("<time>", shown).strip()
+    )
 
 
 def test_your_own_tasks_work_as_written(tmp_path: Path) -> None:
