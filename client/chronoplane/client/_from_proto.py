@@ -109,7 +109,9 @@ def value(message: struct_pb2.Value) -> Any:
 
 
 def _struct(message: struct_pb2.Struct) -> dict[str, Any]:
-    return {key: value(item) for key, item in message.fields.items()}
+    # A Struct is a map: its keys come in no order on the wire (it varies from process to
+    # process), so they are sorted here and the same job always reads back the same way.
+    return {key: value(message.fields[key]) for key in sorted(message.fields)}
 
 
 def trigger(message: job_pb2.Trigger) -> Trigger | None:
