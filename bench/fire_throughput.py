@@ -256,7 +256,7 @@ class Server:
 async def _wait_serving(process: asyncio.subprocess.Process, log_path: Path) -> str:
     deadline = time.monotonic() + SERVER_START_TIMEOUT
     while time.monotonic() < deadline:
-        match = re.search(r"serving on (\S+)", _read_text(log_path))
+        match = re.search(r"serving on ([^\s,]+)", _read_text(log_path))
         if match:
             return match.group(1)
         if process.returncode is not None:
