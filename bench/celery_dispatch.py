@@ -3,8 +3,8 @@
 A real ``chronoplane serve`` process on a throwaway PostgreSQL database sends to a broker
 (the local Redis by default, or RabbitMQ with ``--broker amqp``); one ``celery worker``
 process with a prefork pool of 2 (``--concurrency 2``) runs ``celery.add`` from
-``tests/celery_tasks.py`` through chronoplane.celery (claim, run, record: two database
-transactions per execution, each on a fresh engine, as the seeds' pattern has it).
+``tests/celery_tasks.py`` through chronoplane.celery (claim, run, record: on PostgreSQL the
+claim is one statement and the record one transaction, on the worker process's engine).
 
 * ``burst``: ``--burst`` TriggerJob calls (32 at a time) of a job with overlap ALLOW; the
   figure executions_per_s = executions / (last end - first create).

@@ -25,12 +25,13 @@ from typing import Any
 import sqlalchemy as sa
 
 from chronoplane.server.models import EventKind, EventResource
-from chronoplane.server.storage.tables import UtcDateTime
+from chronoplane.server.storage.tables import UtcDateTime, executions
 
 __all__ = [
     "EVENTS_CHANNEL",
     "EVENT_WRITERS_KEY",
     "PG_APPEND_EVENTS",
+    "PG_EXECUTION_BODY",
     "Changes",
     "Watermark",
     "decode_body",
@@ -92,6 +93,25 @@ _INTERNAL = frozenset(
 
 # Columns of the execution's job that a statement returned beside it (not the resource).
 _JOINED = frozenset({"job_labels", "job_timeout_seconds", "job_retry"})
+
+
+def _pg_body(table: sa.Table, alias: str) -> str:
+    """SQL for a row's event body as ``encode_values`` makes it in Python: every column but
+    the internal ones, times as ISO text in UTC (microseconds always written; ``decode_body``
+    reads both forms). For a statement that appends an execution's event by itself."""
+    fields = []
+    for column in table.c:
+        if column.name in _INTERNAL:
+            continue
+        value = f"{alias}.{column.name}"
+        if isinstance(column.type, UtcDateTime):
+            value = f"""to_char({value} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"')"""
+        fields.append(f"'{column.name}', {value}")
+    return f"json_build_object({', '.join(fields)})"
+
+
+# An execution's body, from a row aliased ``changed`` (tables.executions' columns).
+PG_EXECUTION_BODY = _pg_body(executions, "changed")
 
 
 class Changes:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -20,6 +21,11 @@ from chronoplane.server.storage.abc import (
     Dispatch,
     DispatchClaim,
     DispatchStore,
+)
+from chronoplane.server.storage.sqlalchemy.changes import (
+    EVENT_WRITERS_KEY,
+    EVENTS_CHANNEL,
+    PG_EXECUTION_BODY,
 )
 from chronoplane.server.storage.sqlalchemy.rows import (
     IS_CELERY,
@@ -37,6 +43,37 @@ from chronoplane.server.storage.sqlalchemy.slots import Slots
 from chronoplane.server.storage.tables import (
     executions,
     jobs,
+)
+
+# Sends recorded in one statement on PostgreSQL (a batch is up to 500): a sent execution
+# belongs to no instance from now on, unless a worker has started it already.
+_PG_SENT = sa.text(
+    "UPDATE executions SET dispatch_time = s.sent_at, instance_id = CASE "
+    "WHEN executions.instance_id = :instance_id THEN '' ELSE executions.instance_id END "
+    "FROM unnest(CAST(:ids AS varchar[]), CAST(:times AS timestamptz[])) AS s(id, sent_at) "
+    "WHERE executions.id = s.id AND executions.dispatch_time IS NULL "
+    "RETURNING executions.*"
+)
+
+# A worker's conditional start on PostgreSQL, in one statement and one round trip (the
+# worker's own transaction: no BEGIN and COMMIT around it): the claim, the job's run policy,
+# and the execution's event, appended as every writer appends them (changes.py: the
+# writers' lock before the cursor, the notification).
+_PG_START = (
+    "WITH claimed AS (UPDATE executions SET state = 'running', start_time = now(), "
+    "worker = $2, instance_id = '', ready = false, holds_slot = true, "
+    "lease_expire_time = $3, pending_reason = '' FROM jobs "
+    "WHERE executions.id = $1 AND executions.state = 'pending' "
+    "AND executions.executor = 'celery' AND jobs.id = executions.job_id "
+    "RETURNING executions.*, jobs.timeout_seconds AS job_timeout_seconds, "
+    "jobs.retry AS job_retry, jobs.labels AS job_labels), "
+    "writer AS (SELECT pg_advisory_xact_lock_shared($4) FROM claimed), "
+    "appended AS (INSERT INTO events (cursor, resource, kind, job_id, body, labels, create_time) "
+    "SELECT nextval('events_cursor_seq'), 'execution', 'modified', changed.job_id, "
+    f"{PG_EXECUTION_BODY}, COALESCE(changed.job_labels, CAST('{{}}' AS json)), now() "
+    "FROM writer, claimed AS changed RETURNING 1) "
+    f"SELECT claimed.*, (SELECT pg_notify('{EVENTS_CHANNEL}', '') "
+    "FROM (SELECT count(*) FROM appended) AS done) AS notified FROM claimed"
 )
 
 # What a worker needs of the job to run an execution, beside the claim.
@@ -106,6 +143,18 @@ class SqlDispatchStore(Slots, DispatchStore):
         broker did not take are ready again at their retry time, with the reason."""
         mine = (executions.c.state == STATE_PENDING) & (executions.c.instance_id == instance_id)
         async with self._write() as conn:
+            if sent and self._dialect == "postgresql":
+                ordered = sorted(sent)  # rows locked in id order, as every batch writer
+                changed = await conn.execute(
+                    _PG_SENT,
+                    {
+                        "instance_id": instance_id,
+                        "ids": [execution_id for execution_id, _ in ordered],
+                        "times": [when for _, when in ordered],
+                    },
+                )
+                self._changed_rows(conn, changed.mappings(), EventKind.MODIFIED)
+                sent = ()
             for execution_id, when in sent:
                 # A worker may have started it already (and made it no instance's).
                 changed = await conn.execute(
@@ -144,9 +193,24 @@ class SqlDispatchStore(Slots, DispatchStore):
     ) -> tuple[Execution, RunPolicy] | None:
         """The conditional claim of a worker: RUNNING on ``worker`` if it is still PENDING;
         None when it was started before (a redelivered message), cancelled or finished."""
-        # On PostgreSQL the job's run policy comes back with the claim (one round trip);
-        # SQLite's RETURNING cannot name the tables of UPDATE ... FROM.
-        joined = self._dialect == "postgresql"
+        started: dict[str, Any] | None
+        if self._dialect == "postgresql":
+            args = (execution_id, worker, lease_until, EVENT_WRITERS_KEY)
+            records = await self._fetch(_PG_START, *args, write=True)
+            started = dict(records[0]) if records else None
+            if started is not None and self.on_events is not None:
+                self.on_events()
+        else:
+            started = await self._start_dispatched(execution_id, worker, lease_until)
+        if started is None:
+            return None
+        policy = run_policy(started["job_timeout_seconds"], started["job_retry"])
+        return execution_from_mapping(started), policy
+
+    async def _start_dispatched(
+        self, execution_id: str, worker: str, lease_until: datetime
+    ) -> dict[str, Any] | None:
+        """SQLite's: a transaction (its RETURNING cannot name the tables of UPDATE ... FROM)."""
         claim = (
             executions.update()
             .where(executions.c.id == execution_id, executions.c.state == STATE_PENDING, IS_CELERY)
@@ -160,25 +224,18 @@ class SqlDispatchStore(Slots, DispatchStore):
                 lease_expire_time=lease_until,
                 pending_reason="",
             )
+            .returning(*executions.c)
         )
-        if joined:
-            claim = claim.where(jobs.c.id == executions.c.job_id).returning(
-                *executions.c, *_RUN_POLICY
-            )
-        else:
-            claim = claim.returning(*executions.c)
         async with self._write() as conn:
             rows = list((await conn.execute(claim)).mappings())
             if not rows:
                 return None
             self._changed_rows(conn, rows, EventKind.MODIFIED)
             started = dict(rows[0])
-            if not joined:
-                of_job = sa.select(*_RUN_POLICY).where(jobs.c.id == started["job_id"])
-                job = (await conn.execute(of_job)).first()
-                started |= job._mapping if job else dict.fromkeys(c.name for c in _RUN_POLICY)
-        policy = run_policy(started["job_timeout_seconds"], started["job_retry"])
-        return execution_from_mapping(started), policy
+            of_job = sa.select(*_RUN_POLICY).where(jobs.c.id == started["job_id"])
+            job = (await conn.execute(of_job)).first()
+        started.update(job._mapping if job else dict.fromkeys(c.name for c in _RUN_POLICY))
+        return started
 
     @translate_errors
     async def renew_lease(self, execution_id: str, *, worker: str, until: datetime) -> bool:
