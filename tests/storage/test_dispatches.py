@@ -4,6 +4,7 @@ PostgreSQL (where the start is one statement that builds the event's body itself
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from storage.helpers import a_job, an_execution
@@ -15,7 +16,7 @@ from chronoplane.server.models import (
     ExecutorKind,
     RetryPolicy,
 )
-from chronoplane.server.storage.abc import Admission
+from chronoplane.server.storage.abc import Admission, ExecutionFinish
 from chronoplane.server.storage.sqlalchemy import SqlAlchemyStore
 
 
@@ -65,3 +66,25 @@ async def test_a_worker_starts_a_sent_execution_once_and_its_event_is_the_row(
     assert again is None
     assert await store.newest_events(event.cursor, limit=10) == []
     assert (await store.get_execution(execution.id)).worker == "w1@host/7"
+
+    # The end, as the worker records it: one event, the row as read.
+    end = ExecutionFinish(
+        id=execution.id,
+        job_id=job.id,
+        state=ExecutionState.FAILED,
+        start_time=running.start_time,
+        end_time=datetime.now(UTC),
+        result={"partial": [1, 2]},
+        error_message="boom",
+        error_traceback="Traceback …",
+        error_type="builtins.ValueError",
+    )
+    await store.record_progress([end])
+    ended = await store.get_execution(execution.id)
+    assert ended.state is ExecutionState.FAILED and ended.result == {"partial": [1, 2]}
+    [event] = await store.newest_events(event.cursor, limit=10)
+    assert event.execution == ended and event.labels == job.labels
+    # A final state stays: a second end changes nothing and appends nothing.
+    await store.record_progress([replace(end, state=ExecutionState.SUCCEEDED)])
+    assert await store.get_execution(execution.id) == ended
+    assert await store.newest_events(event.cursor, limit=10) == []

@@ -1,13 +1,14 @@
 """Reads take their pooled connection without a pre-ping (PostgreSQL): one that turns out
 dead is dropped and the read runs again, once, on a fresh one; a database that is really
-gone is still StorageUnavailable (docs/decisions/0019-fast-reads.md)."""
+gone is still StorageUnavailable (docs/decisions/0019-fast-reads.md). The single-statement
+writes of a Celery worker likewise."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
@@ -15,7 +16,8 @@ from sqlalchemy.engine import make_url
 from storage.helpers import T0, a_job, an_execution
 
 from chronoplane.server.errors import JobNotFound, StorageUnavailable
-from chronoplane.server.models import ExecutionQuery
+from chronoplane.server.models import ExecutionQuery, ExecutionState, ExecutorKind
+from chronoplane.server.storage.abc import ExecutionFinish
 from chronoplane.server.storage.sqlalchemy import SqlAlchemyStore
 
 # PostgreSQL only: SQLite has no connections to lose.
@@ -133,3 +135,29 @@ async def test_a_read_cancelled_mid_statement_leaves_no_busy_connection(
         await read
     for _ in range(3):  # whichever pooled connection comes next is usable
         assert [tuple(r) for r in await store._fetch("SELECT 1")] == [(1,)]
+
+
+@postgres_only
+async def test_a_worker_s_start_and_end_outlive_a_dead_pooled_connection(
+    store: SqlAlchemyStore, database_url: str
+) -> None:
+    """The start takes a pinged connection (it must not run twice); the end, which a second
+    run leaves as it is, runs again on a fresh one."""
+    await store.create_job(a_job("c1", executor=ExecutorKind.CELERY), request_id=None)
+    execution = an_execution("c1", executor=ExecutorKind.CELERY, instance_id="")
+    await store.insert_executions([execution])
+    until = datetime.now(UTC) + timedelta(seconds=30)
+    assert await _terminate_others(database_url) >= 1
+    started = await store.start_dispatched(execution.id, worker="w/1", lease_until=until)
+    assert started is not None and started[0].state is ExecutionState.RUNNING
+    assert await _terminate_others(database_url) >= 1
+    now = datetime.now(UTC)
+    end = ExecutionFinish(
+        id=execution.id,
+        job_id="c1",
+        state=ExecutionState.SUCCEEDED,
+        start_time=started[0].start_time,
+        end_time=now,
+    )
+    await store.record_progress([end])
+    assert (await store.get_execution(execution.id)).state is ExecutionState.SUCCEEDED

@@ -196,7 +196,8 @@ class SqlDispatchStore(Slots, DispatchStore):
         started: dict[str, Any] | None
         if self._dialect == "postgresql":
             args = (execution_id, worker, lease_until, EVENT_WRITERS_KEY)
-            records = await self._fetch(_PG_START, *args, write=True)
+            # Once: a start that committed unseen would find the execution RUNNING again.
+            records = await self._fetch(_PG_START, *args, once=True)
             started = dict(records[0]) if records else None
             if started is not None and self.on_events is not None:
                 self.on_events()

@@ -25,6 +25,11 @@ from chronoplane.server.storage.abc import (
     Progress,
     SlotRelease,
 )
+from chronoplane.server.storage.sqlalchemy.changes import (
+    EVENT_WRITERS_KEY,
+    EVENTS_CHANNEL,
+    PG_EXECUTION_BODY,
+)
 from chronoplane.server.storage.sqlalchemy.rows import (
     IS_INLINE,
     STATE_PENDING,
@@ -61,6 +66,37 @@ _PG_FINISH = sa.text(
 )
 
 
+# Final states alone (no next run times, no slots released) on PostgreSQL: one statement that
+# is its own transaction, asyncpg's parameters. The states, their events (the body built in
+# SQL, changes.py) and the notification; for each execution that ended and freed its slot,
+# whether its job has executions waiting for one.
+_PG_FINISH_ALONE = (
+    "WITH f AS (SELECT * FROM unnest(CAST($1 AS varchar[]), CAST($2 AS varchar[]), "
+    "CAST($3 AS timestamptz[]), CAST($4 AS timestamptz[]), CAST($5 AS text[]), "
+    "CAST($6 AS text[]), CAST($7 AS text[]), CAST($8 AS varchar[]), CAST($9 AS boolean[]), "
+    "CAST($10 AS varchar[])) AS f(id, state, start_time, end_time, result, message, traceback, "
+    "type, keeps, by)), "
+    "finished AS (UPDATE executions SET state = f.state, start_time = f.start_time, "
+    "end_time = f.end_time, result = CAST(f.result AS json), error_message = f.message, "
+    "error_traceback = f.traceback, error_type = f.type, holds_slot = f.keeps, "
+    "cancelled_by = CASE WHEN f.state = 'cancelled' "
+    "THEN COALESCE(NULLIF(f.by, ''), executions.cancelled_by) ELSE '' END FROM f "
+    "WHERE executions.id = f.id AND executions.state IN ('pending', 'running') "
+    "RETURNING executions.*, f.keeps AS kept), "
+    "writer AS (SELECT pg_advisory_xact_lock_shared($11) WHERE EXISTS (SELECT FROM finished)), "
+    "appended AS (INSERT INTO events (cursor, resource, kind, job_id, body, labels, create_time) "
+    "SELECT nextval('events_cursor_seq'), 'execution', 'modified', changed.job_id, "
+    f"{PG_EXECUTION_BODY}, COALESCE((SELECT j.labels FROM jobs AS j "
+    "WHERE j.id = changed.job_id), CAST('{}' AS json)), now() "
+    "FROM writer, finished AS changed RETURNING 1) "
+    "SELECT finished.job_id, NOT finished.kept AND EXISTS (SELECT FROM executions AS w "
+    "WHERE w.job_id = finished.job_id AND w.state = 'pending' AND NOT w.ready "
+    "AND NOT w.holds_slot) AS waiting, "
+    f"(SELECT pg_notify('{EVENTS_CHANNEL}', '') FROM (SELECT count(*) FROM appended) AS done) "
+    "AS notified FROM finished"
+)
+
+
 class Outcomes(Slots):
     """Records how executions ended, in batches, and what that frees."""
 
@@ -73,6 +109,8 @@ class Outcomes(Slots):
         *,
         epoch: int | None = None,
     ) -> Progress:
+        if self._dialect == "postgresql" and finishes and not releases and not next_runs:
+            return await self._finish_alone(finishes)
         moved = True
         async with self._write() as conn:
             if next_runs and epoch is not None:
@@ -98,6 +136,24 @@ class Outcomes(Slots):
             }
             readied = await self._promote(conn, await self._queued_jobs(conn, freeing))
         return Progress(moved=moved, readied=readied)
+
+    async def _finish_alone(self, finishes: Sequence[ExecutionFinish]) -> Progress:
+        """Final states in one round trip (PostgreSQL); then, only if a job of theirs has
+        executions waiting for the slots they freed, a transaction that promotes them. Should
+        this process stop between the two, every instance's ``promote_waiting`` does it."""
+        arrays = _pg_finish_arrays(finishes)
+        args = [arrays[name] for name in _FINISH_ARRAYS]
+        # Without the pre-ping: run again on a dead connection, a final state written the
+        # first time stays as it is (the first one wins) and no second event is appended.
+        records = await self._fetch(_PG_FINISH_ALONE, *args, EVENT_WRITERS_KEY)
+        if records and self.on_events is not None:
+            self.on_events()
+        waiting = sorted({record["job_id"] for record in records if record["waiting"]})
+        readied = 0
+        if waiting:
+            async with self._write() as conn:
+                readied = await self._promote(conn, await self._queued_jobs(conn, waiting))
+        return Progress(moved=True, readied=readied)
 
     async def _write_next_runs(self, conn: AsyncConnection, next_runs: list[NextRun]) -> None:
         """Next run times, each applied only while its job is at the version it was computed
@@ -164,6 +220,21 @@ class Outcomes(Slots):
             await conn.execute(executions.update().where(held).values(holds_slot=False))
             await self._promote(conn, await self._queued_jobs(conn, None))
             return len(interrupted)
+
+
+# The order of _PG_FINISH_ALONE's arrays.
+_FINISH_ARRAYS = (
+    "ids",
+    "states",
+    "starts",
+    "ends",
+    "results",
+    "messages",
+    "tracebacks",
+    "types",
+    "keeps",
+    "bys",
+)
 
 
 def _pg_finish_arrays(finishes: Sequence[ExecutionFinish]) -> dict[str, list[Any]]:

@@ -373,14 +373,15 @@ class Session:
 
         return await self._read(rows)
 
-    async def _fetch(self, sql: str, *args: Any, write: bool = False) -> list[Any]:
+    async def _fetch(self, sql: str, *args: Any, once: bool = False) -> list[Any]:
         """PostgreSQL only: one read statement on the driver's own connection (asyncpg
         records), without SQLAlchemy's execution and result layers: half the CPU of a GetJob
         went there. As ``_read``: autocommit (the pooled connection is in no transaction),
         no pre-ping, once more on a pinged connection if this one was dead. Driver errors
         are raised as SQLAlchemy's, so that ``translate_errors`` sees what it always does.
-        A ``write`` (a statement that is its own transaction) runs once, on a pinged one."""
-        for pinged in (True,) if write else (False, True):
+        A write whose second run would not be safe (it may have committed before the
+        connection died) runs ``once``, on a pinged connection."""
+        for pinged in (True,) if once else (False, True):
             unpinged = _UNPINGED.set(not pinged)
             try:
                 pooled = await self._engine.raw_connection()
