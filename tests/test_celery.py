@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import timedelta
@@ -20,6 +21,7 @@ from brokers import Worker, amqp_url, ledger_lines, redis_url, start_redis, star
 from conftest import InProcessServer, serving
 from google.protobuf import duration_pb2, json_format, struct_pb2
 from harness import BIN, error_reason, violations
+from sqlalchemy.engine import make_url
 
 from chronoplane.server.config import Settings
 from chronoplane.v1 import execution_pb2 as epb
@@ -509,3 +511,100 @@ async def test_a_broker_outage_loses_no_fire_and_the_server_keeps_serving(
     assert len(down) == 1 and down[0].levelno == logging.WARNING, said
     assert len(up) == 1 and up[0].levelno == logging.INFO, said
     assert not [r for r in said if r.exc_info], said
+
+
+# -- the database away from a worker -----------------------------------------------------------
+
+
+class Gate:
+    """A TCP proxy to PostgreSQL on a port of its own that can be closed and opened again:
+    the database, as one worker sees it, goes away and comes back."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self._target = target
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port: int = probe.getsockname()[1]
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def open(self) -> None:
+        self._server = await asyncio.start_server(
+            self._serve, "127.0.0.1", self.port, reuse_address=True
+        )
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self._target)
+        self._writers += [writer, up_writer]
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    async def close(self) -> None:
+        """Ends every connection through it and refuses new ones."""
+        if self._server is not None:
+            self._server.close()
+            for writer in self._writers:
+                writer.transport.abort()
+            self._writers.clear()
+            await self._server.wait_closed()
+            self._server = None
+
+
+async def test_a_database_away_at_a_worker_s_start_and_end_loses_no_run(
+    redis_server: InProcessServer, tmp_path: Path, queue: str, workers: list[Worker]
+) -> None:
+    """A start the database did not take gives the message back to the broker, and it runs
+    once the database answers; an end it did not take is tried again until it does. One run,
+    recorded SUCCEEDED, nothing left PENDING."""
+    url = make_url(redis_server.database_url)
+    gate = Gate((url.host or "127.0.0.1", url.port or 5432))
+    through_gate = url.set(port=gate.port).render_as_string(hide_password=False)
+    worker = start_worker(
+        tmp_path, broker=redis_url(tmp_path), database_url=through_gate, queue=queue
+    )
+    workers.append(worker)
+    path = tmp_path / "ledger.txt"
+    job = celery_job("slow", "celery.ledger", queue, args={"path": str(path), "seconds": 2})
+    await redis_server.stub.CreateJob(pb.CreateJobRequest(job=job))
+    execution = (await redis_server.stub.TriggerJob(pb.TriggerJobRequest(id="slow"))).execution
+    try:
+        given_back = f"could not start execution {execution.id}"
+        for _ in range(300):
+            if worker.log.count(given_back) >= 2:  # delivered again, given back again
+                break
+            await asyncio.sleep(0.1)
+        assert worker.log.count(given_back) >= 2, worker.log
+        pending = await wait_for(redis_server, execution.id, lambda e: True)
+        assert pending.state == epb.EXECUTION_STATE_PENDING and ledger_lines(path) == []
+
+        await gate.open()
+        await wait_for(redis_server, execution.id, lambda e: e.state == epb.EXECUTION_STATE_RUNNING)
+        await gate.close()  # while the task runs: its end finds the database away
+        for _ in range(100):
+            if len(ledger_lines(path)) == 2:
+                break
+            await asyncio.sleep(0.1)
+        retried = f"could not record the end of execution {execution.id}"
+        for _ in range(100):
+            if retried in worker.log:
+                break
+            await asyncio.sleep(0.1)
+        assert retried in worker.log, worker.log
+        await gate.open()
+        done = await wait_for(redis_server, execution.id, ended)
+    finally:
+        await gate.close()
+    assert done.state == epb.EXECUTION_STATE_SUCCEEDED, done
+    assert [line.split()[:2] for line in ledger_lines(path)] == [
+        ["start", execution.id],
+        ["end", execution.id],
+    ]
+    # One line each from the worker (and Celery's own for the Reject), no chained traceback.
+    assert "The above exception was the direct cause" not in worker.log

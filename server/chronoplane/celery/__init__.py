@@ -28,9 +28,15 @@ Chronoplane database itself, as an inline run's is written (watchers see it the 
    traceback, or TIMED_OUT past the job's timeout (Celery's soft time limit); a retry is
    queued as the job's retry policy says. An execution cancelled meanwhile stays CANCELLED.
 
+With the database away at the start, the message goes back to the broker (a Reject with
+requeue, after a second) and comes again; at the end, the end is tried again for half the
+lease. Nothing is left PENDING with no one to send it, and a run whose outcome is known is
+not left to be ABANDONED.
+
 Each step runs its coroutine with :func:`run_async`, which works in prefork and gevent
-workers alike: the database engine is made and disposed inside the coroutine, and the
-result is returned after its ``finally`` block.
+workers alike. A prefork (or solo) process keeps one store from task to task; elsewhere the
+database engine is made and disposed inside the coroutine, and the result is returned after
+its ``finally`` block (decision 0014).
 """
 
 from __future__ import annotations
@@ -44,12 +50,14 @@ import os
 import socket
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from chronoplane.server import tracing
+from chronoplane.server.logs import brief
 from chronoplane.server.models import Execution, ExecutionState, RunPolicy
 from chronoplane.server.runner import Failure, json_result, retry_of
 from chronoplane.server.storage.abc import Admission, ExecutionFinish
@@ -168,7 +176,10 @@ class Chronoplane:
     def _run(self, celery_task: Any, function: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
         execution_id: str = celery_task.request.id
         worker = _worker_name(celery_task)
-        started = run_async(self._start(execution_id, worker))
+        try:
+            started = run_async(self._start(execution_id, worker))
+        except Exception as error:
+            _give_back(execution_id, error)
         if started is None:
             log.info(
                 "execution %s was started before, cancelled or has ended: this delivery of "
@@ -185,8 +196,31 @@ class Chronoplane:
             finally:
                 lease.stop()
             traced(outcome.state, outcome.error_message)
-        run_async(self._finish(execution, policy, outcome))
+        self._record_end(execution, policy, outcome)
         return outcome.result
+
+    def _record_end(self, execution: Execution, policy: RunPolicy, outcome: _Outcome) -> None:
+        """The end, tried again for a while if the database does not answer: the run is
+        over and its outcome known, and an end never recorded would leave the execution to
+        be ABANDONED when its lease runs out. Half the lease: it was renewed at most a third
+        of it ago, so it still holds while this tries."""
+        deadline = time.monotonic() + self.lease.total_seconds() / 2
+        delay = 0.5
+        while True:
+            try:
+                run_async(self._finish(execution, policy, outcome))
+                return
+            except Exception as error:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning(
+                    "could not record the end of execution %s (%s); trying again in %.1f s",
+                    execution.id,
+                    brief(error),
+                    delay,
+                )
+                time.sleep(delay)
+                delay *= 2
 
     async def _using_store(self, work: Callable[[SqlAlchemyStore], Awaitable[T]]) -> T:
         """``work`` with a store: the process's own on a prefork (or solo) worker's main
@@ -257,6 +291,29 @@ class Chronoplane:
                 await store.admit_executions([Admission(execution=retry)])
 
         await self._using_store(finish)
+
+
+# A start the database did not take is given back to the broker after this pause, so that a
+# worker does not spin on a database that is away.
+GIVE_BACK_SECONDS = 1.0
+
+
+def _give_back(execution_id: str, error: Exception) -> NoReturn:
+    """The start could not be recorded: the message goes back to the queue (Celery's Reject
+    with requeue; acknowledged as a failed task it would leave the execution PENDING with no
+    one to send it again), to be delivered again, to this worker or another, once the
+    database answers. Should the start have committed unseen, the next delivery finds the
+    execution RUNNING and drops it, and its lease, never renewed, ends it ABANDONED."""
+    from celery.exceptions import Reject
+
+    log.warning(
+        "could not start execution %s (%s): its message goes back to the queue",
+        execution_id,
+        brief(error),
+    )
+    time.sleep(GIVE_BACK_SECONDS)
+    # Celery logs a Reject with its traceback: that of the Reject alone, the reason in it.
+    raise Reject(brief(error), requeue=True) from None
 
 
 def _worker_name(celery_task: Any) -> str:
