@@ -141,8 +141,8 @@ async def test_a_read_cancelled_mid_statement_leaves_no_busy_connection(
 async def test_a_worker_s_start_and_end_outlive_a_dead_pooled_connection(
     store: SqlAlchemyStore, database_url: str
 ) -> None:
-    """The start takes a pinged connection (it must not run twice); the end, which a second
-    run leaves as it is, runs again on a fresh one."""
+    """Both run again on a fresh connection: a start knows a claim of its own that committed
+    unseen by the lease it wrote; an end written twice stays as first written."""
     await store.create_job(a_job("c1", executor=ExecutorKind.CELERY), request_id=None)
     execution = an_execution("c1", executor=ExecutorKind.CELERY, instance_id="")
     await store.insert_executions([execution])
@@ -150,6 +150,11 @@ async def test_a_worker_s_start_and_end_outlive_a_dead_pooled_connection(
     assert await _terminate_others(database_url) >= 1
     started = await store.start_dispatched(execution.id, worker="w/1", lease_until=until)
     assert started is not None and started[0].state is ExecutionState.RUNNING
+    # As the second run of a claim that committed unseen sees it: its own, by its lease.
+    again = await store.start_dispatched(execution.id, worker="w/1", lease_until=until)
+    assert again == started
+    later = until + timedelta(microseconds=1)
+    assert await store.start_dispatched(execution.id, worker="w/1", lease_until=later) is None
     assert await _terminate_others(database_url) >= 1
     now = datetime.now(UTC)
     end = ExecutionFinish(

@@ -76,6 +76,14 @@ _PG_START = (
     "FROM (SELECT count(*) FROM appended) AS done) AS notified FROM claimed"
 )
 
+# The claim above, if it was this call's: RUNNING on this worker with the lease it wrote.
+_PG_STARTED_BY = (
+    "SELECT executions.*, jobs.timeout_seconds AS job_timeout_seconds, "
+    "jobs.retry AS job_retry FROM executions JOIN jobs ON jobs.id = executions.job_id "
+    "WHERE executions.id = $1 AND executions.state = 'running' AND executions.worker = $2 "
+    "AND executions.lease_expire_time = $3"
+)
+
 # What a worker needs of the job to run an execution, beside the claim.
 _RUN_POLICY = (jobs.c.timeout_seconds.label("job_timeout_seconds"), jobs.c.retry.label("job_retry"))
 
@@ -196,8 +204,11 @@ class SqlDispatchStore(Slots, DispatchStore):
         started: dict[str, Any] | None
         if self._dialect == "postgresql":
             args = (execution_id, worker, lease_until, EVENT_WRITERS_KEY)
-            # Once: a start that committed unseen would find the execution RUNNING again.
-            records = await self._fetch(_PG_START, *args, once=True)
+            records = await self._fetch(_PG_START, *args)
+            if not records:
+                # Run again on a dead connection, the claim may have committed the first
+                # time, unseen: the lease it wrote, this call's own time, tells.
+                records = await self._fetch(_PG_STARTED_BY, execution_id, worker, lease_until)
             started = dict(records[0]) if records else None
             if started is not None and self.on_events is not None:
                 self.on_events()

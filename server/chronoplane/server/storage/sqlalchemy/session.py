@@ -373,15 +373,14 @@ class Session:
 
         return await self._read(rows)
 
-    async def _fetch(self, sql: str, *args: Any, once: bool = False) -> list[Any]:
+    async def _fetch(self, sql: str, *args: Any) -> list[Any]:
         """PostgreSQL only: one read statement on the driver's own connection (asyncpg
         records), without SQLAlchemy's execution and result layers: half the CPU of a GetJob
         went there. As ``_read``: autocommit (the pooled connection is in no transaction),
         no pre-ping, once more on a pinged connection if this one was dead. Driver errors
         are raised as SQLAlchemy's, so that ``translate_errors`` sees what it always does.
-        A write whose second run would not be safe (it may have committed before the
-        connection died) runs ``once``, on a pinged connection."""
-        for pinged in (True,) if once else (False, True):
+        A write given here must be safe to run twice (it may have committed unseen)."""
+        for pinged in (False, True):
             unpinged = _UNPINGED.set(not pinged)
             try:
                 pooled = await self._engine.raw_connection()
