@@ -245,8 +245,12 @@ class Admissions:
         for execution, policy in admitted.claimed:
             started = execution.start_time or shared.clock()
             self._running.launch(Run(execution=execution, policy=policy, started=started))
-        if any(e.state is ExecutionState.PENDING for e in admitted.inserted):
+        pending = [e for e in admitted.inserted if e.state is ExecutionState.PENDING]
+        if any(e.executor is ExecutorKind.INLINE for e in pending):
             shared.wake.set()
+        elif pending:
+            # The claimer takes inline executions only: a claim for these would find nothing.
+            shared.wake.tell_listeners()
         if admitted.displace:
             shared.spawn(self._displace(admitted.displace))
 

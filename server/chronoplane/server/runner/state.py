@@ -53,6 +53,10 @@ class Alarm(asyncio.Event):
 
     def set(self) -> None:
         super().set()
+        self.tell_listeners()
+
+    def tell_listeners(self) -> None:
+        """Only the listeners: Celery executions were queued, for the dispatcher alone."""
         for listener in self.listeners:
             listener()
 
