@@ -6,12 +6,12 @@ writes of a Celery worker likewise."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
+from dbproxy import Gate
 from sqlalchemy.engine import make_url
 from storage.helpers import T0, a_job, an_execution
 
@@ -67,52 +67,17 @@ async def test_reads_run_again_on_a_fresh_connection_after_the_pooled_one_died(
         await store.get_job("nope")
 
 
-class Proxy:
-    """A TCP proxy in front of PostgreSQL: ``cut()`` ends every connection through it and
-    refuses new ones, as a database host gone from the network would."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self._target = (host, port)
-        self._server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-        self.port = 0
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self._target)
-        self._writers += [writer, up_writer]
-
-        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while data := await source.read(65536):
-                    sink.write(data)
-                    await sink.drain()
-            sink.close()
-
-        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
-
-    async def cut(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in self._writers:
-            writer.transport.abort()
-        await self._server.wait_closed()
-
-
 async def test_a_database_that_is_gone_is_unavailable_after_one_more_try(
     postgres_url: str,
 ) -> None:
     url = make_url(postgres_url)
-    proxy = Proxy(url.host or "127.0.0.1", url.port or 5432)
-    await proxy.start()
-    store = SqlAlchemyStore.from_url(url.set(port=proxy.port).render_as_string(False))
+    gate = Gate((url.host or "127.0.0.1", url.port or 5432))
+    await gate.open()
+    store = SqlAlchemyStore.from_url(url.set(port=gate.port).render_as_string(False))
     try:
         await store.create_job(a_job("j1"), request_id=None)
         await store.get_job("j1")
-        await proxy.cut()
+        await gate.close()
         for read in (
             lambda: store.get_job("j1"),
             lambda: store.list_jobs(after=None, limit=10),
