@@ -57,6 +57,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, TypeVar
 
 from chronoplane.server import tracing
+from chronoplane.server.errors import StorageConflict, StorageUnavailable
 from chronoplane.server.logs import brief
 from chronoplane.server.models import Execution, ExecutionState, RunPolicy
 from chronoplane.server.runner import Failure, json_result, retry_of
@@ -178,7 +179,7 @@ class Chronoplane:
         worker = _worker_name(celery_task)
         try:
             started = run_async(self._start(execution_id, worker))
-        except Exception as error:
+        except (StorageUnavailable, StorageConflict) as error:
             _give_back(execution_id, error)
         if started is None:
             log.info(
@@ -188,23 +189,26 @@ class Chronoplane:
             )
             return None
         execution, policy = started
-        with tracing.execution_span(execution, executor="celery", worker=worker) as traced:
-            lease = _Lease(self, execution_id, worker)
-            lease.start()
-            try:
+        # The lease is renewed until the end is recorded, retries of the end included.
+        lease = _Lease(self, execution_id, worker)
+        lease.start()
+        try:
+            with tracing.execution_span(execution, executor="celery", worker=worker) as traced:
                 outcome = _call(function, kwargs, policy.timeout)
-            finally:
-                lease.stop()
-            traced(outcome.state, outcome.error_message)
-        self._record_end(execution, policy, outcome)
+                traced(outcome.state, outcome.error_message)
+            self._record_end(execution, policy, outcome)
+        finally:
+            lease.stop()
         return outcome.result
 
     def _record_end(self, execution: Execution, policy: RunPolicy, outcome: _Outcome) -> None:
         """The end, tried again for a while if the database does not answer: the run is
         over and its outcome known, and an end never recorded would leave the execution to
-        be ABANDONED when its lease runs out. Half the lease: it was renewed at most a third
-        of it ago, so it still holds while this tries."""
-        deadline = time.monotonic() + self.lease.total_seconds() / 2
+        be ABANDONED when its lease runs out. For half the lease, and at most
+        ``END_RETRY_SECONDS``: a run past its soft time limit is killed by Celery's hard limit
+        30 s later (executors/celery.py, HARD_LIMIT_GRACE)."""
+        seconds = min(self.lease.total_seconds() / 2, END_RETRY_SECONDS)
+        deadline = time.monotonic() + seconds
         delay = 0.5
         while True:
             try:
@@ -296,14 +300,18 @@ class Chronoplane:
 # A start the database did not take is given back to the broker after this pause, so that a
 # worker does not spin on a database that is away.
 GIVE_BACK_SECONDS = 1.0
+# The longest a worker tries again to record a run's end.
+END_RETRY_SECONDS = 15.0
 
 
 def _give_back(execution_id: str, error: Exception) -> NoReturn:
-    """The start could not be recorded: the message goes back to the queue (Celery's Reject
-    with requeue; acknowledged as a failed task it would leave the execution PENDING with no
-    one to send it again), to be delivered again, to this worker or another, once the
-    database answers. Should the start have committed unseen, the next delivery finds the
-    execution RUNNING and drops it, and its lease, never renewed, ends it ABANDONED."""
+    """The database did not take the start (away, or a conflict): the message goes back to
+    the queue (Celery's Reject with requeue; acknowledged as a failed task it would leave the
+    execution PENDING with no one to send it again), to be delivered again, to this worker
+    or another, once the database answers. Any other error fails the task, as before: it
+    would fail again at every delivery. Should the start have committed unseen, the next
+    delivery finds the execution RUNNING and drops it, and its lease, never renewed, ends
+    it ABANDONED."""
     from celery.exceptions import Reject
 
     log.warning(
@@ -385,6 +393,8 @@ class _Lease(threading.Thread):
         while not self._stopped.wait(every):
             try:
                 if not run_async(self._owner._renew(self._execution_id, self._worker)):
+                    if self._stopped.wait(1.0):
+                        return  # the end was recorded just now: the run is over
                     log.warning(
                         "execution %s is no longer this worker's (cancelled, or abandoned "
                         "after a lost lease): what it does now is not recorded",
