@@ -697,6 +697,7 @@ class Options:
     concurrency: int
     timeout: float
     phase: str
+    serve_args: tuple[str, ...] = ()
 
 
 async def _choose_start(stub: Any, jobs: int, options: Options) -> tuple[datetime, float]:
@@ -811,7 +812,7 @@ async def run_scenario(
     )
     async with database as url:
         log_path = workdir / f"server-{backend}-{scenario}.log"
-        async with running_server(url, log_path) as server:
+        async with running_server(url, log_path, *options.serve_args) as server:
             channel: Any = grpc.aio.insecure_channel(server.address)
             try:
                 stub: Any = scheduler_service_pb2_grpc.SchedulerServiceStub(channel)
@@ -873,6 +874,13 @@ def _parser() -> argparse.ArgumentParser:
         "--postgres-url",
         help=f"maintenance database DSN (env {POSTGRES_URL_ENV}; default {DEFAULT_POSTGRES_URL})",
     )
+    parser.add_argument(
+        "--serve-arg",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="a flag for the measured server, e.g. --serve-arg=--celery-broker-url=redis://…",
+    )
     return parser
 
 
@@ -905,6 +913,7 @@ async def _main(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         timeout=args.timeout,
         phase=args.phase,
+        serve_args=tuple(args.serve_arg),
     )
     backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
     scenarios = ["burst", "steady"] if args.scenario == "both" else [args.scenario]
