@@ -93,6 +93,14 @@ def ended(execution: epb.Execution) -> bool:
     return execution.state in FINAL
 
 
+async def until(condition: Callable[[], bool], within: float) -> None:
+    """Waits, looking every 0.1 s, until ``condition`` holds or ``within`` seconds have
+    passed; the caller asserts what it waited for."""
+    deadline = asyncio.get_running_loop().time() + within
+    while not condition() and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110 (a log file)
+        await asyncio.sleep(0.1)
+
+
 @pytest.fixture
 def queue() -> str:
     return f"chronoplane-test-{uuid.uuid4().hex[:12]}"
@@ -356,10 +364,7 @@ async def test_a_worker_killed_mid_task_leaves_one_run_abandoned_then_retried(
         # The first message comes back (acks_late: on RabbitMQ when the connection drops, on
         # Redis once its visibility timeout has passed), is recognised and dropped.
         recognised = f"execution {triggered.id} was started before"
-        for _ in range(600):
-            if recognised in second.log:
-                break
-            await asyncio.sleep(0.1)
+        await until(lambda: recognised in second.log, 60)
         assert recognised in second.log, second.log
         lines = ledger_lines(path)
         starts = [line.split()[1] for line in lines if line.startswith("start")]
@@ -535,10 +540,8 @@ async def test_a_database_away_at_a_worker_s_start_and_end_loses_no_run(
     execution = (await redis_server.stub.TriggerJob(pb.TriggerJobRequest(id="slow"))).execution
     try:
         given_back = f"could not start execution {execution.id}"
-        for _ in range(300):
-            if worker.log.count(given_back) >= 2:  # delivered again, given back again
-                break
-            await asyncio.sleep(0.1)
+        # Delivered again, given back again.
+        await until(lambda: worker.log.count(given_back) >= 2, 30)
         assert worker.log.count(given_back) >= 2, worker.log
         pending = await wait_for(redis_server, execution.id, lambda e: True)
         assert pending.state == epb.EXECUTION_STATE_PENDING and ledger_lines(path) == []
@@ -546,15 +549,9 @@ async def test_a_database_away_at_a_worker_s_start_and_end_loses_no_run(
         await gate.open()
         await wait_for(redis_server, execution.id, lambda e: e.state == epb.EXECUTION_STATE_RUNNING)
         await gate.close()  # while the task runs: its end finds the database away
-        for _ in range(100):
-            if len(ledger_lines(path)) == 2:
-                break
-            await asyncio.sleep(0.1)
+        await until(lambda: len(ledger_lines(path)) == 2, 10)
         retried = f"could not record the end of execution {execution.id}"
-        for _ in range(100):
-            if retried in worker.log:
-                break
-            await asyncio.sleep(0.1)
+        await until(lambda: retried in worker.log, 10)
         assert retried in worker.log, worker.log
         await gate.open()
         done = await wait_for(redis_server, execution.id, ended)

@@ -28,10 +28,10 @@ Chronoplane database itself, as an inline run's is written (watchers see it the 
    traceback, or TIMED_OUT past the job's timeout (Celery's soft time limit); a retry is
    queued as the job's retry policy says. An execution cancelled meanwhile stays CANCELLED.
 
-With the database away at the start, the message goes back to the broker (a Reject with
-requeue, after a second) and comes again; at the end, the end is tried again for half the
-lease. Nothing is left PENDING with no one to send it, and a run whose outcome is known is
-not left to be ABANDONED.
+With the database away (or a conflict) at the start, the message goes back to the broker
+(a Reject with requeue, after a second) and comes again; the end is tried again for up to
+15 s (half the lease at most), the lease renewed meanwhile. Nothing is left PENDING with
+no one to send it, and a run whose outcome is known is not left to be ABANDONED.
 
 Each step runs its coroutine with :func:`run_async`, which works in prefork and gevent
 workers alike. A prefork (or solo) process keeps one store from task to task; elsewhere the

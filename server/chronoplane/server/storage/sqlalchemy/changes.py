@@ -31,12 +31,13 @@ __all__ = [
     "EVENTS_CHANNEL",
     "EVENT_WRITERS_KEY",
     "PG_APPEND_EVENTS",
-    "PG_EXECUTION_BODY",
+    "PG_NOTIFY_APPENDED",
     "Changes",
     "Watermark",
     "decode_body",
     "encode_row",
     "encode_values",
+    "pg_modified_executions",
 ]
 
 # The advisory lock event writers hold, shared, from before they take cursors until they
@@ -47,20 +48,43 @@ EVENT_WRITERS_KEY = (0x43504C4E << 32) | 3
 # Events were appended (payload: the last cursor); every instance's watch hub reads them.
 EVENTS_CHANNEL = "chronoplane_events"
 
-# One round trip: the writers' lock (shared, held to the commit), the cursors from the
-# sequence (each row's nextval comes after the lock: no row exists before the lock's), the
-# rows (labels given as null are the job's, read here), and the notification.
+
+def _pg_appending(rows: str, values: str, *, only_if_any: str = "") -> str:
+    """The CTEs ``writer`` and ``appended`` of a statement that appends one event per row of
+    ``rows`` (a FROM item), with ``values`` (resource, kind, job_id, body, labels,
+    create_time), as every writer on PostgreSQL must: the writers' lock, shared and held to
+    the commit, taken before any cursor (each row's nextval comes after it: no row exists
+    before the lock's), the cursors from the sequence. With ``only_if_any`` (a CTE of the
+    changed rows) the lock is taken only if there are some. The statement's select list
+    ends with ``PG_NOTIFY_APPENDED``."""
+    guard = f" WHERE EXISTS (SELECT FROM {only_if_any})" if only_if_any else ""
+    return (
+        f"writer AS (SELECT pg_advisory_xact_lock_shared({EVENT_WRITERS_KEY}){guard}), "
+        "appended AS (INSERT INTO events (cursor, resource, kind, job_id, body, labels, "
+        f"create_time) SELECT nextval('events_cursor_seq'), {values} FROM writer, {rows} "
+        "RETURNING 1)"
+    )
+
+
+# The notification of a statement built with _pg_appending: once, after its rows.
+PG_NOTIFY_APPENDED = (
+    f"(SELECT pg_notify('{EVENTS_CHANNEL}', '') FROM (SELECT count(*) FROM appended) AS done)"
+)
+
+# One round trip: the lock, the cursors, the rows given (labels given as null are the
+# job's, read here), and the notification.
 PG_APPEND_EVENTS = sa.text(
-    "WITH writer AS (SELECT pg_advisory_xact_lock_shared(CAST(:key AS bigint))), "
-    "appended AS (INSERT INTO events (cursor, resource, kind, job_id, body, labels, create_time) "
-    "SELECT nextval('events_cursor_seq'), e.resource, e.kind, e.job_id, CAST(e.body AS json), "
-    "COALESCE(CAST(NULLIF(e.labels, 'null') AS json), "
-    "(SELECT j.labels FROM jobs AS j WHERE j.id = e.job_id), CAST('{}' AS json)), :now "
-    "FROM writer, unnest(CAST(:resources AS varchar[]), CAST(:kinds AS varchar[]), "
-    "CAST(:job_ids AS varchar[]), CAST(:bodies AS text[]), CAST(:labels AS text[])) "
-    "AS e(resource, kind, job_id, body, labels) RETURNING 1) "
-    f"SELECT pg_notify('{EVENTS_CHANNEL}', '') FROM (SELECT count(*) FROM appended) AS done"
-).bindparams(sa.bindparam("now", type_=UtcDateTime()), key=EVENT_WRITERS_KEY)
+    "WITH "
+    + _pg_appending(
+        "unnest(CAST(:resources AS varchar[]), CAST(:kinds AS varchar[]), "
+        "CAST(:job_ids AS varchar[]), CAST(:bodies AS text[]), CAST(:labels AS text[])) "
+        "AS e(resource, kind, job_id, body, labels)",
+        "e.resource, e.kind, e.job_id, CAST(e.body AS json), "
+        "COALESCE(CAST(NULLIF(e.labels, 'null') AS json), "
+        "(SELECT j.labels FROM jobs AS j WHERE j.id = e.job_id), CAST('{}' AS json)), :now",
+    )
+    + f" SELECT {PG_NOTIFY_APPENDED}"
+).bindparams(sa.bindparam("now", type_=UtcDateTime()))
 
 # Columns of a row that are times: ISO text in the JSON body.
 _TIMES = frozenset(
@@ -98,7 +122,7 @@ _JOINED = frozenset({"job_labels", "job_timeout_seconds", "job_retry"})
 def _pg_body(table: sa.Table, alias: str) -> str:
     """SQL for a row's event body as ``encode_values`` makes it in Python: every column but
     the internal ones, times as ISO text in UTC (microseconds always written; ``decode_body``
-    reads both forms). For a statement that appends an execution's event by itself."""
+    reads both forms)."""
     fields = []
     for column in table.c:
         if column.name in _INTERNAL:
@@ -110,8 +134,17 @@ def _pg_body(table: sa.Table, alias: str) -> str:
     return f"json_build_object({', '.join(fields)})"
 
 
-# An execution's body, from a row aliased ``changed`` (tables.executions' columns).
-PG_EXECUTION_BODY = _pg_body(executions, "changed")
+def pg_modified_executions(changed: str) -> str:
+    """``_pg_appending`` for a statement that changed executions by itself: a MODIFIED event
+    for each row of the CTE ``changed`` (``executions.*`` as they now are), its body built in
+    SQL, its labels its job's. For asyncpg's raw SQL only: the body's time format holds
+    colons that ``sa.text`` would take for parameters."""
+    values = (
+        f"'execution', 'modified', changed.job_id, {_pg_body(executions, 'changed')}, "
+        "COALESCE((SELECT j.labels FROM jobs AS j WHERE j.id = changed.job_id), "
+        "CAST('{}' AS json)), now()"
+    )
+    return _pg_appending(f"{changed} AS changed", values, only_if_any=changed)
 
 
 class Changes:

@@ -23,9 +23,8 @@ from chronoplane.server.storage.abc import (
     DispatchStore,
 )
 from chronoplane.server.storage.sqlalchemy.changes import (
-    EVENT_WRITERS_KEY,
-    EVENTS_CHANNEL,
-    PG_EXECUTION_BODY,
+    PG_NOTIFY_APPENDED,
+    pg_modified_executions,
 )
 from chronoplane.server.storage.sqlalchemy.rows import (
     IS_CELERY,
@@ -57,8 +56,7 @@ _PG_SENT = sa.text(
 
 # A worker's conditional start on PostgreSQL, in one statement and one round trip (the
 # worker's own transaction: no BEGIN and COMMIT around it): the claim, the job's run policy,
-# and the execution's event, appended as every writer appends them (changes.py: the
-# writers' lock before the cursor, the notification).
+# and the execution's event, appended as every writer appends them (changes.py).
 _PG_START = (
     "WITH claimed AS (UPDATE executions SET state = 'running', start_time = now(), "
     "worker = $2, instance_id = '', ready = false, holds_slot = true, "
@@ -66,14 +64,8 @@ _PG_START = (
     "WHERE executions.id = $1 AND executions.state = 'pending' "
     "AND executions.executor = 'celery' AND jobs.id = executions.job_id "
     "RETURNING executions.*, jobs.timeout_seconds AS job_timeout_seconds, "
-    "jobs.retry AS job_retry, jobs.labels AS job_labels), "
-    "writer AS (SELECT pg_advisory_xact_lock_shared($4) FROM claimed), "
-    "appended AS (INSERT INTO events (cursor, resource, kind, job_id, body, labels, create_time) "
-    "SELECT nextval('events_cursor_seq'), 'execution', 'modified', changed.job_id, "
-    f"{PG_EXECUTION_BODY}, COALESCE(changed.job_labels, CAST('{{}}' AS json)), now() "
-    "FROM writer, claimed AS changed RETURNING 1) "
-    f"SELECT claimed.*, (SELECT pg_notify('{EVENTS_CHANNEL}', '') "
-    "FROM (SELECT count(*) FROM appended) AS done) AS notified FROM claimed"
+    f"jobs.retry AS job_retry), {pg_modified_executions('claimed')} "
+    f"SELECT claimed.*, {PG_NOTIFY_APPENDED} AS notified FROM claimed"
 )
 
 # The claim above, if it was this call's: RUNNING on this worker with the lease it wrote.
@@ -203,8 +195,7 @@ class SqlDispatchStore(Slots, DispatchStore):
         None when it was started before (a redelivered message), cancelled or finished."""
         started: dict[str, Any] | None
         if self._dialect == "postgresql":
-            args = (execution_id, worker, lease_until, EVENT_WRITERS_KEY)
-            records = await self._fetch(_PG_START, *args)
+            records = await self._fetch(_PG_START, execution_id, worker, lease_until)
             if not records:
                 # Run again on a dead connection, the claim may have committed the first
                 # time, unseen: the lease it wrote, this call's own time, tells.

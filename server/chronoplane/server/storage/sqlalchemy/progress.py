@@ -26,9 +26,8 @@ from chronoplane.server.storage.abc import (
     SlotRelease,
 )
 from chronoplane.server.storage.sqlalchemy.changes import (
-    EVENT_WRITERS_KEY,
-    EVENTS_CHANNEL,
-    PG_EXECUTION_BODY,
+    PG_NOTIFY_APPENDED,
+    pg_modified_executions,
 )
 from chronoplane.server.storage.sqlalchemy.rows import (
     IS_INLINE,
@@ -51,49 +50,57 @@ _PG_NEXT_RUNS = sa.text(
 )
 
 
-_PG_FINISH = sa.text(
-    "UPDATE executions SET state = f.state, start_time = f.start_time, end_time = f.end_time, "
-    "result = CAST(f.result AS json), error_message = f.message, error_traceback = f.traceback, "
-    "error_type = f.type, holds_slot = f.keeps, cancelled_by = CASE WHEN f.state = 'cancelled' "
-    "THEN COALESCE(NULLIF(f.by, ''), executions.cancelled_by) ELSE '' END "
-    "FROM unnest(CAST(:ids AS varchar[]), CAST(:states AS varchar[]), "
-    "CAST(:starts AS timestamptz[]), CAST(:ends AS timestamptz[]), CAST(:results AS text[]), "
-    "CAST(:messages AS text[]), CAST(:tracebacks AS text[]), CAST(:types AS varchar[]), "
-    "CAST(:keeps AS boolean[]), CAST(:bys AS varchar[])) AS f(id, state, start_time, end_time, "
-    "result, message, traceback, type, keeps, by) "
-    "WHERE executions.id = f.id AND executions.state IN ('pending', 'running') "
-    "RETURNING executions.*"
+# The arrays a batch of final states is given in, in the order the statements unnest them:
+# the parameter's name (``_pg_finish_arrays``), its SQL type, the column it becomes.
+_FINISH_ARRAYS = (
+    ("ids", "varchar", "id"),
+    ("states", "varchar", "state"),
+    ("starts", "timestamptz", "start_time"),
+    ("ends", "timestamptz", "end_time"),
+    ("results", "text", "result"),
+    ("messages", "text", "message"),
+    ("tracebacks", "text", "traceback"),
+    ("types", "varchar", "type"),
+    ("keeps", "boolean", "keeps"),
+    ("bys", "varchar", "by"),
 )
 
 
-# Final states alone (no next run times, no slots released) on PostgreSQL: one statement that
-# is its own transaction, asyncpg's parameters. The states, their events (the body built in
-# SQL, changes.py) and the notification; for each execution that ended and freed its slot,
-# whether its job has executions waiting for one.
+def _finish_update(placeholders: list[str], returning: str) -> str:
+    """The UPDATE of final states from the arrays (one placeholder each, in order), of
+    executions not final yet: the first final state wins."""
+    arrays = ", ".join(
+        f"CAST({placeholder} AS {kind}[])"
+        for placeholder, (_, kind, _) in zip(placeholders, _FINISH_ARRAYS, strict=True)
+    )
+    columns = ", ".join(column for _, _, column in _FINISH_ARRAYS)
+    return (
+        "UPDATE executions SET state = f.state, start_time = f.start_time, "
+        "end_time = f.end_time, result = CAST(f.result AS json), error_message = f.message, "
+        "error_traceback = f.traceback, error_type = f.type, holds_slot = f.keeps, "
+        "cancelled_by = CASE WHEN f.state = 'cancelled' "
+        "THEN COALESCE(NULLIF(f.by, ''), executions.cancelled_by) ELSE '' END "
+        f"FROM unnest({arrays}) AS f({columns}) "
+        "WHERE executions.id = f.id AND executions.state IN ('pending', 'running') "
+        f"RETURNING {returning}"
+    )
+
+
+# In a transaction (SQLAlchemy's parameters), its events appended at the commit.
+_PG_FINISH = sa.text(_finish_update([f":{name}" for name, _, _ in _FINISH_ARRAYS], "executions.*"))
+
+# Final states alone (no next run times, no slots released): one statement that is its own
+# transaction (asyncpg's parameters), with the events and the notification; for each
+# execution that ended and freed its slot, whether its job has executions waiting for one.
 _PG_FINISH_ALONE = (
-    "WITH f AS (SELECT * FROM unnest(CAST($1 AS varchar[]), CAST($2 AS varchar[]), "
-    "CAST($3 AS timestamptz[]), CAST($4 AS timestamptz[]), CAST($5 AS text[]), "
-    "CAST($6 AS text[]), CAST($7 AS text[]), CAST($8 AS varchar[]), CAST($9 AS boolean[]), "
-    "CAST($10 AS varchar[])) AS f(id, state, start_time, end_time, result, message, traceback, "
-    "type, keeps, by)), "
-    "finished AS (UPDATE executions SET state = f.state, start_time = f.start_time, "
-    "end_time = f.end_time, result = CAST(f.result AS json), error_message = f.message, "
-    "error_traceback = f.traceback, error_type = f.type, holds_slot = f.keeps, "
-    "cancelled_by = CASE WHEN f.state = 'cancelled' "
-    "THEN COALESCE(NULLIF(f.by, ''), executions.cancelled_by) ELSE '' END FROM f "
-    "WHERE executions.id = f.id AND executions.state IN ('pending', 'running') "
-    "RETURNING executions.*, f.keeps AS kept), "
-    "writer AS (SELECT pg_advisory_xact_lock_shared($11) WHERE EXISTS (SELECT FROM finished)), "
-    "appended AS (INSERT INTO events (cursor, resource, kind, job_id, body, labels, create_time) "
-    "SELECT nextval('events_cursor_seq'), 'execution', 'modified', changed.job_id, "
-    f"{PG_EXECUTION_BODY}, COALESCE((SELECT j.labels FROM jobs AS j "
-    "WHERE j.id = changed.job_id), CAST('{}' AS json)), now() "
-    "FROM writer, finished AS changed RETURNING 1) "
+    "WITH finished AS ("
+    + _finish_update(
+        [f"${n}" for n in range(1, len(_FINISH_ARRAYS) + 1)], "executions.*, f.keeps AS kept"
+    )
+    + f"), {pg_modified_executions('finished')} "
     "SELECT finished.job_id, NOT finished.kept AND EXISTS (SELECT FROM executions AS w "
     "WHERE w.job_id = finished.job_id AND w.state = 'pending' AND NOT w.ready "
-    "AND NOT w.holds_slot) AS waiting, "
-    f"(SELECT pg_notify('{EVENTS_CHANNEL}', '') FROM (SELECT count(*) FROM appended) AS done) "
-    "AS notified FROM finished"
+    f"AND NOT w.holds_slot) AS waiting, {PG_NOTIFY_APPENDED} AS notified FROM finished"
 )
 
 
@@ -142,10 +149,10 @@ class Outcomes(Slots):
         executions waiting for the slots they freed, a transaction that promotes them. Should
         this process stop between the two, every instance's ``promote_waiting`` does it."""
         arrays = _pg_finish_arrays(finishes)
-        args = [arrays[name] for name in _FINISH_ARRAYS]
+        args = [arrays[name] for name, _, _ in _FINISH_ARRAYS]
         # Without the pre-ping: run again on a dead connection, a final state written the
         # first time stays as it is (the first one wins) and no second event is appended.
-        records = await self._fetch(_PG_FINISH_ALONE, *args, EVENT_WRITERS_KEY)
+        records = await self._fetch(_PG_FINISH_ALONE, *args)
         if records and self.on_events is not None:
             self.on_events()
         waiting = sorted({record["job_id"] for record in records if record["waiting"]})
@@ -220,21 +227,6 @@ class Outcomes(Slots):
             await conn.execute(executions.update().where(held).values(holds_slot=False))
             await self._promote(conn, await self._queued_jobs(conn, None))
             return len(interrupted)
-
-
-# The order of _PG_FINISH_ALONE's arrays.
-_FINISH_ARRAYS = (
-    "ids",
-    "states",
-    "starts",
-    "ends",
-    "results",
-    "messages",
-    "tracebacks",
-    "types",
-    "keeps",
-    "bys",
-)
 
 
 def _pg_finish_arrays(finishes: Sequence[ExecutionFinish]) -> dict[str, list[Any]]:
