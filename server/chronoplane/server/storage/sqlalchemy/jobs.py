@@ -224,7 +224,9 @@ class SqlJobStore(Slots, JobStore):
         due = jobs.c.next_run_time
         query = (
             sa.select(jobs)
-            .where(jobs.c.paused.is_(False), due.is_not(None), due <= until)
+            # NOT paused, as ix_jobs_due's predicate says it: PostgreSQL does not match
+            # "paused IS false" to that index, and scans the whole table instead.
+            .where(sa.not_(jobs.c.paused), due.is_not(None), due <= until)
             .order_by(due, jobs.c.id)
             .limit(limit)
         )
