@@ -120,11 +120,9 @@ class Application:
             stack.push_async_callback(runner.flush_fires)
             stack.push_async_callback(parts.engine.shutdown)
             await coordinator.start()
-            # Serve once the first round is decided, so a lone server serves with its schedule.
-            await asyncio.wait_for(coordinator.settled(), settings.leader_timeout * 2)
-            await member.settled()
-            await self._serve(stack, server, parts, store)
-            await self._stop.wait()
+            if await self._settled(coordinator, member):
+                await self._serve(stack, server, parts, store)
+                await self._stop.wait()
             log.info("shutting down: no new RPCs, %d executions running", runner.running)
             # A hang in a step of the unwind is then named in the log.
             watchdog = asyncio.create_task(
@@ -133,6 +131,27 @@ class Application:
             )
         watchdog.cancel()
         log.info("stopped")
+
+    async def _settled(self, coordinator: Coordinator, member: Member) -> bool:
+        """Waits for the first round to be decided, so that a lone server serves with its
+        schedule, unless asked to stop first (a million jobs' schedule takes a while to
+        load); returns whether to serve."""
+
+        async def first_round() -> None:
+            await asyncio.wait_for(coordinator.settled(), self.settings.leader_timeout * 2)
+            await member.settled()
+
+        settling = asyncio.ensure_future(first_round())
+        stopping = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait([settling, stopping], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if not settling.done():
+            await cancelled(settling)
+            return False
+        settling.result()
+        return True
 
     async def _serve(
         self, stack: AsyncExitStack, server: GrpcServer, parts: _Parts, store: SqlAlchemyStore
