@@ -70,6 +70,9 @@ class Fires:
         self._ready = asyncio.Event()
         # Held while a batch is written, so that stop() never cancels a write half-way.
         self.lock = asyncio.Lock()
+        # When a stopping leader gives up writing (monotonic), for the writer already at it
+        # too: a catch-up of 100,000 jobs would otherwise hold the stop until all are written.
+        self._give_up_at: float | None = None
 
     def on_fires(self, fires: Sequence[Fire]) -> None:
         """The engine's handler: queue, wake the writer, return at once."""
@@ -115,10 +118,14 @@ class Fires:
             await self.drain()
 
     async def drain(self, *, deadline: float | None = None) -> None:
-        """Writes every fire queued so far; past ``deadline`` (monotonic), leaves the rest to
-        the next leader."""
+        """Writes every fire queued so far; past ``deadline`` (monotonic; a stop's, kept for
+        every later drain, the one already writing included), leaves the rest to the next
+        leader."""
+        if deadline is not None:
+            self._give_up_at = deadline
         async with self.lock:
             while self._due:
+                deadline = self._give_up_at
                 if deadline is not None and time.monotonic() >= deadline:
                     self.drop()
                     return
