@@ -6,16 +6,34 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from chronoplane.server.models import Execution, ExecutionState, IntervalTrigger, Job
+from chronoplane.server.models import (
+    Execution,
+    ExecutionSource,
+    ExecutionState,
+    IntervalTrigger,
+    Job,
+)
 from chronoplane.server.runner.fires import MAX_BATCH, Due, Fires
 from chronoplane.server.runner.state import Shared
 from chronoplane.server.storage.abc import Admitted
 
 T = datetime(2026, 12, 7, tzinfo=UTC)
 WRITE_SECONDS = 0.2
+EXECUTION = Execution(
+    id="e",
+    job_id="j",
+    state=ExecutionState.PENDING,
+    source=ExecutionSource.SCHEDULE,
+    scheduled_time=T,
+    create_time=T,
+    task="chronoplane.echo",
+    args={},
+    instance_id="i",
+)
 
 
 class SlowAdmissions:
@@ -28,17 +46,7 @@ class SlowAdmissions:
         return True
 
     def new_execution(self, job: Job, source: Any, scheduled: datetime, now: datetime) -> Any:
-        return Execution(
-            id=f"e-{job.id}",
-            job_id=job.id,
-            state=ExecutionState.PENDING,
-            source=source,
-            scheduled_time=scheduled,
-            create_time=now,
-            task=job.task,
-            args={},
-            instance_id="i",
-        )
+        return replace(EXECUTION, id=f"e-{job.id}", job_id=job.id, scheduled_time=scheduled)
 
     async def admit_with_retry(self, admissions: list[Any], *, epoch: int | None) -> Admitted:
         self.batches.append(len(admissions))
