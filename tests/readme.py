@@ -294,6 +294,9 @@ class Tour:
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
+            # Ctrl-C as a terminal gives it, even when the tests themselves were started in
+            # the background by a shell, which leaves SIGINT ignored for all its children.
+            preexec_fn=_default_sigint,
         )
 
     def finish(self, process: Any, *, interrupt: bool) -> str:
@@ -319,6 +322,10 @@ class Tour:
         if cursors:
             self.cursors = cursors
         return output
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def walk(tour: Tour, found: list[Block], *, retry: bool) -> Iterator[tuple[Block, Step, str]]:
