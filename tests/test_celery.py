@@ -343,6 +343,10 @@ async def test_a_worker_killed_mid_task_leaves_one_run_abandoned_then_retried(
         await server.stub.CreateJob(pb.CreateJobRequest(job=job))
         triggered = (await server.stub.TriggerJob(pb.TriggerJobRequest(id="slow"))).execution
         await wait_for(server, triggered.id, lambda e: e.state == epb.EXECUTION_STATE_RUNNING)
+        # RUNNING is recorded just before the task's body begins: killed in between, the
+        # task would never have started (its ledger says so), which is not this case.
+        started = f"start {triggered.id}"
+        await until(lambda: any(line.startswith(started) for line in ledger_lines(path)), 30)
         first.kill()  # mid-task, message unacknowledged (acks_late)
         second = start_worker(
             tmp_path, broker=url, database_url=postgres_url, queue=queue, env=lease, name="w2"
