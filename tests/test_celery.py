@@ -237,9 +237,11 @@ async def test_a_celery_job_runs_on_a_worker_and_its_story_reaches_watchers(
         assert {(await wait_for(server, i, ended)).state for i in ids} == {
             epb.EXECUTION_STATE_SUCCEEDED
         }
-        received = workers[0].log.count("] received")
-        assert "was started before" not in workers[0].log
-        assert received == workers[0].log.count("succeeded in")
+        # Celery logs "succeeded in" once the task has returned, after its end is recorded.
+        worker = workers[0]
+        await until(lambda: worker.log.count("] received") == worker.log.count("succeeded in"), 10)
+        assert "was started before" not in worker.log
+        assert worker.log.count("] received") == worker.log.count("succeeded in")
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
