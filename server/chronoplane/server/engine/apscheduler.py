@@ -15,6 +15,7 @@ import logging
 import zoneinfo
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from itertools import islice
 from types import MappingProxyType
 from typing import Any
 
@@ -26,6 +27,7 @@ from apscheduler.schedulers.base import STATE_STOPPED, BaseScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.date import DateTrigger as ApsDateTrigger
 from apscheduler.triggers.interval import IntervalTrigger as ApsIntervalTrigger
+from apscheduler.util import datetime_to_utc_timestamp
 
 from chronoplane.server.engine.abc import Engine, Fire, FireHandler
 from chronoplane.server.engine.wallclock import WallClockCronTrigger
@@ -225,8 +227,16 @@ class _DueInTurns(MemoryJobStore):  # type: ignore[misc]
     once, in the loop's next turn, for the rest."""
 
     def get_due_jobs(self, now: datetime) -> list[Any]:
-        due: list[Any] = super().get_due_jobs(now)
-        return due[:DUE_PER_TURN]
+        # The store's own loop, stopped at DUE_PER_TURN: slicing what it returns would walk
+        # every due job each turn (3.6 ms a turn, 3.6 s in all, for 100,000 due at once).
+        # ``_jobs`` is its list of (job, timestamp), soonest first (APScheduler is pinned).
+        now_timestamp = datetime_to_utc_timestamp(now)
+        due: list[Any] = []
+        for job, timestamp in islice(self._jobs, DUE_PER_TURN):
+            if timestamp is None or timestamp > now_timestamp:
+                break
+            due.append(job)
+        return due
 
 
 class _Timer(AsyncIOScheduler):  # type: ignore[misc]
