@@ -9,11 +9,14 @@ runs at once):
   as bench/api.py runs it, on a fresh PostgreSQL database of 2,000 jobs and 20,000
   executions): GetJob of a random job, and TriggerJob of 512 jobs made for it, at 64 calls in
   flight. Figures: calls_per_s, latency_p50_ms, latency_p99_ms, server_cpu_us_per_call.
-* ``stream``: the trivial grpc.aio streaming server of bench/watch_fanout.py against
-  Chronoplane's watches, both measured by ``bench/watch_fanout.py`` (a subprocess): 1,000
+* ``stream``: trivial grpc.aio streaming servers of bench/watch_fanout.py against
+  Chronoplane's watches, all measured by ``bench/watch_fanout.py`` (a subprocess): 1,000
   one-job watchers and 10 of everything, layouts ``one`` and ``split``, at each execution rate
-  asked (``--watch-rates``). Taken from its lines: ``ceiling_cpu_us_per_msg`` and
-  ``ceiling_msgs_per_s`` (the trivial server) and, per layout and rate,
+  asked (``--watch-rates``). The peer (``grpc_trivial_stream``) is the paced trivial server:
+  the same messages to the same streams at the same rate, with nothing else to do
+  (``peer_cpu_us_per_msg``, ``peer_delivered_per_s``); beside it, at the first rate, the same
+  server streaming as fast as it can (``grpc_trivial_stream_saturated``:
+  ``ceiling_cpu_us_per_msg`` and ``ceiling_msgs_per_s``). Chronoplane's, per layout and rate:
   ``server_cpu_us_per_msg`` (the watchers' server), ``delivered_per_s``, ``expected_per_s``,
   ``latency_p50_ms``, ``latency_p99_ms`` and ``behind``; named here cpu_us_per_event and
   events_per_s.
@@ -436,24 +439,35 @@ async def stream(ctx: Context) -> None:
         *ctx.postgres_args,
     )
     ceiling = {line["figure"]: line for line in lines if line["figure"].startswith("ceiling_")}
-    peer = Result(
-        "grpc_trivial_stream",
+    saturated = Result(
+        "grpc_trivial_stream_saturated",
         {
             "cpu_us_per_event": (ceiling["ceiling_cpu_us_per_msg"]["value"], "us"),
             "events_per_s": (ceiling["ceiling_msgs_per_s"]["value"], "1/s"),
         },
         {"streams": ceiling["ceiling_msgs_per_s"].get("streams")},
     )
-    ours = []
-    for layout in sizes.layouts:
-        for rate in sizes.watch_rates:
+    for rate in sizes.watch_rates:
+        mine = [x for x in lines if x.get("rate") == rate and "layout" not in x]
+        paced = {x["figure"]: (x["value"], x["unit"]) for x in mine}
+        peer = Result(
+            "grpc_trivial_stream",
+            {
+                "cpu_us_per_event": paced.get("peer_cpu_us_per_msg", (None, "us")),
+                "events_per_s": paced.get("peer_delivered_per_s", (None, "1/s")),
+            },
+            {"rate": rate},
+        )
+        ours = []
+        for layout in sizes.layouts:
             phase = [x for x in lines if x.get("layout") == layout and x.get("rate") == rate]
             found = {x["figure"]: (x["value"], x["unit"]) for x in phase}
             if found:  # watch_fanout stops at the first rate it falls behind at
                 names = STREAM_NAMES.items()
                 figures = {ours: found[theirs] for theirs, ours in names if theirs in found}
                 ours.append(Result("chronoplane", figures, {"layout": layout, "rate": rate}))
-    report("stream", ours, [peer], STREAM_COMPARED)
+        peers = [peer, saturated] if rate == sizes.watch_rates[0] else [peer]
+        report("stream", ours, peers, STREAM_COMPARED)
 
 
 # -- burst and steady: Chronoplane --------------------------------------------------------------

@@ -1,8 +1,11 @@
 """Watch fan-out: 1,000 watchers of one job each plus 10 of everything, on a real server.
 
-First the ceiling: a trivial grpc.aio server (this file, ``--trivial-server``, in its own
-process) streams a message the size of a real watch event to as many streams as fast as it
-can; the same client counts what arrives. Then a real ``chronoplane serve`` on PostgreSQL
+First the peers, trivial grpc.aio servers (this file, ``--trivial-server``, each in its own
+process), read by the same client: the ceiling, a message the size of a real watch event
+streamed to as many streams as fast as it can; and the paced peer (``--paced-rate``) at each
+of the first rates (``--peer-rates``): the same events at the same rate to the same 1,000
+one-job and 10 firehose streams, each event encoded once, taken up every 5 ms, with nothing
+else to do (no database, no filter). Then a real ``chronoplane serve`` on PostgreSQL
 with 1,000 jobs of ``chronoplane.echo`` whose intervals give each phase's execution rate
 (200/s first, then more), watched by 1,000 streams each filtered to one job and 10 streams
 of everything. Each execution is two events (ADDED as it starts, MODIFIED when it ends), and
@@ -13,14 +16,17 @@ a cluster of two where the watchers are on the instance that does not run them; 
 request (``--layouts none``), one server with no watcher at all, to see what running the
 executions alone costs (only server_cpu_percent, at the first rate).
 
-Figures, one JSON line each (``"bench": "watch_fanout"``): ``ceiling_msgs_per_s``; then per
+Figures, one JSON line each (``"bench": "watch_fanout"``): ``ceiling_msgs_per_s`` and
+``ceiling_cpu_us_per_msg``; per peer rate, ``peer_delivered_per_s`` and
+``peer_cpu_us_per_msg`` (the paced peer's CPU per message delivered); then per
 layout and phase (``"rate"``: executions/s asked): delivered_per_s (messages received by
 all watchers), expected_per_s (11 x 2 x executions/s), latency_p50_ms / latency_p99_ms
 (from the event's commit, the time the server stamps on the event row just before it
 commits, to its receipt), server_cpu_percent (of one core, the watchers' server),
 runner_cpu_percent (split: the server running the executions), server_rss_mb, behind
 (true once delivery fell behind: less than 90% of what was asked delivered, or p99 over
-1 s), server_cpu_us_per_msg (the watchers' server's CPU per message delivered),
+1 s), server_cpu_us_per_msg (the watchers' server's CPU per message delivered) and
+cpu_to_peer (that over the paced peer's at the same rate),
 client_cpu_percent (this process, reading all streams) and machine_cpu_percent (every
 process, in % of one core: 200 is a full 2-core machine). The last phase not behind is the
 saturation point: ``saturation_delivered_per_s`` and its ratio to the ceiling; and
@@ -115,15 +121,17 @@ async def _trivial_stream(request: Any, context: Any) -> Any:
         )
 
 
-async def _serve_trivial(port: int) -> None:
+async def _serve(port: int, stream: Any, *, serializer: Any) -> None:
+    """A grpc.aio server whose WatchExecutions is ``stream`` (``serializer`` None: it
+    yields the wire bytes)."""
     server = grpc.aio.server()
     handler = grpc.method_handlers_generic_handler(
         "chronoplane.v1.SchedulerService",
         {
             "WatchExecutions": grpc.unary_stream_rpc_method_handler(
-                _trivial_stream,
+                stream,
                 request_deserializer=pb.WatchExecutionsRequest.FromString,
-                response_serializer=pb.WatchExecutionsResponse.SerializeToString,
+                response_serializer=serializer,
             )
         },
     )
@@ -164,6 +172,77 @@ async def ceiling(streams: int, seconds: float) -> tuple[float, float]:
                 reader.cancel()
             await asyncio.gather(*readers, return_exceptions=True)
         return sum(counts) / elapsed, cpu / max(1, sum(counts)) * 1e6
+    finally:
+        process.kill()
+        await process.wait()
+
+
+# -- the peer at the same rate: a trivial server fanning events out as the watches do --------
+
+
+async def _serve_paced(port: int, jobs: int, rate: float) -> None:
+    """A trivial server that makes 2 x ``rate`` events a second (an execution's two, for one
+    of ``jobs`` jobs in turn), takes up every 5 ms what is due (as the watch hub reads a
+    batch of events), and hands each, encoded once, to the streams that want it: those of
+    its job (a request's ``job_ids``) and those of everything. No database, no filter, no
+    cursor: what delivering the same messages to the same streams at the same rate costs
+    grpc.aio and asyncio alone."""
+    execution = sample_event().execution
+    by_job: dict[str, set[asyncio.Queue[bytes]]] = {}
+    everything: set[asyncio.Queue[bytes]] = set()
+
+    async def make_events() -> None:
+        began, made = time.monotonic(), 0
+        while True:
+            await asyncio.sleep(0.005)
+            due = int((time.monotonic() - began) * 2 * rate)
+            for cursor in range(made + 1, due + 1):
+                message = pb.WatchExecutionsResponse(
+                    cursor=cursor, kind=pb.WATCH_EVENT_KIND_MODIFIED, execution=execution
+                ).SerializeToString()
+                for queue in everything | by_job.get(f"j{(cursor // 2) % jobs:05d}", set()):
+                    queue.put_nowait(message)
+            made = max(made, due)
+
+    async def stream(request: Any, context: Any) -> Any:
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        groups = [by_job.setdefault(job_id, set()) for job_id in request.job_ids]
+        for group in groups or [everything]:
+            group.add(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            for group in groups or [everything]:
+                group.discard(queue)
+
+    maker = asyncio.create_task(make_events())
+    await _serve(port, stream, serializer=None)
+    maker.cancel()
+
+
+async def paced_peer(jobs: int, rate: float, seconds: float) -> tuple[float, float | None]:
+    """The paced trivial server's delivered messages/s to 1,000 one-job and 10 firehose
+    streams (the watches' shape), and its CPU per message (us)."""
+    port = _free_port()
+    command = [sys.executable, __file__, "--trivial-server", str(port)]
+    command += ["--paced-rate", f"{rate:g}", "--jobs", str(jobs)]
+    process = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        await asyncio.wait_for(process.stdout.readline(), 30)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            job_ids = [f"j{n:05d}" for n in range(jobs)]
+            watchers = Watchers(pb_grpc.SchedulerServiceStub(channel), job_ids, EVERYTHING)
+            await asyncio.sleep(WARM_SECONDS)
+            watchers.recording = True
+            cpu0, began = _cpu_seconds(process.pid), time.monotonic()
+            await asyncio.sleep(seconds)
+            watchers.recording = False
+            cpu, elapsed = _cpu_seconds(process.pid) - cpu0, time.monotonic() - began
+            delivered = len(watchers.received)
+            await watchers.close()
+        return delivered / elapsed, cpu / delivered * 1e6 if delivered else None
     finally:
         process.kill()
         await process.wait()
@@ -327,7 +406,12 @@ async def phase(
 
 
 async def run_layout(
-    options: argparse.Namespace, workdir: Path, layout: str, top: float, top_cost: float
+    options: argparse.Namespace,
+    workdir: Path,
+    layout: str,
+    top: float,
+    top_cost: float,
+    peers: dict[float, float | None],
 ) -> None:
     """``one``: the watchers on the server that runs the executions; ``split``: on a second
     instance of the cluster, which runs none (the leader's share of --max-running holds
@@ -376,6 +460,9 @@ async def run_layout(
             delivered, behind, cost = await phase(
                 servers, url, stub, watchers, job_ids, rate, options.seconds, layout
             )
+            peer = peers.get(rate)
+            if cost is not None and peer:
+                emit("cpu_to_peer", cost / peer, "ratio", layout=layout, rate=rate)
             if behind:
                 break
             saturation, saturation_cost = delivered, cost
@@ -400,9 +487,16 @@ async def _main(options: argparse.Namespace) -> int:
     top, top_cost = await ceiling(streams, options.seconds)
     emit("ceiling_msgs_per_s", top, "1/s", streams=streams)
     emit("ceiling_cpu_us_per_msg", top_cost, "us", streams=streams)
+    peers: dict[float, float | None] = {}
+    for rate in options.peer_rates or options.rates[:3]:
+        note(f"peer: the paced trivial server, {rate:g} executions/s to the watches' streams")
+        delivered, cost = await paced_peer(options.jobs, rate, options.seconds)
+        emit("peer_delivered_per_s", delivered, "1/s", rate=rate, expected=22 * rate)
+        emit("peer_cpu_us_per_msg", cost, "us", rate=rate)
+        peers[rate] = cost
     workdir = Path(tempfile.mkdtemp(prefix="chronoplane-bench-watch-"))
     for layout in options.layouts:
-        await run_layout(options, workdir, layout, top, top_cost)
+        await run_layout(options, workdir, layout, top, top_cost, peers)
     note(f"server logs in {workdir}")
     return 0
 
@@ -421,10 +515,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--layouts", nargs="+", choices=["one", "split", "none"], default=["one", "split"]
     )
+    parser.add_argument(
+        "--peer-rates",
+        type=float,
+        nargs="+",
+        help="rates the paced trivial server is measured at (default: the first three)",
+    )
     parser.add_argument("--trivial-server", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--paced-rate", type=float, help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
+    if options.trivial_server and options.paced_rate:
+        asyncio.run(_serve_paced(options.trivial_server, options.jobs, options.paced_rate))
+        return 0
     if options.trivial_server:
-        asyncio.run(_serve_trivial(options.trivial_server))
+        serializer = pb.WatchExecutionsResponse.SerializeToString
+        asyncio.run(_serve(options.trivial_server, _trivial_stream, serializer=serializer))
         return 0
     return asyncio.run(_main(options))
 
