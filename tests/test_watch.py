@@ -19,10 +19,14 @@ import pytest_asyncio
 import sqlalchemy as sa
 from conftest import InProcessServer, serving
 from harness import error_info, violations
+from storage.helpers import a_job, an_execution
 from test_api import create, fails, struct
 
 from chronoplane.server.config import Settings
+from chronoplane.server.models import EventResource
+from chronoplane.server.storage.abc import Admission
 from chronoplane.server.storage.sqlalchemy import SqlAlchemyStore
+from chronoplane.server.watch import WatchFilter, WatchHub
 from chronoplane.v1 import execution_pb2 as epb
 from chronoplane.v1 import scheduler_service_pb2 as pb
 
@@ -570,3 +574,38 @@ async def test_opening_and_cancelling_5000_watches_leaves_nothing_behind(
     assert fds() <= files + 2
     # Server and client share this process; 5,000 leaked streams would be far more.
     assert rss_kib() - memory < 20_000, (memory, rss_kib())
+
+
+async def test_streams_catching_up_from_the_table_share_each_event(store: SqlAlchemyStore) -> None:
+    """Two streams resuming from the same old cursor read the table, each for itself; each
+    event they get is one object, decoded and encoded once for both (issue 16: an event is
+    serialized once, not once per stream)."""
+    hub = WatchHub(store, recent=4, page=10, poll_interval=0.05)
+    await store.create_job(a_job("j1", max_concurrent=0), request_id=None)
+    since = (await store.event_window()).newest
+    scheduled = datetime(2026, 3, 8, 6, 30, tzinfo=UTC)
+    await store.admit_executions(
+        [
+            Admission(
+                execution=an_execution(scheduled_time=scheduled + timedelta(minutes=n)),
+                due_time=scheduled,
+                force=True,
+            )
+            for n in range(30)
+        ]
+    )
+    await hub.start()
+    try:
+        executions = WatchFilter(resource=EventResource.EXECUTION)
+        streams = [hub.watch(executions, after=since) for _ in range(2)]
+        first, second = [], []
+        for _ in range(30):  # side by side, as streams behind together read
+            first.append(await anext(streams[0]))
+            second.append(await anext(streams[1]))
+        assert [e.cursor for e in first] == [e.cursor for e in second]
+        assert len({e.cursor for e in first}) == 30
+        assert all(a is b for a, b in zip(first, second, strict=True))
+        for stream in streams:
+            await stream.aclose()  # type: ignore[attr-defined]  # an async generator
+    finally:
+        await hub.stop()

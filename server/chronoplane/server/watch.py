@@ -60,6 +60,9 @@ _OPEN = {resource: metrics.WATCHERS_OPEN.labels(kind) for resource, kind in WATC
 # How soon the hub reads again while events are being written past what it could read.
 BEHIND_POLL_SECONDS = 0.05
 
+# Events read back from the table for streams catching up, kept to be shared: two pages.
+READ_BACK_KEPT = 2000
+
 
 class NoticeKind(enum.StrEnum):
     SNAPSHOT = "snapshot"
@@ -166,6 +169,9 @@ class WatchHub:
         # each is a dozen objects for every full garbage collection to scan.
         self._recent: list[Event] = []
         self._recent_size = recent
+        # Events read back from the table by streams catching up, by cursor: each is one
+        # object for all of them, decoded and encoded once however many streams it goes to.
+        self._read_back: dict[int, Event] = {}
         self._coalesce = coalesce
         self._stall_timeout = stall_timeout if stall_timeout is not None else 2 * progress_interval
         # The last cursor handed to the watchers: every event up to it was dispatched.
@@ -432,7 +438,9 @@ class WatchHub:
                 _check_range(position, window)  # purged while it was behind
             for event in batch:
                 position = event.cursor
-                yield event
+                yield self._read_back.setdefault(event.cursor, event)
+            if len(self._read_back) > READ_BACK_KEPT:
+                self._read_back.clear()  # streams further behind decode their own again
             if not batch and self._position <= position:
                 watcher.behind = False
                 return
