@@ -51,6 +51,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -142,39 +143,51 @@ async def _serve(port: int, stream: Any, *, serializer: Any) -> None:
     await server.wait_for_termination()
 
 
-async def ceiling(streams: int, seconds: float) -> tuple[float, float]:
-    """Messages/s the trivial server streams, and its CPU per message (us)."""
+def job_id(n: int) -> str:
+    """The bench's n-th job (the paced peer names its events' jobs the same way)."""
+    return f"j{n:05d}"
+
+
+@contextlib.asynccontextmanager
+async def trivial_server(*options: str) -> AsyncIterator[tuple[grpc.aio.Channel, int]]:
+    """This file's ``--trivial-server`` in a process of its own (with ``options``): a channel
+    to it and its pid, once it serves."""
     port = _free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "--trivial-server", str(port), stdout=asyncio.subprocess.PIPE
-    )
+    command = [sys.executable, __file__, "--trivial-server", str(port), *options]
+    process = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
     try:
         assert process.stdout is not None
         await asyncio.wait_for(process.stdout.readline(), 30)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = pb_grpc.SchedulerServiceStub(channel)
-            counts = [0] * streams
-            counting = False
-
-            async def read(k: int) -> None:
-                async for _ in stub.WatchExecutions(pb.WatchExecutionsRequest()):
-                    if counting:
-                        counts[k] += 1
-
-            readers = [asyncio.create_task(read(k)) for k in range(streams)]
-            await asyncio.sleep(WARM_SECONDS)
-            counting = True
-            cpu0, began = _cpu_seconds(process.pid), time.monotonic()
-            await asyncio.sleep(seconds)
-            counting = False
-            cpu, elapsed = _cpu_seconds(process.pid) - cpu0, time.monotonic() - began
-            for reader in readers:
-                reader.cancel()
-            await asyncio.gather(*readers, return_exceptions=True)
-        return sum(counts) / elapsed, cpu / max(1, sum(counts)) * 1e6
+            yield channel, process.pid
     finally:
         process.kill()
         await process.wait()
+
+
+async def ceiling(streams: int, seconds: float) -> tuple[float, float]:
+    """Messages/s the trivial server streams, and its CPU per message (us)."""
+    async with trivial_server() as (channel, pid):
+        stub = pb_grpc.SchedulerServiceStub(channel)
+        counts = [0] * streams
+        counting = False
+
+        async def read(k: int) -> None:
+            async for _ in stub.WatchExecutions(pb.WatchExecutionsRequest()):
+                if counting:
+                    counts[k] += 1
+
+        readers = [asyncio.create_task(read(k)) for k in range(streams)]
+        await asyncio.sleep(WARM_SECONDS)
+        counting = True
+        cpu0, began = _cpu_seconds(pid), time.monotonic()
+        await asyncio.sleep(seconds)
+        counting = False
+        cpu, elapsed = _cpu_seconds(pid) - cpu0, time.monotonic() - began
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+    return sum(counts) / elapsed, cpu / max(1, sum(counts)) * 1e6
 
 
 # -- the peer at the same rate: a trivial server fanning events out as the watches do --------
@@ -200,7 +213,7 @@ async def _serve_paced(port: int, jobs: int, rate: float) -> None:
                 message = pb.WatchExecutionsResponse(
                     cursor=cursor, kind=pb.WATCH_EVENT_KIND_MODIFIED, execution=execution
                 ).SerializeToString()
-                for queue in everything | by_job.get(f"j{(cursor // 2) % jobs:05d}", set()):
+                for queue in everything | by_job.get(job_id(cursor // 2 % jobs), set()):
                     queue.put_nowait(message)
             made = max(made, due)
 
@@ -224,28 +237,19 @@ async def _serve_paced(port: int, jobs: int, rate: float) -> None:
 async def paced_peer(jobs: int, rate: float, seconds: float) -> tuple[float, float | None]:
     """The paced trivial server's delivered messages/s to 1,000 one-job and 10 firehose
     streams (the watches' shape), and its CPU per message (us)."""
-    port = _free_port()
-    command = [sys.executable, __file__, "--trivial-server", str(port)]
-    command += ["--paced-rate", f"{rate:g}", "--jobs", str(jobs)]
-    process = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
-    try:
-        assert process.stdout is not None
-        await asyncio.wait_for(process.stdout.readline(), 30)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            job_ids = [f"j{n:05d}" for n in range(jobs)]
-            watchers = Watchers(pb_grpc.SchedulerServiceStub(channel), job_ids, EVERYTHING)
-            await asyncio.sleep(WARM_SECONDS)
-            watchers.recording = True
-            cpu0, began = _cpu_seconds(process.pid), time.monotonic()
-            await asyncio.sleep(seconds)
-            watchers.recording = False
-            cpu, elapsed = _cpu_seconds(process.pid) - cpu0, time.monotonic() - began
-            delivered = len(watchers.received)
-            await watchers.close()
-        return delivered / elapsed, cpu / delivered * 1e6 if delivered else None
-    finally:
-        process.kill()
-        await process.wait()
+    options = ("--paced-rate", f"{rate:g}", "--jobs", str(jobs))
+    async with trivial_server(*options) as (channel, pid):
+        job_ids = [job_id(n) for n in range(jobs)]
+        watchers = Watchers(pb_grpc.SchedulerServiceStub(channel), job_ids, EVERYTHING)
+        await asyncio.sleep(WARM_SECONDS)
+        watchers.recording = True
+        cpu0, began = _cpu_seconds(pid), time.monotonic()
+        await asyncio.sleep(seconds)
+        watchers.recording = False
+        cpu, elapsed = _cpu_seconds(pid) - cpu0, time.monotonic() - began
+        delivered = len(watchers.received)
+        await watchers.close()
+    return delivered / elapsed, cpu / delivered * 1e6 if delivered else None
 
 
 def _free_port() -> int:
@@ -434,7 +438,7 @@ async def run_layout(
         watched = grpc.aio.insecure_channel(servers[-1].address)
         stack.push_async_callback(watched.close)
         stub = pb_grpc.SchedulerServiceStub(runner)
-        job_ids = [f"j{n:05d}" for n in range(options.jobs)]
+        job_ids = [job_id(n) for n in range(options.jobs)]
         far = _timestamp(_utcnow() + timedelta(days=365))
         jobs = [
             job_pb2.Job(

@@ -14,9 +14,9 @@ admitted per process before the clock starts (a job each, overlap ALLOW, no limi
 run at once, as bench/celery_dispatch.py's job). Set beside bench/celery_dispatch.py's
 executions/s, it says how much of a Celery execution's cost is the worker's writes.
 
-Figures, one JSON line each (``"bench": "worker_writes"``): ``executions_per_s`` (started
-and ended, all processes together) and ``commits_per_s`` (two per execution), per
-``processes``; ``lost`` (executions not SUCCEEDED at the end: must be 0).
+Figures, one JSON line each (``"bench": "worker_writes"``), per ``processes``:
+``executions_per_s`` (started and ended, all processes together: two commits each) and
+``lost`` (executions not SUCCEEDED at the end: must be 0).
 
 Run it::
 
@@ -165,7 +165,6 @@ async def run(url: str, processes: int, executions: int) -> None:
     ended = await _succeeded(url, jobs)
     note(f"{processes} processes: {total} executions in {elapsed:.1f} s")
     emit("executions_per_s", total / elapsed, "1/s", processes=processes)
-    emit("commits_per_s", 2 * total / elapsed, "1/s", processes=processes)
     emit("lost", total - ended, "count", processes=processes)
 
 

@@ -170,8 +170,10 @@ class WatchHub:
         self._recent: list[Event] = []
         self._recent_size = recent
         # Events read back from the table by streams catching up, by cursor: each is one
-        # object for all of them, decoded and encoded once however many streams it goes to.
+        # object for all of them, decoded and encoded once however many streams it goes to;
+        # let go of once no stream catches up.
         self._read_back: dict[int, Event] = {}
+        self._catching_up = 0
         self._coalesce = coalesce
         self._stall_timeout = stall_timeout if stall_timeout is not None else 2 * progress_interval
         # The last cursor handed to the watchers: every event up to it was dispatched.
@@ -419,33 +421,39 @@ class WatchHub:
         events when they reach back that far (shared, already decoded), else from the table."""
         job_ids = sorted(watcher.filter.job_ids)
         position = after
-        while True:
-            recent = self._recent
-            if recent and position >= recent[0].cursor - 1:
-                chunk = recent[bisect.bisect_right(recent, position, key=_cursor) :]
-                if not chunk:
-                    # Nothing dispatched past it: whatever comes next reaches the buffer.
+        self._catching_up += 1
+        try:
+            while True:
+                recent = self._recent
+                if recent and position >= recent[0].cursor - 1:
+                    chunk = recent[bisect.bisect_right(recent, position, key=_cursor) :]
+                    if not chunk:
+                        # Nothing dispatched past it: whatever comes next reaches the buffer.
+                        watcher.behind = False
+                        return
+                    for event in chunk:
+                        position = event.cursor
+                        yield event
+                    continue
+                batch, window = await self._store.events_after(
+                    position, limit=self._page, job_ids=job_ids
+                )
+                if window.purged_through > position:
+                    _check_range(position, window)  # purged while it was behind
+                for event in batch:
+                    position = event.cursor
+                    yield self._read_back.setdefault(event.cursor, event)
+                if len(self._read_back) > READ_BACK_KEPT:
+                    self._read_back.clear()  # streams further behind decode their own again
+                if not batch and self._position <= position:
                     watcher.behind = False
                     return
-                for event in chunk:
-                    position = event.cursor
-                    yield event
-                continue
-            batch, window = await self._store.events_after(
-                position, limit=self._page, job_ids=job_ids
-            )
-            if window.purged_through > position:
-                _check_range(position, window)  # purged while it was behind
-            for event in batch:
-                position = event.cursor
-                yield self._read_back.setdefault(event.cursor, event)
-            if len(self._read_back) > READ_BACK_KEPT:
-                self._read_back.clear()  # streams further behind decode their own again
-            if not batch and self._position <= position:
-                watcher.behind = False
-                return
-            if not batch:
-                await asyncio.sleep(0)  # the hub read past the table's reply: read again
+                if not batch:
+                    await asyncio.sleep(0)  # the hub read past the table's reply: read again
+        finally:
+            self._catching_up -= 1
+            if not self._catching_up:
+                self._read_back.clear()
 
     async def _snapshot(self, watch_filter: WatchFilter) -> tuple[SnapshotPoint, list[Notice]]:
         job_ids = sorted(watch_filter.job_ids)
