@@ -48,6 +48,10 @@ DATABASE)::
     .venv/bin/python bench/fire_throughput.py --backend postgres
     .venv/bin/python bench/fire_throughput.py                        # both backends, both
     .venv/bin/python bench/fire_throughput.py --jobs 500 --seconds 5 # a quick smoke run
+
+``--history N`` (PostgreSQL) first writes N SUCCEEDED executions of a paused job and
+ANALYZEs the database: the planner's statistics are then those of an installation that has
+run for a while, older than the burst, as they always are (decision 0031).
 """
 
 from __future__ import annotations
@@ -366,6 +370,28 @@ async def postgres_database(maintenance_dsn: str) -> AsyncIterator[str]:
         finally:
             await conn.close()
         note(f"dropped PostgreSQL database {name}")
+
+
+async def write_history(url: str, job_id: str, count: int) -> None:
+    """``count`` SUCCEEDED executions of the existing job ``job_id``, written directly (quick),
+    then ANALYZE: statistics in which almost every execution is final."""
+    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    conn: Any = await asyncpg.connect(dsn, timeout=10)
+    try:
+        await conn.execute(
+            "INSERT INTO executions (id, job_id, state, source, scheduled_time, create_time, "
+            "start_time, end_time, due_time, task, args, error_message, error_traceback, "
+            "error_type, note, instance_id, attempt, ready, holds_slot, force, executor) "
+            "SELECT 'history-' || n, $1, 'succeeded', 'schedule', now(), now(), now(), now(), "
+            "now(), 'bench.noop', '{}', '', '', '', '', '', 1, false, false, false, 'inline' "
+            "FROM generate_series(1, $2) AS n",
+            job_id,
+            count,
+        )
+        await conn.execute("ANALYZE")
+    finally:
+        await conn.close()
+    note(f"wrote {count} finished executions of {job_id} and analyzed")
 
 
 # -- the API --------------------------------------------------------------------------------------
@@ -698,6 +724,7 @@ class Options:
     timeout: float
     phase: str
     serve_args: tuple[str, ...] = ()
+    history: int = 0
 
 
 async def _choose_start(stub: Any, jobs: int, options: Options) -> tuple[datetime, float]:
@@ -816,6 +843,12 @@ async def run_scenario(
             channel: Any = grpc.aio.insecure_channel(server.address)
             try:
                 stub: Any = scheduler_service_pb2_grpc.SchedulerServiceStub(channel)
+                if options.history and backend == "postgres":
+                    daily = job_pb2.IntervalTrigger(every=duration_pb2.Duration(seconds=86_400))
+                    history = _job("history", job_pb2.Trigger(interval=daily))
+                    history.paused = True
+                    await stub.CreateJob(pb.CreateJobRequest(job=history))
+                    await write_history(url, "history", options.history)
                 result, create_rate = await SCENARIOS[scenario](stub, server, options)
             except Exception as error:
                 await asyncio.sleep(0.5)  # let a dying server's exit be noticed
@@ -875,6 +908,12 @@ def _parser() -> argparse.ArgumentParser:
         help=f"maintenance database DSN (env {POSTGRES_URL_ENV}; default {DEFAULT_POSTGRES_URL})",
     )
     parser.add_argument(
+        "--history",
+        type=int,
+        default=0,
+        help="PostgreSQL: finished executions written (and analyzed) before the scenario",
+    )
+    parser.add_argument(
         "--serve-arg",
         action="append",
         default=[],
@@ -914,6 +953,7 @@ async def _main(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         phase=args.phase,
         serve_args=tuple(args.serve_arg),
+        history=args.history,
     )
     backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
     scenarios = ["burst", "steady"] if args.scenario == "both" else [args.scenario]

@@ -14,6 +14,11 @@ admitted per process before the clock starts (a job each, overlap ALLOW, no limi
 run at once, as bench/celery_dispatch.py's job). Set beside bench/celery_dispatch.py's
 executions/s, it says how much of a Celery execution's cost is the worker's writes.
 
+``--history N`` first writes N SUCCEEDED executions of another job and ANALYZEs the
+database: PostgreSQL's statistics then are those of an installation that has run for a
+while (almost every execution final), and the burst is newer than they are, as a burst
+always is. Its plans are the ones such an installation gets (decision 0031).
+
 Figures, one JSON line each (``"bench": "worker_writes"``), per ``processes``:
 ``executions_per_s`` (started and ended, all processes together: two commits each) and
 ``lost`` (executions not SUCCEEDED at the end: must be 0).
@@ -36,7 +41,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
-from fire_throughput import _maintenance_dsn, note, postgres_database
+from fire_throughput import _maintenance_dsn, note, postgres_database, write_history
 from sqlalchemy.engine import make_url
 
 from chronoplane.server.ids import new_execution_id
@@ -139,7 +144,7 @@ def _process(url: str, job_id: str, ids: list[str], ready: Any, go: Any, done: A
     done.release()
 
 
-async def run(url: str, processes: int, executions: int) -> None:
+async def run(url: str, processes: int, executions: int, history: int) -> None:
     jobs = [f"w{processes:02d}-{k:02d}" for k in range(processes)]
     shares = [await prepare(url, job_id, executions) for job_id in jobs]
     context = multiprocessing.get_context("spawn")
@@ -164,8 +169,8 @@ async def run(url: str, processes: int, executions: int) -> None:
     total = processes * executions
     ended = await _succeeded(url, jobs)
     note(f"{processes} processes: {total} executions in {elapsed:.1f} s")
-    emit("executions_per_s", total / elapsed, "1/s", processes=processes)
-    emit("lost", total - ended, "count", processes=processes)
+    emit("executions_per_s", total / elapsed, "1/s", processes=processes, history=history)
+    emit("lost", total - ended, "count", processes=processes, history=history)
 
 
 async def _succeeded(url: str, jobs: list[str]) -> int:
@@ -184,8 +189,11 @@ async def _succeeded(url: str, jobs: list[str]) -> int:
 async def _main(options: argparse.Namespace) -> int:
     async with postgres_database(_maintenance_dsn(options.postgres_url)) as url:
         await upgrade(url)
+        if options.history:
+            await prepare(url, "history", 0)
+            await write_history(url, "history", options.history)
         for processes in options.processes:
-            await run(url, processes, options.executions)
+            await run(url, processes, options.executions, options.history)
     return 0
 
 
@@ -193,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--executions", type=int, default=500, help="per process")
+    parser.add_argument(
+        "--history", type=int, default=0, help="finished executions written (and analyzed) first"
+    )
     parser.add_argument("--postgres-url")
     return asyncio.run(_main(parser.parse_args(argv)))
 

@@ -43,10 +43,13 @@ from chronoplane.server.storage.tables import (
     jobs,
 )
 
+# The ids twice: joined for their values, and as ANY so that the primary key finds the rows
+# whatever the planner's statistics say (decision 0031).
 _PG_CLAIM = sa.text(
     "UPDATE executions SET state = :state, instance_id = :instance_id, ready = :ready, "
     "holds_slot = :holds_slot, start_time = :start_time "
     "FROM unnest(CAST(:ids AS varchar[])) AS claimed(id) WHERE executions.id = claimed.id "
+    "AND executions.id = ANY(CAST(:ids AS varchar[])) "
     "RETURNING executions.*"
 ).bindparams(sa.bindparam("start_time", type_=UtcDateTime()))
 

@@ -35,6 +35,7 @@ from chronoplane.server.storage.sqlalchemy.rows import (
     delta,
     execution_from_mapping,
     execution_from_row,
+    pg_state_of_one,
     run_policy,
 )
 from chronoplane.server.storage.sqlalchemy.session import WORK_CHANNEL, translate_errors
@@ -46,11 +47,13 @@ from chronoplane.server.storage.tables import (
 
 # Sends recorded in one statement on PostgreSQL (a batch is up to 500): a sent execution
 # belongs to no instance from now on, unless a worker has started it already.
+# (The ids twice: joined for their values, and as ANY for the primary key; decision 0031.)
 _PG_SENT = sa.text(
     "UPDATE executions SET dispatch_time = s.sent_at, instance_id = CASE "
     "WHEN executions.instance_id = :instance_id THEN '' ELSE executions.instance_id END "
     "FROM unnest(CAST(:ids AS varchar[]), CAST(:times AS timestamptz[])) AS s(id, sent_at) "
-    "WHERE executions.id = s.id AND executions.dispatch_time IS NULL "
+    "WHERE executions.id = s.id AND executions.id = ANY(CAST(:ids AS varchar[])) "
+    "AND executions.dispatch_time IS NULL "
     "RETURNING executions.*"
 )
 
@@ -61,7 +64,7 @@ _PG_START = (
     "WITH claimed AS (UPDATE executions SET state = 'running', start_time = now(), "
     "worker = $2, instance_id = '', ready = false, holds_slot = true, "
     "lease_expire_time = $3, pending_reason = '' FROM jobs "
-    "WHERE executions.id = $1 AND executions.state = 'pending' "
+    f"WHERE executions.id = $1 AND {pg_state_of_one('pending')} "
     "AND executions.executor = 'celery' AND jobs.id = executions.job_id "
     "RETURNING executions.*, jobs.timeout_seconds AS job_timeout_seconds, "
     f"jobs.retry AS job_retry), {pg_modified_executions('claimed')} "
@@ -72,7 +75,7 @@ _PG_START = (
 _PG_STARTED_BY = (
     "SELECT executions.*, jobs.timeout_seconds AS job_timeout_seconds, "
     "jobs.retry AS job_retry FROM executions JOIN jobs ON jobs.id = executions.job_id "
-    "WHERE executions.id = $1 AND executions.state = 'running' AND executions.worker = $2 "
+    f"WHERE executions.id = $1 AND {pg_state_of_one('running')} AND executions.worker = $2 "
     "AND executions.lease_expire_time = $3"
 )
 
@@ -247,7 +250,7 @@ class SqlDispatchStore(Slots, DispatchStore):
                 executions.update()
                 .where(
                     executions.c.id == execution_id,
-                    executions.c.state == STATE_RUNNING,
+                    sa.case((executions.c.state == STATE_RUNNING, sa.true()), else_=sa.false()),
                     executions.c.worker == worker,
                 )
                 .values(lease_expire_time=until)

@@ -34,6 +34,7 @@ from chronoplane.server.storage.sqlalchemy.rows import (
     STATE_PENDING,
     STATE_RUNNING,
     UNFINISHED_STATES,
+    pg_state_of_one,
 )
 from chronoplane.server.storage.sqlalchemy.session import translate_errors
 from chronoplane.server.storage.sqlalchemy.slots import Slots
@@ -68,7 +69,9 @@ _FINISH_ARRAYS = (
 
 def _finish_update(placeholders: list[str], returning: str) -> str:
     """The UPDATE of final states from the arrays (one placeholder each, in order), of
-    executions not final yet: the first final state wins."""
+    executions not final yet: the first final state wins. The ids are given twice, joined
+    for their values and as ANY, so that the primary key finds the rows whatever the
+    planner's statistics say (decision 0031)."""
     arrays = ", ".join(
         f"CAST({placeholder} AS {kind}[])"
         for placeholder, (_, kind, _) in zip(placeholders, _FINISH_ARRAYS, strict=True)
@@ -81,8 +84,8 @@ def _finish_update(placeholders: list[str], returning: str) -> str:
         "cancelled_by = CASE WHEN f.state = 'cancelled' "
         "THEN COALESCE(NULLIF(f.by, ''), executions.cancelled_by) ELSE '' END "
         f"FROM unnest({arrays}) AS f({columns}) "
-        "WHERE executions.id = f.id AND executions.state IN ('pending', 'running') "
-        f"RETURNING {returning}"
+        f"WHERE executions.id = f.id AND executions.id = ANY(CAST({placeholders[0]} AS varchar[])) "
+        f"AND {pg_state_of_one(*UNFINISHED_STATES)} RETURNING {returning}"
     )
 
 
@@ -92,13 +95,18 @@ _PG_FINISH = sa.text(_finish_update([f":{name}" for name, _, _ in _FINISH_ARRAYS
 # Final states alone (no next run times, no slots released): one statement that is its own
 # transaction (asyncpg's parameters), with the events and the notification; for each
 # execution that ended and freed its slot, whether its job has executions waiting for one.
+# Only a job with a max_concurrent has (admission.py; UpdateJob lets them go when it drops
+# the limit), and asking its row first spares a burst of a job without one the search among
+# the burst's pending executions, which stale statistics send through ix_executions_state_id.
 _PG_FINISH_ALONE = (
     "WITH finished AS ("
     + _finish_update(
         [f"${n}" for n in range(1, len(_FINISH_ARRAYS) + 1)], "executions.*, f.keeps AS kept"
     )
     + f"), {pg_modified_executions('finished')} "
-    "SELECT finished.job_id, NOT finished.kept AND EXISTS (SELECT FROM executions AS w "
+    "SELECT finished.job_id, NOT finished.kept AND EXISTS (SELECT FROM jobs AS limited "
+    "WHERE limited.id = finished.job_id AND limited.max_concurrent > 0) "
+    "AND EXISTS (SELECT FROM executions AS w "
     "WHERE w.job_id = finished.job_id AND w.state = 'pending' AND NOT w.ready "
     f"AND NOT w.holds_slot) AS waiting, {PG_NOTIFY_APPENDED} AS notified FROM finished"
 )
