@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from functools import cached_property
-from typing import Any, TypeAlias
+from functools import cache, cached_property
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 __all__ = [
     "ABANDONED_ERROR_TYPE",
@@ -48,9 +52,39 @@ __all__ = [
     "SnapshotPoint",
     "StoredToken",
     "Trigger",
+    "evolve",
 ]
 
 JSONObject: TypeAlias = dict[str, Any]
+
+_D = TypeVar("_D", bound="DataclassInstance")
+
+
+def evolve(instance: _D, /, **changes: Any) -> _D:
+    """``dataclasses.replace`` without ``__init__``, for the paths that run per fire. A
+    frozen dataclass's ``__init__`` sets every field through ``object.__setattr__``:
+    replacing three fields of an Execution (26 fields) took 6.8 µs against 1.0 here, twice
+    per fire, 9.7 % of the fire writer's CPU at 1,000 fires a second (py-spy). Fields only
+    are copied (a ``cached_property``'s value is not); an unknown field is an error."""
+    names = _field_names(type(instance))
+    if not changes.keys() <= names:
+        unknown = ", ".join(sorted(changes.keys() - names))
+        raise TypeError(f"{type(instance).__name__} has no field {unknown}")
+    values = instance.__dict__
+    if len(values) != len(names):  # cached values beside the fields
+        values = {name: values[name] for name in names}
+    new = object.__new__(type(instance))
+    new.__dict__.update(values)
+    new.__dict__.update(changes)
+    return new
+
+
+@cache
+def _field_names(kind: type[DataclassInstance]) -> frozenset[str]:
+    if hasattr(kind, "__post_init__") or hasattr(kind, "__slots__"):
+        raise TypeError(f"{kind.__name__} cannot be evolved: use dataclasses.replace")
+    return frozenset(f.name for f in dataclasses.fields(kind))
+
 
 DEFAULT_MISFIRE_GRACE = timedelta(seconds=60)
 # The error type of an ABANDONED execution, as a job's retry_on names it ("Abandoned" too).

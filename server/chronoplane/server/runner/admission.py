@@ -10,7 +10,6 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import replace
 from datetime import datetime
 
 from chronoplane.server import metrics, tracing
@@ -28,6 +27,7 @@ from chronoplane.server.models import (
     Job,
     JSONObject,
     OverlapPolicy,
+    evolve,
 )
 from chronoplane.server.runner.cancels import Cancels
 from chronoplane.server.runner.outcomes import backoff
@@ -115,7 +115,7 @@ class Admissions:
             if existing is not None:
                 return existing
         now = self._shared.clock()
-        execution = replace(
+        execution = evolve(
             self.new_execution(job, ExecutionSource.MANUAL, now, now, by=by),
             args=job.args if args is None else args,
             request_id=request_id,

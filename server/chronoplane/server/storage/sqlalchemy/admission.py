@@ -26,6 +26,7 @@ from chronoplane.server.models import (
     ExecutorKind,
     OverlapPolicy,
     RunPolicy,
+    evolve,
 )
 from chronoplane.server.scheduling import admit
 from chronoplane.server.storage.abc import (
@@ -126,7 +127,7 @@ class Admissions(Slots):
         return Admitted(
             # As stored: a queued execution has no instance yet.
             inserted=[
-                replace(e, instance_id=values["instance_id"])
+                evolve(e, instance_id=values["instance_id"])
                 for e, values in rows
                 if e.id in inserted
             ],
@@ -298,7 +299,7 @@ def _claim_in_insert(
             and len(claimed) < claim_limit
             and due <= execution.create_time
         ):
-            execution = replace(
+            execution = evolve(
                 execution,
                 state=ExecutionState.RUNNING,
                 instance_id=claim_for,
