@@ -3,36 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import UTC, datetime
 
 import pytest
+from storage.helpers import T0, an_execution
 
 from chronoplane.server.models import (
     Event,
     EventKind,
     EventResource,
-    Execution,
-    ExecutionSource,
     ExecutionState,
     evolve,
 )
-
-T0 = datetime(2026, 3, 8, 6, 30, tzinfo=UTC)
-
-
-def an_execution(**changes: object) -> Execution:
-    execution = Execution(
-        id="e1",
-        job_id="j1",
-        state=ExecutionState.PENDING,
-        source=ExecutionSource.SCHEDULE,
-        scheduled_time=T0,
-        create_time=T0,
-        task="chronoplane.echo",
-        args={"n": 1},
-        instance_id="",
-    )
-    return replace(execution, **changes)  # type: ignore[arg-type]
 
 
 def test_evolve_makes_what_replace_makes_and_leaves_the_original_alone() -> None:
@@ -44,7 +25,7 @@ def test_evolve_makes_what_replace_makes_and_leaves_the_original_alone() -> None
     assert repr(running) == repr(
         replace(pending, state=ExecutionState.RUNNING, instance_id="i1", start_time=T0)
     )
-    assert pending.state is ExecutionState.PENDING and pending.instance_id == ""
+    assert pending.state is ExecutionState.PENDING and pending.instance_id == "inst-test"
     with pytest.raises(AttributeError):
         running.state = ExecutionState.FAILED  # type: ignore[misc]
 
