@@ -37,6 +37,7 @@ from chronoplane.server.storage.sqlalchemy.rows import (
     execution_from_row,
     pg_state_of_one,
     run_policy,
+    state_of_one,
 )
 from chronoplane.server.storage.sqlalchemy.session import WORK_CHANNEL, translate_errors
 from chronoplane.server.storage.sqlalchemy.slots import Slots
@@ -250,7 +251,7 @@ class SqlDispatchStore(Slots, DispatchStore):
                 executions.update()
                 .where(
                     executions.c.id == execution_id,
-                    sa.case((executions.c.state == STATE_RUNNING, sa.true()), else_=sa.false()),
+                    state_of_one(ExecutionState.RUNNING.value),
                     executions.c.worker == worker,
                 )
                 .values(lease_expire_time=until)

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 
 from chronoplane.server.models import (
     AuditEvent,
@@ -77,16 +78,23 @@ STATE_PENDING: sa.ColumnElement[str] = sa.literal_column("'pending'")
 STATE_RUNNING: sa.ColumnElement[str] = sa.literal_column("'running'")
 
 
-def pg_state_of_one(*states: str) -> str:
+def state_of_one(*states: str) -> sa.ColumnElement[bool]:
     """Whether an execution found by its id is in one of ``states``, as statements that
-    find one by id ask it on PostgreSQL (decision 0031): in a CASE, which no index matches
-    and whose selectivity the planner takes as a half, so that the primary key is its only
+    find one by id ask it (decision 0031): in a CASE, which no index matches and whose
+    selectivity PostgreSQL's planner takes as a half, so that the primary key is its only
     way in. Asked of the column, the question lets the planner read the execution through a
     partial index of unfinished ones (ix_executions_active) or ix_executions_state_id, which
-    statistics older than a burst show as nearly empty; the generic plan it keeps then reads
-    every pending execution of the burst for each one started or ended."""
-    listed = ", ".join(f"'{state}'" for state in states)
-    return f"CASE WHEN executions.state IN ({listed}) THEN true ELSE false END"
+    statistics older than a burst show as nearly empty; the plan it keeps then reads every
+    pending execution of the burst for each one started or ended."""
+    return sa.case((executions.c.state.in_(states), sa.true()), else_=sa.false())
+
+
+def pg_state_of_one(*states: str) -> str:
+    """``state_of_one`` as PostgreSQL text, for the statements written as SQL."""
+    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
+    return str(
+        state_of_one(*states).compile(dialect=dialect, compile_kwargs={"literal_binds": True})
+    )
 
 
 # A PENDING execution is ready (it has a slot: any instance may claim it once it is due)
